@@ -1,0 +1,194 @@
+"""The ingest stage's work, free of any scheduler: chunks of upstream records -> Parquet parts of pairs and rejects.
+
+`pipelines/ingest.py` decides where chunks run (in-process or as Ray tasks); this module decides what a chunk
+produces, so both paths write byte-for-byte the same rows.
+
+Layout of one source's output:
+    DIR/SOURCE/candidates/part-00000.parquet ...   pairs (PAIR_SCHEMA), one part per chunk of records
+    DIR/SOURCE/rejects/part-00000.parquet ...      rejected rows (REJECT_SCHEMA) with their reason
+    DIR/SOURCE/ingest.json                         inputs, options, counts; written last: its presence = done
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pmd import schema
+from pmd.sources.base import Pair, Record, Reject, SourceAdapter, record_text
+
+CANDIDATES_DIR = "candidates"
+REJECTS_DIR = "rejects"
+SUMMARY_FILE = "ingest.json"
+NO_OUTPUT = "no_output"  # an adapter produced nothing for a record: recorded, never silently dropped
+
+
+@dataclass
+class IngestCounts:
+    """rows = pairs + rejects. A record (line, JSON element) may give several rows (COCO: one per sentence)."""
+
+    records: int = 0
+    pairs: int = 0
+    rejects: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    pairs_by_split: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.pairs + self.rejects
+
+    def add(self, other: IngestCounts) -> None:
+        self.records += other.records
+        self.pairs += other.pairs
+        self.rejects += other.rejects
+        for mine, theirs in ((self.rejects_by_reason, other.rejects_by_reason),
+                             (self.pairs_by_split, other.pairs_by_split)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = self.rows
+        d["rejects_by_reason"] = dict(sorted(self.rejects_by_reason.items()))
+        d["pairs_by_split"] = dict(sorted(self.pairs_by_split.items()))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> IngestCounts:
+        return cls(records=d["records"], pairs=d["pairs"], rejects=d["rejects"],
+                   rejects_by_reason=dict(d["rejects_by_reason"]), pairs_by_split=dict(d.get("pairs_by_split", {})))
+
+
+def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
+    columns = {
+        schema.KEY: [p.key for p in pairs],
+        schema.SOURCE: [source] * len(pairs),
+        schema.TEXT: [p.text for p in pairs],
+        schema.IMAGE_URL: [p.image_url for p in pairs],
+        schema.IMAGE_REF: [p.image_ref for p in pairs],
+        schema.SPLIT: [p.split for p in pairs],
+        schema.META: [p.meta for p in pairs],
+        schema.LANG: [p.lang for p in pairs],
+        schema.LANG_SCORE: [p.lang_score for p in pairs],
+    }
+    return pa.Table.from_pydict(columns, schema=schema.PAIR_SCHEMA)
+
+
+def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
+    columns = {
+        schema.KEY: [r.key for r in rejects],
+        schema.SOURCE: [source] * len(rejects),
+        schema.REASON: [r.reason for r in rejects],
+        schema.DETAIL: [r.detail for r in rejects],
+        schema.INPUT_FILE: [r.input_file for r in rejects],
+        schema.POSITION: [r.position for r in rejects],
+        schema.RECORD: [r.record for r in rejects],
+        schema.LANG: [r.lang for r in rejects],
+        schema.LANG_SCORE: [r.lang_score for r in rejects],
+    }
+    return pa.Table.from_pydict(columns, schema=schema.REJECT_SCHEMA)
+
+
+def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa.Table, pa.Table, IngestCounts]:
+    pairs: list[Pair] = []
+    rejects: list[Reject] = []
+    for record in records:
+        produced = 0
+        for out in adapter.convert(record):
+            produced += 1
+            (pairs if isinstance(out, Pair) else rejects).append(out)
+        if produced == 0:
+            rejects.append(Reject(NO_OUTPUT, record.input_file, record.position, "adapter produced no row",
+                                  record_text(record.raw)))
+    counts = IngestCounts(
+        records=len(records), pairs=len(pairs), rejects=len(rejects),
+        rejects_by_reason=dict(Counter(r.reason for r in rejects)),
+        pairs_by_split=dict(Counter(p.split for p in pairs)),
+    )
+    return pairs_table(pairs, adapter.name), rejects_table(rejects, adapter.name), counts
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
+    """Write to a temporary name in the same directory, then rename: a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(data: Mapping, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def process_chunk(adapter: SourceAdapter, records: Sequence[Record], index: int, source_dir: Path) -> IngestCounts:
+    """Convert one chunk and write its two parts. The unit of work of both the local and the Ray path."""
+    pairs, rejects, counts = convert_chunk(adapter, records)
+    write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index))
+    write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index))
+    return counts
+
+
+def prepare_output(source_dir: Path) -> None:
+    """Start clean: parts of an earlier, possibly larger run must not mix with this one's."""
+    for sub in (CANDIDATES_DIR, REJECTS_DIR):
+        d = source_dir / sub
+        if d.exists():
+            for f in d.iterdir():
+                if f.name.endswith(".parquet") or ".tmp-" in f.name:
+                    f.unlink()
+    summary = source_dir / SUMMARY_FILE
+    if summary.exists():
+        summary.unlink()
+
+
+def input_fingerprint(paths: Sequence[Path]) -> list[dict]:
+    """What a later stage compares to decide whether an ingest output still matches its inputs."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append({"path": str(Path(p).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def write_summary(source_dir: Path, source: str, inputs: Sequence[Path], options: Mapping[str, str],
+                  counts: IngestCounts, parts: int, elapsed_s: float, executor: str) -> dict:
+    summary = {
+        "source": source,
+        "schema_version": schema.SCHEMA_VERSION,
+        "inputs": input_fingerprint(inputs),
+        "options": dict(options),
+        "parts": parts,
+        "executor": executor,
+        "elapsed_s": round(elapsed_s, 3),
+        "counts": counts.to_dict(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(summary, source_dir / SUMMARY_FILE)
+    return summary
+
+
+def read_summary(source_dir: Path) -> dict | None:
+    path = source_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,88 @@
+"""The pair schema: the one contract shared by every stage that writes or reads pairs.
+
+Column names compatible with the published PMD loader (`text`, `image_url`, `source`, `meta`), extended with a
+stable `key`, an `image_ref` for archive sources, a `split`, and the YFCC language decision.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Source names exactly as the published `facebook/pmd` loader spells them.
+SOURCE_NAMES: tuple[str, ...] = (
+    "coco",
+    "sbu_captions",
+    "localized_narratives__coco",
+    "localized_narratives__flickr30k",
+    "localized_narratives__ADE20k",
+    "localized_narratives__openimages",
+    "conceptual_captions",
+    "visual_genome",
+    "wit",
+    "conceptual_12m",
+    "red_caps",
+    "yfcc100m",
+)
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+KEY = "key"
+SOURCE = "source"
+TEXT = "text"
+IMAGE_URL = "image_url"
+IMAGE_REF = "image_ref"
+SPLIT = "split"
+META = "meta"
+LANG = "lang"
+LANG_SCORE = "lang_score"
+
+_METADATA = {b"pmd.schema": b"pair", b"pmd.schema_version": str(SCHEMA_VERSION).encode()}
+
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(TEXT, pa.string(), nullable=False),
+        pa.field(IMAGE_URL, pa.string()),
+        pa.field(IMAGE_REF, pa.string()),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(META, pa.string(), nullable=False),
+        pa.field(LANG, pa.string()),
+        pa.field(LANG_SCORE, pa.float32()),
+    ],
+    metadata=_METADATA,
+)
+
+# Where a rejected input row came from and why: enough to find the row again in the upstream file.
+REASON = "reason"
+DETAIL = "detail"
+INPUT_FILE = "input_file"
+POSITION = "position"
+RECORD = "record"
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string()),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(DETAIL, pa.string()),
+        pa.field(INPUT_FILE, pa.string(), nullable=False),
+        # 1-based line number for line formats, 0-based element index for JSON arrays.
+        pa.field(POSITION, pa.int64(), nullable=False),
+        pa.field(RECORD, pa.string()),
+        pa.field(LANG, pa.string()),
+        pa.field(LANG_SCORE, pa.float32()),
+    ],
+    metadata={b"pmd.schema": b"reject", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
+REJECT_COLUMNS: tuple[str, ...] = tuple(REJECT_SCHEMA.names)
+
+
+def schema_version(schema: pa.Schema) -> int | None:
+    """The pmd schema version stored in a Parquet/Arrow schema's metadata, or None if it is not one of ours."""
+    raw = (schema.metadata or {}).get(b"pmd.schema_version")
+    return int(raw) if raw is not None else None

@@ -1,0 +1,128 @@
+"""The adapter protocol: upstream files -> records -> pairs or rejections.
+
+An adapter is split in two so the expensive half can run anywhere (in-process or as Ray tasks):
+- `records(inputs)` streams raw records out of the upstream files, in order, each with its position, in constant
+  memory. It raises `InputError` for what cannot be read at all (missing file, wrong format, truncated archive).
+- `convert(record)` turns one record into zero or more `Pair`s and/or `Reject`s. It is pure and picklable, and it
+  never raises for a bad row: a bad row is a `Reject` with a reason.
+Adapters never write files: the ingest stage does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class Reason:
+    """Rejection reasons: short, stable, machine-readable strings (they are grouped on in reports)."""
+
+    MALFORMED = "malformed"  # a line or element that does not parse (bad JSON, bad escape, missing key)
+    WRONG_FIELD_COUNT = "wrong_field_count"
+    INVALID_UTF8 = "invalid_utf8"
+    EMPTY_TEXT = "empty_text"
+    NO_URL = "no_url"
+    NOT_ENGLISH = "not_english"
+    TOO_SHORT = "too_short"
+    VIDEO = "video"
+    DECONTAMINATED = "decontaminated"  # image in an evaluation split (Karpathy COCO val/test)
+    DUPLICATE_KEY = "duplicate_key"
+    NO_IMAGE_METADATA = "no_image_metadata"  # e.g. a Visual Genome region whose image is not in image_data.json
+    BAD_BOX = "bad_box"
+
+
+class InputError(Exception):
+    """An input that cannot be read at all. The message names the file (and the line when there is one)."""
+
+    def __init__(self, path: str | Path, message: str, position: int | None = None):
+        self.path = str(path)
+        self.position = position
+        where = f"{self.path}:{position}" if position is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One raw upstream record. `raw` is bytes for line formats, a parsed JSON value for JSON formats."""
+
+    input_file: str
+    position: int
+    raw: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    key: str
+    text: str
+    split: str
+    meta: str
+    image_url: str | None = None
+    image_ref: str | None = None
+    lang: str | None = None
+    lang_score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reason: str
+    input_file: str
+    position: int
+    detail: str = ""
+    record: str | None = None
+    key: str | None = None
+    lang: str | None = None
+    lang_score: float | None = None
+
+
+MAX_RECORD_CHARS = 2000
+
+
+def record_text(raw: Any) -> str:
+    """The raw record as text for a rejects table: enough to find and inspect the row, capped in size."""
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", errors="backslashreplace")
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        text = json.dumps(raw, ensure_ascii=False, default=str)
+    text = text.rstrip("\r\n")
+    return text if len(text) <= MAX_RECORD_CHARS else text[:MAX_RECORD_CHARS] + "…"
+
+
+def reject(record: Record, reason: str, detail: str = "", key: str | None = None, **extra: Any) -> Reject:
+    return Reject(
+        reason=reason,
+        input_file=record.input_file,
+        position=record.position,
+        detail=detail,
+        record=record_text(record.raw),
+        key=key,
+        **extra,
+    )
+
+
+def meta_json(fields: dict[str, Any]) -> str:
+    """The `meta` column: the upstream fields a pair does not otherwise carry, as compact sorted JSON."""
+    return json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class SourceAdapter:
+    """Base class of the twelve source adapters. Subclasses set `name` and implement `records` and `convert`."""
+
+    name: ClassVar[str]
+    #: One line saying which upstream files the adapter takes, shown in errors and `pmd sources`.
+    inputs_help: ClassVar[str] = ""
+
+    def records(self, inputs: Sequence[Path]) -> Iterator[Record]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def convert(self, record: Record) -> Iterable[Pair | Reject]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def iter_converted(self, inputs: Sequence[Path]) -> Iterator[Pair | Reject]:
+        """Both halves in-process: the simplest way to read a source (tests, small inputs)."""
+        for record in self.records(inputs):
+            yield from self.convert(record)
