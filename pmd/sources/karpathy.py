@@ -48,7 +48,8 @@ def iter_karpathy_images(path: Path) -> Iterator[Record]:
     return iter_json_items(Path(path), "images.item", member_pattern=f"*{KARPATHY_JSON}")
 
 
-def _as_int(value: object) -> int | None:
+def as_int(value: object) -> int | None:
+    """An id as int: ints, integral floats and ASCII digit strings; anything else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -71,7 +72,7 @@ def eval_cocoids(path: Path) -> frozenset[int]:
         item = record.raw
         if not isinstance(item, dict) or item.get("split") not in EVAL_SPLITS:
             continue
-        cocoid = _as_int(item.get("cocoid"))
+        cocoid = as_int(item.get("cocoid"))
         if cocoid is not None:
             ids.add(cocoid)
     return frozenset(ids)
@@ -109,6 +110,7 @@ __all__ = [
     "KARPATHY_HELP",
     "KARPATHY_JSON",
     "KARPATHY_ZIP",
+    "as_int",
     "SPLIT_MAP",
     "eval_cocoids",
     "is_karpathy_input",

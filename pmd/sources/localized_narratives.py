@@ -77,6 +77,8 @@ class _LocalizedNarratives(SourceAdapter):
     file_prefix: ClassVar[str]
     #: Upstream split words this dataset publishes (for the error message).
     file_splits: ClassVar[tuple[str, ...]]
+    #: Whether Karpathy's split file is one of the inputs (LN-COCO's decontamination).
+    takes_karpathy: ClassVar[bool] = False
     #: Options dataclass, or None for a source that takes none (registry convention).
     Options: ClassVar[type | None] = None
 
@@ -95,13 +97,13 @@ class _LocalizedNarratives(SourceAdapter):
 
     def _prepare(self, karpathy: Path | None) -> None:
         """Load what `convert` needs before the first record (only LN-COCO needs anything)."""
-        if karpathy is not None:
-            raise InputError(karpathy, f"not an input of {self.name}; expected {self.inputs_help}")
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         karpathy, captions = partition_inputs(inputs)
         for path in captions:
             self._check_caption_file(path)
+        if karpathy is not None and not self.takes_karpathy:
+            raise InputError(karpathy, f"not an input of {self.name}; expected {self.inputs_help}")
         if not captions:
             raise InputError(self._expected(), f"no caption file among the inputs of {self.name}; "
                                                f"expected {self.inputs_help}")
@@ -186,6 +188,7 @@ class LocalizedNarrativesCoco(_LocalizedNarratives):
                    "for decontamination; images: train2017.zip, val2017.zip")
     file_prefix = "coco"
     file_splits = ("train", "val")
+    takes_karpathy = True
     Options = DecontaminationOptions
 
     def __init__(self, options: DecontaminationOptions | None = None):

@@ -1,0 +1,26 @@
+import os
+import shutil
+import tempfile
+
+import pytest
+
+# Nothing in the tests may reach a hub or phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session: 2 CPUs, a private temp dir, no dashboard. Never `ray stop`."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="pmdray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

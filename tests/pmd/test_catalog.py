@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from pmd import catalog
+from pmd.catalog import PAPER_TOTAL_PAIRS, CatalogError, _parse, load_catalog
+from pmd.cli import main
+from pmd.schema import SOURCE_NAMES
+
+
+def test_twelve_sources_in_schema_order_sum_to_the_paper_total():
+    entries = load_catalog()
+    assert tuple(e.name for e in entries) == SOURCE_NAMES
+    assert sum(e.table2_pairs for e in entries) == PAPER_TOTAL_PAIRS == 70_000_000
+    ln = [e for e in entries if e.name.startswith("localized_narratives__")]
+    assert sum(e.table2_pairs for e in ln) == 1_900_000 and all(e.table2_apportioned for e in ln)
+    by_name = {e.name: e for e in entries}
+    assert by_name["yfcc100m"].table2_pairs == 30_300_000 and by_name["yfcc100m"].table2_avg_words == 12.7
+    assert by_name["visual_genome"].images == "archive" and by_name["conceptual_12m"].images == "url"
+    for e in entries:
+        assert e.metadata and e.licence and e.format
+
+
+def test_catalog_rejects_unknown_fields_and_wrong_sources():
+    with pytest.raises(CatalogError, match="unknown fields"):
+        _parse({"source": [{"name": "coco", "colour": "blue"}]})
+    rows = [e.to_dict() for e in load_catalog()][:3]
+    with pytest.raises(CatalogError, match="differ"):
+        _parse({"source": rows})
+
+
+def test_pmd_sources_json(capsys):
+    assert main(["sources", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(SOURCE_NAMES)
+    assert sum(r["table2_pairs"] for r in rows) == 70_000_000
+
+
+def test_pmd_sources_table(capsys):
+    assert main(["sources"]) == 0
+    out = capsys.readouterr().out
+    for name in SOURCE_NAMES:
+        assert name in out
+    assert "70.0M" in out
+
+
+def test_catalog_is_cached():
+    assert catalog.load_catalog() is catalog.load_catalog()
