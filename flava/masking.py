@@ -132,3 +132,23 @@ def bert_mask_tokens(
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator, dtype=torch.long)
     masked[to_random] = random_ids[to_random]
     return masked, labels
+
+
+def itm_negatives(
+    batch_size: int, probability: float = 0.1, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """In-batch ITM negatives for streaming data (transformers' model expects them made by the caller; torchmultimodal
+    replaces a caption by a random dataset caption with probability 0.1 in its ``VLTransform``).
+
+    Returns ``(text_index [B], itm_labels [B])``: row ``i`` keeps its own text (label 1) or, with ``probability``,
+    takes the text of another row ``(i + s) % B``, ``s`` uniform in ``[1, B-1]`` (label 0). Apply ``text_index`` to
+    every text tensor of the batch (ids, masked ids, attention mask, MLM labels); images stay in place."""
+    idx = torch.arange(batch_size)
+    labels = torch.ones(batch_size, dtype=torch.long)
+    if batch_size < 2 or probability <= 0:
+        return idx, labels
+    neg = torch.rand(batch_size, generator=generator) < probability
+    shift = torch.randint(1, batch_size, (batch_size,), generator=generator)
+    idx = torch.where(neg, (idx + shift) % batch_size, idx)
+    labels[neg] = 0
+    return idx, labels

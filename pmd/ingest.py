@@ -74,6 +74,18 @@ def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
+def _table(columns: dict[str, list], table_schema: pa.Schema) -> pa.Table:
+    # pyarrow 26 converts a Python list of long str to `string` ~20x slower than to `large_string`
+    # (0.39 s vs 0.02 s for 70k 300-char strings): convert to large_string, then cast (cheap).
+    arrays = []
+    for f in table_schema:
+        if f.type == pa.string():
+            arrays.append(pa.array(columns[f.name], type=pa.large_string()).cast(pa.string()))
+        else:
+            arrays.append(pa.array(columns[f.name], type=f.type))
+    return pa.Table.from_arrays(arrays, schema=table_schema)
+
+
 def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
     columns = {
         schema.KEY: [p.key for p in pairs],
@@ -86,7 +98,7 @@ def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
         schema.LANG: [p.lang for p in pairs],
         schema.LANG_SCORE: [p.lang_score for p in pairs],
     }
-    return pa.Table.from_pydict(columns, schema=schema.PAIR_SCHEMA)
+    return _table(columns, schema.PAIR_SCHEMA)
 
 
 def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
@@ -101,7 +113,7 @@ def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
         schema.LANG: [r.lang for r in rejects],
         schema.LANG_SCORE: [r.lang_score for r in rejects],
     }
-    return pa.Table.from_pydict(columns, schema=schema.REJECT_SCHEMA)
+    return _table(columns, schema.REJECT_SCHEMA)
 
 
 def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa.Table, pa.Table, IngestCounts]:

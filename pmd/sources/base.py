@@ -104,9 +104,13 @@ def reject(record: Record, reason: str, detail: str = "", key: str | None = None
     )
 
 
+# One encoder for every row: json.dumps with non-default arguments builds a new encoder per call.
+_META_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def meta_json(fields: dict[str, Any]) -> str:
     """The `meta` column: the upstream fields a pair does not otherwise carry, as compact sorted JSON."""
-    return json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return _META_ENCODER.encode(fields)
 
 
 class SourceAdapter:

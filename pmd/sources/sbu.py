@@ -148,7 +148,8 @@ class SbuAdapter(SourceAdapter):
             url, caption, user_id = raw.get("image_url"), raw.get("caption"), raw.get("user_id")
             key = f"{self.name}/{index}"
             shown = record
-            bad = [f for f in ("image_url", "caption", "user_id") if isinstance(raw.get(f), str) and not _encodable(raw[f])]
+            bad = [f for f in ("image_url", "caption", "user_id")
+                   if isinstance(raw.get(f), str) and not _encodable(raw[f])]
             if bad:
                 shown = Record(record.input_file, record.position, {k: _printable(v) for k, v in raw.items()})
                 yield reject(shown, Reason.INVALID_UTF8, f"unpaired surrogate in {', '.join(bad)}", key=key)

@@ -229,7 +229,7 @@ class WitAdapter(SourceAdapter):
 
 
 def _check_header(path: Path, line: bytes) -> None:
-    header = decode_utf8(line)
+    header = decode_utf8(line.rstrip(b"\r\n"))
     if header is None:
         raise InputError(path, "header row is not valid UTF-8", 1)
     names = header.lstrip("\ufeff").split("\t")

@@ -130,7 +130,8 @@ def write_text_pair(tmp_path: Path, urls: list[bytes], captions: list[bytes]) ->
 
 
 def test_text_layout(tmp_path: Path) -> None:
-    urls = [u.encode() for u in URLS] + [b"http://static.flickr.com/1/2_ab.jpg", b"http://static.flickr.com/1/3\xff.jpg"]
+    urls = [u.encode() for u in URLS]
+    urls += [b"http://static.flickr.com/1/2_ab.jpg", b"http://static.flickr.com/1/3\xff.jpg"]
     captions = [c.encode() for c in CAPTIONS] + [b"caf\xe9 au lait", b"fine caption"]
     url_file, caption_file = write_text_pair(tmp_path, urls, captions)
     file = str(caption_file)

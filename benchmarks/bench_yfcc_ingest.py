@@ -1,0 +1,150 @@
+"""YFCC ingest rate vs the raw fastText predict loop over the same texts, and peak memory vs input size.
+
+Generates a 25-field yfcc100m_dataset file (default 1M lines) with realistic mixes (English and other-language
+descriptions and titles, empty fields, URL-encoding, HTML, videos), then in one run measures:
+  1. the peer: a bare loop of fastText lid.176.ftz `predict` over the texts LID sees (one core);
+  2. `pmd ingest yfcc100m` in-process (one core) and on local Ray with every core;
+  3. peak RSS of the ingest at two input sizes (constant memory means the peak does not grow with the input).
+Run: python benchmarks/bench_yfcc_ingest.py [--lines 1000000] [--workdir bench-out/yfcc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+ENGLISH = ["a", "the", "dog", "beach", "sunset", "over", "harbour", "walk", "with", "my", "family", "in", "park",
+           "old", "church", "village", "river", "after", "rain", "snow", "mountain", "view", "from", "top", "kids",
+           "playing", "city", "night", "lights", "street", "market", "morning", "fog", "bridge", "lake", "boats"]
+GERMAN = ["der", "die", "das", "Hund", "spielt", "im", "Schnee", "Sonnenuntergang", "am", "Hafen", "mit", "und"]
+FRENCH = ["le", "la", "les", "chien", "joue", "dans", "neige", "coucher", "de", "soleil", "sur", "port", "et"]
+HTML = '<a href="http://www.flickr.com/x">link</a> '
+
+
+def _sentence(rng: random.Random, words: list[str], lo: int, hi: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+
+def generate(path: Path, lines: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    enc = urllib.parse.quote_plus
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(lines):
+            kind = rng.random()
+            if kind < 0.45:
+                description = _sentence(rng, ENGLISH, 4, 25)
+            elif kind < 0.55:
+                description = HTML + _sentence(rng, ENGLISH, 3, 12)
+            elif kind < 0.70:
+                description = _sentence(rng, rng.choice([GERMAN, FRENCH]), 3, 15)
+            else:
+                description = ""
+            title = _sentence(rng, ENGLISH if rng.random() < 0.7 else GERMAN, 1, 6) if rng.random() < 0.8 else ""
+            photo = 10_000_000 + i
+            marker = "1" if rng.random() < 0.01 else "0"
+            fields = [str(i), str(photo), f"{rng.getrandbits(128):032x}", "12345678@N00", "some+one",
+                      "2010-05-01 10:00:00.0", "1272708000", "Canon+EOS+400D", enc(title), enc(description),
+                      "beach,summer+holiday", "", "2.35", "48.85", "16",
+                      f"http://www.flickr.com/photos/12345678@N00/{photo}/",
+                      f"http://farm4.staticflickr.com/3001/{photo}_abcdef1234.jpg", "Attribution+License",
+                      "http://creativecommons.org/licenses/by/2.0/", "3001", "4", "abcdef1234", "1234abcdef", "jpg",
+                      marker]
+            f.write("\t".join(fields) + "\n")
+
+
+def lid_texts(path: Path) -> list[str]:
+    """The texts the YFCC rule sends to LID first: the cleaned description, else the cleaned title."""
+    from pmd.text import clean_flickr_text
+
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            texts.append(clean_flickr_text(fields[9]) or clean_flickr_text(fields[8]))
+    return texts
+
+
+def raw_predict_rate(texts: list[str]) -> float:
+    import fasttext
+
+    from pmd.text import bundled_lid_model_path
+
+    model = fasttext.load_model(str(bundled_lid_model_path()))
+    start = time.perf_counter()
+    for text in texts:
+        model.predict(text, k=1)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def run_ingest_subprocess(path: Path, out: Path, executor: str) -> dict:
+    """`pmd ingest` in a child process, so its peak RSS (and its Ray workers') is measured alone."""
+    code = (
+        "import json, resource, sys, time\n"
+        "from pipelines.ingest import IngestConfig, run_ingest\n"
+        "t = time.perf_counter()\n"
+        f"s = run_ingest(IngestConfig('yfcc100m', [{str(path)!r}], {str(out)!r}, executor={executor!r}, "
+        "progress=False))\n"
+        "s['wall_s'] = time.perf_counter() - t\n"
+        "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps(s))\n"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["children_peak_rss_mb"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out/yfcc"))
+    parser.add_argument("--skip-ray", action="store_true")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+
+    small, big = args.workdir / "small.tsv", args.workdir / "yfcc100m_dataset"
+    if not big.exists() or sum(1 for _ in open(big)) != args.lines:
+        print(f"generating {args.lines:,} lines ...", flush=True)
+        generate(big, args.lines)
+    generate(small, max(args.lines // 4, 1000), seed=1)
+    size_mb = big.stat().st_size / 1e6
+
+    texts = lid_texts(big)
+    peer = raw_predict_rate(texts)
+    print(f"peer: raw fastText predict loop   {peer:>10,.0f} texts/s (1 core)", flush=True)
+
+    local = run_ingest_subprocess(big, args.workdir / "out-local", "local")
+    local_rate = local["counts"]["records"] / local["wall_s"]
+    print(f"pmd ingest, in-process (1 core)   {local_rate:>10,.0f} rows/s  ratio {local_rate / peer:.2f}  "
+          f"peak RSS {local['peak_rss_mb']:.0f} MB", flush=True)
+    small_local = run_ingest_subprocess(small, args.workdir / "out-small", "local")
+    print(f"peak RSS at {args.lines // 4:,} lines: {small_local['peak_rss_mb']:.0f} MB; "
+          f"at {args.lines:,} lines: {local['peak_rss_mb']:.0f} MB", flush=True)
+    results = {"lines": args.lines, "input_mb": round(size_mb, 1), "cores": cores, "peer_predict_per_s": peer,
+               "local_rows_per_s": local_rate, "local_ratio": local_rate / peer,
+               "local_peak_rss_mb": local["peak_rss_mb"], "small_peak_rss_mb": small_local["peak_rss_mb"],
+               "counts": local["counts"]}
+    if not args.skip_ray:
+        ray_ = run_ingest_subprocess(big, args.workdir / "out-ray", "ray")
+        ray_rate = ray_["counts"]["records"] / ray_["wall_s"]
+        print(f"pmd ingest, local Ray ({cores} cores)  {ray_rate:>10,.0f} rows/s  "
+              f"per core {ray_rate / cores:,.0f}  ratio per core {ray_rate / cores / peer:.2f}  "
+              f"(wall {ray_['wall_s']:.1f}s incl. Ray start)", flush=True)
+        results.update(ray_rows_per_s=ray_rate, ray_ratio_per_core=ray_rate / cores / peer)
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "counts"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

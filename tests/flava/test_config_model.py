@@ -1,0 +1,111 @@
+"""Config dataclasses and model properties (sizes, FSDP-friendliness, checkpointing, batch kinds)."""
+
+import pytest
+import torch
+
+from flava.config import FlavaConfig, flava_full, tiny
+from flava.model import FlavaForPretraining, TransformerLayer
+
+from .conftest import make_batch, perturb_
+
+
+def test_from_dict_round_trip_and_unknown_keys():
+    cfg = tiny()
+    assert FlavaConfig.from_dict(cfg.to_dict()) == cfg
+    assert FlavaConfig.from_dict(None) == flava_full()
+    partial = FlavaConfig.from_dict({"multimodal": {"num_layers": 3}, "projection_dim": 512})
+    assert partial.multimodal.num_layers == 3 and partial.projection_dim == 512 and partial.text.num_layers == 12
+    with pytest.raises(ValueError, match=r"FlavaConfig\.image: unknown key\(s\) \['hiden_size'\]"):
+        FlavaConfig.from_dict({"image": {"hiden_size": 3}})
+    with pytest.raises(ValueError, match="unknown key"):
+        FlavaConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        FlavaConfig.from_dict({"text": {"hidden_size": 30}})
+    assert FlavaConfig.preset("tiny") == tiny()
+
+
+def test_flava_full_sizes():
+    with torch.device("meta"):
+        model = FlavaForPretraining(flava_full())
+    n = model.num_parameters()
+    # exactly transformers' FlavaForPreTraining(FlavaConfig()) minus its codebook (357,645,303 - 53,786,240)
+    assert n == 303_859_063, n
+    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+
+    with torch.device("meta"):
+        codebook = FlavaImageCodebook(FlavaImageCodebookConfig())
+    assert n + sum(p.numel() for p in codebook.parameters()) == 357_645_303  # the paper's "~350M" model
+    assert len(model.transformer_layers()) == 12 + 12 + 6
+    assert model.logit_scale.shape == (1,)
+    assert all(isinstance(m, TransformerLayer) for m in model.transformer_layers())
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    torch.manual_seed(0)
+    a = FlavaForPretraining(tiny())
+    perturb_(a)
+    b = FlavaForPretraining(tiny())
+    b.load_state_dict(a.state_dict())
+    b.set_gradient_checkpointing(True)
+    batch = make_batch(a.config)
+    la, lb = a(**batch).loss, b(**batch).loss
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_unmasked_inputs_reuse_passes_and_losses_present():
+    torch.manual_seed(0)
+    model = FlavaForPretraining(tiny())
+    batch = make_batch(model.config)
+    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                itm_labels=batch["itm_labels"])  # fmt: skip
+    assert set(out.losses.as_dict()) == {"itm", "global_contrastive"}
+    assert out.image_masked is out.image and out.text_masked is out.text
+    with pytest.raises(ValueError):
+        model()
+
+
+def test_loss_weights_zero_skip_and_scale():
+    torch.manual_seed(0)
+    model = FlavaForPretraining(tiny())
+    batch = make_batch(model.config)
+    base = model(**batch).losses
+    model.config.loss_weights.itm = 0.0
+    model.config.loss_weights.mmm_text = 2.0
+    out = model(**batch)
+    assert out.losses.itm is None
+    torch.testing.assert_close(out.losses.mmm_text, 2 * base.mmm_text)
+
+
+def test_fsdp2_fully_shard_single_process():
+    """fully_shard per transformer layer, then the root: forward/backward/step run; logit_scale (1,) shards."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = FlavaForPretraining(tiny())
+        ref = FlavaForPretraining(tiny())
+        ref.load_state_dict(model.state_dict())
+        for layer in model.transformer_layers():
+            fully_shard(layer)
+        fully_shard(model)
+        batch = make_batch(model.config)
+        loss = model(**batch).loss
+        torch.testing.assert_close(loss, ref(**batch).loss)
+        loss.backward()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt.step()
+        model.clamp_logit_scale_()
+    finally:
+        dist.destroy_process_group()
