@@ -143,8 +143,16 @@ class ImageEncoder(TransformerStack):
         hidden = self.run_layers(x, None)
         return EncoderOutput(hidden, self.norm(hidden))
 
-    def forward(self, pixel_values: Tensor, patch_mask: Tensor | None = None) -> EncoderOutput:
-        return self.encode(self.embed(self.patchify(pixel_values), patch_mask))
+    def forward(
+        self, pixel_values: Tensor, patch_mask: Tensor | None = None, also_unmasked: bool = False
+    ) -> EncoderOutput | tuple[EncoderOutput, EncoderOutput]:
+        """One pass; with ``also_unmasked`` the unmasked and the masked copies of the images run as ONE batch and
+        ``(unmasked, masked)`` is returned. Everything goes through ``forward`` so FSDP2 hooks see it."""
+        patches = self.patchify(pixel_values)
+        if not also_unmasked:
+            return self.encode(self.embed(patches, patch_mask))
+        out = self.encode(torch.cat([self.embed(patches, None), self.embed(patches, patch_mask)]))
+        return tuple(_split(out, 2))
 
 
 class TextEncoder(TransformerStack):
@@ -183,8 +191,15 @@ class TextEncoder(TransformerStack):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
-    ) -> EncoderOutput:
-        return self.encode(self.embed(input_ids, token_type_ids, position_ids), attention_mask)
+        input_ids_masked: Tensor | None = None,
+    ) -> EncoderOutput | tuple[EncoderOutput, EncoderOutput]:
+        """One pass; with ``input_ids_masked`` the original and the masked text run as ONE batch and
+        ``(unmasked, masked)`` is returned."""
+        if input_ids_masked is None:
+            return self.encode(self.embed(input_ids, token_type_ids, position_ids), attention_mask)
+        two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+        x = self.embed(torch.cat([input_ids, input_ids_masked]), two(token_type_ids), two(position_ids))
+        return tuple(_split(self.encode(x, two(attention_mask)), 2))
 
 
 class MultimodalEncoder(TransformerStack):
@@ -374,28 +389,6 @@ class FlavaForPretraining(nn.Module):
         out = self.text_encoder(input_ids, attention_mask, token_type_ids, position_ids)
         return self.text_projection(out.last_hidden_state[:, 0])
 
-    # -- passes ------------------------------------------------------------------------------------------------
-    def _image_passes(self, pixel_values: Tensor, masks: list[Tensor | None]) -> list[EncoderOutput]:
-        """Run the image encoder once over the concatenation of several masked versions of the same images."""
-        enc = self.image_encoder
-        patches = enc.patchify(pixel_values)
-        x = torch.cat([enc.embed(patches, m) for m in masks]) if len(masks) > 1 else enc.embed(patches, masks[0])
-        out = enc.encode(x)
-        return _split(out, len(masks))
-
-    def _text_passes(
-        self,
-        ids: list[Tensor],
-        attention_mask: Tensor | None,
-        token_type_ids: Tensor | None,
-        position_ids: Tensor | None,
-    ) -> list[EncoderOutput]:
-        enc = self.text_encoder
-        n = len(ids)
-        rep = (lambda t: None if t is None else torch.cat([t] * n)) if n > 1 else (lambda t: t)
-        x = enc.embed(torch.cat(ids) if n > 1 else ids[0], rep(token_type_ids), rep(position_ids))
-        return _split(enc.encode(x, rep(attention_mask)), n)
-
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -437,7 +430,7 @@ class FlavaForPretraining(nn.Module):
             mlm_labels = mlm_labels.reshape(mlm_labels.shape[0], -1).long()
 
         if has_image and not has_text:
-            (img,) = self._image_passes(pixel_values, [patch_mask])
+            img = self.image_encoder(pixel_values, patch_mask)
             out.image_masked = img
             if patch_mask is None:
                 out.image = img
@@ -446,7 +439,7 @@ class FlavaForPretraining(nn.Module):
                 losses.mim = loss * w.mim
         elif has_text and not has_image:
             ids = input_ids_masked if input_ids_masked is not None else input_ids
-            (txt,) = self._text_passes([ids], attention_mask, token_type_ids, position_ids)
+            txt = self.text_encoder(ids, attention_mask, token_type_ids, position_ids)
             out.text_masked = txt
             if input_ids_masked is None:
                 out.text = txt
@@ -476,22 +469,18 @@ class FlavaForPretraining(nn.Module):
     ) -> None:  # fmt: skip
         cfg, w, losses = self.config, self.config.loss_weights, out.losses
         ignore = cfg.ce_ignore_index
-        if input_ids is None:
-            input_ids = input_ids_masked
-
         # unmasked and masked copies of each modality run as ONE batch through their encoder
         if patch_mask is not None:
-            out.image, out.image_masked = self._image_passes(pixel_values, [None, patch_mask])
+            out.image, out.image_masked = self.image_encoder(pixel_values, patch_mask, also_unmasked=True)
         else:
-            (out.image,) = self._image_passes(pixel_values, [None])
-            out.image_masked = out.image
-        if input_ids_masked is not None and input_ids_masked is not input_ids:
-            out.text, out.text_masked = self._text_passes(
-                [input_ids, input_ids_masked], attention_mask, token_type_ids, position_ids
-            )
+            out.image = out.image_masked = self.image_encoder(pixel_values)
+        text_args = (attention_mask, token_type_ids, position_ids)
+        if input_ids is None:  # masked text only: no unmasked text, so no contrastive loss (as transformers)
+            out.text_masked = self.text_encoder(input_ids_masked, *text_args)
+        elif input_ids_masked is not None and input_ids_masked is not input_ids:
+            out.text, out.text_masked = self.text_encoder(input_ids, *text_args, input_ids_masked=input_ids_masked)
         else:
-            (out.text,) = self._text_passes([input_ids], attention_mask, token_type_ids, position_ids)
-            out.text_masked = out.text
+            out.text = out.text_masked = self.text_encoder(input_ids, *text_args)
 
         # fusion over projected pre-final-LN states of the masked passes, with the text padding mask
         img_h, txt_h = out.image_masked.hidden, out.text_masked.hidden
@@ -520,6 +509,8 @@ class FlavaForPretraining(nn.Module):
             losses.mmm_text = loss * w.mmm_text
 
         out.image_embedding = self.image_projection(out.image.last_hidden_state[:, 0])
+        if out.text is None:
+            return
         out.text_embedding = self.text_projection(out.text.last_hidden_state[:, 0])
         if w.global_contrastive > 0:
             gc, out.logits_per_image, out.logits_per_text = global_contrastive_loss(

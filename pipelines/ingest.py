@@ -8,6 +8,7 @@ the same parts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -96,6 +97,10 @@ def _run_on_ray(config: IngestConfig, adapter, chunks, counts: IngestCounts, bar
 
     with ray_session(config.ray_address, config.num_cpus):
         remote_chunk = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+        # Pull the first chunk before shipping the adapter: adapters load their lookup tables (Karpathy
+        # decontamination ids, Visual Genome image data) when `records()` starts, and workers need them.
+        first = next(chunks, None)
+        chunks = itertools.chain([first] if first is not None else [], chunks)
         adapter_ref = ray.put(adapter)
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         in_flight: dict = {}

@@ -117,6 +117,19 @@ def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
 
 
 def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa.Table, pa.Table, IngestCounts]:
+    """(pairs, rejects, counts) of one chunk. Adapters with a columnar path (`convert_tables`, YFCC) use it."""
+    convert_tables = getattr(adapter, "convert_tables", None)
+    if convert_tables is not None:
+        pairs_t, rejects_t = convert_tables(records)
+        if pairs_t.num_rows + rejects_t.num_rows != len(records):
+            raise RuntimeError(f"{adapter.name}: {len(records)} records gave {pairs_t.num_rows} pairs and "
+                               f"{rejects_t.num_rows} rejects; a columnar adapter must give one row per record")
+        counts = IngestCounts(
+            records=len(records), pairs=pairs_t.num_rows, rejects=rejects_t.num_rows,
+            rejects_by_reason=_value_counts(rejects_t, schema.REASON),
+            pairs_by_split=_value_counts(pairs_t, schema.SPLIT),
+        )
+        return pairs_t, rejects_t, counts
     pairs: list[Pair] = []
     rejects: list[Reject] = []
     for record in records:
@@ -133,6 +146,11 @@ def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa
         pairs_by_split=dict(Counter(p.split for p in pairs)),
     )
     return pairs_table(pairs, adapter.name), rejects_table(rejects, adapter.name), counts
+
+
+def _value_counts(table: pa.Table, column: str) -> dict[str, int]:
+    counts = table.column(column).value_counts().to_pylist() if table.num_rows else []
+    return {c["values"]: c["counts"] for c in counts}
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:

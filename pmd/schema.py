@@ -86,3 +86,44 @@ def schema_version(schema: pa.Schema) -> int | None:
     """The pmd schema version stored in a Parquet/Arrow schema's metadata, or None if it is not one of ours."""
     raw = (schema.metadata or {}).get(b"pmd.schema_version")
     return int(raw) if raw is not None else None
+
+
+# ------------------------------------------------------------------------------------------------- shards
+# A built corpus: the pair columns plus the image, re-encoded once, with its digest and sizes before/after resizing.
+IMAGE = "image"
+IMAGE_SHA256 = "image_sha256"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        *PAIR_SCHEMA,
+        pa.field(IMAGE, pa.binary(), nullable=False),
+        pa.field(IMAGE_SHA256, pa.string(), nullable=False),
+        pa.field(WIDTH, pa.int32(), nullable=False),
+        pa.field(HEIGHT, pa.int32(), nullable=False),
+        pa.field(ORIGINAL_WIDTH, pa.int32(), nullable=False),
+        pa.field(ORIGINAL_HEIGHT, pa.int32(), nullable=False),
+    ],
+    metadata={b"pmd.schema": b"shard", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
+)
+SHARD_COLUMNS: tuple[str, ...] = tuple(SHARD_SCHEMA.names)
+# Everything but the image bytes: what statistics and audits read.
+SHARD_METADATA_COLUMNS: tuple[str, ...] = tuple(n for n in SHARD_COLUMNS if n != IMAGE)
+
+# Where a candidate that did not become a shard row went, and why (download, decode, checks, dedup).
+STAGE = "stage"
+FAILURE_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(IMAGE_URL, pa.string()),
+        pa.field(IMAGE_REF, pa.string()),
+        pa.field(STAGE, pa.string(), nullable=False),  # download | decode | check | dedup
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(DETAIL, pa.string()),
+    ],
+    metadata={b"pmd.schema": b"failure", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
+)

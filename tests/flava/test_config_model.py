@@ -65,6 +65,10 @@ def test_unmasked_inputs_reuse_passes_and_losses_present():
                 itm_labels=batch["itm_labels"])  # fmt: skip
     assert set(out.losses.as_dict()) == {"itm", "global_contrastive"}
     assert out.image_masked is out.image and out.text_masked is out.text
+    # masked text only: no unmasked text, hence no contrastive loss (as transformers)
+    only_masked = model(pixel_values=batch["pixel_values"], input_ids_masked=batch["input_ids_masked"],
+                        mlm_labels=batch["mlm_labels"], itm_labels=batch["itm_labels"])  # fmt: skip
+    assert set(only_masked.losses.as_dict()) == {"itm", "mmm_text"}
     with pytest.raises(ValueError):
         model()
 
@@ -82,7 +86,8 @@ def test_loss_weights_zero_skip_and_scale():
 
 
 def test_fsdp2_fully_shard_single_process():
-    """fully_shard per transformer layer, then the root: forward/backward/step run; logit_scale (1,) shards."""
+    """fully_shard per transformer layer, per encoder, then the root: forward equals the unsharded model,
+    backward and an optimizer step run; logit_scale (1,) shards."""
     import socket
 
     import torch.distributed as dist
@@ -99,11 +104,19 @@ def test_fsdp2_fully_shard_single_process():
         ref.load_state_dict(model.state_dict())
         for layer in model.transformer_layers():
             fully_shard(layer)
+        for encoder in model.encoders():  # per encoder too: every encoder call goes through forward()
+            fully_shard(encoder)
         fully_shard(model)
         batch = make_batch(model.config)
         loss = model(**batch).loss
         torch.testing.assert_close(loss, ref(**batch).loss)
         loss.backward()
+        ref(**batch).loss.backward()
+        ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        assert set(got) == set(ref_grads)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5, msg=name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt.step()
         model.clamp_logit_scale_()

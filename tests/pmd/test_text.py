@@ -30,3 +30,24 @@ def test_cleaning():
     assert clean_flickr_text("Tom+%26amp%3B+Jerry") == "Tom & Jerry"
     assert clean_flickr_text("%ZZbroken+escape") == "%ZZbroken escape"
     assert word_count("  two   words ") == 2 and word_count("") == 0
+
+
+TRICKY = [
+    "", "plain", "Sunset+over+the+harbour", "Caf%C3%A9+au+lait%0A%0Aat+%3Cb%3Enoon%3C%2Fb%3E",
+    "see+https%3A%2F%2Fflickr.com%2Fx+now", "HTTP%3A%2F%2FEXAMPLE.COM+upper", "www.example.org+and+WWW.X.ORG+too",
+    "Tom+%26amp%3B+Jerry+%26lt%3Bb%26gt%3B", "%ZZbroken+escape", "%E2%80%83em+space%E2%80%83here",
+    "tab%09and%0Dcr%0B%0C+%1Cfs", "%3Ca+href%3D%22http%3A%2F%2Fx.com%22%3Elabel%3C%2Fa%3E", "a+<+b+>+c", "%ff%fe",
+    "++lots+++of+++spaces++", "ünïcödé+ok", "ftp%3A%2F%2Ffiles.example.com%2Fa+b", "&notanentity; &amp",
+]
+
+
+def test_vectorised_cleaning_matches_the_reference():
+    import polars as pl
+
+    from pmd.text import clean_flickr_series, word_count_series
+
+    cleaned = clean_flickr_series(pl.Series(TRICKY + [None], dtype=pl.String)).to_list()
+    assert cleaned[:-1] == [clean_flickr_text(t) for t in TRICKY]
+    assert cleaned[-1] is None
+    counts = word_count_series(pl.Series([clean_flickr_text(t) for t in TRICKY])).to_list()
+    assert counts == [word_count(clean_flickr_text(t)) for t in TRICKY]

@@ -161,16 +161,19 @@ def test_pmd_subset_jsonl(tmp_path):
     assert out[2].reason == "malformed"
 
 
-def test_fast_meta_is_identical_to_the_generic_encoder():
+def test_meta_holds_every_other_field_as_published(tmp_path):
+    """meta is encoded by polars; it must equal the generic encoder's JSON (sorted keys, compact, raw UTF-8)."""
     from pmd.sources.base import meta_json
-    from pmd.sources.yfcc import _FIELDS_23, _NOT_META, _tsv_meta
+    from pmd.sources.yfcc import _FIELDS_23, _NOT_META
 
-    for line in REAL.read_text(encoding="utf-8").splitlines():
-        fields = line.split("\t")
-        expected = {n: v for n, v in zip(_FIELDS_23, fields) if n not in _NOT_META} | {"text_field": "title"}
-        assert _tsv_meta(fields, "title") == meta_json(expected)
-    fields = yfcc_line(1).split("\t")
-    fields[4] = 'say "hi"\\ \x01 ünï'  # needs escapes: takes the encoder path
+    pairs = list(create_adapter("yfcc100m").iter_converted([REAL]))
+    for line, pair in zip(REAL.read_text(encoding="utf-8").splitlines(), pairs):
+        text_field = json.loads(pair.meta)["text_field"]
+        expected = {n: v for n, v in zip(_FIELDS_23, line.split("\t")) if n not in _NOT_META}
+        assert pair.meta == meta_json(expected | {"text_field": text_field})
+    fields = yfcc_line(1, description="A+walk+along+the+river+after+the+rain").split("\t")
+    fields[4] = 'say "hi"\\ \x01 ünï'  # needs JSON escapes
+    [pair] = run(tmp_path, ["\t".join(fields)])
     expected = {n: v for n, v in zip(_FIELDS_25, fields) if n not in _NOT_META} | {"text_field": "description"}
-    assert _tsv_meta(fields, "description") == meta_json(expected)
-    assert json.loads(_tsv_meta(fields, "description"))["user_nickname"] == 'say "hi"\\ \x01 ünï'
+    assert pair.meta == meta_json(expected)
+    assert json.loads(pair.meta)["user_nickname"] == 'say "hi"\\ \x01 ünï'
