@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pmd.ingest import IngestCounts, chunked, prepare_output, process_chunk, write_summary
+from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
 from pmd.sources import create_adapter
 from pmd.sources.inputs import require_file
 from pipelines.ray_runtime import ray_session, resolve_address
@@ -73,14 +73,14 @@ def run_ingest(config: IngestConfig) -> dict:
     started = time.perf_counter()
     counts = IngestCounts()
     bar = tqdm(desc=f"ingest {config.source}", unit=" records", unit_scale=True, disable=not config.progress)
-    chunks = chunked(adapter.records(config.inputs), config.chunk_records)
+    chunks = iter_chunks(adapter, config.inputs, config.chunk_records)
     try:
         if executor == "local":
             parts = 0
             for index, chunk in enumerate(chunks):
                 counts.add(process_chunk(adapter, chunk, index, config.source_dir))
                 parts = index + 1
-                bar.update(len(chunk))
+                bar.update(chunk_size(chunk))
         else:
             parts = _run_on_ray(config, adapter, chunks, counts, bar)
     finally:
@@ -117,7 +117,7 @@ def _run_on_ray(config: IngestConfig, adapter, chunks, counts: IngestCounts, bar
                     ready, _ = ray.wait(list(in_flight), num_returns=1)
                     collect(ready)
                 ref = remote_chunk.remote(adapter_ref, chunk, index, config.source_dir)
-                in_flight[ref] = len(chunk)
+                in_flight[ref] = chunk_size(chunk)
                 parts = index + 1
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)

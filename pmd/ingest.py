@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pmd import schema
 from pmd.sources.base import Pair, Record, Reject, SourceAdapter, record_text
+from pmd.sources.inputs import LineBlock, iter_line_blocks
 
 CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
@@ -72,6 +73,20 @@ def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     iterator = iter(records)
     while chunk := list(islice(iterator, size)):
         yield chunk
+
+
+def iter_chunks(adapter: SourceAdapter, inputs: Sequence[Path], size: int) -> Iterator[list[Record] | LineBlock]:
+    """The units of work of an ingest, in order: blocks of `size` lines for line-based adapters, else lists of
+    `size` records. Both paths (local, Ray) cut the same chunks, so they write the same parts."""
+    if adapter.line_records:
+        for path in inputs:
+            yield from iter_line_blocks(path, size)
+    else:
+        yield from chunked(adapter.records(inputs), size)
+
+
+def chunk_size(chunk: Sequence[Record] | LineBlock) -> int:
+    return chunk.lines if isinstance(chunk, LineBlock) else len(chunk)
 
 
 def _table(columns: dict[str, list], table_schema: pa.Schema) -> pa.Table:
@@ -172,8 +187,11 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def process_chunk(adapter: SourceAdapter, records: Sequence[Record], index: int, source_dir: Path) -> IngestCounts:
+def process_chunk(adapter: SourceAdapter, records: Sequence[Record] | LineBlock, index: int, source_dir: Path
+                  ) -> IngestCounts:
     """Convert one chunk and write its two parts. The unit of work of both the local and the Ray path."""
+    if isinstance(records, LineBlock):
+        records = records.records()
     pairs, rejects, counts = convert_chunk(adapter, records)
     write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index))
     write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index))

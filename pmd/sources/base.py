@@ -119,6 +119,9 @@ class SourceAdapter:
     name: ClassVar[str]
     #: One line saying which upstream files the adapter takes, shown in errors and `pmd sources`.
     inputs_help: ClassVar[str] = ""
+    #: True when `records(inputs)` is exactly the lines of each input in turn (`iter_lines`): the ingest stage may
+    #: then read and ship lines in blocks (`iter_line_blocks`), much cheaper than one object per line.
+    line_records: ClassVar[bool] = False
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -33,6 +33,7 @@ def _file_id(input_file: str) -> str:
 
 
 class _TwoColumnTsv(SourceAdapter):
+    line_records = True
     url_column: ClassVar[int]
     #: Whether the key carries the file name (CC3M has two files whose line numbers overlap).
     key_has_file: ClassVar[bool]

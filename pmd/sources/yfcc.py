@@ -59,6 +59,7 @@ def _verdict(reason: str, lang: str | None, score: float | None) -> str:
 
 
 class YfccAdapter(SourceAdapter):
+    line_records = True
     name = "yfcc100m"
     inputs_help = ("yfcc100m_dataset (25 fields; .bz2 ok), the 23-field yfcc100m_dataset-N parts, "
                    "or PMD's yfcc100m_subset.jsonl")

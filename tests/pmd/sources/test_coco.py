@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _karpathy_fixtures import (
+from tests.pmd.sources._karpathy_fixtures import (
     REAL_COCOID,
     document,
     image,

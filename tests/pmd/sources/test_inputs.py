@@ -251,3 +251,17 @@ def test_small_helpers() -> None:
     assert strip_compression_suffix("sbu-captions-all.tar.gz") == "sbu-captions-all"
     assert strip_compression_suffix("redcaps_v1.0_annotations.zip") == "redcaps_v1.0_annotations"
     assert strip_compression_suffix("cc12m.tsv") == "cc12m.tsv"
+
+
+def test_line_blocks_give_the_same_records_as_iter_lines(tmp_path):
+    from pmd.sources.inputs import iter_line_blocks, iter_lines
+
+    path = tmp_path / "lines.tsv.gz"
+    body = b"a\tb\r\n\nsecond\n\xff bad utf8\nthird\rwith cr inside\nlast without newline"
+    with gzip.open(path, "wb") as f:
+        f.write(body)
+    expected = list(iter_lines(path))
+    for size in (1, 2, 3, 100):
+        blocks = list(iter_line_blocks(path, size))
+        assert [r for b in blocks for r in b.records()] == expected
+        assert sum(b.lines for b in blocks) == len(expected) == 6

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from _karpathy_fixtures import REAL_COCOID, document, image, write_karpathy
+from tests.pmd.sources._karpathy_fixtures import REAL_COCOID, document, image, write_karpathy
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject, meta_json
 from pmd.sources.karpathy import DecontaminationOptions
