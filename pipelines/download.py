@@ -102,7 +102,7 @@ def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, w
         shard_path = work_dir / "input.feather"
         with pa.OSFile(str(shard_path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        resizer = Resizer(image_size=0, resize_mode="no", disable_all_reencoding=True)
+        resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
         downloader = Downloader(
             sample_writer_class=ParquetSampleWriter,
             resizer=resizer,

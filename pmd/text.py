@@ -58,15 +58,22 @@ def clean_flickr_text(encoded: str) -> str:
     return " ".join(text.split())
 
 
+def _map_where(series: pl.Series, needle: str, fn) -> pl.Series:
+    """`fn` on the values containing `needle` only, scattered back: Python touches as few values as possible."""
+    hits = series.str.contains(needle, literal=True).fill_null(False)
+    if not hits.any():
+        return series
+    changed = pl.Series([fn(v) for v in series.filter(hits).to_list()], dtype=pl.String)
+    return series.scatter(hits.arg_true(), changed)
+
+
 def clean_flickr_series(encoded: pl.Series) -> pl.Series:
     """`clean_flickr_text` over a whole column: the regex work runs in polars; Python only touches the values that
     need percent-decoding or entity unescaping, which polars cannot do. Nulls stay null."""
     plus = encoded.str.replace_all("+", " ", literal=True)
-    decoded = pl.Series([urllib.parse.unquote(v, errors="replace") if v is not None and "%" in v else v
-                         for v in plus.to_list()], dtype=pl.String)
+    decoded = _map_where(plus, "%", lambda v: urllib.parse.unquote(v, errors="replace"))
     stripped = decoded.str.replace_all(_HTML_TAG_PATTERN, " ").str.replace_all(_URL_PATTERN, " ")
-    unescaped = pl.Series([html.unescape(v) if v is not None and "&" in v else v for v in stripped.to_list()],
-                          dtype=pl.String)
+    unescaped = _map_where(stripped, "&", html.unescape)
     return unescaped.str.replace_all(_WHITESPACE_PATTERN, " ").str.strip_chars(" ")
 
 

@@ -1,0 +1,198 @@
+"""The image stage of one chunk of candidates: fetch (URL download or archive member) -> process_image -> one file.
+
+A chunk is the unit of work and of resume. Its result is ONE Arrow IPC file, `work/images/SOURCE/chunk-NNNNN.arrow`,
+written to a temp name and renamed, holding every candidate of the chunk in candidate order: the pair columns,
+the processed image (null on failure), its sha256 and sizes, the failure stage/reason/detail (null on success),
+and the placement and dedup hashes. Its existence means the chunk is done; it is never recomputed.
+
+Why Arrow IPC and not Parquet: the shard writer gathers rows from many chunks at random; an uncompressed IPC file is
+memory-mapped and `take` touches only the pages of the rows it needs (Parquet would decode whole row groups). It also
+keeps `*.parquet` globs of OUT to the shards and failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from pmd import schema
+from pmd.images import ImageOptions, ImageRejected, process_image
+from pmd.shards import shuffle_hash, text_hash
+from pipelines.download import DownloadOptions, download_chunk
+
+log = logging.getLogger(__name__)
+
+STAGE = schema.STAGE
+REASON = schema.REASON
+DETAIL = schema.DETAIL
+SHUFFLE_HASH = "shuffle_hash"
+TEXT_HASH = "text_hash"
+
+# Stage of each process_image rejection reason.
+_CHECK_STAGE = {"decode_error": "decode"}
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        *(f.with_nullable(True) for f in schema.PAIR_SCHEMA),
+        pa.field(schema.IMAGE, pa.binary()),
+        pa.field(schema.IMAGE_SHA256, pa.string()),
+        pa.field(schema.WIDTH, pa.int32()),
+        pa.field(schema.HEIGHT, pa.int32()),
+        pa.field(schema.ORIGINAL_WIDTH, pa.int32()),
+        pa.field(schema.ORIGINAL_HEIGHT, pa.int32()),
+        pa.field(STAGE, pa.string()),
+        pa.field(REASON, pa.string()),
+        pa.field(DETAIL, pa.string()),
+        pa.field(SHUFFLE_HASH, pa.uint64()),
+        pa.field(TEXT_HASH, pa.uint64()),
+    ]
+)
+METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
+
+
+@dataclass
+class ChunkTask:
+    """What a worker needs for one chunk. `candidates` holds the chunk's rows (PAIR_SCHEMA)."""
+
+    source: str
+    index: int
+    candidates: pa.Table
+    path: Path  # the chunk's result file
+    image_options: ImageOptions
+    seed: int
+    mode: str  # "url" | "archive"
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    archive_state: object | None = None  # ArchiveIndex.to_state(), for mode "archive"
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:05d}.arrow"
+
+
+def _crop_box(meta: str | None) -> tuple[int, int, int, int] | None:
+    """Visual Genome's region box `meta.box` = {x, y, width, height}; None for every other source."""
+    if not meta or '"box"' not in meta:
+        return None
+    box = json.loads(meta).get("box")
+    if not isinstance(box, dict):
+        return None
+    return (box["x"], box["y"], box["width"], box["height"])
+
+
+def _fetch_urls(task: ChunkTask, urls: list[str | None]) -> dict[str, tuple[bytes | None, str, str, str]]:
+    """url -> (bytes, stage, reason, detail). Each distinct URL of the chunk is downloaded once."""
+    distinct = sorted({u for u in urls if u})
+    work = task.path.parent.parent.parent / "tmp" / task.source / f"chunk-{task.index:05d}"
+    fetched: dict = {}
+    if distinct:
+        # img2dataset keys rows by its own ids; ours go through as the `pmd_key` column (here: the URL itself).
+        for d in download_chunk(distinct, distinct, task.download, work):
+            fetched[d.key] = (d.data, "download", d.reason, d.detail)
+    return fetched
+
+
+def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[bytes | None, str, str, str]]:
+    from pmd.archives import ArchiveIndex
+
+    index = ArchiveIndex.from_state(task.archive_state)
+    distinct = sorted({r for r in refs if r})
+    fetched: dict = {}
+    present = [r for r in distinct if r in index]
+    for r in distinct:
+        if r not in index:
+            fetched[r] = (None, "read", "missing_member", f"{r} is in none of the --images archives")
+    for ref, data, error in index.read_many(present):
+        if data is None:
+            fetched[ref] = (None, "read", "archive_read_error", str(error)[:500])
+        else:
+            fetched[ref] = (data, "read", None, None)
+    return fetched
+
+
+def run_chunk(task: ChunkTask) -> dict:
+    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason}."""
+    cand = task.candidates
+    keys = cand.column(schema.KEY).to_pylist()
+    texts = cand.column(schema.TEXT).to_pylist()
+    metas = cand.column(schema.META).to_pylist()
+    if task.mode == "url":
+        locators = cand.column(schema.IMAGE_URL).to_pylist()
+        fetched = _fetch_urls(task, locators)
+        missing = ("download", "no_url", "candidate has no image_url")
+    elif task.mode == "archive":
+        locators = cand.column(schema.IMAGE_REF).to_pylist()
+        fetched = _fetch_archive(task, locators)
+        missing = ("read", "no_image_ref", "candidate has no image_ref")
+    else:
+        raise ValueError(f"unknown image mode {task.mode!r}")
+
+    n = len(keys)
+    out: dict[str, list] = {c: [None] * n for c in (schema.IMAGE, schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT,
+                                                      schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, STAGE, REASON,
+                                                      DETAIL)}
+    # COCO has five captions per image: the image is decoded and encoded once per (locator, crop box).
+    processed: dict[tuple, object] = {}
+    for i, (locator, meta) in enumerate(zip(locators, metas)):
+        if not locator:
+            out[STAGE][i], out[REASON][i], out[DETAIL][i] = missing
+            continue
+        data, stage, reason, detail = fetched[locator]
+        if data is None:
+            out[STAGE][i], out[REASON][i], out[DETAIL][i] = stage, reason, detail
+            continue
+        try:
+            box = _crop_box(meta)
+        except (ValueError, KeyError, TypeError) as e:
+            out[STAGE][i], out[REASON][i], out[DETAIL][i] = "check", "bad_box", f"meta.box unreadable: {e}"
+            continue
+        cache_key = (locator, box)
+        result = processed.get(cache_key)
+        if result is None:
+            try:
+                result = process_image(data, task.image_options, box)
+            except ImageRejected as e:
+                result = e
+            processed[cache_key] = result
+        if isinstance(result, ImageRejected):
+            out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
+            out[REASON][i], out[DETAIL][i] = result.reason, (result.detail or "")[:500]
+            continue
+        out[schema.IMAGE][i] = result.data
+        out[schema.IMAGE_SHA256][i] = result.sha256
+        out[schema.WIDTH][i], out[schema.HEIGHT][i] = result.width, result.height
+        out[schema.ORIGINAL_WIDTH][i], out[schema.ORIGINAL_HEIGHT][i] = result.original_width, result.original_height
+
+    arrays = [cand.column(f.name) for f in schema.PAIR_SCHEMA]
+    for f in CHUNK_SCHEMA:
+        if f.name in out:
+            arrays.append(pa.array(out[f.name], type=f.type))
+    arrays.append(pa.array([shuffle_hash(task.seed, k) for k in keys], type=pa.uint64()))
+    arrays.append(pa.array([text_hash(t) for t in texts], type=pa.uint64()))
+    table = pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
+    write_ipc_atomic(table, task.path)
+    reasons = Counter(r for r in out[REASON] if r is not None)
+    return {"source": task.source, "index": task.index, "rows": n, "ok": n - sum(reasons.values()),
+            "failures_by_reason": dict(reasons)}
+
+
+def write_ipc_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_chunk(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A chunk file, memory-mapped: selecting columns or taking rows reads only those pages."""
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    return table.select(columns) if columns is not None else table

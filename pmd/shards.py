@@ -1,0 +1,234 @@
+"""Shards of a built corpus: seeded placement, atomic Parquet writing, the manifest, and `verify`.
+
+No Ray here: `pipelines/build.py` decides where these functions run. The format is described in
+docs/build-format.md.
+
+Placement: every kept pair gets `shuffle_hash = blake2b_64(f"{seed}:{key}")`; all kept pairs sorted by
+(shuffle_hash, key) are cut into consecutive runs of `shard_rows`. So a shard is a random mix of all sources, and
+the placement depends only on the set of kept keys and the seed, never on download order or timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pmd import schema
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+FAILURES_DIR = "failures"
+MANIFEST_FORMAT = "pmd-build"
+DEFAULT_ROW_GROUP_ROWS = 1_000
+
+
+def shuffle_hash(seed: int, key: str) -> int:
+    """The 64-bit placement hash of a key: stable across Python versions, platforms and processes."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit digest of a caption: dedup groups on (image_sha256, text_hash) without holding every caption."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARDS_DIR}/shard-{index:05d}.parquet"
+
+
+def file_sha256(path: Path, block: int = 4 * 1024**2) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    # Not ending in .parquet: a reader globbing *.parquet never picks up a partial file.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+    """Temp file + fsync + rename: the final name only ever holds a complete file.
+
+    The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
+    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    compression = {name: ("none" if name == schema.IMAGE else "zstd") for name in table.column_names}
+    dictionary = [n for n in table.column_names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)]
+    stats = [n for n in table.column_names if n != schema.IMAGE]
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression=compression, use_dictionary=dictionary, write_statistics=stats,
+                       row_group_size=row_group_rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(data: Mapping, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_temp_files(directory: Path) -> int:
+    """Temp files left by a killed writer (`.NAME.tmp-PID`)."""
+    removed = 0
+    if directory.exists():
+        for p in directory.rglob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@dataclass
+class FileEntry:
+    """A shard or failures file as listed in the manifest."""
+
+    file: str  # relative to OUT
+    rows: int
+    bytes: int
+    sha256: str
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "sources": dict(sorted(self.sources.items()))}
+
+
+def describe_file(out: Path, relative: str, source_column: str = schema.SOURCE) -> FileEntry:
+    """Rows, size, sha256 and per-source row counts of a Parquet file already on disk."""
+    path = out / relative
+    counts = pq.read_table(path, columns=[source_column]).column(source_column).value_counts().to_pylist()
+    sources = {c["values"]: c["counts"] for c in counts}
+    return FileEntry(relative, sum(sources.values()), path.stat().st_size, file_sha256(path), sources)
+
+
+# ------------------------------------------------------------------------------------------------------- verify
+def _schema_problem(actual: pa.Schema, expected: pa.Schema) -> str | None:
+    got = [(f.name, f.type) for f in actual]
+    want = [(f.name, f.type) for f in expected]
+    if got != want:
+        return f"columns {[f'{n}:{t}' for n, t in got]} differ from {[f'{n}:{t}' for n, t in want]}"
+    return None
+
+
+def verify(out: Path, check_sha256: bool = True) -> list[str]:
+    """Everything wrong with a build directory, as readable sentences; an empty list means it is intact.
+
+    Checks: the manifest reads; every shard and failures file it lists exists with its size, sha256, row count and
+    schema; shard per-source counts match the file; keys are unique across all shards; no stray shard files; the
+    accounting identity input_rows = pairs + rejects + failures holds per source and matches the shard counts.
+    """
+    out = Path(out)
+    problems: list[str] = []
+    manifest_path = out / MANIFEST_FILE
+    if not manifest_path.exists():
+        return [f"{manifest_path}: missing (the build did not finish)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        return [f"{manifest_path}: not valid JSON ({e})"]
+    if manifest.get("format") != MANIFEST_FORMAT:
+        problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}")
+
+    seen_keys: set[str] = set()
+    pairs_by_source: dict[str, int] = {}
+    listed = set()
+    for kind, entries, expected in (("shard", manifest.get("shards", []), schema.SHARD_SCHEMA),
+                                    ("failures", manifest.get("failures", []), schema.FAILURE_SCHEMA)):
+        for entry in entries:
+            rel = entry["file"]
+            listed.add(rel)
+            path = out / rel
+            if not path.exists():
+                problems.append(f"{rel}: {kind} file missing")
+                continue
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
+            if check_sha256 and file_sha256(path) != entry["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the manifest")
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+                problems.append(f"{rel}: not a readable Parquet file ({type(e).__name__}: {e})")
+                continue
+            if pf.metadata.num_rows != entry["rows"]:
+                problems.append(f"{rel}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+            problem = _schema_problem(pf.schema_arrow, expected)
+            if problem:
+                problems.append(f"{rel}: schema mismatch: {problem}")
+                continue
+            table = pf.read(columns=[schema.KEY, schema.SOURCE])
+            sources: dict[str, int] = {}
+            for c in table.column(schema.SOURCE).value_counts().to_pylist():
+                sources[c["values"]] = c["counts"]
+            if sources != entry.get("sources", sources):
+                problems.append(f"{rel}: per-source rows {sources} differ from the manifest's {entry['sources']}")
+            if kind == "shard":
+                for s, n in sources.items():
+                    pairs_by_source[s] = pairs_by_source.get(s, 0) + n
+                keys = table.column(schema.KEY).to_pylist()
+                duplicates = seen_keys.intersection(keys)
+                if len(set(keys)) != len(keys):
+                    problems.append(f"{rel}: keys repeated within the shard")
+                if duplicates:
+                    problems.append(f"{rel}: {len(duplicates)} keys also in an earlier shard, e.g. "
+                                    f"{sorted(duplicates)[0]!r}")
+                seen_keys.update(keys)
+
+    for directory in (SHARDS_DIR, FAILURES_DIR):
+        for path in sorted((out / directory).glob("*.parquet")) if (out / directory).exists() else []:
+            rel = str(path.relative_to(out))
+            if rel not in listed:
+                problems.append(f"{rel}: not listed in the manifest")
+
+    for source, acc in manifest.get("accounting", {}).items():
+        if acc["input_rows"] != acc["pairs"] + acc["rejects"] + acc["failures"]:
+            problems.append(f"accounting {source}: input_rows {acc['input_rows']} != pairs {acc['pairs']} + "
+                            f"rejects {acc['rejects']} + failures {acc['failures']}")
+        if pairs_by_source.get(source, 0) != acc["pairs"]:
+            problems.append(f"accounting {source}: shards hold {pairs_by_source.get(source, 0)} pairs, "
+                            f"the manifest says {acc['pairs']}")
+    extra = set(pairs_by_source) - set(manifest.get("accounting", {}))
+    if extra:
+        problems.append(f"shards hold sources missing from the accounting: {sorted(extra)}")
+    return problems
+
+
+def accounting_problems(accounting: Mapping[str, Mapping[str, int]]) -> list[str]:
+    return [f"{s}: input_rows {a['input_rows']} != pairs {a['pairs']} + rejects {a['rejects']} + failures "
+            f"{a['failures']}" for s, a in accounting.items()
+            if a["input_rows"] != a["pairs"] + a["rejects"] + a["failures"]]
+
+
+def sum_counts(dicts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+__all__: Sequence[str] = (
+    "MANIFEST_FILE", "SHARDS_DIR", "FAILURES_DIR", "FileEntry", "describe_file", "file_sha256", "shard_name",
+    "shuffle_hash", "text_hash", "verify", "write_json_atomic", "write_parquet_atomic", "remove_temp_files",
+)

@@ -1,0 +1,169 @@
+"""A loopback HTTP server for download tests and the build benchmark: generated images plus every bad case.
+
+Routes (all GET):
+  /img/N.jpg            a generated JPEG (WxH from the server's image_size), content depends on N only
+  /status/404|429|500   that status with a short body
+  /sleep.jpg            answers after `sleep_s` (past the client timeout)
+  /slow.jpg             sends headers and half a JPEG, then stalls past the timeout
+  /truncated.jpg        the first half of a JPEG, with a matching Content-Length (decodes as broken)
+  /html.jpg             an HTML page served as image/jpeg
+  /bomb.png             a 10000x10000 1-bit PNG (100 Mpx > the 89.5 Mpx limit) of a few kB
+  /tiny.jpg             a 1x1 JPEG
+  /redirect/301/N.jpg   301 to /img/N.jpg (likewise 302)
+  /noai.jpg             a good JPEG with `X-Robots-Tag: noai`
+
+Run as a script (`python tests/httpserver.py --port 0 --size 64x48`) it prints its port and serves until killed: the
+benchmark runs it in its own process so that serving does not compete with the measured process for the GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import threading
+import time
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+BAD_CASES: dict[str, tuple[str, str]] = {
+    # path -> (expected stage, expected reason) once it goes through `pmd build`
+    "/status/404": ("download", "http_404"),
+    "/status/429": ("download", "http_429"),
+    "/status/500": ("download", "http_500"),
+    "/sleep.jpg": ("download", "timeout"),
+    "/slow.jpg": ("download", "timeout"),
+    "/truncated.jpg": ("decode", "decode_error"),
+    "/html.jpg": ("decode", "decode_error"),
+    "/bomb.png": ("check", "too_many_pixels"),
+    "/tiny.jpg": ("check", "too_small"),
+    "/noai.jpg": ("download", "opted_out"),
+}
+GOOD_REDIRECTS = ("/redirect/301/7.jpg", "/redirect/302/8.jpg")
+
+
+@lru_cache(maxsize=None)
+def jpeg(n: int, width: int, height: int) -> bytes:
+    """A deterministic JPEG whose pixels depend on n (so different n give different sha256)."""
+    image = Image.new("RGB", (width, height), ((n * 37) % 256, (n * 91) % 256, (n * 13) % 256))
+    # A few pixels set from n's bits, so even colour collisions (n mod 256 cycles) give distinct images.
+    for bit in range(24):
+        if n >> bit & 1:
+            image.putpixel((bit % width, (bit // width) % height), (255, 255, 255))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@lru_cache(maxsize=None)
+def bomb_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(out, "PNG", optimize=False)
+    return out.getvalue()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: LoopbackServer  # type: ignore[assignment]
+
+    def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        srv = self.server
+        path = self.path.split("?")[0]
+        w, h = srv.image_size
+        try:
+            if path.startswith("/img/"):
+                self._send(200, jpeg(int(path[5:].split(".")[0]), w, h))
+            elif path.startswith("/status/"):
+                code = int(path.rsplit("/", 1)[1])
+                self._send(code, b"nope", "text/plain")
+            elif path == "/sleep.jpg":
+                time.sleep(srv.sleep_s)
+                self._send(200, jpeg(1, w, h))
+            elif path == "/slow.jpg":
+                body = jpeg(2, w, h)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(srv.sleep_s)
+                self.wfile.write(body[len(body) // 2:])
+            elif path == "/truncated.jpg":
+                self._send(200, jpeg(3, w, h)[: len(jpeg(3, w, h)) // 2])
+            elif path == "/html.jpg":
+                self._send(200, b"<!doctype html><html><body>not an image</body></html>")
+            elif path == "/bomb.png":
+                self._send(200, bomb_png(), "image/png")
+            elif path == "/tiny.jpg":
+                self._send(200, jpeg(4, 1, 1))
+            elif path.startswith("/redirect/"):
+                _, _, code, rest = path.split("/", 3)
+                self.send_response(int(code))
+                self.send_header("Location", f"/img/{rest}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif path == "/noai.jpg":
+                self._send(200, jpeg(5, w, h), headers={"X-Robots-Tag": "noai"})
+            else:
+                self._send(404, b"unknown", "text/plain")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, image_size: tuple[int, int] = (64, 48), sleep_s: float = 3.0, port: int = 0):
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.image_size = image_size
+        self.sleep_s = sleep_s
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self) -> LoopbackServer:
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--size", default="64x48")
+    parser.add_argument("--sleep", type=float, default=3.0)
+    args = parser.parse_args()
+    w, h = (int(x) for x in args.size.split("x"))
+    server = LoopbackServer((w, h), args.sleep, args.port)
+    print(server.server_address[1], flush=True)
+    sys.stdout.close()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
