@@ -92,6 +92,98 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ build
+def print_build_summary(manifest: dict, console: Console) -> None:
+    table = Table(title=f"pmd build: {len(manifest['shards'])} shards, {manifest['timings']['total_s']:.1f}s")
+    for col in ("source", "input rows", "pairs", "rejects", "failures", "unique images", "adds up"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    rows = list(manifest["accounting"].items()) + [("total", manifest["totals"])]
+    for i, (name, a) in enumerate(rows):
+        ok = a["input_rows"] == a["pairs"] + a["rejects"] + a["failures"]
+        table.add_row(name, f"{a['input_rows']:,}", f"{a['pairs']:,}", f"{a['rejects']:,}", f"{a['failures']:,}",
+                      f"{a['unique_images']:,}", "yes" if ok else "NO", end_section=i == len(rows) - 2)
+    console.print(table)
+    reasons = Table(title="failures by reason")
+    for col in ("source", "reason", "rows"):
+        reasons.add_column(col, justify="right" if col == "rows" else "left")
+    for name, a in manifest["accounting"].items():
+        for reason, n in a["failures_by_reason"].items():
+            reasons.add_row(name, reason, f"{n:,}")
+    if reasons.row_count:
+        console.print(reasons)
+    t = manifest["timings"]
+    console.print(f"stages: ingest {t.get('ingest_s', 0):.1f}s, images {t.get('images_s', 0):.1f}s, "
+                  f"plan {t.get('plan_s', 0):.1f}s, shards {t.get('shards_s', 0):.1f}s"
+                  + (f" ({t['shard_rows_per_s']:,.0f} rows/s, {t['shard_mb_per_s']:.1f} MB/s)"
+                     if t.get("shard_rows_per_s") else ""))
+
+
+def _build_config(args: argparse.Namespace):
+    import dataclasses
+
+    from pipelines.build import BuildConfig, SourceSpec, load_config
+    from pipelines.download import DownloadOptions
+    from pmd.images import ImageOptions
+
+    top = {"shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "seed": args.seed,
+           "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
+           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows}
+    if args.config:
+        if args.source or args.inputs or args.images or args.option:
+            raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
+        config = load_config(args.config, {**top, "out": args.out})
+    else:
+        if not args.source or not args.inputs:
+            raise ValueError("give SOURCE INPUT... (or --config FILE)")
+        spec = SourceSpec(args.source, args.inputs, args.images or [], _parse_options(args.option))
+        config = BuildConfig(sources=[spec], out=args.out, **{k: v for k, v in top.items() if v is not None})
+    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality}.items()
+             if v is not None}
+    if image:
+        config.image = dataclasses.replace(config.image, **image)
+    download = {k: v for k, v in {"timeout": args.timeout, "retries": args.retries, "thread_count": args.threads,
+                                  "user_agent_token": args.user_agent_token}.items() if v is not None}
+    if args.ignore_robots:
+        download["disallowed_header_directives"] = []
+    if download:
+        config.download = DownloadOptions(**{**dataclasses.asdict(config.download), **download})
+    config.progress = not args.quiet
+    assert isinstance(config.image, ImageOptions)
+    return config
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipelines.build import BuildError, run_build
+
+    config = _build_config(args)
+    try:
+        manifest = run_build(config)
+    except BuildError as exc:
+        print(f"pmd build: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
+    else:
+        print_build_summary(manifest, _console())
+        _console().print(f"wrote {config.out}/manifest.json, shards/, failures/")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.shards import verify
+
+    problems = verify(Path(args.out), check_sha256=not args.no_sha256)
+    if problems:
+        for p in problems:
+            print(f"{args.out}: {p}", file=sys.stderr)
+        print(f"pmd verify: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    _console().print(f"{args.out}: OK")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmd", description="Rebuild PMD from its public sources.")
@@ -115,6 +207,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
+
+    from pmd import cli_stats
+
+    cli_stats.add_parser(sub)
+
+    p = sub.add_parser("build", help="sources -> images -> dedup -> shuffled Parquet shards + failures + manifest")
+    p.add_argument("source", nargs="?", help="source name (one-source form), see `pmd sources`")
+    p.add_argument("inputs", nargs="*", help="the source's upstream metadata files")
+    p.add_argument("--config", help="TOML/YAML file listing several sources (see docs/build.md)")
+    p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
+    p.add_argument("--images", action="append", default=[], metavar="PATH",
+                   help="archive(s) or directory holding the images (archive sources); repeatable")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="adapter option")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default 10000)")
+    p.add_argument("--row-group-rows", type=int, default=None, help="rows per Parquet row group (default 1000)")
+    p.add_argument("--chunk-rows", type=int, default=None, help="candidates per image task (default 2000)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle seed (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="shorter side after resize; 0 keeps the size")
+    p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images (default 95)")
+    p.add_argument("--timeout", type=float, default=None, help="download timeout in seconds (default 10)")
+    p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
+    p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent (default pmd)")
+    p.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag noai/noindex")
+    p.add_argument("--executor", choices=("ray", "local"), default=None, help="ray (default) or in-process")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--task-cpus", type=float, default=None, help="CPUs per image/shard task (default 1)")
+    p.add_argument("--json", action="store_true", help="print accounting and timings as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="re-read every shard of a build against its manifest")
+    p.add_argument("out", help="the build directory")
+    p.add_argument("--no-sha256", action="store_true", help="skip the (slow) file digests")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -125,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except FileNotFoundError as exc:  # a build or input directory that is not there
+        print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except InputError as exc:
         print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,81 @@
+"""`pmd stats`: the audit of a build as a terminal table, JSON, or a report with plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stats", help="audit a build: figures per source beside the paper's Table 2")
+    p.add_argument("out", help="the build directory (holds manifest.json and the shards)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON (stable keys, docs/stats.md)")
+    p.add_argument("--report", metavar="DIR", help="write report.md, report.html and PNG plots into DIR")
+    p.add_argument("--compare", metavar="OTHER", help="show what changed since the build in OTHER")
+    p.set_defaults(func=cmd_stats)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r, end_section=r[0] == "total" or False)
+    return table
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pmd import report, stats
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    if args.compare:
+        result = stats.compare(args.out, args.compare)
+        lost_keys = result.pop("lost_keys")
+        if args.report:
+            from pathlib import Path
+
+            Path(args.report).mkdir(parents=True, exist_ok=True)
+            lost_keys.write_parquet(Path(args.report) / "lost_keys.parquet")
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            rows = [[name, f"{s['before']:,}", f"{s['after']:,}", f"+{s['gained']:,}", f"-{s['lost']:,}"]
+                    for name, s in result["sources"].items()]
+            t = result["total"]
+            rows.append(["total", f"{t['before']:,}", f"{t['after']:,}", f"+{t['gained']:,}", f"-{t['lost']:,}"])
+            console.print(_table(f"{result['before']} -> {result['after']}",
+                                 ["source", "before", "after", "gained", "lost"], rows))
+            for name, s in result["sources"].items():
+                if s["lost_examples"]:
+                    console.print(f"{name}: lost e.g. {', '.join(s['lost_examples'][:5])}")
+        _print_problems(result["problems"])
+        return 0 if result["trusted"] else 1
+
+    result = stats.audit(args.out)
+    if args.report:
+        written = report.write_report(result, __import__("pathlib").Path(args.report))
+        if not args.json:
+            console.print(f"report: {written['html']} and {written['markdown']}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(_table("Sources", report.SOURCE_HEADER, report.source_rows(result)))
+        console.print(_table("Against the FLAVA paper (Table 2)", report.TABLE2_HEADER, report.table2_rows(result)))
+        dup = result["duplicates"]
+        console.print(f"duplicates: {dup['pairs_dropped']:,} pairs dropped; {dup['images_with_several_captions']:,} "
+                      f"images carry several captions ({dup['pairs_on_shared_images']:,} pairs); "
+                      f"{dup['images_across_sources']:,} images appear in more than one source")
+        failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
+        if failures:
+            console.print("failures: " + ", ".join(f"{k} {v:,}" for k, v in failures))
+    _print_problems(result["problems"])
+    return 0 if result["trusted"] else 1
+
+
+def _print_problems(problems: list[str]) -> None:
+    for p in problems:
+        print(f"pmd stats: problem: {p}", file=sys.stderr)

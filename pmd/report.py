@@ -1,0 +1,191 @@
+"""The audit as a report: PNG plots (matplotlib) and a self-contained Markdown + HTML page.
+
+Views only: every figure comes from `pmd.stats.audit`'s dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, never a window: this runs on headless build machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pmd.catalog import load_catalog  # noqa: E402
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def table2_rows(result: dict) -> list[list[str]]:
+    """Source | paper pairs | our pairs | ratio | paper words | our words | ratio."""
+    rows = []
+    for name, s in result["sources"].items():
+        t = s["table2"] or {}
+        rows.append([name, _fmt(t.get("paper_pairs")), _fmt(s["pairs"]), _fmt(t.get("pairs_ratio"), 4),
+                     _fmt(t.get("paper_avg_words"), 1), _fmt(s["words"]["mean"], 1), _fmt(t.get("words_ratio"), 2)])
+    t, s = result["total"]["table2"], result["total"]
+    rows.append(["total", _fmt(t["paper_pairs"]), _fmt(s["pairs"]), _fmt(t["pairs_ratio"], 4),
+                 _fmt(t["paper_avg_words"], 1), _fmt(s["words"]["mean"], 1), _fmt(t["words_ratio"], 2)])
+    return rows
+
+
+TABLE2_HEADER = ["source", "paper pairs", "our pairs", "ratio", "paper words", "our words", "ratio"]
+SOURCE_HEADER = ["source", "pairs", "unique images", "mean words", "median words", "image success",
+                 "download success", "rejects", "failures", "accounting"]
+
+
+def source_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, s in [*result["sources"].items(), ("total", result["total"])]:
+        acc = s["accounting"]
+        rows.append([name, _fmt(s["pairs"]), _fmt(s["unique_images"]), _fmt(s["words"]["mean"], 1),
+                     _fmt(s["words"]["median"], 1), _pct(s["success"]["image_success_rate"]),
+                     _pct(s["success"]["download_success_rate"]),
+                     _fmt(acc["rejects"]) if acc else "n/a", _fmt(sum(s["failures_by_reason"].values())),
+                     ("ok" if acc["identity_holds"] else "BROKEN") if acc else "no manifest"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def plot_caption_lengths(result: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(result["sources"])
+    bins = list(result["total"]["words"]["histogram"])
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        hist = result["sources"][name]["words"]["histogram"]
+        total = sum(hist.values()) or 1
+        ax.bar([j + i * width for j in range(len(bins))], [hist[b] / total for b in bins], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bins))], bins)
+    ax.set_xlabel("caption length (words)")
+    ax.set_ylabel("share of the source's pairs")
+    ax.set_title("Caption length per source")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_image_sizes(result: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(result["sources"])
+    for key, offset, label in (("original_width", -0.2, "original width (median)"),
+                               ("original_height", 0.0, "original height (median)"),
+                               ("height", 0.2, "stored height (median)")):
+        ax.bar([i + offset for i in range(len(names))],
+               [result["sources"][n]["image"][key]["p50"] or 0 for n in names], 0.2, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("pixels")
+    ax.set_title("Image sizes per source (median, before and after resizing)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_success(result: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(result["sources"])
+    rates = [result["sources"][n]["success"]["image_success_rate"] for n in names]
+    ax.bar(names, [100 * r if r is not None else 0 for r in rates], color="tab:green")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of candidates with a usable image")
+    ax.set_title("Image success rate per source")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    return _save(fig, path)
+
+
+def plot_composition(result: dict, path: Path) -> Path:
+    """Share of pairs per source, ours against the paper's Table 2."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    paper = {e.name: e.table2_pairs for e in load_catalog()}
+    names = sorted(set(paper) | set(result["sources"]))
+    ours_total = result["total"]["pairs"] or 1
+    paper_total = sum(paper.values())
+    ours = [100 * result["sources"].get(n, {}).get("pairs", 0) / ours_total for n in names]
+    theirs = [100 * paper.get(n, 0) / paper_total for n in names]
+    ax.barh([i + 0.2 for i in range(len(names))], ours, 0.4, label="this build")
+    ax.barh([i - 0.2 for i in range(len(names))], theirs, 0.4, label="FLAVA paper, Table 2")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("% of pairs")
+    ax.set_title("Composition: this build against the paper")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html (images embedded) and the PNGs into out_dir; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "caption_lengths": plot_caption_lengths(result, out_dir / "caption_lengths.png"),
+        "image_sizes": plot_image_sizes(result, out_dir / "image_sizes.png"),
+        "success_rate": plot_success(result, out_dir / "success_rate.png"),
+        "composition": plot_composition(result, out_dir / "composition.png"),
+    }
+    failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
+    rejects = sorted(((result["total"]["accounting"] or {}).get("rejects_by_reason") or {}).items(),
+                     key=lambda kv: -kv[1])
+    dup = result["duplicates"]
+    sections = [
+        ("Sources", SOURCE_HEADER, source_rows(result)),
+        ("Against the FLAVA paper (Table 2)", TABLE2_HEADER, table2_rows(result)),
+        ("Failures by reason", ["reason", "count"], [[k, _fmt(v)] for k, v in failures]),
+        ("Rejects by reason", ["reason", "count"], [[k, _fmt(v)] for k, v in rejects]),
+        ("Duplicates", ["figure", "count"], [[k.replace("_", " "), _fmt(v)] for k, v in dup.items()]),
+    ]
+    problems = result["problems"]
+    status = "trusted: every check passed" if result["trusted"] else f"NOT trusted: {len(problems)} problem(s)"
+
+    md = [f"# PMD build audit: {result['build']}", "", f"{result['shards']} shards; {status}.", ""]
+    md += [f"- {p}" for p in problems] + ([""] if problems else [])
+    for title, header, rows in sections:
+        md += [f"## {title}", "", _md_table(header, rows), ""]
+    md += ["## Plots", ""] + [f"![{name}]({p.name})" for name, p in plots.items()] + [""]
+    (out_dir / "report.md").write_text("\n".join(md))
+
+    parts = [f"<h1>PMD build audit: {html.escape(result['build'])}</h1>",
+             f"<p>{result['shards']} shards; {html.escape(status)}.</p>"]
+    if problems:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>")
+    for title, header, rows in sections:
+        parts += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
+    parts.append("<h2>Plots</h2>")
+    for name, p in plots.items():
+        data = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/></figure>')
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}")
+    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>PMD audit"
+                                         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    (out_dir / "stats.json").write_text(json.dumps(result, indent=2))
+    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", **plots}

@@ -1,0 +1,321 @@
+"""Statistics of a build, computed from metadata columns only (never the image bytes) with polars lazy scans.
+
+`audit(out)` returns a plain dict with stable keys (documented in docs/stats.md) so that the terminal table, the
+JSON output and the report are three views of one computation. Problems found on the way (a missing or unreadable
+shard, a manifest that disagrees with the files, an accounting identity that does not hold) are collected, not
+raised: the rest is still reported, and `trusted` says whether the audit can be believed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from pmd import schema
+from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
+from pmd.text import word_count_series
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FAILURES_DIR = "failures"
+# Ingest and work folders hold candidates, not shards.
+_NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work"}
+WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+IMAGE_STAGES = ("download", "decode", "check")
+_STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.LANG, schema.LANG_SCORE,
+                 schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
+
+
+class BuildNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass
+class BuildFiles:
+    """What an audit reads: the manifest (if any), the shards that open, the failures files, and what is wrong."""
+
+    root: Path
+    manifest: dict | None
+    shards: list[Path] = field(default_factory=list)
+    failures: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _is_shard_file(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root)
+    return not any(part in _NOT_SHARD_DIRS or part.startswith(".") for part in rel.parts[:-1]) \
+        and not rel.name.startswith(".")
+
+
+def locate_build(root: Path) -> BuildFiles:
+    """Find and sanity-check a build's files. Never raises for a bad shard: it becomes a problem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BuildNotFound(f"{root}: no such build directory")
+    manifest = None
+    problems: list[str] = []
+    manifest_path = root / MANIFEST
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(f"{manifest_path}: unreadable manifest ({exc})")
+    else:
+        problems.append(f"{manifest_path}: missing; accounting cannot be checked")
+
+    on_disk = sorted(p for p in root.rglob("*.parquet") if _is_shard_file(p, root))
+    listed: dict[Path, dict] = {}
+    if manifest is not None:
+        for entry in manifest.get("shards", []):
+            listed[(root / entry["file"]).resolve()] = entry
+        for path, entry in listed.items():
+            if not path.exists():
+                problems.append(f"{path}: listed in the manifest but missing")
+        for path in on_disk:
+            if path.resolve() not in listed:
+                problems.append(f"{path}: shard on disk but not in the manifest")
+
+    shards: list[Path] = []
+    for path in on_disk:
+        try:
+            meta = pq.read_metadata(path)
+            file_schema = pq.read_schema(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            problems.append(f"{path}: unreadable Parquet ({exc.__class__.__name__}: {exc})")
+            continue
+        missing = [c for c in _STAT_COLUMNS if c not in file_schema.names]
+        if missing:
+            problems.append(f"{path}: not a shard (missing columns {', '.join(missing)})")
+            continue
+        entry = listed.get(path.resolve())
+        if entry is not None and entry.get("rows") != meta.num_rows:
+            problems.append(f"{path}: {meta.num_rows} rows, the manifest says {entry.get('rows')}")
+        shards.append(path)
+
+    failures = sorted((root / FAILURES_DIR).glob("*.parquet")) if (root / FAILURES_DIR).is_dir() else []
+    if not shards:
+        problems.append(f"{root}: no readable shards: an empty build")
+    return BuildFiles(root, manifest, shards, failures, problems)
+
+
+def _quantiles(frame: pl.DataFrame, column: str) -> dict:
+    values = frame[column].drop_nulls()
+    if values.len() == 0:
+        return {"mean": None, **{f"p{int(q * 100)}": None for q in QUANTILES}}
+    out = {"mean": float(values.mean())}
+    for q in QUANTILES:
+        out[f"p{int(q * 100)}"] = float(values.quantile(q, interpolation="linear"))
+    return out
+
+
+def _word_histogram(words: pl.Series) -> dict[str, int]:
+    edges = list(WORD_BINS)
+    hist = {}
+    for lo, hi in zip(edges, edges[1:] + [None]):
+        label = f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
+        mask = (words >= lo) if hi is None else ((words >= lo) & (words < hi))
+        hist[label] = int(mask.sum())
+    return hist
+
+
+def _group_stats(frame: pl.DataFrame) -> dict:
+    """Figures of one group of rows (a source, or all): frame has the stat columns plus `words`."""
+    pairs = frame.height
+    words = frame["words"]
+    lang = frame.filter(pl.col(schema.LANG).is_not_null())
+    return {
+        "pairs": pairs,
+        "unique_images": int(frame[schema.IMAGE_SHA256].n_unique()) if pairs else 0,
+        "words": {
+            "mean": float(words.mean()) if pairs else None,
+            "median": float(words.median()) if pairs else None,
+            "p5": float(words.quantile(0.05, interpolation="linear")) if pairs else None,
+            "p95": float(words.quantile(0.95, interpolation="linear")) if pairs else None,
+            "histogram": _word_histogram(words),
+        },
+        "image": {c: _quantiles(frame, c) for c in (schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH,
+                                                     schema.ORIGINAL_HEIGHT)},
+        "splits": dict(sorted(frame[schema.SPLIT].value_counts().iter_rows())) if pairs else {},
+        "lang": None if lang.height == 0 else {
+            "counts": dict(sorted(lang[schema.LANG].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))),
+            "score": _quantiles(lang, schema.LANG_SCORE),
+        },
+    }
+
+
+def _failure_counts(files: list[Path], problems: list[str]) -> pl.DataFrame:
+    frames = []
+    for path in files:
+        try:
+            frames.append(pl.scan_parquet(path).select(schema.SOURCE, schema.STAGE, schema.REASON).collect())
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{path}: unreadable failures file ({exc.__class__.__name__}: {exc})")
+    if not frames:
+        return pl.DataFrame(schema={schema.SOURCE: pl.String, schema.STAGE: pl.String, schema.REASON: pl.String,
+                                    "n": pl.UInt32})
+    return pl.concat(frames).group_by(schema.SOURCE, schema.STAGE, schema.REASON).len("n")
+
+
+def audit(root: Path) -> dict:
+    """Every figure `pmd stats` shows, for the build in `root`."""
+    files = locate_build(Path(root))
+    problems = files.problems
+    if files.shards:
+        frame = (pl.scan_parquet(files.shards).select(_STAT_COLUMNS).collect())
+    else:
+        frame = pl.DataFrame(schema={c: t for c, t in zip(_STAT_COLUMNS, [
+            pl.String, pl.String, pl.String, pl.String, pl.String, pl.Float32, pl.String, pl.Int32, pl.Int32,
+            pl.Int32, pl.Int32])})
+    frame = frame.with_columns(words=word_count_series(frame[schema.TEXT]) if frame.height else pl.lit(0))
+    duplicate_keys = frame.height - frame[schema.KEY].n_unique() if frame.height else 0
+    if duplicate_keys:
+        problems.append(f"{duplicate_keys} keys appear in more than one shard row")
+
+    failures = _failure_counts(files.failures, problems)
+    accounting = (files.manifest or {}).get("accounting", {})
+    catalog = {e.name: e for e in load_catalog()}
+    sources: dict[str, dict] = {}
+    names = sorted(set(frame[schema.SOURCE].unique().to_list()) | set(accounting))
+    for name in names:
+        part = frame.filter(pl.col(schema.SOURCE) == name)
+        stats = _group_stats(part)
+        src_failures = failures.filter(pl.col(schema.SOURCE) == name)
+        stats["failures_by_reason"] = dict(sorted(
+            src_failures.group_by(schema.REASON).agg(pl.col("n").sum()).iter_rows()))
+        stats["failures_by_stage"] = dict(sorted(
+            src_failures.group_by(schema.STAGE).agg(pl.col("n").sum()).iter_rows()))
+        acc = accounting.get(name)
+        stats["accounting"] = _check_accounting(name, acc, stats, problems)
+        stats["success"] = _success(stats)
+        entry = catalog.get(name)
+        stats["table2"] = None if entry is None else {
+            "paper_pairs": entry.table2_pairs,
+            "paper_avg_words": entry.table2_avg_words,
+            "pairs_ratio": stats["pairs"] / entry.table2_pairs if entry.table2_pairs else None,
+            "words_ratio": (stats["words"]["mean"] / entry.table2_avg_words
+                            if stats["words"]["mean"] is not None else None),
+            "apportioned": entry.table2_apportioned,
+        }
+        sources[name] = stats
+
+    total = _group_stats(frame)
+    total["failures_by_reason"] = dict(sorted(failures.group_by(schema.REASON).agg(pl.col("n").sum()).iter_rows()))
+    total["failures_by_stage"] = dict(sorted(failures.group_by(schema.STAGE).agg(pl.col("n").sum()).iter_rows()))
+    total["accounting"] = _sum_accounting([s["accounting"] for s in sources.values()])
+    total["success"] = _success(total)
+    total["table2"] = {"paper_pairs": PAPER_TOTAL_PAIRS, "paper_avg_words": PAPER_AVG_WORDS,
+                       "pairs_ratio": total["pairs"] / PAPER_TOTAL_PAIRS,
+                       "words_ratio": total["words"]["mean"] / PAPER_AVG_WORDS if total["pairs"] else None,
+                       "apportioned": False}
+
+    per_image = frame.group_by(schema.IMAGE_SHA256).agg(pl.len().alias("pairs"),
+                                                        pl.col(schema.SOURCE).n_unique().alias("sources"))
+    shared = per_image.filter(pl.col("pairs") > 1)
+    duplicates = {
+        "pairs_dropped": int(failures.filter(pl.col(schema.REASON) == "duplicate")["n"].sum()),
+        "images_with_several_captions": shared.height,
+        "pairs_on_shared_images": int(shared["pairs"].sum()) if shared.height else 0,
+        "images_across_sources": per_image.filter(pl.col("sources") > 1).height,
+    }
+    return {
+        "build": str(Path(root)),
+        "schema_version": schema.SCHEMA_VERSION,
+        "shards": len(files.shards),
+        "failures_files": len(files.failures),
+        "sources": sources,
+        "total": total,
+        "duplicates": duplicates,
+        "problems": problems,
+        "trusted": not problems,
+    }
+
+
+def _check_accounting(name: str, acc: dict | None, stats: dict, problems: list[str]) -> dict | None:
+    if acc is None:
+        return None
+    failures = sum(stats["failures_by_reason"].values())
+    out = {
+        "input_rows": acc.get("input_rows"),
+        "pairs": stats["pairs"],
+        "rejects": acc.get("rejects", 0),
+        "failures": failures,
+        "rejects_by_reason": acc.get("rejects_by_reason", {}),
+    }
+    out["identity_holds"] = out["input_rows"] == out["pairs"] + out["rejects"] + out["failures"]
+    if not out["identity_holds"]:
+        problems.append(f"{name}: input rows {out['input_rows']} != pairs {out['pairs']} + rejects "
+                        f"{out['rejects']} + failures {out['failures']}")
+    if acc.get("pairs") is not None and acc["pairs"] != stats["pairs"]:
+        problems.append(f"{name}: the manifest counts {acc['pairs']} pairs, the shards hold {stats['pairs']}")
+    return out
+
+
+def _sum_accounting(parts: list[dict | None]) -> dict | None:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    out = {k: sum(p[k] or 0 for p in parts) for k in ("input_rows", "pairs", "rejects", "failures")}
+    reasons: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["rejects_by_reason"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    out["rejects_by_reason"] = dict(sorted(reasons.items()))
+    out["identity_holds"] = all(p["identity_holds"] for p in parts)
+    return out
+
+
+def _success(stats: dict) -> dict:
+    """Of the candidates that reached the image stages (pairs + failures), how many got a usable image."""
+    by_stage = stats["failures_by_stage"]
+    image_failures = sum(by_stage.get(s, 0) for s in IMAGE_STAGES)
+    attempted = stats["pairs"] + image_failures
+    downloads_failed = by_stage.get("download", 0)
+    return {
+        "attempted": attempted,
+        "image_failures": image_failures,
+        "image_success_rate": (stats["pairs"] / attempted) if attempted else None,
+        "download_success_rate": ((attempted - downloads_failed) / attempted) if attempted else None,
+    }
+
+
+def compare(root: Path, other: Path, examples: int = 20) -> dict:
+    """What changed from build `other` (before) to build `root` (after): keys gained and lost per source."""
+    before_files, after_files = locate_build(Path(other)), locate_build(Path(root))
+    problems = [*(f"before: {p}" for p in before_files.problems), *(f"after: {p}" for p in after_files.problems)]
+
+    def keys(files: BuildFiles) -> pl.DataFrame:
+        if not files.shards:
+            return pl.DataFrame(schema={schema.KEY: pl.String, schema.SOURCE: pl.String})
+        return pl.scan_parquet(files.shards).select(schema.KEY, schema.SOURCE).collect()
+
+    before, after = keys(before_files), keys(after_files)
+    lost = before.join(after, on=schema.KEY, how="anti")
+    gained = after.join(before, on=schema.KEY, how="anti")
+    sources = sorted(set(before[schema.SOURCE].unique().to_list()) | set(after[schema.SOURCE].unique().to_list()))
+    per_source = {}
+    for name in sources:
+        lost_s = lost.filter(pl.col(schema.SOURCE) == name).sort(schema.KEY)
+        gained_s = gained.filter(pl.col(schema.SOURCE) == name).sort(schema.KEY)
+        per_source[name] = {
+            "before": before.filter(pl.col(schema.SOURCE) == name).height,
+            "after": after.filter(pl.col(schema.SOURCE) == name).height,
+            "gained": gained_s.height,
+            "lost": lost_s.height,
+            "lost_examples": lost_s[schema.KEY].head(examples).to_list(),
+            "gained_examples": gained_s[schema.KEY].head(examples).to_list(),
+        }
+    return {
+        "before": str(other), "after": str(root),
+        "sources": per_source,
+        "total": {"before": before.height, "after": after.height, "gained": gained.height, "lost": lost.height},
+        "lost_keys": lost.sort(schema.KEY),
+        "problems": problems,
+        "trusted": not problems,
+    }
