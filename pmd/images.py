@@ -15,10 +15,11 @@ as little as possible and the output is a pure function of (input bytes, options
 5. Conversion to RGB (alpha composited onto white), resize so the shorter side is ``image_size`` (never upscale),
    JPEG encode without EXIF or ICC data.
 
-Throughput (one core, Pillow 13.0 with libjpeg-turbo, this repo's dev machine, a 640x480 q90 photo-like JPEG to
-256x341 q95): about 260 images/s with LANCZOS (~3.8 ms each: ~1.6 ms decode, ~1.3 ms resize, ~0.8 ms encode).
-A 4000x3000 JPEG, decoded at 1/4 scale by draft, costs about the same as a 1000x750 one. See
-``tests/pmd/test_images.py::test_throughput_figure`` for how it is measured.
+Throughput (one core of this repo's shared 2-core dev machine, Pillow 13.0 with libjpeg-turbo, a 640x480 q90
+photo-like JPEG of ~150 KB to 341x256 q95): about 220 images/s, ~4.5 ms each (~2.0 ms decode, ~2 ms BICUBIC
+resize, ~0.3 ms encode); LANCZOS measured ~185 images/s. A 4000x3000 JPEG (2 MB) takes ~32 ms with the 1/4-scale
+draft decode instead of ~83 ms without. ``tests/pmd/test_images.py::test_throughput_figure`` is a smoke check of
+the same path, not a benchmark.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
@@ -28,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
-from collections.abc import Iterator
 
 from PIL import ExifTags, Image, ImageFile, ImageOps
-
 
 # Formats we accept. Restricting Image.open keeps exotic decoders (EPS shells out to Ghostscript; PSD, FITS, ...)
 # away from untrusted bytes downloaded from the web; every upstream PMD source serves one of these.
@@ -46,7 +46,7 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF",
 # a full resample in most cases, at a fraction of the cost.
 _RESAMPLE = Image.Resampling.BICUBIC
 _REDUCING_GAP = 3.0
-# Draft (DCT-scaled JPEG decode) keeps at least this many times the target size, so the LANCZOS pass still has
+# Draft (DCT-scaled JPEG decode) keeps at least this many times the target size, so the resize pass still has
 # real pixels to average (the same margin Image.thumbnail uses).
 _DRAFT_GAP = 2
 
@@ -129,11 +129,13 @@ def _no_truncated_images() -> Iterator[None]:
 
 
 def _check_size(width: int, height: int, options: ImageOptions) -> None:
+    # Aspect ratio first: a 10000x10 banner is rejected as a banner, not as small.
     short, long = min(width, height), max(width, height)
+    if long > options.max_aspect_ratio * max(short, 1):
+        ratio = long / max(short, 1)
+        raise ImageRejected("aspect_ratio", f"{width}x{height}, ratio {ratio:.2f} > {options.max_aspect_ratio}")
     if short < max(options.min_side, 1):
         raise ImageRejected("too_small", f"{width}x{height}, shorter side < {options.min_side}")
-    if long > options.max_aspect_ratio * short:
-        raise ImageRejected("aspect_ratio", f"{width}x{height}, ratio {long / short:.2f} > {options.max_aspect_ratio}")
 
 
 def _target_size(width: int, height: int, image_size: int) -> tuple[int, int]:

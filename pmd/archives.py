@@ -1,0 +1,381 @@
+"""Read image members straight out of the upstream archives (COCO, Visual Genome, ADE20K, Flickr30k zips and tars)
+without extracting them to disk.
+
+An ``ArchiveIndex`` maps an ``image_ref`` (the member path a source adapter writes, e.g.
+``val2014/COCO_val2014_000000391895.jpg``) to a (source, member) pair. Sources are zip files, tar files (plain or
+compressed) and directories of loose files; a directory's archives are indexed too (not archives inside archives).
+
+Building the index:
+- zip: reads the central directory only (no member data).
+- plain .tar: one pass over the member headers (seeking over the data), remembering each member's data offset so
+  reads are random access.
+- compressed tar (.tar.gz/.tgz/.tar.bz2/.tar.xz): reads and decompresses the whole file once (there is no other way
+  to list a compressed tar); reads are one sequential pass per ``read_many`` call.
+- directory: one ``os.walk`` (sorted, symlinks not followed); the ref of a loose file is its path relative to the
+  directory, with ``/`` separators.
+
+Resolving a ref: an exact match on the normalised member name (leading ``./`` and ``/`` dropped) first; else a
+*unique* match on a path suffix of at least two components, so an archive that stores ``images/VG_100K_2/1.jpg``
+still resolves ``VG_100K_2/1.jpg``. A suffix shared by several members is ambiguous and resolves to nothing (the
+error string says which members). When the same member name appears in several sources, the first source given
+to ``build`` wins (directory contents in sorted order).
+
+Errors from ``read_many`` are strings ``"reason"`` or ``"reason: detail"``, with reason ``missing_member`` or
+``archive_error`` (the failure-table reason is the part before the first colon).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MISSING = "missing_member"
+ARCHIVE_ERROR = "archive_error"
+
+_ZIP = "zip"
+_TAR = "tar"  # uncompressed: random access by data offset
+_TAR_STREAM = "tar_stream"  # compressed: sequential only
+_DIR = "dir"
+
+_COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+_STATE_FORMAT = "pmd-archive-index"
+_STATE_VERSION = 1
+
+
+def _archive_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        return _ZIP
+    if name.endswith(".tar"):
+        return _TAR
+    if name.endswith(_COMPRESSED_TAR_SUFFIXES):
+        return _TAR_STREAM
+    return None
+
+
+def _normalise(name: str) -> str:
+    name = name.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
+def _error(reason: str, exc: BaseException | str) -> str:
+    detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return f"{reason}: {detail}"
+
+
+@dataclass
+class _Source:
+    kind: str
+    path: str
+    members: list[str]  # raw member names as stored (what to open), in archive order
+    offsets: list[tuple[int, int]] | None = None  # plain tar only: (data offset, size) per member
+    size: int | None = None  # archive size in bytes when indexed (plain tar offsets are only valid for it)
+    # Per process, never serialised: the open ZipFile and the pid that opened it.
+    _zip: zipfile.ZipFile | None = field(default=None, repr=False, compare=False)
+    _zip_pid: int | None = field(default=None, repr=False, compare=False)
+
+    def to_state(self) -> dict:
+        state: dict = {"kind": self.kind, "path": self.path, "members": self.members}
+        if self.offsets is not None:
+            state["offsets"] = [list(o) for o in self.offsets]
+        if self.size is not None:
+            state["size"] = self.size
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> _Source:
+        offsets = state.get("offsets")
+        return cls(
+            kind=state["kind"],
+            path=state["path"],
+            members=list(state["members"]),
+            offsets=[(int(o), int(s)) for o, s in offsets] if offsets is not None else None,
+            size=state.get("size"),
+        )
+
+    def zip_file(self) -> zipfile.ZipFile:
+        # Reopened after a fork: a shared file descriptor would share its offset with the parent.
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def close(self) -> None:
+        if self._zip is not None and self._zip_pid == os.getpid():
+            self._zip.close()
+        self._zip = None
+        self._zip_pid = None
+
+
+def _scan(path: Path) -> list[_Source]:
+    kind = _archive_kind(path)
+    if kind == _ZIP:
+        with zipfile.ZipFile(path) as zf:
+            members = [info.filename for info in zf.infolist() if not info.is_dir()]
+        return [_Source(_ZIP, str(path), members, size=path.stat().st_size)]
+    if kind == _TAR:
+        members, offsets = [], []
+        # "r:" seeks over member data: only the 512-byte headers are read.
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                if info.isreg() and not info.issparse():
+                    members.append(info.name)
+                    offsets.append((info.offset_data, info.size))
+        return [_Source(_TAR, str(path), members, offsets, size=path.stat().st_size)]
+    if kind == _TAR_STREAM:
+        with tarfile.open(path, "r|*") as tf:
+            members = [info.name for info in tf if info.isreg()]
+        return [_Source(_TAR_STREAM, str(path), members, size=path.stat().st_size)]
+    if path.is_dir():
+        loose: list[str] = []
+        nested: list[Path] = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            rel_root = Path(root).relative_to(path)
+            for name in sorted(files):
+                full = Path(root) / name
+                if _archive_kind(full) is not None:
+                    nested.append(full)
+                else:
+                    loose.append((rel_root / name).as_posix())
+        sources = [_Source(_DIR, str(path), loose)] if loose else []
+        for archive in nested:
+            sources.extend(_scan(archive))
+        return sources
+    if not path.exists():
+        raise FileNotFoundError(f"archive or directory not found: {path}")
+    raise ValueError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
+
+
+class ArchiveIndex:
+    """Maps an image_ref (archive member path, e.g. 'val2014/COCO_val2014_000000391895.jpg', 'VG_100K_2/1.jpg',
+    'ADEChallengeData2016/images/training/ADE_train_00000001.jpg', 'flickr30k-images/1000092795.jpg',
+    'train2017/000000000009.jpg') to where it can be read.
+
+    Open zip handles are cached per process between ``read_many`` calls; ``close()`` (or ``with``) releases them.
+    Pickling goes through ``to_state`` so an index can be shipped to Ray workers without rescanning.
+    """
+
+    def __init__(self, sources: list[_Source]):
+        self._sources = sources
+        # normalised name -> (source index, member index); the first source that has the name wins.
+        self._exact: dict[str, tuple[int, int]] = {}
+        for s_idx, source in enumerate(sources):
+            for m_idx, member in enumerate(source.members):
+                self._exact.setdefault(_normalise(member), (s_idx, m_idx))
+        # proper suffix of >= 2 components -> the one normalised name it came from, or a tuple of the names
+        # (ambiguous).
+        self._suffix: dict[str, str | tuple[str, ...]] = {}
+        for name in self._exact:
+            parts = name.split("/")
+            for k in range(1, len(parts) - 1):
+                suffix = "/".join(parts[k:])
+                seen = self._suffix.get(suffix)
+                if seen is None:
+                    self._suffix[suffix] = name
+                elif isinstance(seen, str):
+                    self._suffix[suffix] = (seen, name)
+                elif len(seen) < 3:  # a few names are enough for the error message
+                    self._suffix[suffix] = (*seen, name)
+
+    # ----------------------------------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, paths: Sequence[Path]) -> ArchiveIndex:
+        """Index zip files, tar files (plain or compressed) and directories (loose files and the archives in them)."""
+        sources: list[_Source] = []
+        for path in paths:
+            found = _scan(Path(path).resolve())
+            log.info("indexed %s: %d members", path, sum(len(s.members) for s in found))
+            sources.extend(found)
+        return cls(sources)
+
+    def to_state(self) -> dict:
+        """JSON-able: source kinds, paths and member names (and plain-tar offsets); no handles, no rescanning."""
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "sources": [s.to_state() for s in self._sources],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> ArchiveIndex:
+        if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not an ArchiveIndex state of version {_STATE_VERSION}: "
+                f"format={state.get('format')!r} version={state.get('version')!r}"
+            )
+        return cls([_Source.from_state(s) for s in state["sources"]])
+
+    def __getstate__(self) -> dict:
+        return self.to_state()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__([_Source.from_state(s) for s in state["sources"]])
+
+    def close(self) -> None:
+        for source in self._sources:
+            source.close()
+
+    def __enter__(self) -> ArchiveIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ lookup
+    def __len__(self) -> int:
+        """Distinct member names (exact refs)."""
+        return len(self._exact)
+
+    def __contains__(self, ref: object) -> bool:
+        return isinstance(ref, str) and isinstance(self._resolve(ref), tuple)
+
+    def _resolve(self, ref: str) -> tuple[int, int] | str:
+        """(source index, member index), or the error string."""
+        name = _normalise(ref)
+        hit = self._exact.get(name)
+        if hit is not None:
+            return hit
+        match = self._suffix.get(name)
+        if match is None:
+            return MISSING
+        if isinstance(match, tuple):
+            return _error(MISSING, f"ambiguous suffix {name!r} matches {', '.join(repr(m) for m in match)}")
+        return self._exact[match]
+
+    def locate(self, ref: str) -> tuple[str, str]:
+        """(archive or directory path, member name as stored); KeyError if the ref is absent or ambiguous."""
+        hit = self._resolve(ref)
+        if isinstance(hit, str):
+            raise KeyError(f"{ref!r}: {hit}")
+        source = self._sources[hit[0]]
+        return source.path, source.members[hit[1]]
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def read_many(self, refs: Iterable[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """Yield ``(ref, data, error)`` once per requested ref (duplicates once per request), grouped by source.
+
+        Zip members are read in central-directory offset order from one open ZipFile; plain tar members by seek;
+        compressed tars in one sequential pass that stops once every wanted member is read; loose files with
+        open(). A bad member yields an ``archive_error`` for that ref only; an unreadable archive, for its refs.
+        """
+        # source index -> member index -> the refs (as given) that asked for it
+        wanted: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for ref in refs:
+            hit = self._resolve(ref)
+            if isinstance(hit, str):
+                yield ref, None, hit
+            else:
+                wanted[hit[0]][hit[1]].append(ref)
+        for s_idx in sorted(wanted):
+            source = self._sources[s_idx]
+            reader = {_ZIP: self._read_zip, _TAR: self._read_tar, _TAR_STREAM: self._read_tar_stream,
+                      _DIR: self._read_dir}[source.kind]
+            for m_idx, data, error in reader(source, wanted[s_idx]):
+                for ref in wanted[s_idx][m_idx]:
+                    yield ref, data, error
+
+    @staticmethod
+    def _read_zip(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+        try:
+            zf = source.zip_file()
+            infos = []
+            for m_idx in members:
+                infos.append((zf.getinfo(source.members[m_idx]), m_idx))
+        except Exception as e:  # noqa: BLE001 - the archive is gone, changed or corrupt: fail its refs, not the batch
+            source.close()
+            for m_idx in members:
+                yield m_idx, None, _error(ARCHIVE_ERROR, e)
+            return
+        infos.sort(key=lambda item: item[0].header_offset)  # sequential on disk
+        for info, m_idx in infos:
+            try:
+                # ZipFile.read checks the CRC: a flipped byte is BadZipFile, a mangled stream zlib.error.
+                data = zf.read(info)
+            except Exception as e:  # noqa: BLE001 - one bad member must not fail the others
+                yield m_idx, None, _error(ARCHIVE_ERROR, e)
+            else:
+                yield m_idx, data, None
+
+    @staticmethod
+    def _read_tar(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+        assert source.offsets is not None
+        order = sorted(members, key=lambda m: source.offsets[m][0])
+        try:
+            f = open(source.path, "rb")
+            size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            for m_idx in order:
+                yield m_idx, None, _error(ARCHIVE_ERROR, e)
+            return
+        with f:
+            if source.size is not None and size != source.size:
+                # Offsets from another version of the file would read the wrong bytes.
+                for m_idx in order:
+                    yield m_idx, None, _error(ARCHIVE_ERROR, f"{source.path} changed size since it was indexed")
+                return
+            for m_idx in order:
+                offset, length = source.offsets[m_idx]
+                try:
+                    f.seek(offset)
+                    data = f.read(length)
+                except OSError as e:
+                    yield m_idx, None, _error(ARCHIVE_ERROR, e)
+                    continue
+                if len(data) != length:
+                    yield m_idx, None, _error(ARCHIVE_ERROR, f"truncated member: {len(data)} of {length} bytes")
+                else:
+                    yield m_idx, data, None
+
+    @staticmethod
+    def _read_tar_stream(
+        source: _Source, members: dict[int, list[str]]
+    ) -> Iterator[tuple[int, bytes | None, str | None]]:
+        # One member name may be asked for under one member index only (the first occurrence in the index).
+        pending: dict[str, int] = {source.members[m_idx]: m_idx for m_idx in members}
+        try:
+            with tarfile.open(source.path, "r|*") as tf:
+                for info in tf:
+                    m_idx = pending.get(info.name)
+                    if m_idx is None or not info.isreg():
+                        continue
+                    # A corrupt compressed stream fails here or on the next header; either way the rest of the
+                    # archive is unreadable, which the outer handler reports for every member still pending.
+                    fobj = tf.extractfile(info)
+                    data = fobj.read() if fobj is not None else b""
+                    if len(data) != info.size:
+                        yield pending.pop(info.name), None, _error(ARCHIVE_ERROR, "truncated member")
+                    else:
+                        yield pending.pop(info.name), data, None
+                    if not pending:
+                        break  # nothing more wanted: do not decompress the rest
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt archive: fail what was not read yet
+            for m_idx in list(pending.values()):
+                yield m_idx, None, _error(ARCHIVE_ERROR, e)
+            return
+        for m_idx in pending.values():  # listed when indexed but not found now: the file changed
+            yield m_idx, None, _error(MISSING, f"not found in {source.path} (changed since indexed?)")
+
+    @staticmethod
+    def _read_dir(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+        root = Path(source.path)
+        for m_idx in members:
+            try:
+                with open(root / source.members[m_idx], "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                yield m_idx, None, _error(MISSING, f"{source.members[m_idx]} vanished from {source.path}")
+            except OSError as e:
+                yield m_idx, None, _error(ARCHIVE_ERROR, e)
+            else:
+                yield m_idx, data, None

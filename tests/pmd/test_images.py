@@ -1,0 +1,280 @@
+import io
+import struct
+import time
+import warnings
+import zlib
+
+import pytest
+from PIL import Image, ImageChops, ImageFile, ImageStat
+
+from pmd.images import ImageOptions, ImageRejected, ProcessedImage, process_image
+
+OPTS = ImageOptions()
+
+
+def _encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """A deterministic image with structure (gradients), so JPEG sizes and resizes are realistic enough."""
+    r = Image.linear_gradient("L").resize((width, height))
+    g = r.transpose(Image.Transpose.ROTATE_90).resize((width, height))
+    b = Image.radial_gradient("L").resize((width, height))
+    return Image.merge("RGB", (r, g, b))
+
+
+def _jpeg(width: int, height: int, **kw) -> bytes:
+    return _encode(_photo(width, height), "JPEG", quality=90, **kw)
+
+
+def _decoded(result: ProcessedImage) -> Image.Image:
+    im = Image.open(io.BytesIO(result.data))
+    im.load()
+    assert im.format == "JPEG" and im.mode == "RGB"
+    assert im.size == (result.width, result.height)
+    return im
+
+
+def _reject(raw: bytes, options: ImageOptions = OPTS, crop_box=None) -> ImageRejected:
+    with pytest.raises(ImageRejected) as info:
+        process_image(raw, options, crop_box)
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------------ options
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"jpeg_quality": 0},
+        {"jpeg_quality": 101},
+        {"image_size": -1},
+        {"min_side": -1},
+        {"max_pixels": -5},
+        {"max_aspect_ratio": 0.5},
+        {"max_aspect_ratio": float("nan")},
+        {"image_size": 256.0},
+    ],
+)
+def test_options_validated(kwargs):
+    with pytest.raises(ValueError):
+        ImageOptions(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((640, 480), (341, 256)), ((480, 640), (256, 341)), ((500, 500), (256, 256)), ((1000, 300), (853, 256))],
+)
+def test_resize_keeps_aspect_shorter_side(size, expected):
+    result = process_image(_jpeg(*size), OPTS)
+    assert (result.width, result.height) == expected
+    assert (result.original_width, result.original_height) == size
+    _decoded(result)
+
+
+def test_no_upscale_and_keep_size():
+    small = process_image(_jpeg(200, 120), OPTS)
+    assert (small.width, small.height) == (200, 120)
+    kept = process_image(_jpeg(640, 480), ImageOptions(image_size=0))
+    assert (kept.width, kept.height) == (640, 480)
+
+
+def test_sha256_and_determinism():
+    import hashlib
+
+    raw = _jpeg(640, 480)
+    a, b = process_image(raw, OPTS), process_image(raw, OPTS)
+    assert a == b
+    assert a.sha256 == hashlib.sha256(a.data).hexdigest()
+    # The draft (DCT-scaled) path too, with the true full size reported.
+    big = _jpeg(2400, 1800)
+    c, d = process_image(big, OPTS), process_image(big, OPTS)
+    assert c.data == d.data
+    assert (c.width, c.height, c.original_width, c.original_height) == (341, 256, 2400, 1800)
+    # A different quality changes the bytes.
+    assert process_image(raw, ImageOptions(jpeg_quality=50)).data != a.data
+
+
+def test_draft_output_close_to_full_decode():
+    import pmd.images as images
+
+    big = _photo(2400, 1800)
+    raw = _encode(big, quality=95)
+    drafted = _decoded(process_image(raw, OPTS)).convert("L")
+    reference = big.resize((341, 256), Image.Resampling.BICUBIC).convert("L")
+    diff = ImageStat.Stat(ImageChops.difference(drafted, reference)).mean[0]
+    assert diff < 4, diff
+    assert images._DRAFT_GAP >= 2
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK", "I;16"])
+def test_modes_converted_to_rgb(mode):
+    if mode == "I;16":
+        im = Image.new("I;16", (64, 48), 0xFFFF)
+        raw = _encode(im, "PNG")
+        expected = (255, 255, 255)
+    elif mode == "CMYK":
+        raw = _encode(Image.new("CMYK", (64, 48), (0, 0, 0, 0)), "JPEG", quality=95)
+        expected = (255, 255, 255)
+    elif mode in ("RGBA", "LA"):
+        # Fully transparent black: must come out white, not black.
+        base = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+        im = base if mode == "RGBA" else base.convert(mode)
+        raw = _encode(im, "PNG")
+        expected = (255, 255, 255)
+    elif mode == "P":
+        im = Image.new("RGB", (64, 48), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+        raw = _encode(im, "PNG")
+        expected = (200, 10, 10)
+    else:
+        raw = _encode(Image.new(mode, (64, 48), 1 if mode == "1" else 128), "PNG")
+        expected = (255, 255, 255) if mode == "1" else (128, 128, 128)
+    out = _decoded(process_image(raw, OPTS))
+    assert out.size == (64, 48)
+    pixel = out.getpixel((32, 24))
+    assert all(abs(a - b) <= 3 for a, b in zip(pixel, expected)), (mode, pixel)
+
+
+def test_transparent_gif_on_white():
+    im = Image.new("P", (40, 40), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0])
+    raw = _encode(im, "GIF", transparency=0)
+    assert _decoded(process_image(raw, OPTS)).getpixel((20, 20)) >= (250, 250, 250)
+
+
+def test_exif_orientation_applied():
+    # Stored landscape 400x300 with a red left half; orientation 6 (rotate 90 CW to view) makes it portrait, and
+    # the red half moves to the top.
+    im = Image.new("RGB", (400, 300), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 200, 300))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = _encode(im, "JPEG", quality=95, exif=exif.tobytes())
+    result = process_image(raw, ImageOptions(image_size=0))
+    assert (result.width, result.height) == (300, 400)
+    assert (result.original_width, result.original_height) == (300, 400)
+    out = _decoded(result)
+    assert out.getpixel((150, 50))[0] > 200 and out.getpixel((150, 350))[2] > 200
+    resized = process_image(raw, OPTS)
+    assert (resized.width, resized.height) == (256, 341)
+    # Draft path with rotation: original size is the upright full size.
+    exif_big = _encode(_photo(2400, 1800), "JPEG", quality=90, exif=exif.tobytes())
+    big = process_image(exif_big, OPTS)
+    assert (big.original_width, big.original_height, big.width, big.height) == (1800, 2400, 256, 341)
+
+
+# ------------------------------------------------------------------------------------------------ rejects
+def test_truncated_jpeg_is_decode_error():
+    raw = _jpeg(640, 480)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert _reject(raw[: len(raw) // 2]).reason == "decode_error"
+    # Even when some other code turned truncated loading on, and the flag is restored afterwards.
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        assert _reject(raw[: len(raw) // 2]).reason == "decode_error"
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"<!DOCTYPE html><html><body>404 Not Found</body></html>", b"", b"\xff\xd8\xff\xe0garbage", b"GIF89a"],
+)
+def test_not_an_image_is_decode_error(raw):
+    rejected = _reject(raw)
+    assert rejected.reason == "decode_error" and rejected.detail
+
+
+def test_unlisted_format_is_decode_error():
+    assert _reject(_encode(Image.new("RGB", (64, 64)), "PPM")).reason == "decode_error"
+
+
+def test_too_small_and_aspect_ratio():
+    assert _reject(_encode(Image.new("RGB", (1, 1)), "PNG")).reason == "too_small"
+    assert _reject(_encode(Image.new("RGB", (100, 31)), "PNG")).reason == "too_small"
+    assert _reject(_encode(Image.new("L", (10000, 10)), "PNG")).reason == "aspect_ratio"
+    assert _reject(_encode(Image.new("L", (10, 10000)), "PNG"), ImageOptions(min_side=1)).reason == "aspect_ratio"
+    ok = process_image(_encode(Image.new("RGB", (192, 32)), "PNG"), OPTS)  # ratio exactly 6, side exactly 32
+    assert (ok.width, ok.height) == (192, 32)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny 1x1 PNG whose IHDR is patched to claim width x height (CRC fixed so the header parses)."""
+    raw = bytearray(_encode(Image.new("1", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    raw[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(raw[ihdr - 4 : ihdr + 13]))
+    raw[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(raw)
+
+
+def test_decompression_bomb_rejected_before_decoding():
+    bomb = _png_claiming(30000, 30000)  # 900 Mpx: Pillow's own DecompressionBombError in Image.open
+    assert len(bomb) < 100
+    assert _reject(bomb).reason == "too_many_pixels"
+    # 100 Mpx: above our limit, between Pillow's warning and error thresholds. Our header check rejects it, also
+    # when warnings are errors (the warning is then raised by Image.open).
+    mid = _png_claiming(10000, 10000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert _reject(mid).reason == "too_many_pixels"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert _reject(mid).reason == "too_many_pixels"
+    # Our own, smaller limit, from the header.
+    rejected = _reject(_jpeg(200, 200), ImageOptions(max_pixels=10_000))
+    assert rejected.reason == "too_many_pixels" and "200x200" in rejected.detail
+
+
+def test_rejected_pickles():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ImageRejected("too_small", "1x1")))
+    assert (e.reason, e.detail, str(e)) == ("too_small", "1x1", "too_small: 1x1")
+
+
+# ------------------------------------------------------------------------------------------------ crop
+def test_crop_inside():
+    im = Image.new("RGB", (400, 300), (0, 0, 255))
+    im.paste((255, 0, 0), (100, 50, 300, 250))
+    raw = _encode(im, "PNG")
+    result = process_image(raw, OPTS, crop_box=(100, 50, 200, 200))
+    assert (result.original_width, result.original_height) == (200, 200)
+    assert (result.width, result.height) == (200, 200)
+    out = _decoded(result)
+    assert out.getpixel((5, 5))[0] > 240 and out.getpixel((195, 195))[0] > 240
+
+
+def test_crop_clamped_and_checked():
+    raw = _encode(Image.new("RGB", (400, 300)), "PNG")
+    clamped = process_image(raw, OPTS, crop_box=(350, 250, 500, 500))
+    assert (clamped.original_width, clamped.original_height) == (50, 50)
+    negative = process_image(raw, OPTS, crop_box=(-20, -20, 80, 90))
+    assert (negative.original_width, negative.original_height) == (60, 70)
+    assert _reject(raw, crop_box=(370, 0, 100, 40)).reason == "too_small"  # 30x40 after clamping
+    assert _reject(raw, crop_box=(0, 0, 300, 40)).reason == "aspect_ratio"
+    big = process_image(_jpeg(2400, 1800), OPTS, crop_box=(0, 0, 1200, 900))
+    assert (big.original_width, big.original_height, big.width, big.height) == (1200, 900, 341, 256)
+
+
+@pytest.mark.parametrize("box", [(500, 0, 10, 10), (0, 0, 0, 10), (10, 10, -5, 20), (0, 400, 50, 50), ("a", 0, 1, 1)])
+def test_crop_empty_is_bad_box(box):
+    raw = _encode(Image.new("RGB", (400, 300)), "PNG")
+    assert _reject(raw, crop_box=box).reason == "bad_box"
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def test_throughput_figure():
+    """Not a benchmark gate: a smoke check that a 640x480 JPEG to 256 is in the right ballpark (>= 20/s)."""
+    raw = _jpeg(640, 480)
+    process_image(raw, OPTS)
+    n = 20
+    start = time.perf_counter()
+    for _ in range(n):
+        process_image(raw, OPTS)
+    rate = n / (time.perf_counter() - start)
+    assert rate > 20, rate
