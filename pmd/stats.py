@@ -29,6 +29,8 @@ _NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work"}
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 IMAGE_STAGES = ("download", "decode", "check")
+_STAT_TYPES = [pl.String, pl.String, pl.String, pl.String, pl.String, pl.Float32, pl.String, pl.Int32, pl.Int32,
+               pl.Int32, pl.Int32]
 _STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.LANG, schema.LANG_SCORE,
                  schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
 
@@ -105,49 +107,64 @@ def locate_build(root: Path) -> BuildFiles:
     return BuildFiles(root, manifest, shards, failures, problems)
 
 
-def _quantiles(frame: pl.DataFrame, column: str) -> dict:
-    values = frame[column].drop_nulls()
-    if values.len() == 0:
-        return {"mean": None, **{f"p{int(q * 100)}": None for q in QUANTILES}}
-    out = {"mean": float(values.mean())}
-    for q in QUANTILES:
-        out[f"p{int(q * 100)}"] = float(values.quantile(q, interpolation="linear"))
-    return out
+_IMAGE_COLUMNS = (schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT)
 
 
-def _word_histogram(words: pl.Series) -> dict[str, int]:
+def _bin_labels() -> list[tuple[str, int, int | None]]:
     edges = list(WORD_BINS)
-    hist = {}
-    for lo, hi in zip(edges, edges[1:] + [None]):
-        label = f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
+    return [(f"{lo}-{hi - 1}" if hi is not None else f"{lo}+", lo, hi) for lo, hi in zip(edges, edges[1:] + [None])]
+
+
+def _agg_exprs() -> list[pl.Expr]:
+    """Every per-group figure as one polars aggregation, so a group is scanned once and groups run in parallel."""
+    words = pl.col("words")
+    exprs = [
+        pl.len().alias("pairs"),
+        pl.col(schema.IMAGE_SHA256).n_unique().alias("unique_images"),
+        words.mean().alias("w_mean"), words.median().alias("w_median"),
+        words.quantile(0.05, "linear").alias("w_p5"), words.quantile(0.95, "linear").alias("w_p95"),
+    ]
+    for label, lo, hi in _bin_labels():
         mask = (words >= lo) if hi is None else ((words >= lo) & (words < hi))
-        hist[label] = int(mask.sum())
-    return hist
+        exprs.append(mask.sum().alias(f"h_{label}"))
+    for column in (*_IMAGE_COLUMNS, schema.LANG_SCORE):
+        exprs.append(pl.col(column).mean().alias(f"{column}_mean"))
+        exprs += [pl.col(column).quantile(q, "linear").alias(f"{column}_p{int(q * 100)}") for q in QUANTILES]
+    exprs.append(pl.col(schema.LANG).count().alias("lang_rows"))
+    return exprs
 
 
-def _group_stats(frame: pl.DataFrame) -> dict:
-    """Figures of one group of rows (a source, or all): frame has the stat columns plus `words`."""
-    pairs = frame.height
-    words = frame["words"]
-    lang = frame.filter(pl.col(schema.LANG).is_not_null())
+def _floats(row: dict, prefix: str) -> dict:
+    def f(v):
+        return None if v is None else float(v)
+
+    return {"mean": f(row[f"{prefix}_mean"]), **{f"p{int(q * 100)}": f(row[f"{prefix}_p{int(q * 100)}"])
+                                                  for q in QUANTILES}}
+
+
+def _group_stats(row: dict, splits: dict[str, int], langs: dict[str, int]) -> dict:
+    """The nested figures of one group from its aggregation row and its split and language counts."""
+    pairs = row["pairs"]
     return {
         "pairs": pairs,
-        "unique_images": int(frame[schema.IMAGE_SHA256].n_unique()) if pairs else 0,
+        "unique_images": row["unique_images"],
         "words": {
-            "mean": float(words.mean()) if pairs else None,
-            "median": float(words.median()) if pairs else None,
-            "p5": float(words.quantile(0.05, interpolation="linear")) if pairs else None,
-            "p95": float(words.quantile(0.95, interpolation="linear")) if pairs else None,
-            "histogram": _word_histogram(words),
+            "mean": row["w_mean"], "median": None if row["w_median"] is None else float(row["w_median"]),
+            "p5": row["w_p5"], "p95": row["w_p95"],
+            "histogram": {label: row[f"h_{label}"] for label, _, _ in _bin_labels()},
         },
-        "image": {c: _quantiles(frame, c) for c in (schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH,
-                                                     schema.ORIGINAL_HEIGHT)},
-        "splits": dict(sorted(frame[schema.SPLIT].value_counts().iter_rows())) if pairs else {},
-        "lang": None if lang.height == 0 else {
-            "counts": dict(sorted(lang[schema.LANG].value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0]))),
-            "score": _quantiles(lang, schema.LANG_SCORE),
+        "image": {c: _floats(row, c) for c in _IMAGE_COLUMNS},
+        "splits": dict(sorted(splits.items())),
+        "lang": None if not row["lang_rows"] else {
+            "counts": dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "score": _floats(row, schema.LANG_SCORE),
         },
     }
+
+
+def _empty_row() -> dict:
+    return pl.DataFrame(schema={c: t for c, t in zip(_STAT_COLUMNS, _STAT_TYPES)}).with_columns(
+        words=pl.lit(0, dtype=pl.UInt32)).select(_agg_exprs()).row(0, named=True)
 
 
 def _failure_counts(files: list[Path], problems: list[str]) -> pl.DataFrame:
@@ -168,15 +185,23 @@ def audit(root: Path) -> dict:
     files = locate_build(Path(root))
     problems = files.problems
     if files.shards:
-        frame = (pl.scan_parquet(files.shards).select(_STAT_COLUMNS).collect())
+        frame = pl.scan_parquet(files.shards).select(_STAT_COLUMNS).collect()
     else:
-        frame = pl.DataFrame(schema={c: t for c, t in zip(_STAT_COLUMNS, [
-            pl.String, pl.String, pl.String, pl.String, pl.String, pl.Float32, pl.String, pl.Int32, pl.Int32,
-            pl.Int32, pl.Int32])})
-    frame = frame.with_columns(words=word_count_series(frame[schema.TEXT]) if frame.height else pl.lit(0))
+        frame = pl.DataFrame(schema={c: t for c, t in zip(_STAT_COLUMNS, _STAT_TYPES)})
+    frame = frame.with_columns(words=word_count_series(frame[schema.TEXT]).cast(pl.UInt32))
     duplicate_keys = frame.height - frame[schema.KEY].n_unique() if frame.height else 0
     if duplicate_keys:
         problems.append(f"{duplicate_keys} keys appear in more than one shard row")
+
+    per_source_rows = {r[schema.SOURCE]: r for r in frame.group_by(schema.SOURCE).agg(_agg_exprs()).iter_rows(named=True)}
+    total_row = frame.select(_agg_exprs()).row(0, named=True) if frame.height else _empty_row()
+    split_counts = frame.group_by(schema.SOURCE, schema.SPLIT).len("n")
+    lang_counts = frame.filter(pl.col(schema.LANG).is_not_null()).group_by(schema.SOURCE, schema.LANG).len("n")
+
+    def counts(table: pl.DataFrame, column: str, source: str | None) -> dict[str, int]:
+        if source is not None:
+            table = table.filter(pl.col(schema.SOURCE) == source)
+        return {k: int(v) for k, v in table.group_by(column).agg(pl.col("n").sum()).iter_rows()}
 
     failures = _failure_counts(files.failures, problems)
     accounting = (files.manifest or {}).get("accounting", {})
@@ -184,8 +209,8 @@ def audit(root: Path) -> dict:
     sources: dict[str, dict] = {}
     names = sorted(set(frame[schema.SOURCE].unique().to_list()) | set(accounting))
     for name in names:
-        part = frame.filter(pl.col(schema.SOURCE) == name)
-        stats = _group_stats(part)
+        row = per_source_rows.get(name) or _empty_row()
+        stats = _group_stats(row, counts(split_counts, schema.SPLIT, name), counts(lang_counts, schema.LANG, name))
         src_failures = failures.filter(pl.col(schema.SOURCE) == name)
         stats["failures_by_reason"] = dict(sorted(
             src_failures.group_by(schema.REASON).agg(pl.col("n").sum()).iter_rows()))
@@ -205,7 +230,7 @@ def audit(root: Path) -> dict:
         }
         sources[name] = stats
 
-    total = _group_stats(frame)
+    total = _group_stats(total_row, counts(split_counts, schema.SPLIT, None), counts(lang_counts, schema.LANG, None))
     total["failures_by_reason"] = dict(sorted(failures.group_by(schema.REASON).agg(pl.col("n").sum()).iter_rows()))
     total["failures_by_stage"] = dict(sorted(failures.group_by(schema.STAGE).agg(pl.col("n").sum()).iter_rows()))
     total["accounting"] = _sum_accounting([s["accounting"] for s in sources.values()])
