@@ -184,6 +184,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick(Path(args.out)) if args.quick else DemoConfig(out=Path(args.out))
+    if args.steps is not None:
+        config.train_steps = args.steps
+    try:
+        run_demo(config, _console())
+    except RuntimeError as exc:
+        print(f"pmd demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmd", description="Rebuild PMD from its public sources.")
@@ -211,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pmd import cli_stats
 
     cli_stats.add_parser(sub)
+
+    p = sub.add_parser("demo", help="the whole system offline: generate, serve, build, verify, audit, train, eval")
+    p.add_argument("--out", default="pmd-demo", help="where everything goes (default: ./pmd-demo)")
+    p.add_argument("--quick", action="store_true", help="CI size: fewer images and training steps")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 20)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build", help="sources -> images -> dedup -> shuffled Parquet shards + failures + manifest")
     p.add_argument("source", nargs="?", help="source name (one-source form), see `pmd sources`")

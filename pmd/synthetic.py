@@ -133,9 +133,14 @@ def generate(root: Path, base_url: str, images: int = 120, seed: int = 0, size: 
     zips = {"train2014": zipfile.ZipFile(coco_dir / "train2014.zip", "w"),
             "val2014": zipfile.ZipFile(coco_dir / "val2014.zip", "w")}
     sentid = 1000
+    combos = [(c, s) for s in SHAPES for c in COLOURS]
+    test_images = 0
     for i in range(images):
         d = drawer.next()
         split = splits[i % len(splits)]
+        if split == "test":  # held-out images cycle through every colour and shape, so their captions differ
+            d = Drawing(*combos[test_images % len(combos)], d.seed)
+            test_images += 1
         folder = "train2014" if split == "train" else "val2014"
         cocoid = 100000 + i
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
