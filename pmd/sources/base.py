@@ -108,6 +108,17 @@ def reject(record: Record, reason: str, detail: str = "", key: str | None = None
 _META_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def decode_line(record: Record) -> str | Reject:
+    """A line record as text, or the rejection every line format gives for invalid UTF-8 and blank lines."""
+    try:
+        line = record.raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return reject(record, Reason.INVALID_UTF8)
+    if not line.strip():
+        return reject(record, Reason.MALFORMED, "blank line")
+    return line
+
+
 def meta_json(fields: dict[str, Any]) -> str:
     """The `meta` column: the upstream fields a pair does not otherwise carry, as compact sorted JSON."""
     return _META_ENCODER.encode(fields)

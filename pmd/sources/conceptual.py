@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from pmd.sources.base import Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import decode_utf8, iter_lines
+from pmd.sources.base import Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json, reject
+from pmd.sources.inputs import iter_lines
 from pmd.text import clean_caption
 
 
@@ -43,12 +43,9 @@ class _TwoColumnTsv(SourceAdapter):
             yield from iter_lines(path)
 
     def convert(self, record: Record) -> Iterator[Pair | Reject]:
-        line = decode_utf8(record.raw)
-        if line is None:
-            yield reject(record, Reason.INVALID_UTF8)
-            return
-        if not line.strip():
-            yield reject(record, Reason.MALFORMED, "blank line")
+        line = decode_line(record)
+        if isinstance(line, Reject):
+            yield line
             return
         # The URL never holds a tab; a caption may. So the URL column is split off and the caption keeps the rest.
         fields = line.rsplit("\t", 1) if self.url_column == 1 else line.split("\t", 1)

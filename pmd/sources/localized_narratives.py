@@ -22,8 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import decode_utf8, iter_lines, strip_compression_suffix
+from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
+                              reject)
+from pmd.sources.inputs import iter_lines, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
     DecontaminationOptions,
@@ -129,12 +130,9 @@ class _LocalizedNarratives(SourceAdapter):
             yield reject(record, Reason.MALFORMED, "not from a Localized Narratives caption file")
             return
         split = _SPLITS[parsed[1]]
-        line = decode_utf8(record.raw)
-        if line is None:
-            yield reject(record, Reason.INVALID_UTF8)
-            return
-        if not line.strip():
-            yield reject(record, Reason.MALFORMED, "blank line")
+        line = decode_line(record)
+        if isinstance(line, Reject):
+            yield line
             return
         try:
             item = json.loads(line)

@@ -26,7 +26,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
+from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
+                              reject)
 from pmd.sources.inputs import decode_utf8, iter_lines, require_file, strip_compression_suffix
 from pmd.text import clean_caption
 
@@ -186,12 +187,9 @@ class WitAdapter(SourceAdapter):
             raise InputError(path, "empty file: no WIT header row")
 
     def convert(self, record: Record) -> Iterator[Pair | Reject]:
-        line = decode_utf8(record.raw)
-        if line is None:
-            yield reject(record, Reason.INVALID_UTF8)
-            return
-        if not line.strip():
-            yield reject(record, Reason.MALFORMED, "blank line")
+        line = decode_line(record)
+        if isinstance(line, Reject):
+            yield line
             return
         if quote_open_after(record.raw):
             yield reject(record, Reason.MALFORMED, "quoted field never closed")
