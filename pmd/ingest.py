@@ -12,7 +12,6 @@ Layout of one source's output:
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,15 +20,16 @@ from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pmd import schema
+from pmd.shards import write_json_atomic, write_parquet_atomic
 from pmd.sources.base import Pair, Record, Reject, SourceAdapter, record_text
 from pmd.sources.inputs import LineBlock, iter_line_blocks
 
 CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
 SUMMARY_FILE = "ingest.json"
+_PART_ROW_GROUP = 65_536  # candidate parts are read whole by the build, not streamed
 NO_OUTPUT = "no_output"  # an adapter produced nothing for a record: recorded, never silently dropped
 
 
@@ -168,21 +168,6 @@ def _value_counts(table: pa.Table, column: str) -> dict[str, int]:
     return {c["values"]: c["counts"] for c in counts}
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Write to a temporary name in the same directory, then rename: a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(data: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -193,8 +178,8 @@ def process_chunk(adapter: SourceAdapter, records: Sequence[Record] | LineBlock,
     if isinstance(records, LineBlock):
         records = records.records()
     pairs, rejects, counts = convert_chunk(adapter, records)
-    write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index))
-    write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index))
+    write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index), _PART_ROW_GROUP)
+    write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index), _PART_ROW_GROUP)
     return counts
 
 
