@@ -9,7 +9,10 @@ parquet output with `status`/`error_message` per row. This relies on img2dataset
 which pyproject pins exactly.
 
 img2dataset is told not to decode or re-encode at all (`disable_all_reencoding=True`): it hands back the bytes as
-downloaded, and `pmd.images.process_image` decodes each image exactly once (checks, resize, JPEG encode).
+downloaded, and `pmd.images.process_image` decodes each image exactly once (checks, resize, JPEG encode). Instead
+of img2dataset's Parquet writer, a collecting writer hands each image to the caller's `transform` as it arrives, so
+processing overlaps the chunk's remaining downloads; the status/error of every row is kept as img2dataset reports
+it (`classify_error` maps it to a failure reason).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,35 @@ class DownloadOptions:
 @dataclass(frozen=True, slots=True)
 class Downloaded:
     key: str
-    data: bytes | None
+    data: Any  # the downloaded bytes, or what `transform` made of them; None on failure
     reason: str | None  # None on success
     detail: str | None
+
+
+def _collecting_writer(results: dict, transform: Callable[[bytes], Any] | None) -> type:
+    """A stand-in for img2dataset's sample writer that keeps (or transforms) each image as it arrives.
+
+    img2dataset calls `write` from its download loop while its threads keep fetching, so a `transform` (decode,
+    check, resize, encode) overlaps the downloads of the rest of the chunk, and no image is written to disk and
+    read back in img2dataset's own format.
+    """
+
+    class CollectingWriter:
+        def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+            pass
+
+        def write(self, img_str, key, caption, meta):
+            pmd_key = meta[_KEY_COLUMN]
+            if meta.get("status") == "success" and img_str is not None:
+                results[pmd_key] = Downloaded(pmd_key, transform(img_str) if transform else img_str, None, None)
+            else:
+                message = meta.get("error_message") or meta.get("status") or "unknown"
+                results[pmd_key] = Downloaded(pmd_key, None, classify_error(message), message[:500])
+
+        def close(self):
+            pass
+
+    return CollectingWriter
 
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -83,16 +112,18 @@ def classify_error(message: str) -> str:
     return "download_error"
 
 
-def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, work_dir: Path) -> Iterator[Downloaded]:
+def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, work_dir: Path,
+                   transform: Callable[[bytes], Any] | None = None) -> Iterator[Downloaded]:
     """Download `urls` (one per key) into memory; yields one `Downloaded` per key, in input order.
 
-    `work_dir` is scratch space for img2dataset's input/output files; it is emptied first and removed at the end.
+    `transform`, if given, is applied to each image's bytes as soon as it arrives (it must not raise); its result
+    is the `data` of that key. `work_dir` is scratch space for img2dataset's input file; it is removed at the end.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import ParquetSampleWriter
 
+    by_key: dict[str, Downloaded] = {}
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
@@ -104,7 +135,7 @@ def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, w
             writer.write_table(table)
         resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
         downloader = Downloader(
-            sample_writer_class=ParquetSampleWriter,
+            sample_writer_class=_collecting_writer(by_key, transform),
             resizer=resizer,
             thread_count=options.thread_count,
             save_caption=False,
@@ -123,17 +154,8 @@ def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, w
         )
         # download_shard raises on a broken shard (the Downloader.__call__ wrapper would only print it).
         downloader.download_shard((0, str(shard_path)))
-        result = pq.read_table(work_dir / "00000.parquet", columns=[_KEY_COLUMN, "status", "error_message", "jpg"])
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-
-    by_key: dict[str, Downloaded] = {}
-    for key, status, message, data in zip(*(result.column(c).to_pylist() for c in result.column_names)):
-        if status == "success" and data is not None:
-            by_key[key] = Downloaded(key, data, None, None)
-        else:
-            message = message or status or "unknown"
-            by_key[key] = Downloaded(key, None, classify_error(message), message[:500])
     for key in keys:
         # A row img2dataset did not report is a failure with a reason, never a silent loss.
         yield by_key.get(key) or Downloaded(key, None, "download_error", "img2dataset returned no row")

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+from PIL import Image
 
 from pmd import schema
 from pmd.images import ImageOptions, ImageRejected, process_image
@@ -85,14 +87,14 @@ def _crop_box(meta: str | None) -> tuple[int, int, int, int] | None:
     return (box["x"], box["y"], box["width"], box["height"])
 
 
-def _fetch_urls(task: ChunkTask, urls: list[str | None]) -> dict[str, tuple[bytes | None, str, str, str]]:
-    """url -> (bytes, stage, reason, detail). Each distinct URL of the chunk is downloaded once."""
+def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str, tuple[object, str, str, str]]:
+    """url -> (bytes or processed result, stage, reason, detail). Each distinct URL is downloaded once."""
     distinct = sorted({u for u in urls if u})
     work = task.path.parent.parent.parent / "tmp" / task.source / f"chunk-{task.index:05d}"
     fetched: dict = {}
     if distinct:
         # img2dataset keys rows by its own ids; ours go through as the `pmd_key` column (here: the URL itself).
-        for d in download_chunk(distinct, distinct, task.download, work):
+        for d in download_chunk(distinct, distinct, task.download, work, transform):
             fetched[d.key] = (d.data, "download", d.reason, d.detail)
     return fetched
 
@@ -103,16 +105,35 @@ def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[b
     index = ArchiveIndex.from_state(task.archive_state)
     distinct = sorted({r for r in refs if r})
     fetched: dict = {}
-    present = [r for r in distinct if r in index]
-    for r in distinct:
-        if r not in index:
-            fetched[r] = (None, "read", "missing_member", f"{r} is in none of the --images archives")
-    for ref, data, error in index.read_many(present):
-        if data is None:
-            fetched[ref] = (None, "read", "archive_read_error", str(error)[:500])
-        else:
-            fetched[ref] = (data, "read", None, None)
+    try:
+        for ref, data, error in index.read_many(distinct):
+            if data is None:
+                # pmd.archives errors read "reason" or "reason: detail" (missing_member, archive_error).
+                reason, _, detail = str(error).partition(":")
+                fetched[ref] = (None, "read", reason.strip() or "archive_error", detail.strip()[:500])
+            else:
+                fetched[ref] = (data, "read", None, None)
+    finally:
+        index.close()
+    for ref in distinct:
+        fetched.setdefault(ref, (None, "read", "archive_error", "the archive reader returned nothing"))
     return fetched
+
+
+def _safe_box(meta: str | None) -> tuple[int, int, int, int] | None | str:
+    """The crop box, None, or (a str) why meta.box cannot be read."""
+    try:
+        return _crop_box(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        return f"meta.box unreadable: {e}"
+
+
+def _process(data: bytes, options: ImageOptions, box) -> object:
+    """ProcessedImage, or the ImageRejected that says why not (returned, so it can be cached per image)."""
+    try:
+        return process_image(data, options, box)
+    except ImageRejected as e:
+        return e
 
 
 def run_chunk(task: ChunkTask) -> dict:
@@ -121,9 +142,20 @@ def run_chunk(task: ChunkTask) -> dict:
     keys = cand.column(schema.KEY).to_pylist()
     texts = cand.column(schema.TEXT).to_pylist()
     metas = cand.column(schema.META).to_pylist()
+    # Pillow warns on images over its pixel limit before process_image rejects them as too_many_pixels: noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    boxes = [_safe_box(m) for m in metas]
+    processed: dict[tuple, object] = {}
     if task.mode == "url":
         locators = cand.column(schema.IMAGE_URL).to_pylist()
-        fetched = _fetch_urls(task, locators)
+        # Without crop boxes (every URL source) each image is processed as it arrives, overlapping the downloads.
+        inline = all(b is None for b in boxes)
+        fetched = _fetch_urls(task, locators, (lambda data: _process(data, task.image_options, None)) if inline
+                              else None)
+        if inline:
+            for url, (result, *_rest) in fetched.items():
+                if result is not None:
+                    processed[(url, None)] = result
         missing = ("download", "no_url", "candidate has no image_url")
     elif task.mode == "archive":
         locators = cand.column(schema.IMAGE_REF).to_pylist()
@@ -137,8 +169,7 @@ def run_chunk(task: ChunkTask) -> dict:
                                                       schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, STAGE, REASON,
                                                       DETAIL)}
     # COCO has five captions per image: the image is decoded and encoded once per (locator, crop box).
-    processed: dict[tuple, object] = {}
-    for i, (locator, meta) in enumerate(zip(locators, metas)):
+    for i, (locator, box) in enumerate(zip(locators, boxes)):
         if not locator:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = missing
             continue
@@ -146,19 +177,13 @@ def run_chunk(task: ChunkTask) -> dict:
         if data is None:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = stage, reason, detail
             continue
-        try:
-            box = _crop_box(meta)
-        except (ValueError, KeyError, TypeError) as e:
-            out[STAGE][i], out[REASON][i], out[DETAIL][i] = "check", "bad_box", f"meta.box unreadable: {e}"
+        if isinstance(box, str):
+            out[STAGE][i], out[REASON][i], out[DETAIL][i] = "check", "bad_box", box
             continue
         cache_key = (locator, box)
         result = processed.get(cache_key)
         if result is None:
-            try:
-                result = process_image(data, task.image_options, box)
-            except ImageRejected as e:
-                result = e
-            processed[cache_key] = result
+            result = processed[cache_key] = _process(data, task.image_options, box)
         if isinstance(result, ImageRejected):
             out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
             out[REASON][i], out[DETAIL][i] = result.reason, (result.detail or "")[:500]

@@ -28,7 +28,7 @@ FAILURES_DIR = "failures"
 _NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work"}
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-IMAGE_STAGES = ("download", "decode", "check")
+IMAGE_STAGES = ("read", "download", "decode", "check")
 _STAT_TYPES = [pl.String, pl.String, pl.String, pl.String, pl.String, pl.Float32, pl.String, pl.Int32, pl.Int32,
                pl.Int32, pl.Int32]
 _STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.LANG, schema.LANG_SCORE,

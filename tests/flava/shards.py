@@ -1,0 +1,90 @@
+"""Generated PMD-format shards for the trainer tests: small JPEGs of coloured shapes with captions that describe
+them ("a red circle"), written as a build directory (manifest.json + shards/*.parquet, pmd.schema.SHARD_SCHEMA)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pmd.schema import SHARD_SCHEMA
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+SHAPES = ("circle", "square", "triangle")
+CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def draw(colour: str, shape: str, size: int, rng: random.Random) -> bytes:
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    r = rng.uniform(0.28, 0.4) * size
+    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
+    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
+    fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_rows(n: int, seed: int = 0, size: int = 48, split: str = "train", bad: int = 0) -> list[dict]:
+    """``n`` rows cycling through the 12 classes; ``bad`` of them get undecodable bytes or an empty caption."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour, shape = CLASSES[i % len(CLASSES)].split()
+        img = draw(colour, shape, size, rng)
+        text = rng.choice(["a {} {}", "a photo of a {} {}", "{} {} on a plain background"]).format(colour, shape)
+        if i < bad:
+            if i % 2 == 0:
+                img = b"not a jpeg" + img[:20]
+            else:
+                text = "   "
+        rows.append(
+            dict(
+                key=f"{split}-{seed}-{i:06d}", source="coco", text=text, image_url=None, image_ref=f"gen/{i}.jpg",
+                split=split, meta=json.dumps({"label": f"{colour} {shape}"}), lang="en", lang_score=1.0, image=img,
+                image_sha256=hashlib.sha256(img).hexdigest(), width=size, height=size, original_width=size,
+                original_height=size,
+            )  # fmt: skip
+        )
+    return rows
+
+
+def write_build(out: Path, rows: list[dict], shards: int = 2, row_group_size: int = 32) -> Path:
+    """A build directory in docs/build-format.md's layout; returns it."""
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    entries = []
+    per = -(-len(rows) // shards)
+    for s in range(shards):
+        part = rows[s * per : (s + 1) * per]
+        if not part:
+            continue
+        name = f"shards/shard-{s:05d}.parquet"
+        table = pa.Table.from_pylist(part, schema=SHARD_SCHEMA)
+        pq.write_table(table, out / name, row_group_size=row_group_size)
+        data = (out / name).read_bytes()
+        entries.append({"file": name, "rows": len(part), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "sources": {"coco": len(part)}})  # fmt: skip
+    manifest = {"format": "pmd-build", "schema_version": 1, "shards": entries,
+                "totals": {"pairs": len(rows)}}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def make_build(out: Path, n: int = 96, seed: int = 0, size: int = 48, split: str = "train", bad: int = 0,
+               shards: int = 2, row_group_size: int = 32) -> Path:  # fmt: skip
+    return write_build(out, make_rows(n, seed, size, split, bad), shards, row_group_size)

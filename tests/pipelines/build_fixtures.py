@@ -1,0 +1,117 @@
+"""Generated inputs for build tests: a Conceptual 12M TSV over the loopback server, a COCO Karpathy file + zip.
+
+Both are small (a few hundred pairs), deterministic, and contain every case the build must account for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from tests.httpserver import BAD_CASES, GOOD_REDIRECTS, LoopbackServer
+
+
+@dataclass
+class UrlFixture:
+    tsv: Path
+    lines: int  # input rows (ingest: pairs + rejects)
+    expected_failures: dict[str, int]  # reason -> rows (download/decode/check + duplicate)
+    expected_rejects: int
+
+
+def make_cc12m(directory: Path, server: LoopbackServer, n_good: int = 150, slow_every: int = 0) -> UrlFixture:
+    """`url TAB caption` lines: good images, every bad case, redirects, duplicates, and two ingest rejects.
+
+    slow_every > 0 adds a /sleep.jpg row every `slow_every` good rows (each costs a download timeout: it keeps a
+    chunk busy long enough for the kill-and-resume test to land mid-build).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    failures: dict[str, int] = {}
+    for i in range(n_good):
+        lines.append(f"{server.url(f'/img/{100 + i}.jpg')}\ta photo of thing number {i}")
+        if slow_every and i % slow_every == slow_every - 1:
+            lines.append(f"{server.url('/sleep.jpg')}?n={i}\ta slow one {i}")
+            failures["timeout"] = failures.get("timeout", 0) + 1
+    for path, (_, reason) in BAD_CASES.items():
+        lines.append(f"{server.url(path)}\tbad case {path}")
+        failures[reason] = failures.get(reason, 0) + 1
+    for path in GOOD_REDIRECTS:
+        lines.append(f"{server.url(path)}\tredirected {path}")
+    # Exact duplicates (same image, same caption) -> failures "duplicate"; same image, new caption -> kept.
+    for i in range(5):
+        lines.append(f"{server.url(f'/img/{100 + i}.jpg')}\ta photo of thing number {i}")
+    failures["duplicate"] = failures.get("duplicate", 0) + 5
+    for i in range(3):
+        lines.append(f"{server.url(f'/img/{100 + i}.jpg')}\tanother caption for {i}")
+    # Ingest rejects: not an http URL, and an empty caption.
+    lines.append("ftp://example.org/x.jpg\tno http url")
+    lines.append(f"{server.url('/img/1.jpg')}\t   ")
+    tsv = directory / "cc12m.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    return UrlFixture(tsv, len(lines), failures, 2)
+
+
+def _jpeg(n: int, size: tuple[int, int]) -> bytes:
+    image = Image.new("RGB", size, ((n * 53) % 256, (n * 17) % 256, (n * 199) % 256))
+    for bit in range(16):
+        if n >> bit & 1:
+            image.putpixel((bit, 0), (255, 255, 255))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@dataclass
+class CocoFixture:
+    karpathy: Path
+    zips: list[Path]
+    pairs: int
+    expected_failures: dict[str, int]
+    unique_images: int
+
+
+def make_coco(directory: Path, n_images: int = 40) -> CocoFixture:
+    """Karpathy `dataset_coco.json` (5 sentences per image) + val2014.zip/train2014.zip holding the images.
+
+    Special images: one missing from the zips, one corrupt, one 16x16 (too small); one image has two identical
+    sentences (a duplicate pair).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    images = []
+    members: dict[str, dict[str, bytes]] = {"val2014": {}, "train2014": {}}
+    sentid = 0
+    for n in range(n_images):
+        folder = "val2014" if n % 2 else "train2014"
+        split = ("val", "test", "restval", "train")[n % 4] if folder == "val2014" or n % 4 in (2, 0) else "train"
+        cocoid = 1000 + n
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        sentences = []
+        for j in range(5):
+            raw = f"Image {n} seen the {j}th way."
+            if n == 7 and j == 4:
+                raw = f"Image {n} seen the 3th way."  # identical to sentence 3: a duplicate pair
+            sentences.append({"tokens": raw.lower().split(), "raw": raw, "imgid": n, "sentid": sentid})
+            sentid += 1
+        images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
+                       "imgid": n, "split": split, "sentences": sentences, "cocoid": cocoid})
+        if n == 3:
+            continue  # missing member
+        data = b"\xff\xd8 garbage, not a jpeg" if n == 5 else _jpeg(n, (16, 16) if n == 6 else (80, 60))
+        members[folder][f"{folder}/{filename}"] = data
+    karpathy = directory / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    zips = []
+    for folder, files in members.items():
+        path = directory / f"{folder}.zip"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, data in sorted(files.items()):
+                zf.writestr(name, data)
+        zips.append(path)
+    failures = {"missing_member": 5, "decode_error": 5, "too_small": 5, "duplicate": 1}
+    return CocoFixture(karpathy, zips, n_images * 5, failures, n_images - 3)
