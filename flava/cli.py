@@ -1,0 +1,212 @@
+"""The ``flava`` command: thin wrappers over flava.train, flava.evaluate and flava.tokenizer.
+
+    flava train --config configs/tiny.yaml --data BUILD --out RUN [--steps N] [--nproc N] [key=value ...]
+    flava eval retrieval --checkpoint RUN --data SHARDS [--json]
+    flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--json]
+    flava tokenizer train --data SHARDS --out DIR [--vocab-size N]
+    flava export --checkpoint RUN --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .run_config import ConfigError
+    from .tokenizer import TokenizerError
+
+    return (ConfigError, DataError, CheckpointError, TokenizerError)
+
+
+_OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flava", description="FLAVA pretraining and evaluation on PMD shards")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain (resumes from the latest checkpoint in --out)")
+    t.add_argument("--config", required=True, help="YAML file, or a packaged config name: tiny, flava_full")
+    t.add_argument("--data", nargs="+", default=None, help="pair shards: build dir, manifest.json, dir or .parquet")
+    t.add_argument("--images", nargs="+", default=None, help="image-only data (image shards or folders), for MIM")
+    t.add_argument("--text", nargs="+", default=None, help="text-only data (Parquet `text` column or .txt), for MLM")
+    t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints/, tokenizer/, final/)")
+    t.add_argument("--steps", type=int, default=None, help="train until this optimizer step (run.steps)")
+    t.add_argument("--nproc", type=int, default=None, help="spawn N local processes (torchrun --standalone)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. optim.lr=1e-4 (anywhere)")
+
+    e = sub.add_parser("eval", help="zero-shot evaluation")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    for name, helptext in (("retrieval", "image-text retrieval R@1/5/10"), ("zeroshot", "zero-shot classification")):
+        q = esub.add_parser(name, help=helptext)
+        q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or transformers FLAVA dir/name")
+        q.add_argument("--data", nargs="+", required=True, help="pair shards (held-out)")
+        q.add_argument("--split", default=None, help="only rows whose split column equals this")
+        q.add_argument("--limit", type=int, default=1000, help="at most this many pairs (0: all)")
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "zeroshot":
+            q.add_argument("--classes", required=True, help="comma-separated class names, or a file with one a line")
+            q.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default CLIP's)")
+            q.add_argument("--label-key", default="label", help="key of the true label in the meta JSON column")
+
+    k = sub.add_parser("tokenizer", help="tokenizer tools")
+    ksub = k.add_subparsers(dest="tok_command", required=True)
+    kt = ksub.add_parser("train", help="train a BERT-uncased WordPiece vocabulary on captions")
+    kt.add_argument("--data", nargs="+", required=True, help="shards / Parquet with a text column / .txt files")
+    kt.add_argument("--out", required=True)
+    kt.add_argument("--vocab-size", type=int, default=30522)
+    kt.add_argument("--limit", type=int, default=1_000_000, help="at most this many texts")
+
+    x = sub.add_parser("export", help="export a run's latest checkpoint to transformers format")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    return p
+
+
+def _spawn(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` local processes (minus ``--nproc``)."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "flava.cli", *rest]  # fmt: skip
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def _cmd_train(args, argv) -> int:
+    from .run_config import load_run_config
+
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # validate here first, so a bad config fails once and clearly instead of in every child
+        _load_train_config(args, load_run_config).validate(args.nproc)
+        return _spawn(argv, args.nproc)
+    cfg = _load_train_config(args, load_run_config)
+    from .train import train
+
+    summary = train(cfg, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run": str(args.out), **{k: v for k, v in summary.items() if k != "last"},
+                          "last": summary.get("last")}))  # fmt: skip
+    return 0
+
+
+def _load_train_config(args, load_run_config):
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.pairs={json.dumps(args.data)}")
+    if args.images is not None:
+        overrides.append(f"data.images={json.dumps(args.images)}")
+    if args.text is not None:
+        overrides.append(f"data.text={json.dumps(args.text)}")
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    cfg = load_run_config(args.config, overrides)
+    cfg.validate_sources()
+    return cfg
+
+
+def _print_result(res: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(res))
+        return
+    for k, v in res.items():
+        print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
+
+
+def _cmd_eval(args) -> int:
+    from . import evaluate
+
+    limit = args.limit or None
+    if args.eval_command == "retrieval":
+        res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device)
+    else:
+        classes = args.classes
+        if os.path.isfile(classes):
+            with open(classes) as f:
+                names = [line.strip() for line in f if line.strip()]
+        else:
+            names = [c.strip() for c in classes.split(",") if c.strip()]
+        templates = args.templates.split("|") if args.templates else None
+        res = evaluate.zeroshot(args.checkpoint, args.data, names, templates, label_key=args.label_key,
+                                split=args.split, limit=limit, device=args.device)  # fmt: skip
+    _print_result(res, args.json)
+    return 0
+
+
+def _cmd_tokenizer(args) -> int:
+    from .data import iter_texts
+    from .tokenizer import train_wordpiece
+
+    tok = train_wordpiece(iter_texts(args.data, limit=args.limit), args.out, vocab_size=args.vocab_size)
+    print(json.dumps({"out": args.out, "vocab_size": len(tok)}))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from . import checkpoint as ckpt_mod
+    from .config import FlavaConfig
+    from .model import FlavaForPretraining
+    from .train import export_state_dict
+
+    p = Path(args.checkpoint)
+    ckpt = p if (p / "meta.json").is_file() else ckpt_mod.latest_checkpoint(p)
+    if ckpt is None:
+        raise ckpt_mod.CheckpointError(f"{p}: no complete checkpoint")
+    meta = ckpt_mod.read_meta(ckpt)
+    model = FlavaForPretraining(FlavaConfig.from_dict(meta["model_config"]))
+    ckpt_mod.load_model_weights(ckpt, model)
+    export_state_dict(model.state_dict(), model.config, Path(args.out), ckpt.parent.parent / "tokenizer")
+    print(json.dumps({"out": args.out, "from": str(ckpt)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # key=value overrides may stand anywhere, also after --data's paths (which would otherwise swallow them)
+    overrides = [a for a in argv if _OVERRIDE_RE.match(a)]
+    args = _parser().parse_args([a for a in argv if not _OVERRIDE_RE.match(a)])
+    if args.command == "train":
+        args.overrides = list(args.overrides) + overrides
+    elif overrides:
+        _parser().error(f"key=value overrides are only accepted by `flava train`: {overrides}")
+    rank = os.environ.get("RANK")
+    fmt = ("[rank %s] " % rank if rank is not None else "") + "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    try:
+        if args.command == "train":
+            return _cmd_train(args, argv)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "tokenizer":
+            return _cmd_tokenizer(args)
+        if args.command == "export":
+            return _cmd_export(args)
+    except _user_errors() as e:
+        print(f"flava: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

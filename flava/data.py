@@ -1,0 +1,649 @@
+"""Streaming data for FLAVA pretraining: Parquet shards (a PMD build) -> fixed-shape batches, resumable exactly.
+
+Three kinds of data (paper section 3.4): ``pairs`` (PMD shards: image + caption; GC, ITM, MMM), ``images`` (image
+shards or an image folder; MIM) and ``text`` (Parquet with a ``text`` column or .txt files; MLM).
+
+Order is a pure function of (seed, pass, position), which is what makes stop/resume exact:
+
+* a source is cut into *units* (a Parquet row group, or a slice of one when there are fewer row groups than
+  streams; a chunk of an image folder; a slice of a text file);
+* every pass over a source permutes its units with ``rng(seed, source, pass)`` and deals them round-robin to the
+  ``world_size x num_workers`` *streams* (one per dataloader worker per rank): no row is read twice in a pass, and
+  every pass has a new order;
+* a stream reads its units in *windows* of about ``shuffle_buffer`` rows (row groups are read lazily, one window at
+  a time) and emits each window in a permutation drawn from ``rng(seed, source, pass, stream, window)``;
+* every random choice on a row (crop, patch mask) uses ``rng(seed, source, pass, stream, window, row)``, and every
+  batch-level choice (BERT masking, ITM negatives) the generator of the row that starts the batch.
+
+A stream's position is its *cursor* ``(pass, window, offset)``. Each batch carries the cursor after its last row;
+the main process keeps the cursor of the last batch it consumed from every worker (prefetched batches are simply
+regenerated after a resume). Bad rows (undecodable image, empty text) are skipped and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pmd.schema import IMAGE, SPLIT, TEXT
+
+from .masking import BlockMaskGenerator, bert_mask_tokens, itm_negatives
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+TEXT_SUFFIXES = (".txt",)
+_SOURCE_IDS = {"pairs": 1, "images": 2, "text": 3}
+_FOLDER_CHUNK = 256  # images per unit of an image folder
+_TEXT_CHUNK = 4096  # lines per unit of a text file
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on (missing shard, wrong schema, empty source); raised before training."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# locating and validating sources
+# ------------------------------------------------------------------------------------------------------------------
+def _manifest_files(manifest: Path) -> list[Path]:
+    try:
+        data = json.loads(manifest.read_text())
+        files = [manifest.parent / s["file"] for s in data["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest}: not a readable build manifest ({e})") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{manifest}: {len(missing)} shard(s) listed but missing, e.g. {missing[:3]}")
+    if not files:
+        raise DataError(f"{manifest}: lists no shards")
+    return files
+
+
+def resolve_files(path: str | os.PathLike, kind: str) -> tuple[str, list[Path]]:
+    """A build dir / manifest.json / shard dir / .parquet / image folder / .txt -> ``(format, files)`` with
+    format ``parquet``, ``folder`` or ``txt``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path does not exist: {p}")
+    if p.is_file():
+        if p.name == "manifest.json":
+            return "parquet", _manifest_files(p)
+        if p.suffix == ".parquet":
+            return "parquet", [p]
+        if p.suffix in TEXT_SUFFIXES and kind == "text":
+            return "txt", [p]
+        raise DataError(f"{p}: not a .parquet shard, a manifest.json{' or a .txt file' if kind == 'text' else ''}")
+    if (p / "manifest.json").is_file():
+        return "parquet", _manifest_files(p / "manifest.json")
+    for pattern in ("shards/*.parquet", "*.parquet"):
+        files = sorted(Path(f) for f in glob.glob(str(p / pattern)))
+        if files:
+            return "parquet", files
+    if kind == "text":
+        files = sorted(Path(f) for f in glob.glob(str(p / "*.txt")))
+        if files:
+            return "txt", files
+    if kind == "images":
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return "folder", files
+    raise DataError(f"{p}: no shards (manifest.json, shards/*.parquet or *.parquet) found for {kind}")
+
+
+REQUIRED_COLUMNS = {"pairs": (IMAGE, TEXT), "images": (IMAGE,), "text": (TEXT,)}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice ``[start, stop)`` of rows readable on its own: of a Parquet row group (``group >= 0``), or of an
+    image-folder file list / text file (``group == -1``)."""
+
+    file: int  # index into Source.files
+    group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+class Source:
+    """One kind's rows, cut into units. Built in the main process (reads only Parquet footers)."""
+
+    def __init__(self, kind: str, paths: list[str], split: str | None = None) -> None:
+        if kind not in REQUIRED_COLUMNS:
+            raise DataError(f"unknown data kind {kind!r}")
+        if not paths:
+            raise DataError(f"no {kind} data given")
+        self.kind = kind
+        self.split = split
+        self.files: list[str] = []
+        self.formats: list[str] = []
+        units: list[Unit] = []
+        folder: list[str] = []
+        for path in paths:
+            fmt, files = resolve_files(path, kind)
+            if fmt == "folder":
+                folder.extend(str(f) for f in files)
+                continue
+            for f in files:
+                idx = len(self.files)
+                self.files.append(str(f))
+                self.formats.append(fmt)
+                if fmt == "parquet":
+                    units.extend(self._parquet_units(f, idx))
+                else:
+                    n = _count_lines(f)
+                    units.extend(Unit(idx, -1, s, min(s + _TEXT_CHUNK, n)) for s in range(0, n, _TEXT_CHUNK))
+        if folder:
+            idx = len(self.files)
+            self.files.append(json.dumps(folder))  # the file list itself; small next to the images
+            self.formats.append("folder")
+            units.extend(
+                Unit(idx, -1, s, min(s + _FOLDER_CHUNK, len(folder))) for s in range(0, len(folder), _FOLDER_CHUNK)
+            )
+        units = [u for u in units if u.rows > 0]
+        if not units:
+            raise DataError(f"{kind} data {paths} has no rows")
+        self.units = units
+        self.num_rows = sum(u.rows for u in units)
+        self._folder_cache: dict[int, list[str]] = {}
+
+    def _parquet_units(self, f: Path, idx: int) -> list[Unit]:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"{f}: not a readable Parquet file ({e})") from None
+        names = set(pf.schema_arrow.names)
+        need = set(REQUIRED_COLUMNS[self.kind]) | ({SPLIT} if self.split and self.kind == "pairs" else set())
+        missing = sorted(need - names)
+        if missing:
+            raise DataError(
+                f"{f}: wrong schema for {self.kind} data: missing column(s) {missing} (has {sorted(names)}); "
+                "pair shards follow pmd.schema.SHARD_SCHEMA"
+            )
+        md = pf.metadata
+        return [Unit(idx, g, 0, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+
+    def split_units(self, n_streams: int) -> list[Unit]:
+        """Units, cut further when there are fewer than streams so that every stream gets rows each pass."""
+        units = self.units
+        if len(units) >= n_streams:
+            return units
+        if self.num_rows < n_streams:
+            raise DataError(
+                f"{self.kind} data has {self.num_rows} rows, fewer than ranks x workers ({n_streams})"
+            )
+        pieces = math.ceil(n_streams / len(units))
+        out = []
+        for u in units:
+            k = min(pieces, u.rows)
+            bounds = np.linspace(u.start, u.stop, k + 1).round().astype(int)
+            out.extend(Unit(u.file, u.group, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+        if len(out) < n_streams:  # uneven row groups: cut the largest until there are enough
+            while len(out) < n_streams:
+                out.sort(key=lambda u: -u.rows)
+                u = out.pop(0)
+                mid = (u.start + u.stop) // 2
+                out += [Unit(u.file, u.group, u.start, mid), Unit(u.file, u.group, mid, u.stop)]
+            out.sort(key=lambda u: (u.file, u.group, u.start))
+        return out
+
+    def read(self, unit: Unit, columns: tuple[str, ...]) -> dict[str, list]:
+        """Rows of ``unit`` as column lists (``image`` bytes, ``text`` str, ``split``)."""
+        fmt, path = self.formats[unit.file], self.files[unit.file]
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            names = set(pf.schema_arrow.names)
+            table = pf.read_row_group(unit.group, columns=[c for c in columns if c in names])
+            table = table.slice(unit.start, unit.rows)
+            return {c: table.column(c).to_pylist() for c in table.column_names}
+        if fmt == "folder":
+            files = self._folder_cache.get(unit.file)
+            if files is None:
+                files = self._folder_cache[unit.file] = json.loads(path)
+            out: list[bytes | None] = []
+            for f in files[unit.start : unit.stop]:
+                try:
+                    out.append(Path(f).read_bytes())
+                except OSError:
+                    out.append(None)
+            return {IMAGE: out}
+        lines = []
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh):
+                if i >= unit.stop:
+                    break
+                if i >= unit.start:
+                    lines.append(line.rstrip("\n"))
+        return {TEXT: lines}
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# transforms
+# ------------------------------------------------------------------------------------------------------------------
+def crop_box(width: int, height: int, rng: np.random.Generator, scale, ratio) -> tuple[float, float, float, float]:
+    """torchvision ``RandomResizedCrop.get_params`` -> ``(left, top, right, bottom)`` in source pixels."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height  # fallback: centre crop at the nearest allowed aspect
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def decode_train(
+    data: bytes, size: int, codebook_size: int | None, rng: np.random.Generator, scale, ratio
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One random resized crop, resized twice: ``size`` (BICUBIC, encoder) and ``codebook_size`` (LANCZOS, dVAE),
+    so codebook targets align with patches. Returns uint8 HWC arrays. JPEGs are decoded at reduced size (DCT
+    scaling via ``draft``) when the crop is much larger than needed; the crop is chosen in original pixels first,
+    so the random choice does not depend on the decode size."""
+    im = Image.open(io.BytesIO(data))
+    w0, h0 = im.size
+    box = crop_box(w0, h0, rng, scale, ratio)
+    need = max(size, codebook_size or 0)
+    # smallest crop side is >= sqrt(scale_min * ratio_min) of the image side (~0.82 at paper values); keep >= need
+    im.draft("RGB", (math.ceil(need / 0.8), math.ceil(need / 0.8)))
+    im = im.convert("RGB")
+    sx, sy = im.size[0] / w0, im.size[1] / h0
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    enc = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    cb = None
+    if codebook_size:
+        cb = np.asarray(im.resize((codebook_size, codebook_size), Image.Resampling.LANCZOS, box=box))
+    return enc, cb
+
+
+def decode_eval(data: bytes, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (BICUBIC) and centre-crop: the evaluation transform."""
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (size, size))
+    im = im.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def normalize_images(pixels_u8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> CLIP-normalised float (done on the training device: batches travel as uint8)."""
+    x = pixels_u8.to(dtype=torch.float32) / 255.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+def _hwc_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the streaming dataset
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataSpec:
+    """What a worker needs to turn rows into batches (everything picklable)."""
+
+    kind: str
+    batch_size: int
+    image_size: int
+    codebook_size: int
+    grid_size: int
+    text_max_length: int
+    seed: int
+    shuffle_buffer: int = 1000
+    crop_scale: tuple = (0.9, 1.0)
+    crop_ratio: tuple = (0.75, 4 / 3)
+    itm_probability: float = 0.1
+    mlm_probability: float = 0.15
+    mask_patches: int | None = None
+    mask_min_block: int | None = None
+    ignore_index: int = -100
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+def _torch_gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+
+
+class StreamingDataset(torch.utils.data.IterableDataset):
+    """Infinite stream of collated batches of one kind for one rank. Worker ``w`` of ``num_workers`` serves the
+    logical stream ``(w + rotate) % num_workers`` (``rotate`` keeps the round-robin order across a resume)."""
+
+    def __init__(
+        self, source: Source, spec: DataSpec, tokenizer, rank: int, world_size: int, num_workers: int,
+        cursors: list[tuple[int, int, int]] | None = None, rotate: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.source, self.spec, self.tokenizer = source, spec, tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.num_logical = max(1, num_workers)
+        self.n_streams = world_size * self.num_logical
+        self.units = source.split_units(self.n_streams)
+        self.cursors = list(cursors) if cursors else [(0, 0, 0)] * self.num_logical
+        self.rotate = rotate
+        self.source_id = _SOURCE_IDS[source.kind]
+        g = spec.grid_size
+        n_mask = spec.mask_patches if spec.mask_patches is not None else max(1, round(75 / 196 * g * g))
+        min_block = spec.mask_min_block if spec.mask_min_block is not None else max(1, round(16 / 196 * g * g))
+        self.masker = BlockMaskGenerator(g, num_masking_patches=n_mask, min_num_patches=min_block)
+
+    # -- order -----------------------------------------------------------------------------------------------
+    def stream_units(self, pass_idx: int, stream: int) -> list[Unit]:
+        perm = _rng(self.spec.seed, self.source_id, pass_idx).permutation(len(self.units))
+        return [self.units[i] for i in perm[stream :: self.n_streams]]
+
+    def windows(self, units: list[Unit]) -> list[list[Unit]]:
+        out, cur, rows = [], [], 0
+        for u in units:
+            cur.append(u)
+            rows += u.rows
+            if rows >= self.spec.shuffle_buffer:
+                out.append(cur)
+                cur, rows = [], 0
+        if cur:
+            out.append(cur)
+        return out
+
+    def rows(self, stream: int, cursor: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], dict, tuple]]:
+        """``(cursor after the row, row, rng key)`` from ``cursor`` on, forever."""
+        pass_idx, win, off = cursor
+        cols = REQUIRED_COLUMNS[self.source.kind] + ((SPLIT,) if self.source.split else ())
+        while True:
+            wins = self.windows(self.stream_units(pass_idx, stream))
+            while win < len(wins):
+                parts = [self.source.read(u, cols) for u in wins[win]]
+                data: dict[str, list] = {c: [] for c in cols}
+                for part in parts:  # a column a file lacks (split of an image folder) reads as None
+                    n_part = len(next(iter(part.values())))
+                    for c in cols:
+                        data[c].extend(part.get(c, [None] * n_part))
+                n = len(data[cols[0]])
+                perm = _rng(self.spec.seed, self.source_id, pass_idx, stream, win).permutation(n)
+                for j in range(off, n):
+                    i = perm[j]
+                    key = (self.spec.seed, self.source_id, pass_idx, stream, win, j)
+                    yield (pass_idx, win, j + 1), {c: data[c][i] for c in cols}, key
+                win, off = win + 1, 0
+            pass_idx, win, off = pass_idx + 1, 0, 0
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotate) % self.num_logical
+        stream = self.rank * self.num_logical + logical
+        return self.batches(logical, stream, self.cursors[logical])
+
+    def batches(self, logical: int, stream: int, cursor) -> Iterator[dict]:
+        spec, kind = self.spec, self.source.kind
+        samples: list[dict] = []
+        bad: dict[str, int] = {}
+        first_key = None
+        for cursor, row, key in self.rows(stream, cursor):
+            sample = self._sample(row, key, bad)
+            if sample is None:
+                continue
+            if first_key is None:
+                first_key = key
+            samples.append(sample)
+            if len(samples) == spec.batch_size:
+                batch = self._collate(samples, _rng(*first_key, 7))
+                batch["_meta"] = {"worker": logical, "cursor": cursor, "bad": bad, "kind": kind}
+                yield batch
+                samples, bad, first_key = [], {}, None
+
+    def _sample(self, row: dict, key: tuple, bad: dict) -> dict | None:
+        spec, kind = self.spec, self.source.kind
+        if self.source.split is not None and row.get(SPLIT) is not None and row[SPLIT] != self.source.split:
+            bad["filtered_split"] = bad.get("filtered_split", 0) + 1
+            return None
+        out: dict[str, Any] = {}
+        if kind in ("pairs", "text"):
+            text = row.get(TEXT)
+            if not isinstance(text, str) or not text.strip():
+                bad["empty_text"] = bad.get("empty_text", 0) + 1
+                return None
+            out["text"] = text
+        rng = _rng(*key)
+        if kind in ("pairs", "images"):
+            data = row.get(IMAGE)
+            if not data:
+                bad["missing_image"] = bad.get("missing_image", 0) + 1
+                return None
+            try:
+                out["image"], out["codebook"] = decode_train(
+                    data, spec.image_size, spec.codebook_size, rng, spec.crop_scale, spec.crop_ratio
+                )
+            except Exception:  # noqa: BLE001 - any decoder failure makes the row bad, never the run
+                bad["decode_error"] = bad.get("decode_error", 0) + 1
+                return None
+            out["patch_mask"] = self.masker(_torch_gen(rng)).flatten()
+        return out
+
+    def _collate(self, samples: list[dict], rng: np.random.Generator) -> dict:
+        spec, kind, tok = self.spec, self.source.kind, self.tokenizer
+        batch: dict[str, Any] = {}
+        if kind in ("pairs", "images"):
+            batch["pixels"] = _hwc_to_tensor([s["image"] for s in samples])
+            batch["codebook_pixels"] = _hwc_to_tensor([s["codebook"] for s in samples])
+            batch["patch_mask"] = torch.stack([s["patch_mask"] for s in samples])
+        if kind in ("pairs", "text"):
+            g = _torch_gen(rng)
+            ids, attn = tok.encode([s["text"] for s in samples], spec.text_max_length)
+            masked, labels = bert_mask_tokens(
+                ids, vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, special_token_ids=tok.special_ids,
+                attention_mask=attn, mlm_probability=spec.mlm_probability, generator=g,
+                ignore_index=spec.ignore_index,
+            )  # fmt: skip
+            if kind == "pairs":
+                idx, itm = itm_negatives(len(samples), spec.itm_probability, g)
+                ids, attn, masked, labels = ids[idx], attn[idx], masked[idx], labels[idx]
+                batch["itm_labels"] = itm
+            batch.update(input_ids=ids, input_ids_masked=masked, attention_mask=attn, mlm_labels=labels)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# main-process side: one loader per kind, and the per-step kind choice
+# ------------------------------------------------------------------------------------------------------------------
+class SourceLoader:
+    """A DataLoader over one kind, remembering what was consumed (per-worker cursors, batch count, bad rows)."""
+
+    def __init__(self, dataset_args: dict, num_workers: int, prefetch_factor: int, state: dict | None = None):
+        self.args = dataset_args
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        n = max(1, num_workers)
+        state = state or {}
+        self.cursors = [tuple(c) for c in state.get("cursors", [(0, 0, 0)] * n)]
+        if len(self.cursors) != n:
+            raise DataError(
+                f"loader state has {len(self.cursors)} worker cursors but data.num_workers gives {n}: resume with "
+                "the same number of workers"
+            )
+        self.batches = int(state.get("batches", 0))
+        self.bad = dict(state.get("bad", {}))
+        self._it = None
+        self.dataset: StreamingDataset | None = None
+
+    def _start(self) -> None:
+        n = max(1, self.num_workers)
+        self.dataset = StreamingDataset(**self.args, num_workers=self.num_workers, cursors=self.cursors,
+                                        rotate=self.batches % n)  # fmt: skip
+        if self.num_workers == 0:
+            self._it = iter(self.dataset)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+            persistent_workers=True, pin_memory=False,
+        )  # fmt: skip
+        self._it = iter(loader)
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        meta = batch.pop("_meta")
+        self.cursors[meta["worker"]] = tuple(int(x) for x in meta["cursor"])
+        for k, v in meta["bad"].items():
+            self.bad[k] = self.bad.get(k, 0) + int(v)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"cursors": [list(c) for c in self.cursors], "batches": self.batches, "bad": dict(self.bad)}
+
+    def close(self) -> None:
+        self._it = None  # workers exit when the iterator is collected
+
+
+def kind_for_step(seed: int, step: int, ratios: dict[str, float]) -> str:
+    """The kind every rank takes at optimizer step ``step``: a pure function of (seed, step), so no broadcast
+    and nothing to save."""
+    kinds = [k for k in ("pairs", "images", "text") if float(ratios.get(k, 0)) > 0]
+    if len(kinds) == 1:
+        return kinds[0]
+    u = _rng(seed, 0x5EED, step).random()
+    acc = 0.0
+    for k in kinds:
+        acc += float(ratios[k])
+        if u < acc:
+            return k
+    return kinds[-1]
+
+
+class MultiSourceLoader:
+    """Holds one ``SourceLoader`` per active kind; ``next(kind)`` draws a batch of that kind."""
+
+    def __init__(
+        self, sources: dict[str, Source], specs: dict[str, DataSpec], tokenizer, rank: int, world_size: int,
+        num_workers: int, prefetch_factor: int = 2, state: dict | None = None,
+    ) -> None:  # fmt: skip
+        state = state or {}
+        self.loaders = {
+            kind: SourceLoader(
+                dict(source=sources[kind], spec=specs[kind], tokenizer=tokenizer, rank=rank, world_size=world_size),
+                num_workers, prefetch_factor, state.get(kind),
+            )  # fmt: skip
+            for kind in sources
+        }
+
+    def next(self, kind: str) -> dict:
+        return next(self.loaders[kind])
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in self.loaders.items()}
+
+    def bad_rows(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for loader in self.loaders.values():
+            for k, v in loader.bad.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
+
+
+def build_specs(run_cfg, model_cfg, seed: int | None = None) -> dict[str, DataSpec]:
+    """DataSpecs for the active kinds of a RunConfig and FlavaConfig."""
+    d = run_cfg.data
+    common = dict(
+        batch_size=run_cfg.run.micro_batch_size, image_size=model_cfg.image.image_size,
+        codebook_size=model_cfg.codebook.image_size, grid_size=model_cfg.image.grid_size,
+        seed=run_cfg.run.seed if seed is None else seed, shuffle_buffer=d.shuffle_buffer,
+        crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), itm_probability=d.itm_probability,
+        mlm_probability=d.mlm_probability, mask_patches=d.mask_patches, mask_min_block=d.mask_min_block,
+        ignore_index=model_cfg.ce_ignore_index,
+    )  # fmt: skip
+    return {
+        kind: DataSpec(kind=kind, text_max_length=d.text_only_max_length if kind == "text" else d.text_max_length,
+                       **common)  # fmt: skip
+        for kind in d.active_kinds()
+    }
+
+
+def iter_texts(paths: list[str], limit: int = 1_000_000) -> Iterator[str]:
+    """Captions/texts of Parquet sources (only the ``text`` column is read): the tokenizer's training corpus."""
+    n = 0
+    for path in paths:
+        fmt, files = resolve_files(path, "text")
+        for f in files:
+            if fmt == "txt":
+                with open(f, encoding="utf-8", errors="replace") as fh:
+                    rows = [line.strip() for line in fh]
+            else:
+                pf = pq.ParquetFile(f)
+                if TEXT not in pf.schema_arrow.names:
+                    raise DataError(f"{f}: no `text` column to train a tokenizer on")
+                rows = pf.read(columns=[TEXT]).column(TEXT).to_pylist()
+            for t in rows:
+                if t:
+                    yield t
+                    n += 1
+                    if n >= limit:
+                        return
+
+
+def read_pairs(paths: list[str], split: str | None = None, limit: int | None = None) -> tuple[list[bytes], list[str]]:
+    """All (image bytes, text) pairs of shards in file order, for evaluation (bad rows are dropped there)."""
+    images, texts = [], []
+    for path in paths:
+        _, files = resolve_files(path, "pairs")
+        for f in files:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            missing = [c for c in (IMAGE, TEXT) if c not in names]
+            if missing:
+                raise DataError(f"{f}: wrong schema for pairs: missing column(s) {missing}")
+            cols = [IMAGE, TEXT] + ([SPLIT] if split and SPLIT in names else [])
+            for g in range(pf.metadata.num_row_groups):
+                t = pf.read_row_group(g, columns=cols).to_pydict()
+                for i in range(len(t[TEXT])):
+                    if split and SPLIT in t and t[SPLIT][i] != split:
+                        continue
+                    images.append(t[IMAGE][i])
+                    texts.append(t[TEXT][i])
+                    if limit is not None and len(texts) >= limit:
+                        return images, texts
+    return images, texts

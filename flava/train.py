@@ -1,0 +1,509 @@
+"""The FLAVA pretraining loop: FSDP2, precision, gradient accumulation, DCP checkpoints with exact resume, logging.
+
+Run it with ``flava train`` (one process, ``torchrun --nproc_per_node N -m flava.cli train ...`` or
+``flava train --nproc N``). One optimizer step = ``global_batch_size`` samples of ONE kind (pairs, images or text)
+chosen by ``flava.data.kind_for_step(seed, step)`` identically on every rank, in ``accumulation`` micro-batches of
+``micro_batch_size`` per rank.
+
+Exact resume: model init, data order and every random choice on the data side are pure functions of the seed and
+the position; a checkpoint holds the model, AdamW state, scheduler, step, RNG states and the loader cursors, so
+stopping after step k and resuming reproduces steps k+1.. of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_mod
+from .codebook import load_codebook, map_pixels, random_codebook
+from .config import FlavaConfig
+from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
+from .model import FlavaForPretraining
+from .optim import build_optimizer, build_scheduler
+from .run_config import ConfigError, RunConfig
+from .tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer, train_wordpiece
+
+log = logging.getLogger(__name__)
+
+PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# process setup
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str = "auto") -> DistInfo:
+    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if local_world > 1:  # share the cores instead of oversubscribing them N times
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------------------------
+def prepare_tokenizer(cfg: RunConfig, run_dir: Path, info: DistInfo) -> TextTokenizer:
+    """The run's tokenizer lives in RUN/tokenizer (so evaluation and resume use the very same one): copied from
+    ``data.tokenizer``, or trained on the pair captions (text corpus if there are no pairs) when none is given."""
+    tok_dir = run_dir / "tokenizer"
+    # only rank 0 looks and writes; every rank passes the barrier (a rank that saw the file already written and
+    # skipped the barrier would deadlock the others)
+    if info.is_main and not (tok_dir / "tokenizer.json").is_file():
+        if cfg.data.tokenizer:
+            copy_tokenizer(load_tokenizer(cfg.data.tokenizer), tok_dir)
+        else:
+            corpus = cfg.data.pairs or cfg.data.text
+            log.info("training a WordPiece tokenizer (vocab %d) on %s", cfg.data.tokenizer_vocab_size, corpus)
+            train_wordpiece(iter_texts(list(corpus)), tok_dir, vocab_size=cfg.data.tokenizer_vocab_size)
+    _barrier(info)
+    return load_tokenizer(tok_dir)
+
+
+def build_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[FlavaConfig, FlavaForPretraining | None]:
+    pretrained = None
+    if cfg.model.pretrained:
+        from .convert import from_pretrained
+
+        pretrained = from_pretrained(cfg.model.pretrained)
+        mcfg = pretrained.config
+    else:
+        mcfg = cfg.model.build()
+        if cfg.model.text_vocab_from_tokenizer:
+            mcfg.text.vocab_size = len(tokenizer)
+    if len(tokenizer) > mcfg.text.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's text vocabulary is {mcfg.text.vocab_size}: "
+            "use the model's tokenizer, or train from scratch with model.text_vocab_from_tokenizer=true"
+        )
+    mcfg.gradient_checkpointing = bool(cfg.run.activation_checkpointing)
+    return mcfg, pretrained
+
+
+def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
+    if cfg.model.codebook == "random":
+        cb = random_codebook(mcfg.codebook, seed=cfg.model.codebook_seed)
+    else:
+        cb = load_codebook(cfg.model.codebook, config=mcfg.codebook)
+    if cb.vocab_size != mcfg.image.vocab_size:
+        raise ConfigError(
+            f"codebook vocabulary {cb.vocab_size} != model image.vocab_size {mcfg.image.vocab_size}"
+        )
+    return cb.to(device)
+
+
+def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    p = cfg.run.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if p == "bf16" else torch.float32
+
+
+def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
+    """FSDP2: every transformer layer, then every encoder (its embeddings and final norm), then the root (heads,
+    projections, temperature). The codebook is not part of the model, so never sharded or optimised."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for layer in model.transformer_layers():
+        fully_shard(layer, **kw)
+    for enc in model.encoders():
+        fully_shard(enc, **kw)
+    fully_shard(model, **kw)
+
+
+def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
+    """Worker batch (uint8 pixels) -> model inputs on ``device``; the frozen codebook makes the MIM targets."""
+    out = {}
+    nb = device.type == "cuda"
+    if "pixels" in batch:
+        out["pixel_values"] = normalize_images(batch["pixels"].to(device, non_blocking=nb))
+        cb_pixels = map_pixels(batch["codebook_pixels"].to(device, non_blocking=nb).float() / 255.0)
+        out["image_token_ids"] = codebook(cb_pixels)
+        out["patch_mask"] = batch["patch_mask"].to(device, non_blocking=nb)
+    for k in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels", "itm_labels"):
+        if k in batch:
+            out[k] = batch[k].to(device, non_blocking=nb)
+    return out
+
+
+def _layer_flops(n: int, d: int, mlp: int) -> float:
+    return 2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d
+
+
+def flops_per_sample(mcfg: FlavaConfig, kind: str, text_len: int) -> float:
+    """Model FLOPs of one training sample (forward + backward = 3x forward; recomputation not counted)."""
+    ic, tc, mc = mcfg.image, mcfg.text, mcfg.multimodal
+    n_img = ic.num_patches + 1
+    img = ic.num_layers * _layer_flops(n_img, ic.hidden_size, ic.mlp_dim)
+    txt = tc.num_layers * _layer_flops(text_len, tc.hidden_size, tc.mlp_dim)
+    if kind == "images":
+        fwd = img
+    elif kind == "text":
+        fwd = txt
+    else:  # unmasked + masked copies of each modality, fusion once over [CLS_M, image, text]
+        fwd = 2 * img + 2 * txt + mc.num_layers * _layer_flops(1 + n_img + text_len, mc.hidden_size, mc.mlp_dim)
+    return 3.0 * fwd
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, v in PEAK_FLOPS_BF16.items():
+        if key in name:
+            return v
+    return None
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard, on rank 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # a run killed after its last checkpoint logged steps that will be redone
+            keep = []
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+            self.path.write_text("".join(x + "\n" for x in keep))
+        self.f = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+            except ImportError:  # tensorboard is optional at run time
+                log.warning("tensorboard is not installed: logging to metrics.jsonl only")
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k if k in ("loss", "lr") or k in LOSS_NAMES else f"perf/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------------------------
+def _check_resume(meta: dict, mcfg: FlavaConfig, cfg: RunConfig, info: DistInfo, ckpt: Path) -> None:
+    saved = meta.get("model_config")
+    if saved != json.loads(json.dumps(mcfg.to_dict())):
+        diff = sorted(_diff_keys(saved or {}, mcfg.to_dict()))
+        raise ckpt_mod.CheckpointError(
+            f"{ckpt} was written with another model config (differs in {diff[:8]}): use a new --out or the "
+            "original config"
+        )
+    if meta.get("world_size") != info.world_size:
+        raise ckpt_mod.CheckpointError(
+            f"{ckpt} was written by {meta.get('world_size')} process(es), this run has {info.world_size}: resume "
+            "with the same number of processes (the loader state is per rank)"
+        )
+    if meta.get("num_workers") != max(1, cfg.data.num_workers):
+        raise ckpt_mod.CheckpointError(
+            f"{ckpt} was written with data.num_workers={meta.get('num_workers')}, now {cfg.data.num_workers}"
+        )
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
+    """Train until ``cfg.run.steps`` (resuming from the latest checkpoint in ``run_dir``). Returns a summary."""
+    run_dir = Path(run_dir)
+    info = setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, run_dir, info)
+    finally:
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
+    # -- everything that can be wrong is checked before the first step ------------------------------------------
+    cfg.validate(info.world_size)
+    cfg.validate_sources()
+    accum = cfg.accumulation(info.world_size)
+    sources = {kind: Source(kind, cfg.source_paths(kind), cfg.data.split) for kind in cfg.data.active_kinds()}
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.yaml").write_text(cfg.to_yaml())
+    _barrier(info)
+    tokenizer = prepare_tokenizer(cfg, run_dir, info)
+    mcfg, pretrained = build_model_config(cfg, tokenizer)
+    latest = ckpt_mod.latest_checkpoint(run_dir)
+    if latest is not None:
+        _check_resume(ckpt_mod.read_meta(latest), mcfg, cfg, info, latest)
+
+    # -- model, codebook, optimizer --------------------------------------------------------------------------------
+    device = info.device
+    dtype = compute_dtype(cfg, device)
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (FSDP2 shards the full init)
+    model = pretrained if pretrained is not None else FlavaForPretraining(mcfg)
+    model.set_gradient_checkpointing(bool(cfg.run.activation_checkpointing))
+    model.to(device).train()
+    codebook = build_codebook(cfg, mcfg, device)
+    if info.distributed:
+        shard_model(model, dtype)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if (dtype != torch.float32 and not info.distributed)
+        else contextlib.nullcontext()
+    )
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    ckpt_mod.init_optimizer_state(optimizer)
+
+    step, loader_state = 0, None
+    if latest is not None:
+        meta, rank_state = ckpt_mod.load_checkpoint(latest, model, optimizer)
+        step = int(meta["step"])
+        scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        ckpt_mod.set_rng_state(rank_state["rng"])
+        loader_state = rank_state["loader"]
+        log.info("resumed from %s at step %d", latest, step)
+
+    specs = build_specs(cfg, mcfg)
+    loader = MultiSourceLoader(
+        sources, specs, tokenizer, info.rank, info.world_size, cfg.data.num_workers, cfg.data.prefetch_factor,
+        loader_state,
+    )  # fmt: skip
+    metrics = MetricsWriter(run_dir, info.is_main, cfg.run.tensorboard, step)
+    stop_at = cfg.run.steps
+    peak = peak_flops(device)
+    meta_common = {
+        "model_config": mcfg.to_dict(), "world_size": info.world_size, "num_workers": max(1, cfg.data.num_workers),
+        "tokenizer_vocab_size": len(tokenizer), "run_config": cfg.to_dict(),
+    }  # fmt: skip
+
+    stop_requested = {"flag": False}
+
+    def _on_signal(signum, frame):  # checkpoint at the end of the current step, then exit
+        stop_requested["flag"] = True
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save(at: int) -> None:
+        meta = {**meta_common, "step": at, "scheduler": _jsonable(scheduler.state_dict())}
+        rank_state = {"rng": ckpt_mod.rng_state(), "loader": loader.state_dict()}
+        ckpt_mod.save_checkpoint(run_dir, at, model, optimizer, meta, rank_state, keep=cfg.run.keep_checkpoints)
+
+    progress = None
+    if info.is_main and cfg.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=stop_at, initial=step, desc="flava train", unit="step", dynamic_ncols=True)
+
+    summary = {"start_step": step, "steps": 0}
+    t_log, samples_since, flops_since = time.perf_counter(), 0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    last_saved = step
+    try:
+        while step < stop_at:
+            kind = kind_for_step(cfg.run.seed, step, cfg.data.ratios)
+            step_losses: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                inputs = prepare_batch(loader.next(kind), device, codebook)
+                if info.distributed and accum > 1:  # reduce-scatter gradients only on the last micro-batch
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                with autocast:
+                    out = model(**inputs)
+                (out.loss / accum).backward()
+                for name, v in (("loss", out.loss), *out.losses.as_dict().items()):
+                    step_losses[name] = step_losses.get(name, 0.0) + v.detach().float() / accum
+            grad_norm = None
+            if cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.clamp_logit_scale_()
+            step += 1
+            summary["steps"] += 1
+            samples_since += cfg.run.global_batch_size
+            flops_since += cfg.run.global_batch_size * flops_per_sample(
+                mcfg, kind, specs[kind].text_max_length
+            )
+            sums = step_losses  # the logged values are those of the logged step (not averaged over log_every)
+            if info.distributed:
+                flag = torch.tensor([1.0 if stop_requested["flag"] else 0.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_requested["flag"] = bool(flag.item())
+            last = step == stop_at or stop_requested["flag"]
+            if step % cfg.run.log_every == 0 or last:
+                rec = _log_record(step, kind, sums, lr, grad_norm, info, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t_log
+                rec["samples_per_s"] = samples_since / dt if dt > 0 else None
+                if peak:
+                    rec["mfu"] = flops_since / dt / (peak * info.world_size)
+                bad = loader.bad_rows()
+                if bad:
+                    rec["bad_rows"] = bad
+                metrics.write(rec)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{rec['loss']:.4f}", kind=kind, refresh=False)
+                t_log, samples_since, flops_since = time.perf_counter(), 0, 0.0
+                summary["last"] = rec
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.run.checkpoint_every == 0 or last:
+                save(step)
+                last_saved = step
+            if stop_requested["flag"]:
+                log.warning("stop requested: checkpoint written at step %d", step)
+                break
+        if last_saved != step:
+            save(step)
+        if cfg.run.export_final and step >= stop_at:
+            export_final(model, mcfg, run_dir, info)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if progress is not None:
+            progress.close()
+        metrics.close()
+        loader.close()
+    summary["step"] = step
+    return summary
+
+
+def _log_record(step, kind, sums, lr, grad_norm, info, device) -> dict:
+    names = ["loss", *LOSS_NAMES]
+    vec = torch.stack([sums[n] if n in sums else torch.zeros((), device=device) for n in names]).float()
+    present = [n in sums for n in names]
+    if info.distributed:  # mean over ranks; every rank had the same kind, so the same losses present
+        vec = vec.clone()
+        dist.all_reduce(vec)
+        vec /= info.world_size
+    vals = vec.cpu().tolist()
+    rec = {"step": step, "kind": kind}
+    for n, p, v in zip(names, present, vals):
+        if p:
+            rec[n] = v
+    rec["lr"] = lr
+    if grad_norm is not None:
+        g = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        rec["grad_norm"] = float(g)
+    return rec
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if _is_plain(v)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _is_plain(v) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_is_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(_is_plain(x) for x in v.values())
+    return False
+
+
+def export_final(model, mcfg: FlavaConfig, run_dir: Path, info: DistInfo) -> None:
+    """The trained model in transformers format (safetensors) + the run's tokenizer, in RUN/final."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        export_state_dict(sd, mcfg, run_dir / "final", run_dir / "tokenizer")
+    _barrier(info)
+
+
+def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Path | None) -> None:
+    """A full state dict -> transformers ``FlavaForPreTraining`` directory (without the codebook: it is not
+    trained, load it separately) plus the tokenizer files."""
+    import shutil
+
+    from .convert import to_transformers
+
+    plain = FlavaForPretraining(mcfg)
+    plain.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
+    hf = to_transformers(plain, image_codebook=None)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    hf.save_pretrained(str(tmp))
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s", out)
+
