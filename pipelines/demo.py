@@ -175,7 +175,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         console.print(f"  {what:>15}: {where}")
     console.print("next: "
                   f"pmd stats {build} --report {out / 'report'}  |  pmd verify {build}  |  "
-                  f"flava train --config tiny --data {build} --out {run} --steps {config.train_steps + 100}  "
-                  "(resumes)  |  docs/rebuild-pmd.md for the real 70M-pair build")
+                  f"flava train --config tiny --data {build} --out {run} --steps {config.train_steps + 100} "
+                  f"--nproc {config.nproc} data.split=train  (resumes)  |  docs/rebuild-pmd.md for the real build")
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
