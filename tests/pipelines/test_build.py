@@ -147,6 +147,13 @@ def test_shards_format_and_mixing(ray_build, ray_local):
     # importing fsspec's HTTP filesystem when aiohttp is absent ("cannot import name 'HTTPFileSystem'").
     ds = ray.data.read_parquet(str(out / "shards"))
     assert ds.count() == sum(sizes)
+    # And the Hugging Face `datasets` parquet loader (offline, a private cache).
+    import datasets
+
+    hf = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
+                               cache_dir=str(out.parent / "hf-cache"))
+    assert hf.num_rows == sum(sizes) and hf.features["image"].dtype == "binary"
+    assert len(set(hf["key"])) == hf.num_rows
     # The CLI verify agrees.
     assert pmd_main(["verify", str(out)]) == 0
 
