@@ -322,8 +322,11 @@ class FlavaForPretraining(nn.Module):
     # -- setup ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Linear/Conv/Embedding ~ N(0, initializer_range), biases 0, LayerNorm (1, 0), CLS/position/mask tokens 0,
-        padding embedding row 0, logit_scale = logit_scale_init (transformers' and torchmultimodal's scheme)."""
+        """Linear/Conv/Embedding ~ N(0, initializer_range), biases 0, LayerNorm (1, 0), padding embedding row 0,
+        logit_scale = logit_scale_init (transformers' and torchmultimodal's scheme), except the CLS, mask and image
+        position tokens: truncated N(0, initializer_range) as in ViT/BEiT, not zeros. At zero, a CLS token's first
+        LayerNorm normalises an all-zero vector (variance 0, eps 1e-12), and its gradient at step 1 is ~1e5 times
+        the others' (docs/flava-model.md). Parity with transformers is unaffected: it compares copied weights."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -343,7 +346,7 @@ class FlavaForPretraining(nn.Module):
             self.image_encoder.position_embeddings,
             self.multimodal_encoder.cls_token,
         ):
-            p.zero_()
+            nn.init.trunc_normal_(p, 0.0, std, -2 * std, 2 * std)
         self.logit_scale.fill_(self.config.logit_scale_init)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
