@@ -79,16 +79,19 @@ def plot_caption_lengths(result: dict, path: Path) -> Path:
 
 
 def plot_image_sizes(result: dict, path: Path) -> Path:
+    """Histogram of the original images' shorter side, per source (what resizing to 256 px keeps or upscales)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(result["sources"])
-    for key, offset, label in (("original_width", -0.2, "original width (median)"),
-                               ("original_height", 0.0, "original height (median)"),
-                               ("height", 0.2, "stored height (median)")):
-        ax.bar([i + offset for i in range(len(names))],
-               [result["sources"][n]["image"][key]["p50"] or 0 for n in names], 0.2, label=label)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("pixels")
-    ax.set_title("Image sizes per source (median, before and after resizing)")
+    bins = list(result["total"]["image"]["shorter_side_histogram"])
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        hist = result["sources"][name]["image"]["shorter_side_histogram"]
+        total = sum(hist.values()) or 1
+        ax.bar([j + i * width for j in range(len(bins))], [hist[b] / total for b in bins], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bins))], bins)
+    ax.set_xlabel("shorter side of the original image (pixels)")
+    ax.set_ylabel("share of the source's pairs")
+    ax.set_title("Image sizes per source")
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -27,6 +27,7 @@ FAILURES_DIR = "failures"
 # Ingest and work folders hold candidates, not shards.
 _NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work"}
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
+SIDE_BINS = (0, 128, 256, 512, 1024, 2048)  # shorter side of the original image, pixels
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 IMAGE_STAGES = ("read", "download", "decode", "check")
 _STAT_TYPES = [pl.String, pl.String, pl.String, pl.String, pl.String, pl.Float32, pl.String, pl.Int32, pl.Int32,
@@ -110,9 +111,17 @@ def locate_build(root: Path) -> BuildFiles:
 _IMAGE_COLUMNS = (schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT)
 
 
-def _bin_labels() -> list[tuple[str, int, int | None]]:
-    edges = list(WORD_BINS)
+def _bin_labels(edges: tuple[int, ...] = WORD_BINS) -> list[tuple[str, int, int | None]]:
+    edges = list(edges)
     return [(f"{lo}-{hi - 1}" if hi is not None else f"{lo}+", lo, hi) for lo, hi in zip(edges, edges[1:] + [None])]
+
+
+def _histogram_exprs(value: pl.Expr, edges: tuple[int, ...], prefix: str) -> list[pl.Expr]:
+    out = []
+    for label, lo, hi in _bin_labels(edges):
+        mask = (value >= lo) if hi is None else ((value >= lo) & (value < hi))
+        out.append(mask.sum().alias(f"{prefix}{label}"))
+    return out
 
 
 def _agg_exprs() -> list[pl.Expr]:
@@ -124,9 +133,9 @@ def _agg_exprs() -> list[pl.Expr]:
         words.mean().alias("w_mean"), words.median().alias("w_median"),
         words.quantile(0.05, "linear").alias("w_p5"), words.quantile(0.95, "linear").alias("w_p95"),
     ]
-    for label, lo, hi in _bin_labels():
-        mask = (words >= lo) if hi is None else ((words >= lo) & (words < hi))
-        exprs.append(mask.sum().alias(f"h_{label}"))
+    exprs += _histogram_exprs(words, WORD_BINS, "h_")
+    shorter = pl.min_horizontal(schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT)
+    exprs += _histogram_exprs(shorter, SIDE_BINS, "s_")
     for column in (*_IMAGE_COLUMNS, schema.LANG_SCORE):
         exprs.append(pl.col(column).mean().alias(f"{column}_mean"))
         exprs += [pl.col(column).quantile(q, "linear").alias(f"{column}_p{int(q * 100)}") for q in QUANTILES]
@@ -153,7 +162,10 @@ def _group_stats(row: dict, splits: dict[str, int], langs: dict[str, int]) -> di
             "p5": row["w_p5"], "p95": row["w_p95"],
             "histogram": {label: row[f"h_{label}"] for label, _, _ in _bin_labels()},
         },
-        "image": {c: _floats(row, c) for c in _IMAGE_COLUMNS},
+        "image": {
+            **{c: _floats(row, c) for c in _IMAGE_COLUMNS},
+            "shorter_side_histogram": {label: row[f"s_{label}"] for label, _, _ in _bin_labels(SIDE_BINS)},
+        },
         "splits": dict(sorted(splits.items())),
         "lang": None if not row["lang_rows"] else {
             "counts": dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))),

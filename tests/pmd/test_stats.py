@@ -27,6 +27,10 @@ def test_figures_of_a_known_build(tmp_path):
     assert yfcc["lang"]["score"]["mean"] == pytest.approx(0.7, abs=1e-6)
     assert coco["image"]["original_width"]["p50"] == 640.0
     assert yfcc["image"]["original_height"]["p50"] == 375.0
+    # shorter sides: coco 480 x5; yfcc 375, 333, 480
+    assert coco["image"]["shorter_side_histogram"] == {"0-127": 0, "128-255": 0, "256-511": 5, "512-1023": 0,
+                                                       "1024-2047": 0, "2048+": 0}
+    assert total["image"]["shorter_side_histogram"]["256-511"] == 8
     # Table 2: coco's paper figure is 0.9M pairs, 12.4 words.
     assert coco["table2"]["paper_pairs"] == 900_000
     assert coco["table2"]["pairs_ratio"] == pytest.approx(5 / 900_000)
