@@ -129,12 +129,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict | None) -> "RunConfig":
         data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"run config: expected a mapping, got {type(data).__name__}")
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise ConfigError(f"run config: unknown key(s) {unknown}; accepted keys are {sorted(sections)}")
+        sections = _checked_fields(cls, data, "run config")
         kw = {}
         for name, f in sections.items():
             sec_cls = f.default_factory  # type: ignore[misc]
@@ -231,15 +226,21 @@ class RunConfig:
         return self.run.global_batch_size // (self.run.micro_batch_size * world_size)
 
 
-def _section(cls, data, where: str):
-    if data is None:
-        return cls()
+def _checked_fields(cls, data, where: str) -> dict[str, dataclasses.Field]:
+    """The dataclass's fields, once `data` is known to be a mapping naming only them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(fields)}")
+    return fields
+
+
+def _section(cls, data, where: str):
+    if data is None:
+        return cls()
+    fields = _checked_fields(cls, data, where)
     out = cls(**data)
     for name, f in fields.items():  # light type check: a string where a number belongs fails here, not mid-run
         v = getattr(out, name)

@@ -61,39 +61,33 @@ def source_rows(result: dict) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------------ plots
-def plot_caption_lengths(result: dict, path: Path) -> Path:
+def _grouped_histogram(result: dict, histogram_of, xlabel: str, title: str, path: Path) -> Path:
+    """One bar group per bin, one bar per source: each source's share of its pairs in the bin."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(result["sources"])
-    bins = list(result["total"]["words"]["histogram"])
+    bins = list(histogram_of(result["total"]))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
-        hist = result["sources"][name]["words"]["histogram"]
+        hist = histogram_of(result["sources"][name])
         total = sum(hist.values()) or 1
         ax.bar([j + i * width for j in range(len(bins))], [hist[b] / total for b in bins], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bins))], bins)
-    ax.set_xlabel("caption length (words)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("share of the source's pairs")
-    ax.set_title("Caption length per source")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_caption_lengths(result: dict, path: Path) -> Path:
+    return _grouped_histogram(result, lambda s: s["words"]["histogram"], "caption length (words)",
+                              "Caption length per source", path)
 
 
 def plot_image_sizes(result: dict, path: Path) -> Path:
-    """Histogram of the original images' shorter side, per source (what resizing to 256 px keeps or upscales)."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = list(result["sources"])
-    bins = list(result["total"]["image"]["shorter_side_histogram"])
-    width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
-        hist = result["sources"][name]["image"]["shorter_side_histogram"]
-        total = sum(hist.values()) or 1
-        ax.bar([j + i * width for j in range(len(bins))], [hist[b] / total for b in bins], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bins))], bins)
-    ax.set_xlabel("shorter side of the original image (pixels)")
-    ax.set_ylabel("share of the source's pairs")
-    ax.set_title("Image sizes per source")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    """The original images' shorter side per source: what resizing to 256 px keeps, shrinks or leaves small."""
+    return _grouped_histogram(result, lambda s: s["image"]["shorter_side_histogram"],
+                              "shorter side of the original image (pixels)", "Image sizes per source", path)
 
 
 def plot_success(result: dict, path: Path) -> Path:
