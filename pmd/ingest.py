@@ -24,7 +24,7 @@ import pyarrow as pa
 from pmd import schema
 from pmd.shards import write_json_atomic, write_parquet_atomic
 from pmd.sources.base import Pair, Record, Reject, SourceAdapter, record_text
-from pmd.sources.inputs import LineBlock, iter_line_blocks
+from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
 
 CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
@@ -75,18 +75,21 @@ def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def iter_chunks(adapter: SourceAdapter, inputs: Sequence[Path], size: int) -> Iterator[list[Record] | LineBlock]:
+def iter_chunks(adapter: SourceAdapter, inputs: Sequence[Path], size: int
+                ) -> Iterator[list[Record] | LineBlock | LineRange]:
     """The units of work of an ingest, in order: blocks of `size` lines for line-based adapters, else lists of
     `size` records. Both paths (local, Ray) cut the same chunks, so they write the same parts."""
     if adapter.line_records:
         for path in inputs:
-            yield from iter_line_blocks(path, size)
+            # Uncompressed files are cut by byte range and read by the workers; compressed ones must be
+            # decompressed in one stream, so their lines travel as blocks.
+            yield from iter_line_blocks(path, size) if is_compressed(path) else iter_line_ranges(path, size)
     else:
         yield from chunked(adapter.records(inputs), size)
 
 
-def chunk_size(chunk: Sequence[Record] | LineBlock) -> int:
-    return chunk.lines if isinstance(chunk, LineBlock) else len(chunk)
+def chunk_size(chunk: Sequence[Record] | LineBlock | LineRange) -> int:
+    return chunk.lines if isinstance(chunk, (LineBlock, LineRange)) else len(chunk)
 
 
 def _table(columns: dict[str, list], table_schema: pa.Schema) -> pa.Table:
@@ -172,10 +175,10 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def process_chunk(adapter: SourceAdapter, records: Sequence[Record] | LineBlock, index: int, source_dir: Path
-                  ) -> IngestCounts:
+def process_chunk(adapter: SourceAdapter, records: Sequence[Record] | LineBlock | LineRange, index: int,
+                  source_dir: Path) -> IngestCounts:
     """Convert one chunk and write its two parts. The unit of work of both the local and the Ray path."""
-    if isinstance(records, LineBlock):
+    if isinstance(records, (LineBlock, LineRange)):
         records = records.records()
     pairs, rejects, counts = convert_chunk(adapter, records)
     write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index), _PART_ROW_GROUP)

@@ -265,3 +265,26 @@ def test_line_blocks_give_the_same_records_as_iter_lines(tmp_path):
         blocks = list(iter_line_blocks(path, size))
         assert [r for b in blocks for r in b.records()] == expected
         assert sum(b.lines for b in blocks) == len(expected) == 6
+
+
+@pytest.mark.parametrize("body", [
+    b"a\tb\r\n\nsecond\n\xff bad utf8\nthird\rwith cr inside\nlast without newline",
+    b"one\ntwo\nthree\n",
+    b"",
+    b"\n\n\n",
+    b"x" * 100 + b"\n" + b"y\n" * 37,
+])
+def test_line_ranges_cut_like_line_blocks(tmp_path, monkeypatch, body):
+    from pmd.sources import inputs
+
+    path = tmp_path / "plain.tsv"
+    path.write_bytes(body)
+    monkeypatch.setattr(inputs, "_SCAN_BYTES", 7)  # ranges must be found across many small reads
+    for size in (1, 2, 3, 5, 100):
+        blocks = list(inputs.iter_line_blocks(path, size))
+        ranges = list(inputs.iter_line_ranges(path, size))
+        assert [(r.first_line, r.lines) for r in ranges] == [(b.first_line, b.lines) for b in blocks]
+        assert [r.records() for r in ranges] == [b.records() for b in blocks]
+    (tmp_path / "x.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="uncompressed"):
+        list(inputs.iter_line_ranges(tmp_path / "x.gz", 5))
