@@ -106,7 +106,9 @@ def run_ingest_subprocess(path: Path, out: Path, executor: str) -> dict:
         f"s = run_ingest(IngestConfig('yfcc100m', [{str(path)!r}], {str(out)!r}, executor={executor!r}, "
         "progress=False))\n"
         "s['wall_s'] = time.perf_counter() - t\n"
-        "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "s['peak_rss_mb'] = u.ru_maxrss / 1024\n"
+        "s['cpu_s'] = u.ru_utime + u.ru_stime\n"
         "print(json.dumps(s))\n"
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -142,7 +144,9 @@ def main() -> None:
 
     local = run_ingest_subprocess(big, args.workdir / "out-local", "local")
     local_rate = local["counts"]["records"] / local["wall_s"]
+    cpu_rate = local["counts"]["records"] / local["cpu_s"]
     print(f"pmd ingest, in-process (1 core)   {local_rate:>10,.0f} rows/s  ratio {local_rate / peer:.2f}  "
+          f"({cpu_rate:,.0f} rows per CPU-second incl. imports: ratio {cpu_rate / peer:.2f})  "
           f"peak RSS {local['peak_rss_mb']:.0f} MB", flush=True)
     small_local = run_ingest_subprocess(small, args.workdir / "out-small", "local")
     print(f"peak RSS at {args.lines // 4:,} lines: {small_local['peak_rss_mb']:.0f} MB; "
@@ -150,6 +154,7 @@ def main() -> None:
     results = {"lines": args.lines, "input_mb": round(size_mb, 1), "cores": cores, "lid_texts": len(texts),
                "peer_seconds": peer_s, "peer_rows_per_s": peer,
                "local_rows_per_s": local_rate, "local_ratio": local_rate / peer,
+               "local_cpu_s": local["cpu_s"], "local_rows_per_cpu_s": cpu_rate,
                "local_peak_rss_mb": local["peak_rss_mb"], "small_peak_rss_mb": small_local["peak_rss_mb"],
                "counts": local["counts"]}
     if not args.skip_ray:
