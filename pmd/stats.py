@@ -88,8 +88,8 @@ def locate_build(root: Path) -> BuildFiles:
     shards: list[Path] = []
     for path in on_disk:
         try:
-            meta = pq.read_metadata(path)
-            file_schema = pq.read_schema(path)
+            with pq.ParquetFile(path) as parquet:  # one footer read for both
+                meta, file_schema = parquet.metadata, parquet.schema_arrow
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
             problems.append(f"{path}: unreadable Parquet ({exc.__class__.__name__}: {exc})")
             continue

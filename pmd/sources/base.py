@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pyarrow as pa
+
+from pmd import schema
+
 
 class Reason:
     """Rejection reasons: short, stable, machine-readable strings (they are grouped on in reports)."""
@@ -122,6 +126,48 @@ def decode_line(record: Record) -> str | Reject:
 def meta_json(fields: dict[str, Any]) -> str:
     """The `meta` column: the upstream fields a pair does not otherwise carry, as compact sorted JSON."""
     return _META_ENCODER.encode(fields)
+
+
+def _table(columns: dict[str, list], table_schema: pa.Schema) -> pa.Table:
+    # pyarrow 26 converts a Python list of long str to `string` ~20x slower than to `large_string`
+    # (0.39 s vs 0.02 s for 70k 300-char strings): convert to large_string, then cast (cheap).
+    arrays = []
+    for f in table_schema:
+        if f.type == pa.string():
+            arrays.append(pa.array(columns[f.name], type=pa.large_string()).cast(pa.string()))
+        else:
+            arrays.append(pa.array(columns[f.name], type=f.type))
+    return pa.Table.from_arrays(arrays, schema=table_schema)
+
+
+def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
+    columns = {
+        schema.KEY: [p.key for p in pairs],
+        schema.SOURCE: [source] * len(pairs),
+        schema.TEXT: [p.text for p in pairs],
+        schema.IMAGE_URL: [p.image_url for p in pairs],
+        schema.IMAGE_REF: [p.image_ref for p in pairs],
+        schema.SPLIT: [p.split for p in pairs],
+        schema.META: [p.meta for p in pairs],
+        schema.LANG: [p.lang for p in pairs],
+        schema.LANG_SCORE: [p.lang_score for p in pairs],
+    }
+    return _table(columns, schema.PAIR_SCHEMA)
+
+
+def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
+    columns = {
+        schema.KEY: [r.key for r in rejects],
+        schema.SOURCE: [source] * len(rejects),
+        schema.REASON: [r.reason for r in rejects],
+        schema.DETAIL: [r.detail for r in rejects],
+        schema.INPUT_FILE: [r.input_file for r in rejects],
+        schema.POSITION: [r.position for r in rejects],
+        schema.RECORD: [r.record for r in rejects],
+        schema.LANG: [r.lang for r in rejects],
+        schema.LANG_SCORE: [r.lang_score for r in rejects],
+    }
+    return _table(columns, schema.REJECT_SCHEMA)
 
 
 class SourceAdapter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import bz2
 import fnmatch
 import gzip
-import io
 import tarfile
 import zipfile
 import zlib
@@ -242,6 +241,3 @@ def decode_utf8(raw: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
 
-
-def text_stream(stream: IO[bytes]) -> io.TextIOWrapper:
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")

@@ -24,7 +24,8 @@ import polars as pl
 import pyarrow as pa
 
 from pmd import schema
-from pmd.sources.base import Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
+from pmd.sources.base import (Pair, Reason, Record, Reject, SourceAdapter, meta_json, pairs_table, reject,
+                              rejects_table)
 from pmd.sources.inputs import iter_lines
 from pmd.text import clean_caption, clean_flickr_series, language_identifier, word_count_series
 
@@ -76,15 +77,10 @@ class YfccAdapter(SourceAdapter):
         for path in inputs:
             yield from iter_lines(path)
 
-    # The fastText model is loaded lazily, once per process, and never pickled: Ray workers load their own.
-    def _identify(self, text: str):
-        identify = self.__dict__.get("_identify_fn")
-        if identify is None:
-            identify = self.__dict__["_identify_fn"] = language_identifier(self.options.lid_model or None).identify
-        return identify(text)
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_identify_fn", "_identifier")}
+    def _lid(self):
+        """The fastText model, loaded once per process (`language_identifier` caches it) and never pickled with
+        the adapter: Ray workers load their own."""
+        return language_identifier(self.options.lid_model or None)
 
     # ------------------------------------------------------------------------------------------ one record
     def convert(self, record: Record) -> Iterator[Pair | Reject]:
@@ -130,24 +126,20 @@ class YfccAdapter(SourceAdapter):
                 p, r = self._convert_tsv(group, _LAYOUTS[n])
                 pairs.append(p)
                 rejects.append(r)
-        from pmd.ingest import pairs_table, rejects_table  # the stage's table builders, for the few Python rows
-
         pairs.append(pairs_table([o for o in python_rows if isinstance(o, Pair)], self.name))
         rejects.insert(0, rejects_table([o for o in python_rows if isinstance(o, Reject)], self.name))
         return pa.concat_tables(pairs), pa.concat_tables(rejects)
 
     def _lid_columns(self, texts: pl.Series, wanted: pl.Series) -> tuple[pl.Series, pl.Series]:
         """fastText on the texts where `wanted`; (lang, score) columns, null elsewhere."""
-        identifier = self.__dict__.get("_identifier")
-        if identifier is None:
-            identifier = self.__dict__["_identifier"] = language_identifier(self.options.lid_model or None)
-        chosen = texts.filter(wanted)
-        langs, scores = identifier.identify_many(chosen.to_list())
-        lang = pl.Series([None] * len(texts), dtype=pl.String).scatter(wanted.arg_true(), pl.Series(langs, dtype=pl.String)) \
-            if len(langs) else pl.Series([None] * len(texts), dtype=pl.String)
-        score = pl.Series([None] * len(texts), dtype=pl.Float64).scatter(wanted.arg_true(), pl.Series(scores, dtype=pl.Float64)) \
-            if len(scores) else pl.Series([None] * len(texts), dtype=pl.Float64)
-        return lang, score
+        langs, scores = self._lid().identify_many(texts.filter(wanted).to_list())
+        where = wanted.arg_true()
+
+        def column(values: list, dtype) -> pl.Series:
+            out = pl.Series([None] * len(texts), dtype=dtype)
+            return out.scatter(where, pl.Series(values, dtype=dtype)) if values else out
+
+        return column(langs, pl.String), column(scores, pl.Float64)
 
     def _convert_tsv(self, group: list[Record], fields: tuple[str, ...]) -> tuple[pa.Table, pa.Table]:
         opts = self.options
@@ -274,7 +266,7 @@ class YfccAdapter(SourceAdapter):
             elif len(text.split()) < self.options.min_words:
                 verdict = (Reason.TOO_SHORT, None, None)
             else:
-                lang = self._identify(text)
+                lang = self._lid().identify(text)
                 if lang.lang == "en" and lang.score >= self.options.lang_threshold:
                     return None, (field, text, lang.lang, lang.score)
                 verdict = (Reason.NOT_ENGLISH, lang.lang, lang.score)
