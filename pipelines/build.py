@@ -38,7 +38,7 @@ from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, FileEntry, accounting_problems,
                         describe_file, file_sha256, remove_temp_files, shard_name, sum_counts, write_json_atomic,
                         write_parquet_atomic)
-from pipelines.download import DownloadOptions
+from pmd.download import DownloadOptions
 from pipelines.images_stage import (DETAIL, REASON, SHUFFLE_HASH, STAGE, TEXT_HASH, ChunkTask,
                                     chunk_name, read_chunk, run_chunk)
 from pipelines.ray_runtime import ray_session

@@ -26,7 +26,7 @@ from PIL import Image
 from pmd import schema
 from pmd.images import ImageOptions, ImageRejected, process_image
 from pmd.shards import shuffle_hash, text_hash
-from pipelines.download import DownloadOptions, download_chunk
+from pmd.download import DownloadOptions, download_chunk
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def _build_config(args: argparse.Namespace):
     import dataclasses
 
     from pipelines.build import BuildConfig, SourceSpec, load_config
-    from pipelines.download import DownloadOptions
+    from pmd.download import DownloadOptions
     from pmd.images import ImageOptions
 
     top = {"shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "seed": args.seed,

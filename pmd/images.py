@@ -50,7 +50,7 @@ _REDUCING_GAP = 3.0
 # real pixels to average (the same margin Image.thumbnail uses).
 _DRAFT_GAP = 2
 
-REASONS: tuple[str, ...] = ("decode_error", "too_small", "aspect_ratio", "too_many_pixels", "bad_box")
+REASONS: tuple[str, ...] = ("decode_error", "too_small", "aspect_ratio", "too_many_pixels", "bad_box", "too_large")
 
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -63,9 +63,12 @@ class ImageOptions:
     min_side: int = 32  # shorter side (after crop, before resize) below this -> "too_small"
     max_aspect_ratio: float = 6.0  # max(w, h) / min(w, h) above this -> "aspect_ratio"
     max_pixels: int = 89_478_485  # w * h (header size) above this -> "too_many_pixels"; Pillow's own default
+    # Encoded bytes of one image (a download body or an archive member) above this -> "too_large", checked before
+    # the bytes are held: PMD's images are a few hundred KB, a 32 MiB cap keeps hostile bodies out of memory.
+    max_image_bytes: int = 32 * 1024**2
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "jpeg_quality", "min_side", "max_pixels"):
+        for name in ("image_size", "jpeg_quality", "min_side", "max_pixels", "max_image_bytes"):
             value = getattr(self, name)
             # bool is an int subclass; True as a size is always a mistake.
             if not isinstance(value, int) or isinstance(value, bool):
@@ -76,6 +79,8 @@ class ImageOptions:
             raise ValueError(f"ImageOptions.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.min_side < 0:
             raise ValueError(f"ImageOptions.min_side must be >= 0, got {self.min_side}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"ImageOptions.max_image_bytes must be positive, got {self.max_image_bytes}")
         if self.max_pixels < 0:
             raise ValueError(f"ImageOptions.max_pixels must be >= 0, got {self.max_pixels}")
         if not isinstance(self.max_aspect_ratio, (int, float)) or isinstance(self.max_aspect_ratio, bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.download import DownloadOptions, classify_error, download_chunk
+from pmd.download import DownloadOptions, classify_error, download_chunk
 from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.images import ImageOptions
