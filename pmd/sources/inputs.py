@@ -309,7 +309,8 @@ def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) 
                 size, read = scanned.scanner.offset - read, scanned.scanner.offset
                 yield Record(name, index, item, size)
         except LimitExceeded as exc:
-            raise InputError(name, f"refused after element {index} of '{prefix}': {exc}") from exc
+            where = f"after element {index}" if index >= 0 else "before the first element"
+            raise InputError(name, f"refused {where} of '{prefix}': {exc}") from exc
         except ijson.JSONError as exc:
             raise InputError(name, f"invalid or truncated JSON after element {index} of '{prefix}' ({exc})") from exc
         except _READ_ERRORS as exc:
