@@ -216,10 +216,17 @@ class CaptionLimits:
         return None
 
     def too_long_mask(self, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-        """`problem(text) is not None` for a column of texts, vectorised (the columnar path)."""
+        """`problem(text) is not None` for a column of texts (the columnar path). Lengths are counted in columns;
+        words only where a text is long enough to hold too many (2 * max_words + 1 characters), with str.split,
+        so a "word" is exactly what `problem` counts (Arrow's whitespace split keeps empty pieces)."""
         chars = pc.utf8_length(texts)
-        words = pc.list_value_length(pc.utf8_split_whitespace(texts))
-        return pc.or_(pc.greater(chars, self.max_chars), pc.greater(words, self.max_words))
+        mask = pc.greater(chars, self.max_chars).to_pylist()
+        maybe = pc.and_(pc.less_equal(chars, self.max_chars), pc.greater_equal(chars, 2 * self.max_words + 1))
+        rows = pc.indices_nonzero(maybe).to_pylist()
+        if rows:
+            for row, text in zip(rows, pc.take(texts, rows).to_pylist()):
+                mask[row] = len(text.split()) > self.max_words
+        return pa.array(mask, type=pa.bool_())
 
 
 @lru_cache(maxsize=None)

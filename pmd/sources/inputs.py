@@ -119,23 +119,33 @@ _HEAD_BYTES = 2000
 _SKIP_PIECE = 1024**2
 
 
-def read_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[bytes | OversizedLine]:
-    """The lines of a binary stream with their endings, each at most `max_line` bytes without its ending; a longer
-    one is read past in 1 MiB pieces (never held) and given as an `OversizedLine`."""
+def _ending_length(tail: bytes) -> int:
+    """Bytes of line ending at the end of `tail` (a line's last two bytes): "\n", "\r\n", or a final "\r" at the
+    end of the file, the same ending `LineBlock.records` strips."""
+    newline = tail.endswith(b"\n")
+    rest = tail[:-1] if newline else tail
+    return newline + rest.endswith(b"\r")
+
+
+def read_lines(stream: IO[bytes], max_line: int | None = None) -> Iterator[bytes | OversizedLine]:
+    """The lines of a binary stream with their endings, each at most `max_line` (default MAX_LINE_BYTES) bytes
+    without its ending; a longer one is read past in 1 MiB pieces (never held) and given as an `OversizedLine`."""
+    max_line = MAX_LINE_BYTES if max_line is None else max_line
+    head_bytes = min(_HEAD_BYTES, max_line)
     readline = stream.readline
     limit = max_line + 2  # the line, "\r\n"
     while line := readline(limit):
         if line.endswith(b"\n") or len(line) < limit:
-            content = len(line) - (2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0)
-            yield line if content <= max_line else OversizedLine(line[:_HEAD_BYTES], content)
+            content = len(line) - _ending_length(line[-2:])
+            yield line if content <= max_line else OversizedLine(line[:head_bytes], content)
             continue
-        length = len(line)
+        head, length, tail = line[:head_bytes], len(line), line[-2:]
         while piece := readline(_SKIP_PIECE):
             length += len(piece)
+            tail = (tail + piece)[-2:]
             if piece.endswith(b"\n"):
-                length -= 2 if piece.endswith(b"\r\n") else 1
                 break
-        yield OversizedLine(line[:_HEAD_BYTES], length)
+        yield OversizedLine(head, length - _ending_length(tail))
 
 
 def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Callable[[bytes], bool] | None = None,
@@ -242,9 +252,11 @@ class LineRange:
             f.seek(self.start)
             data = f.read(self.end - self.start)
         records = LineBlock(name, first, data, self.lines).records()
+        max_line = MAX_LINE_BYTES
         for i, record in enumerate(records):
-            if len(record.raw) > MAX_LINE_BYTES:
-                records[i] = Record(name, record.position, OversizedLine(record.raw[:_HEAD_BYTES], len(record.raw)))
+            if len(record.raw) > max_line:
+                head = record.raw[:min(_HEAD_BYTES, max_line)]
+                records[i] = Record(name, record.position, OversizedLine(head, len(record.raw)))
         return records
 
 
