@@ -72,6 +72,33 @@ def _zip(path: Path) -> Iterator[zipfile.ZipFile]:
         yield archive
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(stream: IO[bytes]) -> IO[bytes]:
+    """The stream past a leading UTF-8 byte-order mark, if it has one: editors on Windows add it, and it would
+    otherwise glue onto the first field of a TSV or make a JSON parser refuse the file."""
+    peek = getattr(stream, "peek", None)
+    try:
+        if peek is not None and peek(3)[:3] == _BOM:
+            stream.read(3)
+    except _READ_ERRORS as exc:
+        return _Unreadable(exc)  # fails where the reader reads, whose error handling names the file and line
+    return stream
+
+
+class _Unreadable:
+    """A stream that failed before its first byte: every read raises that failure again."""
+
+    def __init__(self, exc: BaseException):
+        self._exc = exc
+
+    def read(self, size: int = -1) -> bytes:
+        raise self._exc
+
+    readline = read
+
+
 def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tuple[str, IO[bytes]]]:
     """Yield (display name, decompressed binary stream) for a file, or for each matching member of a zip.
 
@@ -91,7 +118,7 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
                     found = True
                     stream = archive.extractfile(member)
                     if stream is not None:
-                        yield f"{path}!{member.name}", _decompressing(member.name, stream)
+                        yield f"{path}!{member.name}", _without_bom(_decompressing(member.name, stream))
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise InputError(path, f"truncated or corrupt tar archive ({exc})") from exc
         if not found:
@@ -106,12 +133,12 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
             for name in sorted(names):
                 try:
                     with archive.open(name) as member:
-                        yield f"{path}!{name}", _decompressing(name, member)
+                        yield f"{path}!{name}", _without_bom(_decompressing(name, member))
                 except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
                     raise InputError(f"{path}!{name}", f"truncated or corrupt archive member ({exc})") from exc
     else:
         with open(path, "rb") as raw:
-            yield str(path), _decompressing(path.name, raw)
+            yield str(path), _without_bom(_decompressing(path.name, raw))
 
 
 #: Bytes of an over-long line kept to show in its rejection.
@@ -278,6 +305,9 @@ def iter_line_ranges(path: Path, lines_per_range: int) -> Iterator[LineRange]:
     start, pos, line_no, pending, last_newline_end = 0, 0, 1, 0, 0
     last = b""
     with open(path, "rb") as f:
+        if f.read(3) == _BOM:  # the same lines as iter_lines, which drops a leading BOM
+            start = pos = 3
+        f.seek(pos)
         while buf := f.read(_SCAN_BYTES):
             offset = 0
             while pending + buf.count(b"\n", offset) >= lines_per_range:
@@ -308,6 +338,10 @@ def _scanned(stream: IO[bytes], prefix: str) -> ScannedStream:
     return ScannedStream(stream, JsonScanner(item_depth=len(prefix.split(".")) if prefix else 0))
 
 
+def _where(index: int) -> str:
+    return f"after element {index}" if index >= 0 else "before the first element"
+
+
 def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) -> Iterator[Record]:
     """Items of a JSON array found at `prefix` (ijson syntax, e.g. `images.item`), streamed, with their index.
     Each Record's `size` is about the bytes its item took (what a chunk's byte budget counts)."""
@@ -321,12 +355,11 @@ def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) 
                 size, read = scanned.scanner.offset - read, scanned.scanner.offset
                 yield Record(name, index, item, size)
         except LimitExceeded as exc:
-            where = f"after element {index}" if index >= 0 else "before the first element"
-            raise InputError(name, f"refused {where} of '{prefix}': {exc}") from exc
+            raise InputError(name, f"refused {_where(index)} of '{prefix}': {exc}") from exc
         except ijson.JSONError as exc:
-            raise InputError(name, f"invalid or truncated JSON after element {index} of '{prefix}' ({exc})") from exc
+            raise InputError(name, f"invalid or truncated JSON {_where(index)} of '{prefix}' ({exc})") from exc
         except _READ_ERRORS as exc:
-            raise InputError(name, f"truncated or corrupt file after element {index} ({exc})") from exc
+            raise InputError(name, f"truncated or corrupt file {_where(index)} of '{prefix}' ({exc})") from exc
         if index < 0:
             raise InputError(name, f"no elements at '{prefix}': not the expected JSON layout")
 
