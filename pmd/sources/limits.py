@@ -34,12 +34,15 @@ MAX_LINE_BYTES = 4 * 1024**2
 CHUNK_BYTES = 16 * 1024**2
 
 _QUOTE, _BACKSLASH = 0x22, 0x5C
-_STRUCTURAL = np.zeros(256, dtype=bool)
-_STRUCTURAL[list(b"[]{},:")] = True
-# +1 opens a level, -1 closes one, 0 separates.
-_DELTA = np.zeros(256, dtype=np.int64)
-_DELTA[list(b"[{")] = 1
-_DELTA[list(b"]}")] = -1
+# One pass of bytes.translate (C speed) classifies every byte; numpy then works on the few that matter.
+_OPEN, _CLOSE, _SEPARATOR, _QUOTE_CLASS = 1, 2, 3, 4
+_CLASSES = bytearray(256)
+for _chars, _class in ((b"[{", _OPEN), (b"]}", _CLOSE), (b",:", _SEPARATOR), (b'"', _QUOTE_CLASS)):
+    for _char in _chars:
+        _CLASSES[_char] = _class
+_CLASSES = bytes(_CLASSES)
+# Depth change by class: +1 opens a level, -1 closes one, 0 separates.
+_DELTA = np.array([0, 1, -1, 0, 0], dtype=np.int64)
 
 
 class LimitExceeded(ValueError):
@@ -74,41 +77,43 @@ class JsonScanner:
         if not n:
             return
         base = self.offset
-        arr = np.frombuffer(chunk, dtype=np.uint8)
-        quotes = np.flatnonzero(arr == _QUOTE)
+        classes = np.frombuffer(chunk.translate(_CLASSES), dtype=np.uint8)
+        candidates = (classes != 0).nonzero()[0]  # quotes and structural bytes, in order (bool nonzero: 10x faster)
+        kinds = classes[candidates]
+        quote = kinds == _QUOTE_CLASS
         if self._backslashes or chunk.find(b"\\") >= 0:
-            quotes = quotes[~self._escaped(arr, quotes)]
+            escaped = self._escaped(np.frombuffer(chunk, dtype=np.uint8), candidates[quote])
+            if escaped.any():  # an escaped quote is string content: neither a quote nor a boundary
+                keep = np.ones(len(candidates), dtype=bool)
+                keep[np.flatnonzero(quote)[escaped]] = False
+                candidates, kinds, quote = candidates[keep], kinds[keep], quote[keep]
         # A byte is inside a string when an odd number of unescaped quotes (counting the carried state) precede it.
-        candidates = np.flatnonzero(_STRUCTURAL[arr])
-        before = np.searchsorted(quotes, candidates) + int(self._in_string)
-        structural = candidates[(before & 1) == 0]
-        self._in_string = bool((len(quotes) + int(self._in_string)) & 1)
+        before = np.cumsum(quote) - quote + int(self._in_string)
+        structural = ~quote & ((before & 1) == 0)
+        self._in_string = bool((int(np.count_nonzero(quote)) + int(self._in_string)) & 1)
+        positions = candidates[structural]
+        delta = _DELTA[kinds[structural]]
 
-        delta = _DELTA[arr[structural]]
         depth = self._depth + np.cumsum(delta)
         if len(depth):
-            deepest = int(depth.max())
-            if deepest > self.max_depth:
-                at = base + int(structural[np.argmax(depth > self.max_depth)])
+            if int(depth.max()) > self.max_depth:
+                at = base + int(positions[np.argmax(depth > self.max_depth)])
                 raise LimitExceeded(f"JSON nested deeper than {self.max_depth} levels", at)
             self._depth = int(depth[-1])
 
         # Tokens: no quote or structural byte lies inside one, so the longest gap between two such bytes bounds
         # the longest string, number or literal (strings: quote to quote, since their inner structurals are skipped).
-        mask = np.zeros(n, dtype=bool)
-        mask[quotes] = True
-        mask[structural] = True
-        boundaries = np.flatnonzero(mask) + base
+        boundaries = candidates[quote | structural] + base
         edges = np.concatenate(([self._last_boundary], boundaries, [base + n]))
         gaps = np.diff(edges)
-        if len(gaps) and int(gaps.max()) > self.max_token:
+        if int(gaps.max()) > self.max_token:
             at = int(edges[np.argmax(gaps > self.max_token)])
             raise LimitExceeded(f"a single JSON value longer than {self.max_token:,} bytes", max(at, 0))
         if len(boundaries):
             self._last_boundary = int(boundaries[-1])
 
         if self.item_depth is not None:
-            self._check_items(structural + base, delta, depth, base + n)
+            self._check_items(positions + base, delta, depth, base + n)
         self.offset = base + n
 
     def _escaped(self, arr: np.ndarray, quotes: np.ndarray) -> np.ndarray:
