@@ -2,7 +2,9 @@
 
 JSON: `iter_json_items` (numpy byte scan in front of ijson's C parser) vs `ijson.items` on the raw stream, on a
 Karpathy-like `dataset_coco.json` and on a Visual-Genome-like regions file. Lines: `iter_lines` (readline with a
-cap) vs `for line in stream`, on a YFCC-like TSV, plain and gzipped. Alternating rounds, median seconds and MB/s.
+cap) vs the same Records from `for line in stream`, on a YFCC-like TSV, plain and gzipped. YFCC conversion:
+`convert_tables_limited` (over-long lines and captions) vs `convert_tables`, on a chunk of realistic lines
+(benchmarks/bench_yfcc_ingest.py's generator). Alternating rounds, median seconds and MB/s.
 
     python benchmarks/bench_bounded_readers.py --mb 40 --rounds 5
 """
@@ -14,6 +16,7 @@ import gzip
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +25,10 @@ import ijson
 
 from pmd.sources.base import Record
 from pmd.sources.inputs import iter_json_items, iter_lines
+from pmd.sources.yfcc import YfccAdapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_yfcc_ingest import generate  # noqa: E402 - the same realistic YFCC lines as the ingest benchmark
 
 
 def karpathy_like(target: int, rng: random.Random) -> bytes:
@@ -98,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=40, help="size of each generated file in MB")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--yfcc-lines", type=int, default=50_000, help="lines of the YFCC conversion chunk")
     args = parser.parse_args()
     rng = random.Random(0)
     target = int(args.mb * 1e6)
@@ -114,6 +122,12 @@ def main() -> None:
             ("YFCC TSV", root / "yfcc.tsv", None),
             ("YFCC TSV .gz", root / "yfcc.tsv.gz", None),
         ]
+        yfcc_lines = root / "yfcc100m_dataset"
+        generate(yfcc_lines, args.yfcc_lines)
+        adapter = YfccAdapter()
+        records = [Record(str(yfcc_lines), i + 1, line.rstrip(b"\n"))
+                   for i, line in enumerate(yfcc_lines.read_bytes().splitlines(keepends=True))]
+        adapter.convert_tables(records[:100])  # load fastText outside the timings
         print(f"| input ({args.mb:g} MB) | unbounded s | bounded s | bounded / unbounded | bounded MB/s |")
         print("|---|---:|---:|---:|---:|")
         for label, path, prefix in cases:
@@ -130,6 +144,16 @@ def main() -> None:
             base, ours = statistics.median(runs["unbounded"]), statistics.median(runs["bounded"])
             raw_mb = (len(tsv) if prefix is None else path.stat().st_size) / 1e6
             print(f"| {label} | {base:.3f} | {ours:.3f} | {ours / base:.2f} | {raw_mb / ours:.0f} |")
+        runs = {"unbounded": [], "bounded": []}
+        for _ in range(args.rounds):
+            for kind, fn in (("unbounded", adapter.convert_tables), ("bounded", adapter.convert_tables_limited)):
+                start = time.perf_counter()
+                pairs, rejects = fn(records)
+                runs[kind].append(time.perf_counter() - start)
+                assert pairs.num_rows + rejects.num_rows == len(records)
+        base, ours = statistics.median(runs["unbounded"]), statistics.median(runs["bounded"])
+        print(f"| YFCC convert, {len(records):,} lines (rows/s) | {base:.3f} | {ours:.3f} | {ours / base:.2f} | "
+              f"{len(records) / ours:,.0f} rows/s |")
 
 
 if __name__ == "__main__":
