@@ -184,6 +184,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.export import ExportOptions, export
+
+    listing = export(Path(args.build), Path(args.out),
+                     ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
+    _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
+                     f"({listing['urls']}), listed in {args.out}/shards.json")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -266,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the build directory")
     p.add_argument("--no-sha256", action="store_true", help="skip the (slow) file digests")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")
+    p.add_argument("build", help="the build directory")
+    p.add_argument("--format", choices=("webdataset",), required=True, help="output format")
+    p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="pairs per tar (default 10000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -53,6 +53,14 @@ out = {r["key"]: hashlib.sha256(r["image"]).hexdigest() for r in ds.iter_rows()}
 ray.shutdown()
 print(json.dumps(out))
 """,
+    "webdataset": """
+import hashlib, json, sys
+import webdataset as wds
+out = {}
+for sample in wds.WebDataset(sys.argv[1:], shardshuffle=False):
+    out[json.loads(sample["json"])["key"]] = hashlib.sha256(sample["jpg"]).hexdigest()
+print(json.dumps(out))
+""",
     "datasets": """
 import hashlib, json, sys
 from datasets import load_dataset
@@ -76,6 +84,10 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     manifest = json.loads((out / "manifest.json").read_text())
     files = [str(out / s["file"]) for s in manifest["shards"]]
     assert len(files) >= 3
+    wds = root / "wds"
+    r = subprocess.run([PMD, "export", str(out), "--format", "webdataset", "--out", str(wds), "--shard-size", "10",
+                        "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     return out, files
 
 
@@ -94,7 +106,9 @@ def expected(corpus) -> dict[str, str]:
 
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_reader_in_a_fresh_process(reader, corpus, expected, tmp_path):
-    _, files = corpus
+    out, files = corpus
+    if reader == "webdataset":  # reads `pmd export --format webdataset` of the same corpus
+        files = sorted(str(p) for p in (out.parent / "wds").glob("*.tar"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     r = subprocess.run([sys.executable, "-c", READERS[reader], *files], capture_output=True, text=True,
@@ -107,6 +121,8 @@ def test_reader_in_a_fresh_process(reader, corpus, expected, tmp_path):
 def test_docs_name_only_tested_readers():
     """docs/build-format.md's list of readers is exactly the readers tested above."""
     text = (REPO / "docs" / "build-format.md").read_text()
-    line = next(ln for ln in text.splitlines() if "The files read with" in ln)
-    named = {"pyarrow": "pyarrow", "polars": "polars", "Ray Data": "ray_data", "`datasets`": "datasets"}
+    start = text.index("The files read with")
+    line = text[start:text.index("test_readers.py", start)]
+    named = {"pyarrow": "pyarrow", "polars": "polars", "Ray Data": "ray_data", "`datasets`": "datasets",
+             "WebDataset": "webdataset"}
     assert {v for k, v in named.items() if k in line} == set(READERS)
