@@ -7,8 +7,9 @@ import pytest
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reject
 from pmd.sources.yfcc import _FIELDS_25
+from tests.real_fixtures import REAL as REAL_FIXTURES
 
-REAL = Path(__file__).parents[3].parent / "shared" / "fixtures" / "real" / "yfcc100m_sample.tsv"
+REAL = REAL_FIXTURES / "yfcc100m_sample.tsv"
 
 
 def yfcc_line(photo_id: int, title: str = "", description: str = "", marker: str = "0", line_number: int = 0,
