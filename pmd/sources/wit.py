@@ -14,6 +14,9 @@ line becomes its own row (rejected as malformed) and the lines after it are read
 one row, not the rest of the shard.
 
 Keys are `wit/{shard}/{line}`, the 1-based line where the row starts (the header is line 1).
+
+Text: the reference description, else the English part of the attribution description, else the alt text, each
+above its word floor (`pmd/sources/wit_text.py`, options in `WitOptions`); `meta.text_field` names the column used.
 """
 
 from __future__ import annotations
