@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from pathlib import Path
 
 from PIL import Image
 
 from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.archives import ArchiveIndex
-from pmd.cli import _apply_decontaminate_flags
+from pmd.cli import _apply_decontaminate_flags, build_parser
 from pmd.decontaminate import EVAL_OVERLAP, STAGE, EvalHashIndex
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
@@ -60,11 +60,17 @@ def test_build_flags_and_config(tmp_path):
         '[decontaminate]\nagainst = ["evals"]\nthreshold = 8\n')
     config = load_config(tmp_path / "build.toml")
     assert config.decontaminate == EvalScreenOptions(against=[tmp_path / "evals"], threshold=8)
-    args = argparse.Namespace(decontaminate_against=[], eval_flickr_ids=[str(tmp_path / "dataset_flickr30k.json")],
-                              eval_hash_threshold=None)
+    args = build_parser().parse_args(["build", "--config", str(tmp_path / "build.toml"), "--out", "o",
+                                      "--eval-flickr-ids", str(tmp_path / "dataset_flickr30k.json")])
+    assert (args.decontaminate_against, args.eval_hash_threshold) == ([], None)
     _apply_decontaminate_flags(config, args)
     assert config.decontaminate.flickr_ids == [tmp_path / "dataset_flickr30k.json"]
     assert config.decontaminate.threshold == 8 and config.to_dict()["decontaminate"]["against"] == [
         str(tmp_path / "evals")]
+    args = build_parser().parse_args(["build", "cc", "x", "--out", "o", "--decontaminate-against", "a",
+                                      "--decontaminate-against", "b", "--eval-hash-threshold", "6"])
+    _apply_decontaminate_flags(config, args)
+    assert config.decontaminate.against == [tmp_path / "evals", Path("a"), Path("b")]
+    assert config.decontaminate.threshold == 6
     plain = BuildConfig(sources=[SourceSpec("conceptual_captions", [tmp_path / "meta.tsv"])], out=tmp_path / "p")
     assert plain.decontaminate.load() == (None, None)
