@@ -94,7 +94,8 @@ def load_eval_flickr_ids(paths: Iterable[Path | str]) -> dict[int, str]:
     ids: dict[int, str] = {}
     coco_eval: dict[int, str] | None = None
     captions: list[Path] = []
-    for path in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for path in paths:
         if not path.is_file():
             raise InputError(path, "no such file")
         if path.name == KARPATHY_ZIP:
@@ -109,11 +110,9 @@ def load_eval_flickr_ids(paths: Iterable[Path | str]) -> dict[int, str]:
         elif dataset is None and path.name.lower().endswith((".json", ".json.gz", ".json.bz2")):
             captions.append(path)
         else:
-            raise InputError(path, f"not an evaluation id file: expected Karpathy's dataset_flickr30k.json or "
-                                   f"dataset_coco.json, {KARPATHY_ZIP}, or COCO's captions_*2014.json "
-                                   f"(got a Karpathy file of dataset {dataset!r})" if dataset else
-                             "not an evaluation id file: expected Karpathy's dataset_flickr30k.json or "
-                             f"dataset_coco.json, {KARPATHY_ZIP}, or COCO's captions_*2014.json")
+            found = f" (a Karpathy split file of dataset {dataset!r})" if dataset else ""
+            raise InputError(path, f"not an evaluation id file{found}: expected Karpathy's dataset_flickr30k.json or "
+                                   f"dataset_coco.json, {KARPATHY_ZIP}, or COCO's captions_*2014.json")
     for path in captions:
         for cocoid, file_name, photo in _coco_captions_images(path):
             if coco_eval is None:
