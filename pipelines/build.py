@@ -266,8 +266,9 @@ def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
-def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
+def _run_chunk_with_state(task: ChunkTask, archive_state: object, screens: tuple = (None, None)) -> dict:
     task.archive_state = archive_state
+    task.eval_ids, task.eval_index = screens  # shipped once per build (executor.put), not once per task
     return run_chunk(task)
 
 
@@ -344,7 +345,7 @@ def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
 
 
 def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executor: _Executor,
-            screens: tuple = (None, None)) -> None:
+            screens: object = (None, None)) -> None:
     """Submit every chunk of the source whose result file is absent."""
     source_dir = config.out / WORK_DIR / "ingest" / spec.name
     chunk_dir = config.out / WORK_DIR / "images" / spec.name
@@ -368,9 +369,8 @@ def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executo
             if index in done:
                 continue
             task = ChunkTask(source=spec.name, index=index, candidates=table, path=chunk_dir / chunk_name(index),
-                             image_options=options, seed=config.seed, mode=spec.mode, download=config.download,
-                             eval_ids=screens[0], eval_index=screens[1])
-            executor.submit(_run_chunk_with_state, task, archive_state,
+                             image_options=options, seed=config.seed, mode=spec.mode, download=config.download)
+            executor.submit(_run_chunk_with_state, task, archive_state, screens,
                             on_done=lambda r: bar.update(r["rows"]))
         executor.drain()
     finally:
@@ -549,7 +549,7 @@ def run_build(config: BuildConfig) -> dict:
 
 def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict) -> dict:
     t = time.perf_counter()
-    screens = config.decontaminate.load()  # evaluation photo ids and pHashes, once for every source
+    screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
     for spec in config.sources:
         _images(config, spec, summaries[spec.name], executor, screens)
     timings["images_s"] = time.perf_counter() - t

@@ -74,3 +74,40 @@ def test_build_flags_and_config(tmp_path):
     assert config.decontaminate.threshold == 6
     plain = BuildConfig(sources=[SourceSpec("conceptual_captions", [tmp_path / "meta.tsv"])], out=tmp_path / "p")
     assert plain.decontaminate.load() == (None, None)
+
+
+def test_local_build_keeps_an_evaluation_image_out(tmp_path, capsys):
+    """`pmd build` end to end (in-process): the evaluation picture, stored at another size in the COCO zip, is removed
+    with its five captions; `pmd stats` counts them for the source and the evaluation set."""
+    import zipfile
+
+    from pmd import stats
+    from pmd.cli import main
+    from tests.pmd.sources._karpathy_fixtures import image
+
+    images, members = [], {}
+    for n in range(6):
+        name = f"COCO_train2014_{n:012d}.jpg"
+        images.append(image(n, "train", [(10 * n + j, f"Picture {n}, caption {j}.") for j in range(5)], imgid=n,
+                            filepath="train2014") | {"filename": name})
+        members[f"train2014/{name}"] = encode(picture(n).resize((400, 300)), "JPEG", quality=85)
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    archive = tmp_path / "train2014.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    evals = tmp_path / "flickr30k_test"
+    evals.mkdir()
+    (evals / "3.jpg").write_bytes(encode(picture(3), "JPEG", quality=95))
+    out = tmp_path / "out"
+    assert main(["build", "coco", str(karpathy), "--images", str(archive), "--out", str(out), "--executor", "local",
+                 "--decontaminate-against", str(evals), "-q", "--json"]) == 0
+    accounting = json.loads(capsys.readouterr().out)["accounting"]["coco"]
+    assert (accounting["pairs"], accounting["failures"]) == (25, 5)
+    assert accounting["failures_by_reason"] == {EVAL_OVERLAP: 5}
+    result = stats.audit(out)
+    assert result["trusted"], result["problems"]
+    assert result["eval_overlap"] == {"coco": {"flickr30k_test": 5}}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["decontaminate"]["against"] == [str(evals)]

@@ -142,3 +142,25 @@ def test_eval_overlap_counts(tmp_path):
 def test_phash_bytes_decodes_any_format():
     image = picture(7)
     assert phash_bytes(encode(image, "PNG")) == phash(image)
+
+
+def test_pmd_stats_reports_overlaps_per_source_and_set(tmp_path, capsys):
+    from pmd import stats
+    from pmd.cli import main
+    from tests.pmd.build_fixture import shard_row, write_build
+
+    overlap = [{"key": f"sbu_captions/{i}", "source": "sbu_captions", "image_url": f"http://x/{i}.jpg",
+                "image_ref": None, "stage": "decontaminate", "reason": EVAL_OVERLAP, "detail": detail}
+               for i, detail in enumerate(["flickr30k_test!1.jpg (flickr photo 1)",
+                                           "flickr30k_test!2.jpg (hamming 4)",
+                                           "coco_karpathy_test!COCO_val2014_000000000042.jpg (hamming 0)"])]
+    root = write_build(tmp_path / "b", [[shard_row("sbu_captions/9", "sbu_captions", "a dog", b"D" * 10)]], overlap,
+                       {"sbu_captions": {"input_rows": 4, "pairs": 1, "rejects": 0, "failures": 3,
+                                         "rejects_by_reason": {}}})
+    result = stats.audit(root)
+    assert result["trusted"], result["problems"]
+    assert result["eval_overlap"] == {"sbu_captions": {"coco_karpathy_test": 1, "flickr30k_test": 2}}
+    assert result["sources"]["sbu_captions"]["failures_by_stage"] == {"decontaminate": 3}
+    assert result["sources"]["sbu_captions"]["success"]["attempted"] == 1  # removed on purpose, not image failures
+    assert main(["stats", str(root)]) == 0
+    assert "evaluation images kept out of sbu_captions: coco_karpathy_test 1, flickr30k_test 2" in capsys.readouterr().out
