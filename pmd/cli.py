@@ -148,8 +148,20 @@ def _build_config(args: argparse.Namespace):
     if download:
         config.download = DownloadOptions(**{**dataclasses.asdict(config.download), **download})
     config.progress = not args.quiet
+    _apply_decontaminate_flags(config, args)
     assert isinstance(config.image, ImageOptions)
     return config
+
+
+def _apply_decontaminate_flags(config, args: argparse.Namespace) -> None:
+    """--decontaminate-against / --eval-flickr-ids / --eval-hash-threshold add to (or set) the config's values."""
+    from pmd.eval_screen import EvalScreenOptions
+
+    current = config.decontaminate
+    config.decontaminate = EvalScreenOptions(
+        against=[*current.against, *args.decontaminate_against],
+        flickr_ids=[*current.flickr_ids, *args.eval_flickr_ids],
+        threshold=current.threshold if args.eval_hash_threshold is None else args.eval_hash_threshold)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -301,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-cpus", type=float, default=None, help="CPUs per image/shard task (default 1)")
     p.add_argument("--json", action="store_true", help="print accounting and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--decontaminate-against", action="append", default=[], metavar="PATH",
+                   help="evaluation images (folder, zip or tar; repeatable): corpus images within the pHash "
+                        "threshold of one fail as eval_overlap")
+    p.add_argument("--eval-flickr-ids", action="append", default=[], metavar="PATH",
+                   help="Karpathy dataset_flickr30k.json / dataset_coco.json / caption_datasets.zip or COCO "
+                        "captions_*2014.json (repeatable): candidates that are these Flickr photos fail as "
+                        "eval_overlap before download")
+    p.add_argument("--eval-hash-threshold", type=int, default=None,
+                   help="largest pHash Hamming distance taken as the same image (default 10)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("verify", help="re-read every shard of a build against its manifest")
