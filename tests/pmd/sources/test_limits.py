@@ -288,3 +288,24 @@ def test_too_long_on_the_columnar_path_keeps_the_record_position(tmp_path: Path)
     rejected = rejects.to_pylist()
     assert [(r["key"], r["reason"], r["position"]) for r in rejected] == [("yfcc100m/2", Reason.TOO_LONG, 2)]
     assert rejected[0]["lang"] == "en"
+
+
+@pytest.mark.parametrize(("source", "fixture", "name"), [
+    ("coco", "karpathy_coco_sample.json", "dataset_coco.json"),
+    ("conceptual_captions", "cc3m_sample.tsv", "Validation_GCC-1.1.0-Validation.tsv"),
+    ("yfcc100m", "yfcc100m_sample.tsv", "yfcc100m_dataset-0"),
+])  # (the WIT rows in tests/fixtures/real are none English: no pairs to measure)
+def test_real_captions_sit_well_inside_their_limits(tmp_path: Path, source: str, fixture: str, name: str) -> None:
+    """Upstream rows as published: none is too long, and the longest kept caption has at least 2x headroom."""
+    from tests.real_fixtures import REAL
+
+    path = tmp_path / name
+    path.write_bytes((REAL / fixture).read_bytes())
+    adapter = create_adapter(source)
+    pairs, rejects, _ = convert_chunk(adapter, list(adapter.records([path])))
+    assert Reason.TOO_LONG not in rejects.column(schema.REASON).to_pylist()
+    assert pairs.num_rows > 0
+    limits = caption_limits(source)
+    texts = pairs.column(schema.TEXT).to_pylist()
+    assert 2 * max(map(len, texts)) <= limits.max_chars
+    assert 2 * max(len(t.split()) for t in texts) <= limits.max_words
