@@ -29,6 +29,9 @@ MAX_JSON_ITEM_BYTES = 8 * 1024**2
 #: Longest line of a line format accepted, in bytes (without its line ending). WIT has the longest real lines:
 #: context descriptions over csv's 128 KiB default field limit exist, a few hundred KB at most.
 MAX_LINE_BYTES = 4 * 1024**2
+#: Entries of a lookup table an adapter loads whole before streaming (Visual Genome's image_data.json: 108,077;
+#: Karpathy val+test images: 10,000): a file claiming more is refused rather than held (~200 bytes an entry).
+MAX_LOOKUP_ENTRIES = 1_000_000
 #: Bytes of upstream records per unit of ingest work: a chunk is cut at `chunk_records` records or this many
 #: bytes, whichever comes first, so a file of long rows cannot make one chunk hold gigabytes.
 CHUNK_BYTES = 16 * 1024**2

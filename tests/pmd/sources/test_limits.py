@@ -309,3 +309,25 @@ def test_real_captions_sit_well_inside_their_limits(tmp_path: Path, source: str,
     texts = pairs.column(schema.TEXT).to_pylist()
     assert 2 * max(map(len, texts)) <= limits.max_chars
     assert 2 * max(len(t.split()) for t in texts) <= limits.max_words
+
+
+def test_lookup_tables_loaded_whole_are_capped(tmp_path: Path, monkeypatch) -> None:
+    from pmd.sources import limits
+    from pmd.sources.karpathy import eval_cocoids
+    from pmd.sources.visual_genome import load_image_data
+
+    monkeypatch.setattr(limits, "MAX_LOOKUP_ENTRIES", 3)
+    image_data = tmp_path / "image_data.json"
+    image_data.write_text(json.dumps([{"image_id": i, "url": f"https://x.org/VG_100K/{i}.jpg"} for i in range(3)]))
+    assert len(load_image_data(image_data)) == 3
+    image_data.write_text(json.dumps([{"image_id": i, "url": f"https://x.org/VG_100K/{i}.jpg"} for i in range(4)]))
+    with pytest.raises(InputError, match="more than 3 image entries"):
+        load_image_data(image_data)
+    karpathy = tmp_path / "dataset_coco.json"
+    images = [{"split": "val" if i % 2 else "test", "cocoid": i, "filepath": "val2014", "filename": f"{i}.jpg",
+               "imgid": i, "sentences": []} for i in range(4)]
+    karpathy.write_text(json.dumps({"images": images[:3]}))
+    assert eval_cocoids(karpathy) == frozenset({0, 1, 2})
+    karpathy.write_text(json.dumps({"images": images}))
+    with pytest.raises(InputError, match="more than 3 val/test images"):
+        eval_cocoids(karpathy)
