@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
 from pmd.sources import limits
+from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
 from pmd.sources.inputs import iter_json_items, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
