@@ -162,6 +162,9 @@ def read_lines(stream: IO[bytes], max_line: int | None = None) -> Iterator[bytes
     readline = stream.readline
     limit = max_line + 2  # the line, "\r\n"
     while line := readline(limit):
+        if len(line) <= max_line:  # the common case: short enough whatever its ending
+            yield line
+            continue
         if line.endswith(b"\n") or len(line) < limit:
             content = len(line) - _ending_length(line[-2:])
             yield line if content <= max_line else OversizedLine(line[:head_bytes], content)
@@ -187,10 +190,10 @@ def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Calla
         line_no = 0
         try:
             for line_no, line in enumerate(read_lines(stream), start=1):
-                if line_no == 1 and skip_header is not None and skip_header(
-                        line.head if isinstance(line, OversizedLine) else line):
+                oversized = line.__class__ is OversizedLine
+                if line_no == 1 and skip_header is not None and skip_header(line.head if oversized else line):
                     continue
-                yield Record(name, line_no, line if isinstance(line, OversizedLine) else line.rstrip(b"\r\n"))
+                yield Record(name, line_no, line if oversized else line.rstrip(b"\r\n"))
         except _READ_ERRORS as exc:
             raise InputError(name, f"cannot read past this line: truncated or corrupt ({exc})", line_no) from exc
 
