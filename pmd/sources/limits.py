@@ -151,18 +151,28 @@ class JsonScanner:
 
 
 class ScannedStream:
-    """A binary stream whose bytes pass through a `JsonScanner` as the parser reads them."""
+    """A binary stream whose bytes pass through a `JsonScanner` before the parser reads them. The scan runs on
+    1 MiB blocks read ahead (its cost is per call as much as per byte), served to the parser in the sizes it asks."""
+
+    BLOCK = 1024**2
 
     def __init__(self, stream: IO[bytes], scanner: JsonScanner):
         self._stream = stream
         self.scanner = scanner
+        self._block = b""
+        self._pos = 0
 
     def read(self, size: int = -1) -> bytes:
         if size == 0:  # ijson probes the stream type with read(0)
             return b""
-        # Bounded reads only: read() of the whole stream would hold it before the scan could refuse it.
-        data = self._stream.read(size if size is not None and size > 0 else 64 * 1024)
-        self.scanner.feed(data)
+        if self._pos >= len(self._block):
+            # Bounded reads only: read() of the whole stream would hold it before the scan could refuse it.
+            self._block = self._stream.read(self.BLOCK)
+            self._pos = 0
+            self.scanner.feed(self._block)
+        size = size if size is not None and 0 < size else self.BLOCK
+        data = self._block[self._pos:self._pos + size]
+        self._pos += len(data)
         return data
 
 
