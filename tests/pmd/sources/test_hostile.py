@@ -44,11 +44,13 @@ def results(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_no_case_crashes_or_hangs(results) -> None:
     bad = {k: v for k, v in results.items() if isinstance(v, dict) and v.get("outcome") in ("crash", "hang")}
     assert not bad, "\n\n".join(f"{k}: {v.get('traceback') or v.get('message')}" for k, v in bad.items())
 
 
+@pytest.mark.slow
 def test_errors_name_the_file_and_rows_add_up(results) -> None:
     for case_id, r in results.items():
         if not isinstance(r, dict) or "outcome" not in r:
@@ -62,12 +64,14 @@ def test_errors_name_the_file_and_rows_add_up(results) -> None:
             assert NO_OUTPUT not in r["rejects"], case_id
 
 
+@pytest.mark.slow
 def test_whole_run_stays_far_below_a_gibibyte(results) -> None:
     # 278 hostile files, 10 MB lines and 200 KB of nested brackets among them, in one process.
     assert results["peak_rss_bytes"]["value"] < 1024**3
 
 
 @pytest.mark.parametrize("label", sorted(a.label for a in ADAPTERS))
+@pytest.mark.slow
 def test_each_adapter_reads_its_valid_sample_and_refuses_truncated_archives(results, label) -> None:
     valid = results[f"{label}/valid"]
     assert valid["outcome"] == "rows" and valid["pairs"] >= 1 and not valid["rejects"], valid
@@ -79,6 +83,7 @@ def test_each_adapter_reads_its_valid_sample_and_refuses_truncated_archives(resu
 
 
 @pytest.mark.parametrize("label", sorted(JSON_ADAPTERS))
+@pytest.mark.slow
 def test_json_limits_stop_the_reader_with_the_byte(results, label) -> None:
     def message(variant: str) -> str:
         r = results[f"{label}/{variant}"]
@@ -93,6 +98,7 @@ def test_json_limits_stop_the_reader_with_the_byte(results, label) -> None:
 
 
 @pytest.mark.parametrize("label", sorted(LINE_ADAPTERS))
+@pytest.mark.slow
 def test_line_formats_reject_the_bad_line_and_read_on(results, label) -> None:
     valid_pairs = results[f"{label}/valid"]["pairs"]
     long_line = results[f"{label}/ten_mb_line"]
@@ -108,6 +114,7 @@ def test_line_formats_reject_the_bad_line_and_read_on(results, label) -> None:
         assert results[f"{label}/deep_json_line"]["rejects"] == {Reason.MALFORMED: 1}
 
 
+@pytest.mark.slow
 def test_cli_refuses_the_reported_nested_bracket_file_under_a_2_gib_cap(tmp_path: Path) -> None:
     """The report: 200 KB of nested brackets given to `pmd ingest red_caps` grew to 24 GB. Now: a clear error."""
     deep = tmp_path / "deep.json"
