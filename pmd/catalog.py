@@ -28,6 +28,8 @@ class CatalogEntry:
     homepage: str
     table2_pairs: int
     table2_avg_words: float
+    max_caption_chars: int
+    max_caption_words: int
     table2_apportioned: bool = False
 
     def to_dict(self) -> dict:

@@ -137,7 +137,8 @@ def _build_config(args: argparse.Namespace):
             raise ValueError("give SOURCE INPUT... (or --config FILE)")
         spec = SourceSpec(args.source, args.inputs, args.images or [], _parse_options(args.option))
         config = BuildConfig(sources=[spec], out=args.out, **{k: v for k, v in top.items() if v is not None})
-    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality}.items()
+    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality,
+                               "max_image_bytes": args.max_image_bytes}.items()
              if v is not None}
     if image:
         config.image = dataclasses.replace(config.image, **image)
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="shuffle seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="shorter side after resize; 0 keeps the size")
     p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images (default 95)")
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="bytes of one image (download body or archive member) above which the row fails as "
+                        "too_large (default 32 MiB)")
     p.add_argument("--timeout", type=float, default=None, help="download timeout in seconds (default 10)")
     p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
