@@ -197,6 +197,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.takedown import apply, read_request
+
+    kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
+                                          ("image_sha256", args.image_sha256)) if v)
+    request = read_request(kind, Path(path), args.reason or "")
+    result = apply(Path(args.out), request)
+    if result["applied"]:
+        _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
+                         f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
+    else:
+        _console().print(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -341,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds (default 60)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch_metadata)
+
+    p = sub.add_parser("takedown", help="remove the pairs a removal request names from a built corpus")
+    p.add_argument("out", help="the build directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--urls", metavar="FILE", help="image URLs to remove, one per line")
+    which.add_argument("--keys", metavar="FILE", help="pair keys to remove, one per line")
+    which.add_argument("--image-sha256", metavar="FILE", help="image sha256 digests to remove, one per line")
+    p.add_argument("--reason", default=None, help="recorded with the request and in each failure's detail")
+    p.set_defaults(func=cmd_takedown)
 
     p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")
     p.add_argument("build", help="the build directory")
