@@ -1,8 +1,8 @@
 """The ``flava`` command: thin wrappers over flava.train, flava.evaluate and flava.tokenizer.
 
     flava train --config configs/tiny.yaml --data BUILD --out RUN [--steps N] [--nproc N] [key=value ...]
-    flava eval retrieval --checkpoint RUN --data SHARDS [--json]
-    flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--json]
+    flava eval retrieval --checkpoint RUN --data SHARDS [--split test] [--save-embeddings FILE.npz] [--json]
+    flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--single-template] [--json]
     flava tokenizer train --data SHARDS --out DIR [--vocab-size N]
     flava export --checkpoint RUN --out DIR
 """
@@ -50,12 +50,18 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or transformers FLAVA dir/name")
         q.add_argument("--data", nargs="+", required=True, help="pair shards (held-out)")
         q.add_argument("--split", default=None, help="only rows whose split column equals this")
-        q.add_argument("--limit", type=int, default=1000, help="at most this many pairs (0: all)")
+        q.add_argument("--limit", type=int, default=None, help="at most this many pair rows (default: the whole split)")
         q.add_argument("--device", default="cpu")
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "retrieval":
+            q.add_argument("--save-embeddings", default=None, metavar="FILE.npz",
+                           help="write image_embeddings, text_embeddings and text_image_index (each text's image)")
         if name == "zeroshot":
             q.add_argument("--classes", required=True, help="comma-separated class names, or a file with one a line")
-            q.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default CLIP's)")
+            q.add_argument("--templates", default=None,
+                           help="'|'-separated prompt templates with {} (default: CLIP's 80 ImageNet templates)")
+            q.add_argument("--single-template", action="store_true",
+                           help="only 'a photo of a {}.' instead of the 80-template ensemble")
             q.add_argument("--label-key", default="label", help="key of the true label in the meta JSON column")
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -136,7 +142,8 @@ def _cmd_eval(args) -> int:
 
     limit = args.limit or None
     if args.eval_command == "retrieval":
-        res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device)
+        res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device,
+                                 save_embeddings=args.save_embeddings)  # fmt: skip
     else:
         classes = args.classes
         if os.path.isfile(classes):
@@ -144,7 +151,11 @@ def _cmd_eval(args) -> int:
                 names = [line.strip() for line in f if line.strip()]
         else:
             names = [c.strip() for c in classes.split(",") if c.strip()]
+        from .templates import SINGLE_TEMPLATE
+
         templates = args.templates.split("|") if args.templates else None
+        if templates is None and args.single_template:
+            templates = [SINGLE_TEMPLATE]
         res = evaluate.zeroshot(args.checkpoint, args.data, names, templates, label_key=args.label_key,
                                 split=args.split, limit=limit, device=args.device)  # fmt: skip
     _print_result(res, args.json)
