@@ -43,6 +43,11 @@ class ModelSection:
     pretrained: str | None = None  # transformers FLAVA dir or hub name (facebook/flava-full) to start from
     codebook: str = "random"  # "random" (offline tests/demo) | a dir / file / hub name (facebook/flava-image-codebook)
     codebook_seed: int = 0
+    # Encoder-only initial weights (paper section 3.3; flava.init_weights): a transformers ViT (DINO ViT-B/16
+    # layout) for the image encoder; a BERT / RoBERTa, or a FLAVA run / export (the text-only MLM stage), for the
+    # text encoder. A directory or hub name; None: random init.
+    image_encoder_init: str | None = None
+    text_encoder_init: str | None = None
     # From scratch, the text vocabulary follows the tokenizer (a trained WordPiece vocab is smaller than BERT's).
     text_vocab_from_tokenizer: bool = True
 
