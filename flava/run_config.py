@@ -206,6 +206,8 @@ class RunConfig:
             raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
         if r.checkpoint_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ConfigError("run: checkpoint_every, log_every and keep_checkpoints must be >= 1")
+        if self.model.pretrained and (self.model.image_encoder_init or self.model.text_encoder_init):
+            raise ConfigError("model.pretrained and model.image/text_encoder_init exclude each other: choose one start")
         if self.model.pretrained is None and self.model.preset not in ("tiny", "flava_full"):
             raise ConfigError(f"model.preset must be tiny or flava_full, got {self.model.preset!r}")
 
