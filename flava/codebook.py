@@ -76,6 +76,13 @@ class ImageCodebook:
         return logits.argmax(dim=1).flatten(1)
 
 
+RANDOM_CODEBOOK_WARNING = (
+    "!!! model.codebook=random: the MIM and MMM-image targets come from a RANDOMLY initialised dVAE, not DALL-E's. "
+    "Fine for tests and demos; for real pretraining set model.codebook=facebook/flava-image-codebook "
+    "(or a local copy from `flava fetch-assets`) !!!"
+)
+
+
 def random_codebook(config: CodebookConfig | None = None, seed: int | None = 0) -> ImageCodebook:
     """A randomly initialised codebook (offline tests, benchmarks)."""
     from transformers import FlavaImageCodebook

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_mod
-from .codebook import load_codebook, map_pixels, random_codebook
+from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
 from .init_weights import apply_init_configs, load_encoder_init
@@ -128,6 +128,8 @@ def build_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[FlavaC
 
 def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
     if cfg.model.codebook == "random":
+        if {"pairs", "images"} & set(cfg.data.active_kinds()):
+            log.warning(RANDOM_CODEBOOK_WARNING)
         cb = random_codebook(mcfg.codebook, seed=cfg.model.codebook_seed)
     else:
         cb = load_codebook(cfg.model.codebook, config=mcfg.codebook)

@@ -132,3 +132,22 @@ def test_two_stage_recipe_text_only_mlm_then_full(tmp_path):
     torch.manual_seed(cfg2.run.seed)  # what stage 2 would have started from without the text init
     fresh = FlavaForPretraining(m1.config).state_dict()
     assert not torch.equal(fresh["text_encoder.layers.0.qkv.weight"], s2["text_encoder.layers.0.qkv.weight"])
+
+
+def test_random_codebook_warns_and_flava_full_refuses_it(caplog):
+    from flava.codebook import RANDOM_CODEBOOK_WARNING
+    from flava.train import build_codebook
+
+    cfg = load_run_config("tiny")
+    with caplog.at_level("WARNING"):
+        build_codebook(cfg, cfg.model.build(), "cpu")
+    assert RANDOM_CODEBOOK_WARNING in caplog.text
+    caplog.clear()
+    text_only = load_run_config("tiny", ["data.ratios={text: 1.0}"])  # no image targets: nothing to warn about
+    with caplog.at_level("WARNING"):
+        build_codebook(text_only, text_only.model.build(), "cpu")
+    assert RANDOM_CODEBOOK_WARNING not in caplog.text
+    with pytest.raises(ConfigError, match="flava_full with model.codebook=random"):
+        load_run_config("flava_full", ["model.codebook=random"])
+    assert load_run_config("flava_full", ["model.codebook=random", "model.allow_random_codebook=true"])
+    assert load_run_config("flava_full").model.codebook == "facebook/flava-image-codebook"
