@@ -68,7 +68,7 @@ class ImageCodebook:
     @torch.no_grad()
     def token_ids(self, pixel_values: Tensor) -> Tensor:
         """``[B, 3, 8g, 8g]`` map_pixels-ed images -> ``[B, g*g]`` codebook ids. Always fp32: under bf16 autocast
-        about 1.5% of the tokens change (flava-reference.md section 7)."""
+        about 1.5% of the tokens change (measured with random weights, transformers 5.23, CPU)."""
         self.model.eval()
         x = pixel_values.to(device=self.device, dtype=torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
