@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_mod
 from .config import FlavaConfig
-from .data import DataError, decode_eval, normalize_images, read_pairs
+from .data import DataError, decode_eval, normalize_images
 from .model import FlavaForPretraining
 from .templates import IMAGENET_TEMPLATES
 from .tokenizer import TextTokenizer, load_tokenizer
@@ -65,38 +65,12 @@ def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 
 @torch.no_grad()
-def embed_images(lm: LoadedModel, images: list[bytes], batch_size: int = 64, device="cpu") -> tuple[torch.Tensor, list[int]]:
-    """L2-normalised image embeddings and the indices of the images that decoded (the others are skipped)."""
-    size = lm.model.config.image.image_size
-    arrays, ok = [], []
-    for i, data in enumerate(images):
-        try:
-            arrays.append(decode_eval(data, size))
-            ok.append(i)
-        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted by the caller
-            continue
-    out = []
-    for s in range(0, len(arrays), batch_size):
-        px = torch.from_numpy(np.stack(arrays[s : s + batch_size])).permute(0, 3, 1, 2)
-        out.append(F.normalize(lm.model.encode_image(normalize_images(px.to(device))).float(), dim=-1))
-    dim = lm.model.config.projection_dim
-    return (torch.cat(out) if out else torch.zeros(0, dim)), ok
-
-
-@torch.no_grad()
 def embed_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256, device="cpu") -> torch.Tensor:
     out = []
     for s in range(0, len(texts), batch_size):
         ids, attn = lm.tokenizer.encode(texts[s : s + batch_size], lm.text_max_length)
         out.append(F.normalize(lm.model.encode_text(ids.to(device), attn.to(device)).float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, lm.model.config.projection_dim)
-
-
-def recall_at_k(sim: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
-    """``sim [Q, N]`` with the true match of query i at column i -> fraction of queries whose match ranks < k."""
-    target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(dim=1)  # ties count in the query's favour
-    return {k: float((rank < k).float().mean()) for k in ks}
 
 
 def retrieval_ranks(
@@ -135,13 +109,14 @@ def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)) -> dict:
 
 
 def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None = None):
-    """``(image_key, image bytes, text)`` of every pair row in file order, streamed one row group at a time. The key
-    identifies the image across rows: the shard's ``image_sha256`` column, else the sha256 of the bytes."""
+    """``(image_key, image bytes, text, meta)`` of every pair row in file order, streamed one row group at a time. The
+    key identifies the image across rows: the shard's ``image_sha256`` column, else the sha256 of the bytes; ``meta``
+    is the row's meta JSON string (None without that column)."""
     import hashlib
 
     import pyarrow.parquet as pq
 
-    from pmd.schema import IMAGE, IMAGE_SHA256, SPLIT, TEXT
+    from pmd.schema import IMAGE, IMAGE_SHA256, META, SPLIT, TEXT
 
     from .data import resolve_files
 
@@ -155,7 +130,7 @@ def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None
                 raise DataError(f"{f}: wrong schema for pairs: missing column(s) {missing}")
             if split and SPLIT not in names:
                 raise DataError(f"{f}: --split {split!r} given but the shard has no {SPLIT!r} column")
-            cols = [IMAGE, TEXT] + [c for c in (IMAGE_SHA256,) if c in names] + ([SPLIT] if split else [])
+            cols = [IMAGE, TEXT] + [c for c in (IMAGE_SHA256, META) if c in names] + ([SPLIT] if split else [])
             for g in range(pf.metadata.num_row_groups):
                 t = pf.read_row_group(g, columns=cols).to_pydict()
                 for i in range(len(t[TEXT])):
@@ -163,7 +138,7 @@ def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None
                         continue
                     img = t[IMAGE][i]
                     key = t[IMAGE_SHA256][i] if IMAGE_SHA256 in t and t[IMAGE_SHA256][i] else None
-                    yield key or hashlib.sha256(img).hexdigest(), img, t[TEXT][i]
+                    yield key or hashlib.sha256(img).hexdigest(), img, t[TEXT][i], t[META][i] if META in t else None
                     n += 1
                     if limit is not None and n >= limit:
                         return
@@ -191,7 +166,7 @@ def retrieval_embeddings(
             img_out.append(F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1).cpu())
             pending.clear()
 
-    for key, img, text in iter_eval_rows(list(data), split=split, limit=limit):
+    for key, img, text, _ in iter_eval_rows(list(data), split=split, limit=limit):
         rows += 1
         if key not in index:
             try:
@@ -259,52 +234,66 @@ def zeroshot(
     """Classify images against prompts built from ``classes``. ``templates`` default to CLIP's 80 ImageNet prompts
     (``flava.templates.IMAGENET_TEMPLATES``), ensembled as CLIP does (:func:`class_embeddings`). The true label of a
     row is ``meta[label_key]`` when the shard's meta JSON has it, else the longest class name in its caption."""
-    import pyarrow.parquet as pq
-
-    from pmd.schema import META
-
-    from .data import resolve_files
-
     templates = list(templates or IMAGENET_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DataError(f"prompt template(s) without a {{}} for the class name: {bad}")
     lm = load_for_eval(model_path, device)
-    images, texts = read_pairs(list(data), split=split, limit=limit)
-    metas: list[str | None] = []
-    for path in data:  # meta aligned with read_pairs' order
-        for f in resolve_files(path, "pairs")[1]:
-            pf = pq.ParquetFile(f)
-            if META in pf.schema_arrow.names:
-                rows = pf.read(columns=[META] + (["split"] if split else [])).to_pydict()
-                metas += [m for i, m in enumerate(rows[META]) if not split or rows["split"][i] == split]
-            else:
-                metas += [None] * pf.metadata.num_rows
-    labels = []
+    weights = class_embeddings(lm, classes, templates, device=device)
     by_len = sorted(range(len(classes)), key=lambda i: -len(classes[i]))
-    for i, text in enumerate(texts):
-        label = None
-        m = metas[i] if i < len(metas) else None
-        if m:
-            try:
-                value = json.loads(m).get(label_key)
-                label = classes.index(value) if value in classes else None
-            except (ValueError, AttributeError):
-                label = None
-        if label is None:
-            low = text.lower()
-            label = next((c for c in by_len if classes[c].lower() in low), None)
-        labels.append(label)
-    keep = [i for i, lab in enumerate(labels) if lab is not None]
-    img, ok = embed_images(lm, [images[i] for i in keep], device=device)
-    y = torch.tensor([labels[keep[i]] for i in ok])
-    logits = img @ class_embeddings(lm, classes, templates, device=device).t()
     k5 = min(5, len(classes))
-    top = logits.topk(k5, dim=1).indices
+    size = lm.model.config.image.image_size
+    counts = {"n": 0, "top1": 0, "top5": 0, "rows": 0, "unlabelled": 0, "undecodable": 0}
+    pixels: list[np.ndarray] = []
+    labels: list[int] = []
+
+    def flush() -> None:  # images are scored a batch at a time: nothing of the split is held
+        if not pixels:
+            return
+        px = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
+        with torch.no_grad():
+            img = F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1)
+        top = (img @ weights.to(img.device).t()).topk(k5, dim=1).indices.cpu()
+        y = torch.tensor(labels)
+        counts["n"] += len(y)
+        counts["top1"] += int((top[:, 0] == y).sum())
+        counts["top5"] += int((top == y[:, None]).any(1).sum())
+        pixels.clear()
+        labels.clear()
+
+    for _, image, text, meta in iter_eval_rows(list(data), split=split, limit=limit):
+        counts["rows"] += 1
+        label = _label(meta, text, classes, by_len, label_key)
+        if label is None:
+            counts["unlabelled"] += 1
+            continue
+        try:
+            pixels.append(decode_eval(image, size))
+        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted
+            counts["undecodable"] += 1
+            continue
+        labels.append(label)
+        if len(pixels) >= 64:
+            flush()
+    flush()
+    n = counts["n"]
     return {
         "templates": len(templates),
-        "top1": float((top[:, 0] == y).float().mean()) if len(y) else 0.0,
-        "top5": float((top == y[:, None]).any(1).float().mean()) if len(y) else 0.0,
-        "n": int(len(y)), "unlabelled": len(texts) - len(keep), "classes": len(classes),
-        "chance_top1": 1.0 / len(classes), "model": lm.source,
+        "top1": counts["top1"] / n if n else 0.0,
+        "top5": counts["top5"] / n if n else 0.0,
+        "n": n, "rows": counts["rows"], "unlabelled": counts["unlabelled"], "undecodable": counts["undecodable"],
+        "classes": len(classes), "chance_top1": 1.0 / len(classes), "model": lm.source,
     }  # fmt: skip
+
+
+def _label(meta: str | None, text: str, classes: list[str], by_len: list[int], label_key: str) -> int | None:
+    """The class of a row: ``meta[label_key]`` when it names a class, else the longest class name in the caption."""
+    if meta:
+        try:
+            value = json.loads(meta).get(label_key)
+            if value in classes:
+                return classes.index(value)
+        except (ValueError, AttributeError):
+            pass
+    low = text.lower()
+    return next((c for c in by_len if classes[c].lower() in low), None)

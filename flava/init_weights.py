@@ -257,7 +257,8 @@ def bert_to_text_encoder(sd: dict[str, Tensor], num_layers: int, kind: str = "be
     sd.pop("embeddings.token_type_ids", None)
     out = _map_params(sd, "text_encoder.", BERT_PARAM_MAP)
     if kind == "roberta":  # RoBERTa numbers positions from pad_token_id + 1
-        out["text_encoder.position_embeddings.weight"] = out["text_encoder.position_embeddings.weight"][pad_token_id + 1 :]
+        key = "text_encoder.position_embeddings.weight"
+        out[key] = out[key][pad_token_id + 1 :]
     out.update(_map_layers(sd, "encoder.layer.", "text_encoder.layers.", BERT_QKV, BERT_LAYER_MAP, num_layers))
     _no_leftovers(sd, _used(sd, BERT_QKV, BERT_LAYER_MAP, BERT_PARAM_MAP, num_layers), kind)
     return out

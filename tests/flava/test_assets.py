@@ -77,29 +77,36 @@ def test_select_files():
     assert select_files(files, "tokenizer") == ["config.json", "tokenizer.json", "vocab.txt"]
 
 
-def test_missing_asset_is_one_exact_line(tmp_path):
+def test_missing_asset_is_one_exact_line(tmp_path, capsys):
+    # in process: conftest set HF_HUB_OFFLINE=1 before huggingface_hub was imported
+    from flava.cli import main
+
     cfg = _config(tmp_path)
     build = make_build(tmp_path / "b", n=8, size=32, shards=1)
-    r = _flava(["train", "--config", str(cfg), "--data", str(build), "--out", str(tmp_path / "run"), *COMMON],
-               _offline(tmp_path))  # fmt: skip
-    assert r.returncode == 2
-    assert r.stderr.splitlines() == [
+    assert main(["train", "--config", str(cfg), "--data", str(build), "--out", str(tmp_path / "run"), *COMMON]) == 2
+    assert capsys.readouterr().err.splitlines() == [
         f"flava: error: missing asset codebook (model.codebook=acme/tiny-codebook): not in the Hugging Face cache and "
         f"HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets --config {cfg} --to "
         f"ASSETS_DIR {' '.join(COMMON)}"
     ]
     assert not (tmp_path / "run").exists()
-    r = _flava(["eval", "retrieval", "--checkpoint", "acme/flava-full", "--data", str(build)], _offline(tmp_path))
-    assert r.returncode == 2
-    assert r.stderr.splitlines() == [
+    assert main(["eval", "retrieval", "--checkpoint", "acme/flava-full", "--data", str(build)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
         "flava: error: missing asset model (--checkpoint=acme/flava-full): not in the Hugging Face cache and "
         "HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets --config tiny --to ASSETS_DIR "
         "model.pretrained=acme/flava-full (then --checkpoint ASSETS_DIR/pretrained)"
     ]
-    r = _flava(["export", "--checkpoint", "acme/flava-run", "--out", str(tmp_path / "x")], _offline(tmp_path))
-    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
-    assert r.stderr.startswith("flava: error: missing asset model (--checkpoint=acme/flava-run): ")
-    # with the hub reachable but the asset absent there: the same kind of line, no traceback
+    assert main(["export", "--checkpoint", "acme/flava-run", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("flava: error: missing asset model (--checkpoint=acme/flava-run): ")
+
+
+@pytest.mark.slow
+def test_asset_absent_from_a_reachable_hub(tmp_path):
+    """In a subprocess: HF_ENDPOINT and HF_HUB_OFFLINE are read when huggingface_hub is imported."""
+    cfg = _config(tmp_path)
+    build = make_build(tmp_path / "b", n=8, size=32, shards=1)
     with FakeHub({}) as hub:
         r = _flava(["train", "--config", str(cfg), "--data", str(build), "--out", str(tmp_path / "run"), *COMMON],
                    {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf2"), "HF_HUB_DISABLE_TELEMETRY": "1"})
