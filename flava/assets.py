@@ -148,8 +148,8 @@ def ensure_asset(asset: Asset, fetch: str) -> None:
     if _in_cache(asset):
         return
     if _offline():
-        raise AssetError(asset.name, asset.key, asset.value, "not in the Hugging Face cache and HF_HUB_OFFLINE is set",
-                         fetch)  # fmt: skip
+        reason = "neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        raise AssetError(asset.name, asset.key, asset.value, reason, fetch)
     try:
         from huggingface_hub import snapshot_download
 
@@ -158,7 +158,8 @@ def ensure_asset(asset: Asset, fetch: str) -> None:
     except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end in the same one-line advice
         from huggingface_hub import constants
 
-        reason = f"not in the Hugging Face cache and not downloadable from {constants.ENDPOINT} ({type(e).__name__})"
+        reason = (f"neither a local path nor in the Hugging Face cache, and not downloadable from {constants.ENDPOINT} "
+                  f"({type(e).__name__})")  # fmt: skip
         raise AssetError(asset.name, asset.key, asset.value, reason, fetch) from None
 
 

@@ -85,16 +85,16 @@ def test_missing_asset_is_one_exact_line(tmp_path, capsys):
     build = make_build(tmp_path / "b", n=8, size=32, shards=1)
     assert main(["train", "--config", str(cfg), "--data", str(build), "--out", str(tmp_path / "run"), *COMMON]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"flava: error: missing asset codebook (model.codebook=acme/tiny-codebook): not in the Hugging Face cache and "
-        f"HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets --config {cfg} --to "
-        f"ASSETS_DIR {' '.join(COMMON)}"
+        f"flava: error: missing asset codebook (model.codebook=acme/tiny-codebook): neither a local path nor in the "
+        f"Hugging Face cache, and HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets "
+        f"--config {cfg} --to ASSETS_DIR {' '.join(COMMON)}"
     ]
     assert not (tmp_path / "run").exists()
     assert main(["eval", "retrieval", "--checkpoint", "acme/flava-full", "--data", str(build)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "flava: error: missing asset model (--checkpoint=acme/flava-full): not in the Hugging Face cache and "
-        "HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets --config tiny --to ASSETS_DIR "
-        "model.pretrained=acme/flava-full (then --checkpoint ASSETS_DIR/pretrained)"
+        "flava: error: missing asset model (--checkpoint=acme/flava-full): neither a local path nor in the Hugging "
+        "Face cache, and HF_HUB_OFFLINE is set; fetch it on a machine with network: flava fetch-assets --config tiny "
+        "--to ASSETS_DIR model.pretrained=acme/flava-full (then --checkpoint ASSETS_DIR/pretrained)"
     ]
     assert main(["export", "--checkpoint", "acme/flava-run", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -111,8 +111,8 @@ def test_asset_absent_from_a_reachable_hub(tmp_path):
         r = _flava(["train", "--config", str(cfg), "--data", str(build), "--out", str(tmp_path / "run"), *COMMON],
                    {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf2"), "HF_HUB_DISABLE_TELEMETRY": "1"})
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
-        assert r.stderr.startswith("flava: error: missing asset codebook (model.codebook=acme/tiny-codebook): not in "
-                                   f"the Hugging Face cache and not downloadable from {hub.url} (")  # fmt: skip
+        assert r.stderr.startswith("flava: error: missing asset codebook (model.codebook=acme/tiny-codebook): neither "
+                                   f"a local path nor in the Hugging Face cache, and not downloadable from {hub.url} (")
         r = _flava(["fetch-assets", "--config", str(cfg), "--to", str(tmp_path / "a")],
                    {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf2"), "HF_HUB_DISABLE_TELEMETRY": "1"})
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
