@@ -129,12 +129,13 @@ def test_compare_two_builds(tmp_path, capsys):
     rows.append(shard_row("yfcc100m/20", "yfcc100m", "a new photo of the bay", b"E" * 10, lang="en",
                           lang_score=0.8))
     write_build(after, [rows], [], {})
-    result = stats.compare(after, before)
+    result = stats.compare(after, before, lost_keys_to=tmp_path / "lost.parquet")
     assert result["total"] == {"before": 8, "after": 7, "gained": 1, "lost": 2}
     assert result["sources"]["coco"]["lost_examples"] == ["coco/2"]
     assert result["sources"]["yfcc100m"]["lost_examples"] == ["yfcc100m/11"]
     assert result["sources"]["yfcc100m"]["gained_examples"] == ["yfcc100m/20"]
-    assert result["lost_keys"]["key"].to_list() == ["coco/2", "yfcc100m/11"]
+    assert pq.read_table(tmp_path / "lost.parquet").to_pylist() == [
+        {"key": "coco/2", "source": "coco"}, {"key": "yfcc100m/11", "source": "yfcc100m"}]
     assert main(["stats", str(after), "--compare", str(before), "--json", "--report", str(tmp_path / "r")]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["lost"] == 2
     assert pq.read_table(tmp_path / "r" / "lost_keys.parquet").num_rows == 2
