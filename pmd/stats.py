@@ -467,6 +467,12 @@ def _downloads_saved(manifest: dict | None, name: str) -> int | None:
     return None
 
 
+def _spill_directory(prefix: str, parent: Path | None) -> tempfile.TemporaryDirectory:
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+
+
 def audit(root: Path, spill_dir: Path | None = None) -> dict:
     """Every figure `pmd stats` shows, for the build in `root`.
 
@@ -474,7 +480,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
     system temp directory; about 70 bytes a row, deleted as they are read)."""
     files = locate_build(Path(root))
     problems = files.problems
-    with tempfile.TemporaryDirectory(prefix="pmd-stats-", dir=spill_dir) as tmp:
+    with _spill_directory("pmd-stats-", spill_dir) as tmp:
         figures = _scan_shards(files, Path(tmp))
     if figures.duplicate_keys:
         problems.append(f"{figures.duplicate_keys} keys appear in more than one shard row")
@@ -628,7 +634,7 @@ def compare(root: Path, other: Path, examples: int = 20, lost_keys_to: Path | No
         for (source,), part in frame.partition_by(schema.SOURCE, as_dict=True).items():
             found[source] = sorted([*found.get(source, []), *part[schema.KEY].head(examples).to_list()])[:examples]
 
-    with tempfile.TemporaryDirectory(prefix="pmd-compare-", dir=spill_dir) as tmp:
+    with _spill_directory("pmd-compare-", spill_dir) as tmp:
         sides = {}
         for side, files in (("before", before_files), ("after", after_files)):
             sides[side] = HashPartitions(Path(tmp), side, n_parts, schema.KEY, columns)
