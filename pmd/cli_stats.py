@@ -66,6 +66,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         console.print(f"duplicates: {dup['pairs_dropped']:,} pairs dropped; {dup['images_with_several_captions']:,} "
                       f"images carry several captions ({dup['pairs_on_shared_images']:,} pairs); "
                       f"{dup['images_across_sources']:,} images appear in more than one source")
+        saved = report.downloads_saved_line(result)
+        if saved:
+            console.print(saved)
         failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
         if failures:
             console.print("failures: " + ", ".join(f"{k} {v:,}" for k, v in failures))
