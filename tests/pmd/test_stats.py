@@ -153,13 +153,17 @@ def _after_rows() -> list[list[dict]]:
     return after
 
 
-@pytest.mark.parametrize("batch_rows, partition_rows", [(stats.BATCH_ROWS, spill.PARTITION_ROWS), (700, 400)])
-def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_rows, partition_rows):
+@pytest.mark.parametrize("batch_rows, partition_rows, bitmask_sources",
+                         [(stats.BATCH_ROWS, spill.PARTITION_ROWS, 64), (700, 400, 64), (700, 400, 2)])
+def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_rows, partition_rows,
+                                                  bitmask_sources):
     """The figures pinned from the in-memory audit (main before streaming) on a crafted build, value for value.
 
-    Small batches and partitions make every figure merge across several batches and spill files."""
+    Small batches and partitions make every figure merge across several batches and spill files; a bitmask
+    too small for the build's sources takes the group-by path for images."""
     monkeypatch.setattr(stats, "BATCH_ROWS", batch_rows)
     monkeypatch.setattr(spill, "PARTITION_ROWS", partition_rows)
+    monkeypatch.setattr(stats, "_BITMASK_SOURCES", bitmask_sources)
     pinned = json.loads(PINNED.read_text())
     result = stats.audit(crafted_build(tmp_path / "b"), spill_dir=tmp_path / "spill")
     result["build"] = "BUILD"
