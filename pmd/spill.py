@@ -59,10 +59,9 @@ class HashPartitions:
             self._append(0, frame.to_arrow())
             return
         # One conversion and one gather for the whole frame, then zero-copy slices per partition.
-        part = (frame[self.column].hash(_HASH_SEED) % self.n).to_numpy()
-        order = np.argsort(part, kind="stable")
-        table = frame.to_arrow().take(order)
-        counts = np.bincount(part, minlength=self.n)
+        part = (frame[self.column].hash(_HASH_SEED) % self.n).cast(pl.UInt32)
+        table = frame.with_columns(part.alias("_part")).sort("_part").drop("_part").to_arrow()
+        counts = np.bincount(part.to_numpy(), minlength=self.n)
         start = 0
         for i in np.flatnonzero(counts):
             self._append(int(i), table.slice(start, int(counts[i])))
