@@ -96,6 +96,12 @@ def generate(root: Path, rows: int, shard_rows: int = 100_000) -> None:
                                                     "shards": entries, "failures": [], "accounting": accounting}))
 
 
+def differences(a, b, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in {**a, **b} for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
 def run(variant: str, command: str, build: Path, out: Path, old_dir: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, variant, command, str(build), str(out), str(old_dir)],
                           capture_output=True, text=True, check=True)
@@ -130,7 +136,12 @@ def main() -> None:
                     for v in variants:
                         outputs[v] = old_dir / f"{v}-{command}.json"
                         runs[v].append(run(v, command, build, outputs[v], old_dir))
-                identical = (outputs["old"].read_text() == outputs["new"].read_text()) if "old" in outputs else None
+                identical = None
+                if "old" in outputs:
+                    before, after = (json.loads(outputs[v].read_text()) for v in ("old", "new"))
+                    identical = before == after
+                    if not identical:
+                        print(f"old != new: {differences(before, after)[:10]}", file=sys.stderr, flush=True)
                 row = {"rows": rows, "command": command, "identical": identical}
                 for v, rs in runs.items():
                     row[f"{v}_peak_rss_mib"] = round(statistics.median(r["peak_rss_mib"] for r in rs))

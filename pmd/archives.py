@@ -237,6 +237,10 @@ class ArchiveIndex:
         """Distinct member names (exact refs)."""
         return len(self._exact)
 
+    def refs(self) -> list[str]:
+        """Every distinct member name (normalised), in index order: what a caller reading a whole set iterates."""
+        return list(self._exact)
+
     def __contains__(self, ref: object) -> bool:
         return isinstance(ref, str) and isinstance(self._resolve(ref), tuple)
 

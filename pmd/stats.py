@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pmd import schema
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
+from pmd.decontaminate import eval_overlap_counts
 from pmd.spill import HashPartitions, partitions_for
 from pmd.text import word_count_series
 
@@ -610,6 +611,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
         "sources": sources,
         "total": total,
         "duplicates": duplicates,
+        "eval_overlap": eval_overlap_counts(files.failures),  # source -> evaluation set -> pairs removed
         "problems": problems,
         "trusted": not problems,
     }

@@ -2,8 +2,9 @@
 
 Inputs are the upstream caption files from `https://storage.googleapis.com/localized-narratives/annotations/`,
 `{dataset}_{split}_captions.jsonl` (possibly .gz/.bz2, or zipped), one JSON object per line:
-`{"dataset_id", "image_id", "annotator_id", "caption", "timed_caption", "traces", "voice_recording"}`. The split is
-named by the file (`train`/`train_v6` -> train, `val`/`validation` -> validation, `test` -> test).
+`{"dataset_id", "image_id", "annotator_id", "caption"}` (the `*_localized_narratives.jsonl` files add
+`timed_caption`, `traces` and `voice_recording`; those are read too and the extra fields left out of meta). The split
+is named by the file (`train`/`train_v6` -> train, `val`/`validation` -> validation, `test` -> test).
 
 PMD's `*_captions_multi.jsonl` are these narratives split into sentences, and so are the pairs here: the narrative
 is split on '.', blank pieces are skipped, each piece becomes `piece.strip() + "."`. Keys are
