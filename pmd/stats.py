@@ -1,4 +1,8 @@
-"""Statistics of a build, computed from metadata columns only (never the image bytes) with polars lazy scans.
+"""Statistics of a build, computed from metadata columns only (never the image bytes), streaming.
+
+The shards are read in batches and reduced to partial aggregates that merge exactly, and distinct counts go
+through hash partitions on disk (pmd.spill), so memory does not grow with the corpus (docs/stats.md, "At PMD's
+size"); the figures are those of one polars computation over all rows, value for value.
 
 `audit(out)` returns a plain dict with stable keys (documented in docs/stats.md) so that the terminal table, the
 JSON output and the report are three views of one computation. Problems found on the way (a missing or unreadable
@@ -199,7 +203,9 @@ def _exact_sum(values: np.ndarray) -> int:
     ints = (mantissa * (1 << 24)).astype(np.int64)  # exact: a float32 has 24 significant bits
     total = 0
     for e in np.unique(exponent):
-        total += int(ints[exponent == e].sum()) << int(e - 24 + 149)
+        part, shift = int(ints[exponent == e].sum()), int(e - 24 + 149)
+        # Subnormals have shift < 0, and then every mantissa ends in at least -shift zero bits: still exact.
+        total += part << shift if shift >= 0 else part >> -shift
     return total
 
 
@@ -275,6 +281,14 @@ class _Merged:
 class _ScoreSums:
     nonnull: int = 0
     exact_sum: int = 0
+    special: float | None = None  # the float sum of NaN and infinite scores, which decide the mean when present
+
+    def add(self, values: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        self.nonnull += len(values)
+        self.exact_sum += _exact_sum(values[finite])
+        if not finite.all():
+            self.special = float(np.sum(values[~finite], dtype=np.float64)) + (self.special or 0.0)
 
 
 class _SourceCodes:
@@ -378,9 +392,7 @@ def _scan_shards(files: BuildFiles, spill: Path) -> _ShardFigures:
 def _add_scores(figures: _ShardFigures, scores: pl.DataFrame) -> None:
     for (source,), part in scores.partition_by(schema.SOURCE, as_dict=True).items():
         values = part[schema.LANG_SCORE].to_numpy()
-        sums = figures.scores.setdefault(source, _ScoreSums())
-        sums.nonnull += len(values)
-        sums.exact_sum += _exact_sum(values)
+        figures.scores.setdefault(source, _ScoreSums()).add(values)
         buckets, counts = np.unique(_sortable(values) >> _BUCKET_SHIFT, return_counts=True)
         figures.score_buckets.add(pl.DataFrame({schema.SOURCE: [source] * len(buckets), "bucket": buckets,
                                                 _COUNT: counts}))
@@ -488,8 +500,12 @@ def _group_row(group: str | None, figures: _ShardFigures, pairs: dict[str | None
         (list(figures.scores.values()) if group is None else [])
     nonnull = sum(s.nonnull for s in sums)
     exact = sum(s.exact_sum for s in sums)
+    specials = [s.special for s in sums if s.special is not None]
     # float32 mean: the exact mean rounded to float64, then to float32, as polars computes it.
-    row[f"{schema.LANG_SCORE}_mean"] = float(np.float32(float(Fraction(exact, nonnull << 149)))) if nonnull else None
+    mean = float(Fraction(exact, nonnull << 149)) if nonnull else None
+    if specials:  # NaN, or an infinity, swallows the finite part as in any float sum
+        mean = sum(specials) + (mean or 0.0)
+    row[f"{schema.LANG_SCORE}_mean"] = float(np.float32(mean)) if mean is not None else None
     quantiles = score_quantiles.get(group, {})
     row.update({f"{schema.LANG_SCORE}_p{int(q * 100)}": quantiles.get(q) for q in QUANTILES})
     langs = figures.langs.result()

@@ -215,3 +215,19 @@ def test_downloads_saved_by_url_dedup(tmp_path, capsys):
     assert main(["stats", str(root), "--report", str(tmp_path / "r")]) == 0
     assert "URL dedup saved 3 downloads (coco 3, yfcc100m 0)" in capsys.readouterr().out
     assert "| coco | 3 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_exact_score_sums_subnormal_and_infinite():
+    """The float32 sum is exact down to subnormals; an infinity decides the mean as in polars."""
+    from fractions import Fraction
+
+    import numpy as np
+    import polars as pl
+
+    values = np.array([1e-45, 3e-45, 1e-40, 0.5, 1.0, 7.25, 3.4e38], dtype=np.float32)
+    assert Fraction(stats._exact_sum(values), 1 << 149) == sum(Fraction(float(v)) for v in values)
+    sums = stats._ScoreSums()
+    sums.add(np.array([1.0, np.inf, 2.0], dtype=np.float32))
+    assert sums.special == float("inf") and sums.nonnull == 3
+    frame = pl.DataFrame({"s": [1.0, float("inf"), 2.0]}, schema={"s": pl.Float32})
+    assert frame.select(pl.col("s").mean()).item() == float(np.float32(sums.special))
