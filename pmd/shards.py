@@ -185,9 +185,9 @@ def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) 
         earlier: dict[int, tuple[int, str]] = {}
         for part in keys.frames():
             _key_checks(part, repeated, earlier)
+    files = [e["file"] for e in (*manifest.get("shards", []), *manifest.get("failures", []))]
     for shard, i in enumerate(shard_entry):
-        entry_problems = per_entry[i]
-        name = _entry_file(manifest, i)
+        entry_problems, name = per_entry[i], files[i]
         if shard in repeated:
             entry_problems.append(f"{name}: keys repeated within the shard")
         if shard in earlier:
@@ -212,12 +212,6 @@ def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) 
     if extra:
         problems.append(f"shards hold sources missing from the accounting: {sorted(extra)}")
     return problems
-
-
-def _entry_file(manifest: Mapping, i: int) -> str:
-    """The file of the i-th listed entry (shards first, then failures files)."""
-    entries = [*manifest.get("shards", []), *manifest.get("failures", [])]
-    return entries[i]["file"]
 
 
 def _verify_file(out: Path, kind: str, entry: Mapping, expected: pa.Schema, check_sha256: bool,

@@ -157,7 +157,8 @@ def _after_rows() -> list[list[dict]]:
                          [(stats.BATCH_ROWS, spill.PARTITION_ROWS, 64), (700, 400, 64), (700, 400, 2)])
 def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_rows, partition_rows,
                                                   bitmask_sources):
-    """The figures pinned from the in-memory audit (main before streaming) on a crafted build, value for value.
+    """The figures pinned from the in-memory audit (pmd/stats.py as of b10793e on main, the last before streaming:
+    its `audit` and `compare` run on these crafted builds) on a crafted build, value for value.
 
     Small batches and partitions make every figure merge across several batches and spill files; a bitmask
     too small for the build's sources takes the group-by path for images."""
