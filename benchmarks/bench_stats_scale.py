@@ -91,7 +91,8 @@ def generate(root: Path, rows: int, shard_rows: int = 100_000) -> None:
             acc["input_rows"] += c
             acc["pairs"] += c
         entries.append({"file": f"shards/{path.name}", "rows": n, "bytes": path.stat().st_size,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "sources": dict(sorted(per_source.items()))})
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "sources": dict(sorted(per_source.items()))})
     (root / "manifest.json").write_text(json.dumps({"format": "pmd-build", "schema_version": schema.SCHEMA_VERSION,
                                                     "shards": entries, "failures": [], "accounting": accounting}))
 
