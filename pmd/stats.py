@@ -746,8 +746,9 @@ def compare(root: Path, other: Path, examples: int = 20, lost_keys_to: Path | No
     }
 
 
-def _merge_sorted(parts: list[Path], out: Path, columns: dict[str, pl.DataType], chunk: int = 65_536) -> None:
-    """k-way merge of files sorted by key into one sorted Parquet file, reading and writing in chunks."""
+def _merge_sorted(parts: list[Path], out: Path, columns: dict[str, pl.DataType], chunk: int = 8_192) -> None:
+    """k-way merge of files sorted by their first column into one sorted Parquet file, a chunk at a time: memory is
+    one chunk per file, whatever the number of rows."""
 
     def rows(path: Path):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk, columns=list(columns)):
@@ -755,12 +756,16 @@ def _merge_sorted(parts: list[Path], out: Path, columns: dict[str, pl.DataType],
 
     arrow_schema = pl.DataFrame(schema=columns).to_arrow().schema
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def table(buffer: list[tuple]) -> pa.Table:
+        return pa.table([list(col) for col in zip(*buffer)] if buffer else [[] for _ in columns], schema=arrow_schema)
+
     with pq.ParquetWriter(out, arrow_schema) as writer:
         buffer: list[tuple] = []
         for row in heapq.merge(*(rows(p) for p in parts), key=lambda r: (r[0] is not None, r[0] or "")):
             buffer.append(row)
-            if len(buffer) == chunk:
-                writer.write_table(pa.Table.from_pylist([dict(zip(columns, r)) for r in buffer], arrow_schema))
+            if len(buffer) == 16 * chunk:
+                writer.write_table(table(buffer))
                 buffer = []
         if buffer or not parts:
-            writer.write_table(pa.Table.from_pylist([dict(zip(columns, r)) for r in buffer], arrow_schema))
+            writer.write_table(table(buffer))
