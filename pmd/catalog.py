@@ -12,6 +12,8 @@ from pmd.schema import SOURCE_NAMES
 # Table 2 of the FLAVA paper, totals row.
 PAPER_TOTAL_PAIRS = 70_000_000
 PAPER_AVG_WORDS = 12.1
+# Whether a pair's licence allows commercial use.
+COMMERCIAL: tuple[str, ...] = ("allowed", "not", "unknown")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,11 @@ class CatalogEntry:
     homepage: str
     table2_pairs: int
     table2_avg_words: float
+    max_caption_chars: int
+    max_caption_words: int
     table2_apportioned: bool = False
+    pair_licence: str = ""
+    commercial: str = "unknown"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,6 +58,8 @@ def _parse(raw: dict) -> tuple[CatalogEntry, ...]:
         row["metadata"] = tuple(row["metadata"])
         row["image_archives"] = tuple(row["image_archives"])
         entry = CatalogEntry(**row)
+        if entry.commercial not in COMMERCIAL:
+            raise CatalogError(f"{entry.name}: commercial must be one of {COMMERCIAL}, not {entry.commercial!r}")
         if entry.images not in ("url", "archive"):
             raise CatalogError(f"{entry.name}: images must be 'url' or 'archive', not {entry.images!r}")
         entries.append(entry)

@@ -137,7 +137,8 @@ def _build_config(args: argparse.Namespace):
             raise ValueError("give SOURCE INPUT... (or --config FILE)")
         spec = SourceSpec(args.source, args.inputs, args.images or [], _parse_options(args.option))
         config = BuildConfig(sources=[spec], out=args.out, **{k: v for k, v in top.items() if v is not None})
-    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality}.items()
+    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality,
+                               "max_image_bytes": args.max_image_bytes}.items()
              if v is not None}
     if image:
         config.image = dataclasses.replace(config.image, **image)
@@ -193,6 +194,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"pmd verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     _console().print(f"{args.out}: OK")
+    return 0
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.takedown import apply, read_request
+
+    kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
+                                          ("image_sha256", args.image_sha256)) if v)
+    request = read_request(kind, Path(path), args.reason or "")
+    result = apply(Path(args.out), request)
+    if result["applied"]:
+        _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
+                         f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
+    else:
+        _console().print(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed")
     return 0
 
 
@@ -302,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="shuffle seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="shorter side after resize; 0 keeps the size")
     p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images (default 95)")
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="bytes of one image (download body or archive member) above which the row fails as "
+                        "too_large (default 32 MiB)")
     p.add_argument("--timeout", type=float, default=None, help="download timeout in seconds (default 10)")
     p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
@@ -337,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds (default 60)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch_metadata)
+
+    p = sub.add_parser("takedown", help="remove the pairs a removal request names from a built corpus")
+    p.add_argument("out", help="the build directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--urls", metavar="FILE", help="image URLs to remove, one per line")
+    which.add_argument("--keys", metavar="FILE", help="pair keys to remove, one per line")
+    which.add_argument("--image-sha256", metavar="FILE", help="image sha256 digests to remove, one per line")
+    p.add_argument("--reason", default=None, help="recorded with the request and in each failure's detail")
+    p.set_defaults(func=cmd_takedown)
 
     p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")
     p.add_argument("build", help="the build directory")

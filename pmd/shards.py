@@ -62,20 +62,33 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-    """Temp file + fsync + rename: the final name only ever holds a complete file.
+def _parquet_options(names: Sequence[str]) -> dict:
+    """The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
+    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`."""
+    return {"compression": {name: ("none" if name == schema.IMAGE else "zstd") for name in names},
+            "use_dictionary": [n for n in names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)],
+            "write_statistics": [n for n in names if n != schema.IMAGE]}
 
-    The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
-    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`.
-    """
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+    """Temp file + fsync + rename: the final name only ever holds a complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    compression = {name: ("none" if name == schema.IMAGE else "zstd") for name in table.column_names}
-    dictionary = [n for n in table.column_names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)]
-    stats = [n for n in table.column_names if n != schema.IMAGE]
     with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression=compression, use_dictionary=dictionary, write_statistics=stats,
-                       row_group_size=row_group_rows)
+        pq.write_table(table, f, row_group_size=row_group_rows, **_parquet_options(table.column_names))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_row_groups_atomic(groups: Sequence[pa.Table], path: Path, schema_: pa.Schema) -> None:
+    """Like write_parquet_atomic, one row group per table given (a rewrite that keeps a file's row groups)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        with pq.ParquetWriter(f, schema_, **_parquet_options(schema_.names)) as writer:
+            for group in groups:
+                writer.write_table(group, row_group_size=max(group.num_rows, 1))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmd.sources import limits
 from pmd.sources.base import InputError, Record
 from pmd.sources.inputs import _READ_ERRORS, is_compressed, iter_json_items, iter_streams, strip_compression_suffix
 
@@ -115,6 +116,9 @@ def eval_cocoids(path: Path) -> frozenset[int]:
         cocoid = as_int(item.get("cocoid"))
         if cocoid is not None:
             ids.add(cocoid)
+            if len(ids) > limits.MAX_LOOKUP_ENTRIES:
+                raise InputError(record.input_file, f"more than {limits.MAX_LOOKUP_ENTRIES:,} val/test images "
+                                                    "(Karpathy's split has 10,000): refused rather than held in memory")
     return frozenset(ids)
 
 

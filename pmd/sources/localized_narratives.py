@@ -17,7 +17,6 @@ LN-COCO drops every image in Karpathy's val/test (one `decontaminated` reject pe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, ClassVar
 
 from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
                               reject)
-from pmd.sources.inputs import iter_lines, strip_compression_suffix
+from pmd.sources.inputs import iter_lines, parse_json_line, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
     DecontaminationOptions,
@@ -136,8 +135,8 @@ class _LocalizedNarratives(SourceAdapter):
             yield line
             return
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
+            item = parse_json_line(line)
+        except ValueError as exc:
             yield reject(record, Reason.MALFORMED, f"invalid JSON ({exc})")
             return
         if not isinstance(item, dict):

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
-                              reject)
+from pmd.sources.base import (InputError, OversizedLine, Pair, Reason, Record, Reject, SourceAdapter, decode_line,
+                              meta_json, reject)
 from pmd.sources.inputs import decode_utf8, iter_lines, require_file, strip_compression_suffix
 from pmd.sources.wit_text import TextFloors, choose_text
 
@@ -128,6 +128,15 @@ def group_rows(lines: Iterable[Record]) -> Iterator[Record]:
             yield pending[0]
             backlog.extend(pending[1:])
             pending, size = [], 0
+            continue
+        if isinstance(line.raw, OversizedLine):  # a row of its own (rejected as line_too_long)
+            if pending:  # the quote left open cannot close across it: give up on the opening line, re-read
+                backlog.appendleft(line)
+                yield pending[0]
+                backlog.extendleft(reversed(pending[1:]))
+                pending, size = [], 0
+            else:
+                yield line
             continue
         if not pending:
             if b'"' not in line.raw or not quote_open_after(line.raw):

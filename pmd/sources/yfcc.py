@@ -14,7 +14,6 @@ code on a chunk of one.
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pyarrow as pa
 from pmd import schema
 from pmd.sources.base import (Pair, Reason, Record, Reject, SourceAdapter, meta_json, pairs_table, reject,
                               rejects_table)
-from pmd.sources.inputs import iter_lines
+from pmd.sources.inputs import iter_lines, parse_json_line
 from pmd.text import clean_caption, clean_flickr_series, language_identifier, word_count_series
 
 # Column layouts, 0-based. The 25-field file adds a line number in front and the photo hash after the id.
@@ -282,7 +281,7 @@ class YfccAdapter(SourceAdapter):
         """A line of PMD's yfcc100m_subset.jsonl: {image_url, texts, source, meta}. By default `texts[0]`, as PMD's
         loaders take it; with `refilter_subset` the filters run again over `texts` in order."""
         try:
-            row = json.loads(record.raw)
+            row = parse_json_line(record.raw)
             url = row["image_url"]
             texts = row["texts"]
             if not isinstance(texts, list) or not isinstance(url, str):
