@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from . import checkpoint as ckpt_mod
 from .codebook import load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
+from .distributed import DistInfo, barrier, setup_distributed, teardown
 from .model import FlavaForPretraining
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
@@ -37,51 +37,6 @@ log = logging.getLogger(__name__)
 
 PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# process setup
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str = "auto") -> DistInfo:
-    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        if local_world > 1:  # share the cores instead of oversubscribing them N times
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return DistInfo(rank, world, local_rank, device)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -100,7 +55,7 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, info: DistInfo) -> TextToke
             corpus = cfg.data.pairs or cfg.data.text
             log.info("training a WordPiece tokenizer (vocab %d) on %s", cfg.data.tokenizer_vocab_size, corpus)
             train_wordpiece(iter_texts(list(corpus)), tok_dir, vocab_size=cfg.data.tokenizer_vocab_size)
-    _barrier(info)
+    barrier(info)
     return load_tokenizer(tok_dir)
 
 
@@ -280,8 +235,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     try:
         return _train(cfg, run_dir, info)
     finally:
-        if info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown(info)
 
 
 def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
@@ -293,7 +247,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.yaml").write_text(cfg.to_yaml())
-    _barrier(info)
+    barrier(info)
     tokenizer = prepare_tokenizer(cfg, run_dir, info)
     mcfg, pretrained = build_model_config(cfg, tokenizer)
     latest = ckpt_mod.latest_checkpoint(run_dir)
@@ -482,7 +436,7 @@ def export_final(model, mcfg: FlavaConfig, run_dir: Path, info: DistInfo) -> Non
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         export_state_dict(sd, mcfg, run_dir / "final", run_dir / "tokenizer")
-    _barrier(info)
+    barrier(info)
 
 
 def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Path | None) -> None:
