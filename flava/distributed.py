@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,3 +62,13 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def require_shared(path: Path, info: DistInfo, what: str) -> None:
+    """After rank 0 wrote ``path`` and a barrier: every rank must see it, or the run directory is not on storage
+    all nodes share (DCP checkpoints, the tokenizer and resume all rely on that)."""
+    if not path.exists():
+        raise ConfigError(
+            f"rank {info.rank} (local rank {info.local_rank}) cannot see {path}, written by rank 0: {what} must be "
+            "on storage that every node sees (a shared filesystem), not a node-local disk"
+        )

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_mod
 from .codebook import load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
-from .distributed import DistInfo, barrier, setup_distributed, teardown
+from .distributed import DistInfo, barrier, require_shared, setup_distributed, teardown
 from .model import FlavaForPretraining
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
@@ -248,6 +248,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.yaml").write_text(cfg.to_yaml())
     barrier(info)
+    require_shared(run_dir / "run_config.yaml", info, "the run directory (--out)")
     tokenizer = prepare_tokenizer(cfg, run_dir, info)
     mcfg, pretrained = build_model_config(cfg, tokenizer)
     latest = ckpt_mod.latest_checkpoint(run_dir)
