@@ -192,6 +192,7 @@ def train_wordpiece(
     vocab = learn_wordpiece_vocab(counts, vocab_size, min_frequency)
     log.info("WordPiece vocabulary: %d tokens from %d distinct words", len(vocab), len(counts))
     tok, processors = _bert_tokenizer({t: i for i, t in enumerate(vocab)})
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocabulary: marks them special (decode skips them)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

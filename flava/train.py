@@ -26,7 +26,9 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_mod
 from .codebook import load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
-from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
+from .data import (
+    MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
+)  # fmt: skip
 from .distributed import DistInfo, barrier, require_shared, setup_distributed, teardown
 from .model import FlavaForPretraining
 from .optim import build_optimizer, build_scheduler
@@ -209,15 +211,31 @@ def _check_resume(meta: dict, mcfg: FlavaConfig, cfg: RunConfig, info: DistInfo,
             f"{ckpt} was written with another model config (differs in {diff[:8]}): use a new --out or the "
             "original config"
         )
-    if meta.get("world_size") != info.world_size:
-        raise ckpt_mod.CheckpointError(
-            f"{ckpt} was written by {meta.get('world_size')} process(es), this run has {info.world_size}: resume "
-            "with the same number of processes (the loader state is per rank)"
-        )
-    if meta.get("num_workers") != max(1, cfg.data.num_workers):
-        raise ckpt_mod.CheckpointError(
-            f"{ckpt} was written with data.num_workers={meta.get('num_workers')}, now {cfg.data.num_workers}"
-        )
+    for key in ("world_size", "num_workers"):
+        if not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise ckpt_mod.CheckpointError(f"{ckpt}: meta.json has no valid {key} ({meta.get(key)!r})")
+
+
+def resume_rank_state(ckpt: Path, meta: dict, info: DistInfo, num_workers: int) -> tuple[dict, dict]:
+    """This rank's RNG and loader state from a checkpoint. Written by as many processes and workers as this run: its
+    own. Otherwise the loader state is resharded (``flava.data.reshard_loader_states``: the interrupted pass is
+    finished with nothing repeated or skipped) and rank r takes the RNG state of old rank ``r % old_world``."""
+    old_world, old_workers = meta["world_size"], meta["num_workers"]
+    if old_world == info.world_size and old_workers == num_workers:
+        state = ckpt_mod.read_rank_state(ckpt, info.rank)
+        return state["rng"], state["loader"]
+    states = ckpt_mod.read_rank_states(ckpt)
+    loader, summary = reshard_loader_states([s["loader"] for s in states], info.rank, info.world_size, num_workers)
+    if info.is_main:
+        log.warning(
+            "%s was written by %d process(es) x %d worker(s), this run has %d x %d: model and optimizer are resharded "
+            "by DCP; the data streams are re-dealt: every stream of the checkpoint is finished (in its old order) "
+            "to the end of the pass it had reached, then the new partition starts the next pass, so no row is "
+            "repeated or skipped; the micro-batch order differs from an uninterrupted run where streams do not "
+            "map one to one. Per kind: %s",
+            ckpt, old_world, old_workers, info.world_size, num_workers, summary,
+        )  # fmt: skip
+    return states[info.rank % old_world]["rng"], loader
 
 
 def _diff_keys(a, b, prefix=""):
@@ -276,13 +294,13 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
 
     step, loader_state = 0, None
     if latest is not None:
-        meta, rank_state = ckpt_mod.load_checkpoint(latest, model, optimizer)
+        meta = ckpt_mod.load_checkpoint(latest, model, optimizer)
         step = int(meta["step"])
         scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        ckpt_mod.set_rng_state(rank_state["rng"])
-        loader_state = rank_state["loader"]
+        rng, loader_state = resume_rank_state(latest, meta, info, max(1, cfg.data.num_workers))
+        ckpt_mod.set_rng_state(rng)
         log.info("resumed from %s at step %d", latest, step)
 
     specs = build_specs(cfg, mcfg)

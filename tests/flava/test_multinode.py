@@ -1,10 +1,18 @@
-"""`flava train` across nodes, as two "nodes" on one machine: two torchrun launches with --nnodes 2 (one process
-each, c10d rendezvous on 127.0.0.1, gloo) train exactly like one launch of 2 processes, and after both launches are
-killed (SIGKILL, every process) a new pair of launches resumes to the losses of the uninterrupted run. The run
-learns its tokenizer from the captions, so "built once by rank 0 and read by every node" is exercised too."""
+"""Where processes run, and how many, does not change training.
+
+* Two "nodes" on one machine: two torchrun launches with --nnodes 2 (one process each, c10d rendezvous on
+  127.0.0.1, gloo) train exactly like one launch of 2 processes, and after both launches are killed (SIGKILL, every
+  process) a new pair of launches resumes to the losses of the uninterrupted run. The run learns its tokenizer from
+  the captions, so "built once by rank 0 and read by every node" is exercised too.
+* A checkpoint of 2 processes resumes on 1: DCP reshards model and optimizer, the loader finishes both old streams
+  in turn (same micro-batches as the 2-process run), and the losses are those of the uninterrupted 2-process run.
+
+MIM and MLM updates only (images and text kinds): the contrastive loss spans micro-batch x processes, so a pairs
+update on 1 process with accumulation is not the same computation as on 2 processes."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +30,8 @@ from .shards import make_build
 STEPS = 8
 COMMON = ["train", "--config", "tiny", "--steps", str(STEPS), "run.progress=false", "run.tensorboard=false",
           "run.export_final=false", "run.checkpoint_every=3", "data.num_workers=0", "data.tokenizer_vocab_size=200",
-          "run.global_batch_size=16", "run.micro_batch_size=8"]  # fmt: skip
+          "run.global_batch_size=16", "run.micro_batch_size=8", "run.keep_checkpoints=10",
+          "data.ratios={images: 0.5, text: 0.5}"]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -97,14 +106,33 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_two_nodes_train_like_one_launch_and_resume_after_a_kill(tmp_path):
-    data = make_build(tmp_path / "data", n=96, seed=0, size=32, shards=2, row_group_size=16)
-    ref = tmp_path / "ref"
+def _compare(got: list[dict], want: list[dict], steps, rel=0.0) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(steps)
+    for x, y in zip(got, want):
+        assert x["kind"] == y["kind"]
+        keys = {k for k in y if k == "loss" or k in LOSS_NAMES}
+        assert keys == {k for k in x if k == "loss" or k in LOSS_NAMES}
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], abs=1e-6, rel=rel), (x["step"], k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Data and an uninterrupted single-launch 2-process run of STEPS steps (checkpoints at 3, 6, 8 kept)."""
+    tmp = tmp_path_factory.mktemp("topology")
+    data = make_build(tmp / "data", n=96, seed=0, size=32, shards=2, row_group_size=16)
+    ref = tmp / "ref"
     r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(ref),
                         "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    want = _metrics(ref)
+    assert len({m["kind"] for m in want}) == 2
+    return data, ref
 
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_launch_and_resume_after_a_kill(reference, tmp_path):
+    data, ref = reference
     run = tmp_path / "nodes"
     procs, _ = _launch_nodes(data, run, tmp_path)
     try:
@@ -124,14 +152,28 @@ def test_two_nodes_train_like_one_launch_and_resume_after_a_kill(tmp_path):
     _wait(procs, tmp_path)
     for log in logs:  # both nodes resumed (not restarted): identical losses alone would not tell
         assert f"step-{killed_at:08d} at step {killed_at}" in log.read_text()
-    got, want = _metrics(run), _metrics(ref)
-    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, STEPS + 1))
-    assert len({m["kind"] for m in want}) >= 2
-    for x, y in zip(got, want):
-        assert x["kind"] == y["kind"]
-        keys = {k for k in y if k == "loss" or k in LOSS_NAMES}
-        assert keys == {k for k in x if k == "loss" or k in LOSS_NAMES}
-        for k in keys:
-            assert x[k] == pytest.approx(y[k], abs=1e-6, rel=0), (x["step"], k)
+    _compare(_metrics(run), _metrics(ref), range(1, STEPS + 1))
     assert (run / "tokenizer" / "vocab.txt").read_bytes() == (ref / "tokenizer" / "vocab.txt").read_bytes()
     assert ckpt_mod.read_meta(ckpt_mod.checkpoint_dir(run, STEPS))["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_process(reference, tmp_path):
+    data, ref = reference
+    run = tmp_path / "one"
+    shutil.copytree(ref, run)
+    for step, path in ckpt_mod.list_checkpoints(run):
+        if step > 3:
+            shutil.rmtree(path)
+    r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(run)],
+                       capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by 2 process(es) x 1 worker(s), this run has 1 x 1" in r.stderr
+    # steps 4.. on one process (accumulation 2 instead of 2 ranks) equal the 2-process run's, up to float rounding
+    _compare(_metrics(run), _metrics(ref), range(1, STEPS + 1), rel=1e-5)
+    meta = ckpt_mod.read_meta(ckpt_mod.checkpoint_dir(run, STEPS))
+    assert meta["world_size"] == 1
+    state = json.loads((ckpt_mod.checkpoint_dir(run, STEPS) / "rank-0.json").read_text())
+    for kind_state in state["loader"].values():  # both inherited streams still being finished, in turn
+        (position,) = kind_state["cursors"]
+        assert [seg[:2] for seg in position["segments"]] == [[2, 0], [2, 1]]
