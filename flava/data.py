@@ -592,8 +592,8 @@ def reshard_loader_states(old: list[dict], rank: int, world_size: int, num_worke
             positions = [
                 dump_position((end_pass + 1, 0, 0), inherit[rank * n_logical + j]) for j in range(n_logical)
             ]
-            summary[kind] = {"old_streams": n_old, "new_streams": n_new, "end_pass": end_pass,
-                             "inherited": sum(len(inherit[rank * n_logical + j]) for j in range(n_logical))}  # fmt: skip
+            mine = sum(len(inherit[rank * n_logical + j]) for j in range(n_logical))
+            summary[kind] = {"old_streams": n_old, "new_streams": n_new, "end_pass": end_pass, "inherited": mine}
         bad: dict[str, int] = {}
         if rank == 0:  # bad-row counts are cumulative and logged by rank 0: it keeps the old total
             for st in old:
