@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.build import BuildConfig, BuildError, load_config, plan, run_build
+from pipelines.build import BuildConfig, BuildError, load_config, run_build
 from pmd import schema
 from pmd.cli import main as pmd_main
+from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import make_cc12m, make_coco
@@ -246,23 +247,15 @@ def test_one_source_command_form(inputs, tmp_path, ray_local):
     assert verify(out) == []
 
 
-def test_plan_dedup_keeps_first_and_is_order_independent():
+def test_dedup_keeps_first_in_source_then_candidate_order_whatever_the_row_order():
     meta = pl.DataFrame({
-        "key": ["a/1", "a/2", "a/3", "b/1"], "source": ["a", "a", "a", "b"],
-        "image_url": [None] * 4, "image_ref": [None] * 4,
-        "image_sha256": ["x", "x", "x", "x"], "stage": [None] * 4, "reason": [None] * 4, "detail": [None] * 4,
-        "shuffle_hash": [5, 3, 9, 1], "text_hash": [1, 1, 2, 1],
-        "source_index": [0, 0, 0, 1], "chunk": [0, 0, 1, 0], "row": [0, 1, 0, 0],
-    }, schema_overrides={"shuffle_hash": pl.UInt64, "text_hash": pl.UInt64, "image_url": pl.Utf8,
-                         "image_ref": pl.Utf8, "stage": pl.Utf8, "reason": pl.Utf8, "detail": pl.Utf8,
-                         "source_index": pl.Int32, "chunk": pl.Int32, "row": pl.Int32})
-    kept, failures = plan(meta, shard_rows=1)
-    assert kept["key"].to_list() == ["a/1", "a/3"]  # sorted by shuffle hash: 5 < 9
-    assert kept["shard"].to_list() == [0, 1]
-    assert sorted(failures["key"].to_list()) == ["a/2", "b/1"]
-    assert set(failures["reason"]) == {"duplicate"}
-    kept2, _ = plan(meta.reverse(), shard_rows=1)
-    assert kept2["key"].to_list() == kept["key"].to_list()
+        "key": ["a/1", "a/2", "a/3", "b/1", "b/2"], "image_sha256": ["x", "x", "x", "x", "y"],
+        "text_hash": [1, 1, 2, 1, 1], "source_index": [0, 0, 0, 1, 1], "candidate_index": [5, 2, 9, 0, 1],
+    }, schema_overrides={"text_hash": pl.UInt64, "source_index": pl.Int32, "candidate_index": pl.Int64})
+    for frame in (meta, meta.reverse(), meta.sample(fraction=1.0, shuffle=True, seed=3)):
+        kept = dict(zip(*dedup(frame).select("key", "kept_key").to_dict(as_series=False).values()))
+        # (x, 1): a/2 (source 0, candidate 2) beats a/1 (candidate 5) and b/1 (source 1, candidate 0).
+        assert kept == {"a/1": "a/2", "a/2": "a/2", "a/3": "a/3", "b/1": "a/2", "b/2": "b/2"}
 
 
 def test_config_file_errors(tmp_path):

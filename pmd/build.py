@@ -1,17 +1,27 @@
 """The image stage of one chunk of candidates: fetch (URL download or archive member) -> process_image -> one file.
 
+Library code (no Ray): `pipelines/build.py` decides where `run_chunk` and `retry_rows` run.
+
 A chunk is the unit of work and of resume. Its result is ONE Arrow IPC file, `work/images/SOURCE/chunk-NNNNN.arrow`,
 written to a temp name and renamed, holding every candidate of the chunk in candidate order: the pair columns,
 the processed image (null on failure), its sha256 and sizes, the failure stage/reason/detail (null on success),
-and the placement and dedup hashes. Its existence means the chunk is done; it is never recomputed.
+the placement and dedup hashes, and the row's place in the input order (`source_index`, `candidate_index`: the dedup
+rule's "first in source order, then candidate order"). The chunk's download counts are in the file's schema
+metadata (`pmd.downloads`). Its existence means the chunk is done; it is never recomputed.
 
-Why Arrow IPC and not Parquet: the shard writer gathers rows from many chunks at random; an uncompressed IPC file is
-memory-mapped and `take` touches only the pages of the rows it needs (Parquet would decode whole row groups). It also
-keeps `*.parquet` globs of OUT to the shards and failures.
+Per image, the steps are: fetch (download or archive read) -> crop box -> `process_image` (decode, checks, resize,
+encode) -> sha256. Each step that fails records (stage, reason, detail) and ends the row's pipeline.
+
+Why Arrow IPC and not Parquet: the final phase (pmd.final) reads chunks memory-mapped, selecting columns and rows
+without decoding pages; an uncompressed IPC file gives that for free. It also keeps `*.parquet` globs of OUT to the
+shards and failures.
+
+Transient failures (`TRANSIENT_REASONS`, `is_transient`): a later `--retry-failures` downloads those rows again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +45,23 @@ REASON = schema.REASON
 DETAIL = schema.DETAIL
 SHUFFLE_HASH = "shuffle_hash"
 TEXT_HASH = "text_hash"
+SOURCE_INDEX = "source_index"  # the source's position in the build config
+CANDIDATE_INDEX = "candidate_index"  # the row's position in its source's candidates
+DOWNLOADS_METADATA = b"pmd.downloads"
+
+# Failure reasons worth a second attempt: the server or the network may answer differently later. Everything else
+# (404/410, opted out, decode errors, checks, archive reads, duplicates) is a property of the image or the URL.
+TRANSIENT_REASONS: frozenset[str] = frozenset({
+    "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
+    "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
+})
+
+
+def is_transient(reason: str | None) -> bool:
+    """Whether a failure reason may go away on a later attempt (any 5xx counts, not only the common ones)."""
+    if reason is None:
+        return False
+    return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and len(reason) == 8)
 
 # Stage of each process_image rejection reason.
 _CHECK_STAGE = {"decode_error": "decode"}
@@ -53,6 +80,8 @@ CHUNK_SCHEMA = pa.schema(
         pa.field(DETAIL, pa.string()),
         pa.field(SHUFFLE_HASH, pa.uint64()),
         pa.field(TEXT_HASH, pa.uint64()),
+        pa.field(SOURCE_INDEX, pa.int32()),
+        pa.field(CANDIDATE_INDEX, pa.int64()),
     ]
 )
 METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
@@ -65,12 +94,15 @@ class ChunkTask:
     source: str
     index: int
     candidates: pa.Table
-    path: Path  # the chunk's result file
+    path: Path  # the chunk's result file (for a retry: the scratch space is next to it)
     image_options: ImageOptions
     seed: int
     mode: str  # "url" | "archive"
     download: DownloadOptions = field(default_factory=DownloadOptions)
     archive_state: object | None = None  # ArchiveIndex.to_state(), for mode "archive"
+    source_index: int = 0
+    candidate_index: list[int] | None = None  # each row's index in its source; default: consecutive from
+    first_candidate: int = 0  # ... this one
 
 
 def chunk_name(index: int) -> str:
@@ -136,8 +168,12 @@ def _process(data: bytes, options: ImageOptions, box) -> object:
         return e
 
 
-def run_chunk(task: ChunkTask) -> dict:
-    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason}."""
+def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
+    """The chunk's rows through fetch -> crop box -> process_image; (result table in CHUNK_SCHEMA, download counts).
+
+    Each distinct locator is fetched once per chunk and each (locator, crop box) processed once, so COCO's five
+    captions of an image cost one decode and a URL named by several rows one download.
+    """
     cand = task.candidates
     keys = cand.column(schema.KEY).to_pylist()
     texts = cand.column(schema.TEXT).to_pylist()
@@ -146,8 +182,11 @@ def run_chunk(task: ChunkTask) -> dict:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     boxes = [_safe_box(m) for m in metas]
     processed: dict[tuple, object] = {}
+    downloads = {"urls": 0, "unique_urls": 0}
     if task.mode == "url":
         locators = cand.column(schema.IMAGE_URL).to_pylist()
+        named = [u for u in locators if u]
+        downloads = {"urls": len(named), "unique_urls": len(set(named))}
         # Without crop boxes (every URL source) each image is processed as it arrives, overlapping the downloads.
         inline = all(b is None for b in boxes)
         fetched = _fetch_urls(task, locators, (lambda data: _process(data, task.image_options, None)) if inline
@@ -168,7 +207,6 @@ def run_chunk(task: ChunkTask) -> dict:
     out: dict[str, list] = {c: [None] * n for c in (schema.IMAGE, schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT,
                                                       schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, STAGE, REASON,
                                                       DETAIL)}
-    # COCO has five captions per image: the image is decoded and encoded once per (locator, crop box).
     for i, (locator, box) in enumerate(zip(locators, boxes)):
         if not locator:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = missing
@@ -199,11 +237,43 @@ def run_chunk(task: ChunkTask) -> dict:
             arrays.append(pa.array(out[f.name], type=f.type))
     arrays.append(pa.array([shuffle_hash(task.seed, k) for k in keys], type=pa.uint64()))
     arrays.append(pa.array([text_hash(t) for t in texts], type=pa.uint64()))
-    table = pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
+    arrays.append(pa.array([task.source_index] * n, type=pa.int32()))
+    index = task.candidate_index if task.candidate_index is not None else range(task.first_candidate,
+                                                                                 task.first_candidate + n)
+    arrays.append(pa.array(list(index), type=pa.int64()))
+    return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA), downloads
+
+
+def run_chunk(task: ChunkTask) -> dict:
+    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason, downloads}."""
+    table, downloads = _process_rows(task)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           DOWNLOADS_METADATA: json.dumps(downloads).encode()})
     write_ipc_atomic(table, task.path)
-    reasons = Counter(r for r in out[REASON] if r is not None)
-    return {"source": task.source, "index": task.index, "rows": n, "ok": n - sum(reasons.values()),
-            "failures_by_reason": dict(reasons)}
+    reasons = Counter(r for r in table.column(REASON).to_pylist() if r is not None)
+    return {"source": task.source, "index": task.index, "rows": table.num_rows,
+            "ok": table.num_rows - sum(reasons.values()), "failures_by_reason": dict(reasons), "downloads": downloads}
+
+
+def retry_rows(task: ChunkTask) -> pa.Table:
+    """Fetch and process again the rows of `task.candidates` (failed rows; CHUNK_SCHEMA or PAIR_SCHEMA columns).
+
+    Their `candidate_index` must be given in the task: the result (CHUNK_SCHEMA, same row order) replaces the old
+    rows exactly as if the first attempt had given it.
+    """
+    if task.candidate_index is None:
+        raise ValueError("retry_rows needs each row's candidate_index")
+    task = dataclasses.replace(task, candidates=task.candidates.select(list(schema.PAIR_SCHEMA.names)).cast(
+        schema.PAIR_SCHEMA))
+    table, _ = _process_rows(task)
+    return table
+
+
+def chunk_downloads(path: Path) -> dict:
+    """The download counts a chunk file recorded ({"urls", "unique_urls"}); zeros for an archive chunk."""
+    metadata = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema.metadata or {}
+    raw = metadata.get(DOWNLOADS_METADATA)
+    return json.loads(raw) if raw else {"urls": 0, "unique_urls": 0}
 
 
 def write_ipc_atomic(table: pa.Table, path: Path) -> None:
