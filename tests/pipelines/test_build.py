@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipelines.build import BuildConfig, BuildError, load_config, run_build
 from pmd import schema
+from pmd.build import DOWNLOADS_METADATA, read_chunk, write_ipc_atomic
 from pmd.cli import main as pmd_main
 from pmd.final import dedup
 from pmd.shards import verify
@@ -216,18 +218,34 @@ def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver, raylet, workers
         proc.wait()
     assert not (resumed / "manifest.json").exists()
-    done_before = {p.name for p in (resumed / "work" / "images").glob("*/chunk-*.arrow")}
-    mtimes = {p: p.stat().st_mtime_ns for p in (resumed / "work" / "images").glob("*/chunk-*.arrow")}
+    done_before = sorted((resumed / "work" / "images").glob("*/chunk-*.arrow"))
     assert done_before
+    # Tag every finished URL chunk (its recorded download counts + 1000): a chunk that were recomputed would lose
+    # the tag, so the resumed manifest proves which chunks were reused.
+    tagged = 0
+    for path in done_before:
+        table = read_chunk(path)
+        counts = json.loads(table.schema.metadata[DOWNLOADS_METADATA])
+        if counts["urls"]:
+            counts = {k: v + 1000 for k, v in counts.items()}
+            write_ipc_atomic(table.replace_schema_metadata({DOWNLOADS_METADATA: json.dumps(counts).encode()}), path)
+            tagged += 1
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # Finished chunks were not recomputed; the shards equal the uninterrupted build's, byte for byte.
-    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    reference = json.loads((out / "manifest.json").read_text())
+    got, want = manifest["sources"]["conceptual_12m"]["downloads"], reference["sources"]["conceptual_12m"]["downloads"]
+    assert got["urls"] == want["urls"] + 1000 * tagged and got["unique_urls"] == want["unique_urls"] + 1000 * tagged
+    # The image stage's chunks were consumed by the final phase: no second copy of the images is left.
+    assert not list((resumed / "work").rglob("*.arrow")) or all(
+        "image" not in pa.ipc.open_file(str(p)).schema.names or pa.ipc.open_file(str(p)).read_all()
+        .column("image").null_count == pa.ipc.open_file(str(p)).read_all().num_rows
+        for p in (resumed / "work").rglob("*.arrow"))
     assert [f.name for f in shard_files(resumed)] == [f.name for f in shard_files(out)]
     assert shard_contents(resumed) == shard_contents(out)
     assert [f.read_bytes() for f in shard_files(resumed)] == [f.read_bytes() for f in shard_files(out)]
-    manifest = json.loads((resumed / "manifest.json").read_text())
     assert_accounting(manifest)
     assert verify(resumed) == []
     assert subprocess.run([PMD, "verify", str(resumed)], capture_output=True).returncode == 0

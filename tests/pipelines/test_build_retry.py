@@ -1,0 +1,108 @@
+"""`--retry-failures`: transient download failures downloaded again on a finished build, over loopback with URLs
+that fail their first requests (503) and then answer; the result equals a build whose first attempt succeeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from pipelines.build import BuildConfig, SourceSpec, run_build
+from pmd.build import TRANSIENT_REASONS, is_transient
+from pmd.download import DownloadOptions
+from pmd.images import ImageOptions
+from pmd.shards import verify
+from tests.httpserver import LoopbackServer
+
+N_GOOD, N_FLAKY, N_STUBBORN = 40, 6, 2
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = LoopbackServer(image_size=(64, 48), sleep_s=2.0).start()
+    yield srv
+    srv.stop()
+
+
+def image_bytes_in_work(out: Path) -> int:
+    """Image bytes held by work files (a finished build must hold none: the shards are the only copy)."""
+    total = 0
+    for path in (out / "work").rglob("*.arrow"):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        if "image" in table.column_names:
+            total += sum(len(b) for b in table.column("image").to_pylist() if b)
+    return total
+
+
+def config(tsv: Path, out: Path, retry: bool) -> BuildConfig:
+    return BuildConfig(sources=[SourceSpec("conceptual_12m", [tsv])], out=out, shard_rows=4, chunk_rows=8,
+                       seed=3, image=ImageOptions(image_size=32), download=DownloadOptions(timeout=2.0,
+                                                                                          thread_count=8),
+                       executor="local", progress=False, retry_failures=retry)
+
+
+def read_bytes(out: Path, pattern: str) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(out.glob(pattern))]
+
+
+def test_transient_reasons():
+    assert {"timeout", "connection_error", "http_429", "http_503", "http_408"} <= TRANSIENT_REASONS
+    assert is_transient("http_599") and is_transient("http_503") and is_transient("timeout")
+    for reason in ("http_404", "http_410", "decode_error", "too_small", "opted_out", "duplicate", "missing_member",
+                   None):
+        assert not is_transient(reason)
+
+
+def test_retry_failures_downloads_transient_rows_again(server, tmp_path):
+    lines = [f"{server.url('/flaky/1/300.jpg')}\tcaption 300"]  # fails once; same image+text as a later good row
+    lines += [f"{server.url(f'/img/{200 + i}.jpg')}\tgood {i}" for i in range(N_GOOD)]
+    lines += [f"{server.url(f'/flaky/1/{301 + i}.jpg')}\tflaky {i}" for i in range(N_FLAKY - 1)]
+    lines += [f"{server.url(f'/flaky/3/{400 + i}.jpg')}\tstubborn {i}" for i in range(N_STUBBORN)]
+    lines += [f"{server.url('/status/404')}\tgone", f"{server.url('/img/300.jpg')}\tcaption 300"]
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "out"
+    first = run_build(config(tsv, out, retry=False))
+    acc = first["accounting"]["conceptual_12m"]
+    assert acc["failures_by_reason"] == {"http_404": 1, "http_503": N_FLAKY + N_STUBBORN}
+    assert acc["pairs"] == N_GOOD + 1
+    assert first["sources"]["conceptual_12m"]["downloads"]["attempts"] == 1
+
+    retried = run_build(config(tsv, out, retry=True))
+    acc = retried["accounting"]["conceptual_12m"]
+    # The flaky rows now succeed; the first of them takes the place of the later row with the same image and text.
+    assert acc["failures_by_reason"] == {"duplicate": 1, "http_404": 1, "http_503": N_STUBBORN}
+    assert acc["pairs"] == N_GOOD + 1 + N_FLAKY - 1
+    assert acc["input_rows"] == acc["pairs"] + acc["rejects"] + acc["failures"]
+    downloads = retried["sources"]["conceptual_12m"]["downloads"]
+    assert downloads["attempts"] == 2 and downloads["retried"] == N_FLAKY + N_STUBBORN
+    assert downloads["urls"] == len(lines)
+    assert verify(out) == []
+    assert image_bytes_in_work(out) == 0
+    failures = pl.read_parquet(out / "failures")
+    dup = failures.filter(pl.col("reason") == "duplicate")
+    assert dup["image_url"].to_list() == [server.url("/img/300.jpg")]
+    assert dup["detail"].to_list() == [f"same image and text as {first_key(out, '/flaky/1/300')}"]
+
+    # A fresh build against the same server: the flaky URLs answer at once, the stubborn ones fail a third time.
+    reference = tmp_path / "reference"
+    run_build(config(tsv, reference, retry=False))
+    assert read_bytes(out, "shards/*.parquet") == read_bytes(reference, "shards/*.parquet")
+    assert read_bytes(out, "failures/*.parquet") == read_bytes(reference, "failures/*.parquet")
+
+    # A second round: the stubborn URLs answer on their fourth request.
+    again = run_build(config(tsv, out, retry=True))
+    acc = again["accounting"]["conceptual_12m"]
+    assert acc["failures_by_reason"] == {"duplicate": 1, "http_404": 1}
+    assert acc["pairs"] == N_GOOD + N_FLAKY + N_STUBBORN
+    assert again["sources"]["conceptual_12m"]["downloads"]["attempts"] == 3
+    assert again["sources"]["conceptual_12m"]["downloads"]["retried"] == N_FLAKY + 2 * N_STUBBORN
+    assert verify(out) == [] and image_bytes_in_work(out) == 0
+
+
+def first_key(out: Path, url_part: str) -> str:
+    shards = pl.read_parquet(out / "shards")
+    return shards.filter(pl.col("image_url").str.contains(url_part, literal=True))["key"].to_list()[0]
