@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -160,6 +161,15 @@ def _safe_box(meta: str | None) -> tuple[int, int, int, int] | None | str:
         return f"meta.box unreadable: {e}"
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable_detail(detail: str | None) -> str:
+    """A rejection's detail without object addresses (Pillow names `<_io.BytesIO object at 0x7f...>`): the failures
+    files must be the same bytes in every run."""
+    return _ADDRESS.sub("", detail or "")[:500]
+
+
 def _process(data: bytes, options: ImageOptions, box) -> object:
     """ProcessedImage, or the ImageRejected that says why not (returned, so it can be cached per image)."""
     try:
@@ -224,7 +234,7 @@ def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
             result = processed[cache_key] = _process(data, task.image_options, box)
         if isinstance(result, ImageRejected):
             out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
-            out[REASON][i], out[DETAIL][i] = result.reason, (result.detail or "")[:500]
+            out[REASON][i], out[DETAIL][i] = result.reason, _stable_detail(result.detail)
             continue
         out[schema.IMAGE][i] = result.data
         out[schema.IMAGE_SHA256][i] = result.sha256
