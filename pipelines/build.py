@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import final, schema
-from pmd.build import ChunkTask, chunk_name, run_chunk
+from pmd import final, schema, urls
+from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.download import DownloadOptions
 from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
@@ -264,10 +264,19 @@ def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
     return run_chunk(task)
 
 
+def _run_url_chunk(task: ChunkTask, candidates: str) -> dict:
+    """A URL chunk: its rows as regrouped by pmd.urls (own rows whose URL it fetches first, and later rows of any
+    source naming those URLs); the input file goes once the chunk's result is durable."""
+    task.candidates = read_chunk(Path(candidates))
+    result = run_chunk(task)
+    Path(candidates).unlink(missing_ok=True)
+    return result
+
+
 def _retry_group_with_state(out: str, source: str, group: int, task: ChunkTask, layout: final.Layout,
-                            archive_state: object) -> dict:
+                            source_names: list[str], archive_state: object) -> dict:
     task.archive_state = archive_state
-    return final.retry_group(out, source, group, task, layout)
+    return final.retry_group(out, source, group, task, layout, source_names)
 
 
 class _Executor:
@@ -388,6 +397,42 @@ def _archive_state(spec: SourceSpec, executor: _Executor) -> object:
     return executor.put(ArchiveIndex.build(spec.images).to_state())
 
 
+def _url_pass(plan: _Plan, executor: _Executor) -> dict[str, dict[str, int]]:
+    """pmd.urls' three passes over the URL sources; returns {source: {urls, unique_urls}}."""
+    config = plan.config
+    specs = [(i, s) for i, s in enumerate(config.sources) if s.mode == "url"]
+    if not specs:
+        return {}
+    out = str(config.out)
+    n_buckets = urls.n_url_buckets(sum(plan.summaries[s.name]["counts"]["pairs"] for _, s in specs))
+    paths = urls.UrlPaths(config.out)
+    if not all(paths.owners_marker(u).exists() for u in range(n_buckets)):
+        for s_index, spec in specs:
+            pairs = plan.summaries[spec.name]["counts"]["pairs"]
+            cand_dir = str(config.out / WORK_DIR / "ingest" / spec.name / CANDIDATES_DIR)
+            for g, chunks in enumerate(plan.groups(spec)):
+                if not paths.chunks_marker(s_index, g).exists():
+                    executor.submit(urls.split_group, out, cand_dir, s_index, g, chunks.start * config.chunk_rows,
+                                    min(chunks.stop * config.chunk_rows, pairs), n_buckets)
+        executor.drain()
+    counts: dict[str, Counter] = {s.name: Counter() for _, s in specs}
+
+    def add(summary: dict) -> None:
+        for name, c in summary["downloads"].items():
+            counts[name].update(c)
+
+    for u in range(n_buckets):
+        executor.submit(urls.owners_bucket, out, u, config.chunk_rows, plan.layout.chunks_per_group, plan.names,
+                        on_done=add)
+    executor.drain()
+    for s_index, spec in specs:
+        for g, chunks in enumerate(plan.groups(spec)):
+            if not plan.paths.group_marker(spec.name, g).exists():
+                executor.submit(urls.chunks_group, out, spec.name, s_index, g, list(chunks))
+    executor.drain()
+    return {name: dict(c) for name, c in counts.items()}
+
+
 def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor) -> None:
     """Submit every chunk of the source not yet done (its file exists, or its group was already scattered)."""
     config = plan.config
@@ -403,15 +448,25 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor) ->
     if len(done) == n_chunks:
         bar.close()
         return
-    archive_state = _archive_state(spec, executor)
+
+    def task(index: int, table: pa.Table) -> ChunkTask:
+        return ChunkTask(source=spec.name, index=index, candidates=table, path=plan.chunk_path(spec, index),
+                         image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
+                         source_index=s_index, first_candidate=index * config.chunk_rows)
+
     try:
-        for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
-            if index in done:
-                continue
-            task = ChunkTask(source=spec.name, index=index, candidates=table, path=plan.chunk_path(spec, index),
-                             image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
-                             source_index=s_index, first_candidate=index * config.chunk_rows)
-            executor.submit(_run_chunk_with_state, task, archive_state, on_done=lambda r: bar.update(r["rows"]))
+        if spec.mode == "url":
+            url_paths = urls.UrlPaths(config.out)
+            for index in range(n_chunks):
+                if index not in done:
+                    executor.submit(_run_url_chunk, task(index, pa.table({})), str(url_paths.chunk(spec.name, index)),
+                                    on_done=lambda r: bar.update(r["rows"]))
+        else:
+            archive_state = _archive_state(spec, executor)
+            for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
+                if index not in done:
+                    executor.submit(_run_chunk_with_state, task(index, table), archive_state,
+                                    on_done=lambda r: bar.update(r["rows"]))
         executor.drain()
     finally:
         bar.close()
@@ -429,7 +484,7 @@ def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
                 if missing:
                     raise BuildError(f"{missing[0]}: chunk missing after the image stage")
             executor.submit(final.scatter_group, str(plan.config.out), spec.name, s_index, g, paths, plan.layout,
-                            on_done=markers.append, limit=plan.in_flight_groups)
+                            plan.names, on_done=markers.append, limit=plan.in_flight_groups)
     executor.drain()
     return markers
 
@@ -514,7 +569,7 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict]) -> list[dict]:
                          image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
                          source_index=m["source_index"])
         executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], task, plan.layout,
-                        states[spec.name], on_done=updated.append)
+                        plan.names, states[spec.name], on_done=updated.append)
     executor.drain()
     return updated
 
@@ -582,6 +637,9 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     plan = _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
 
     t = time.perf_counter()
+    url_counts = _url_pass(plan, executor)
+    timings["urls_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     for s_index, spec in enumerate(config.sources):
         _images(plan, s_index, spec, executor)
     timings["images_s"] = time.perf_counter() - t
@@ -595,7 +653,7 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
         timings["retry_s"] = time.perf_counter() - t
     rows_by_source: Counter = Counter()
     for m in markers:
-        rows_by_source[m["source"]] += m["rows"]
+        rows_by_source.update(m["rows_by_source"])
     for spec in config.sources:
         if rows_by_source[spec.name] != summaries[spec.name]["counts"]["pairs"]:
             raise BuildError(f"{spec.name}: chunks held {rows_by_source[spec.name]} rows, ingest produced "
@@ -605,7 +663,7 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     buckets = _dedup(plan, executor)
     timings["plan_s"] = time.perf_counter() - t
     accounting, totals, downloads = final.accounting(plan.names, {n: s["counts"] for n, s in summaries.items()},
-                                                     markers, buckets)
+                                                     markers, buckets, url_counts)
     problems = accounting_problems(accounting)
     if problems:
         raise BuildError("accounting does not add up: " + "; ".join(problems))
@@ -618,9 +676,9 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     by_source: dict[str, list[dict]] = {}
     for m in sorted(markers, key=lambda m: (m["source_index"], m["group"])):
         by_source.setdefault(m["source"], []).append(m)
+    files = [str(plan.paths.failed(spec.name, m["group"], 0).with_name(m["failed_file"]))
+             for spec in config.sources for m in by_source.get(spec.name, [])]
     for s_index, spec in enumerate(config.sources):
-        files = [str(plan.paths.failed(spec.name, m["group"], 0).with_name(m["failed_file"]))
-                 for m in by_source.get(spec.name, [])]
         executor.submit(final.write_failures, str(config.out), spec.name, s_index, files, plan.layout.n_buckets,
                         on_done=lambda e, name=spec.name: failure_entries.__setitem__(name, e))
     executor.drain()

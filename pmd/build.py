@@ -48,7 +48,6 @@ SHUFFLE_HASH = "shuffle_hash"
 TEXT_HASH = "text_hash"
 SOURCE_INDEX = "source_index"  # the source's position in the build config
 CANDIDATE_INDEX = "candidate_index"  # the row's position in its source's candidates
-DOWNLOADS_METADATA = b"pmd.downloads"
 
 # Failure reasons worth a second attempt: the server or the network may answer differently later. Everything else
 # (404/410, opted out, decode errors, checks, archive reads, duplicates) is a property of the image or the URL.
@@ -247,18 +246,22 @@ def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
             arrays.append(pa.array(out[f.name], type=f.type))
     arrays.append(pa.array([shuffle_hash(task.seed, k) for k in keys], type=pa.uint64()))
     arrays.append(pa.array([text_hash(t) for t in texts], type=pa.uint64()))
-    arrays.append(pa.array([task.source_index] * n, type=pa.int32()))
-    index = task.candidate_index if task.candidate_index is not None else range(task.first_candidate,
-                                                                                 task.first_candidate + n)
-    arrays.append(pa.array(list(index), type=pa.int64()))
+    if SOURCE_INDEX in cand.column_names:  # rows regrouped by URL (pmd.urls) carry their own place
+        arrays.append(cand.column(SOURCE_INDEX).cast(pa.int32()))
+    else:
+        arrays.append(pa.array([task.source_index] * n, type=pa.int32()))
+    if task.candidate_index is not None:
+        arrays.append(pa.array(task.candidate_index, type=pa.int64()))
+    elif CANDIDATE_INDEX in cand.column_names:
+        arrays.append(cand.column(CANDIDATE_INDEX).cast(pa.int64()))
+    else:
+        arrays.append(pa.array(range(task.first_candidate, task.first_candidate + n), type=pa.int64()))
     return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA), downloads
 
 
 def run_chunk(task: ChunkTask) -> dict:
     """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason, downloads}."""
     table, downloads = _process_rows(task)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           DOWNLOADS_METADATA: json.dumps(downloads).encode()})
     write_ipc_atomic(table, task.path)
     reasons = Counter(r for r in table.column(REASON).to_pylist() if r is not None)
     return {"source": task.source, "index": task.index, "rows": table.num_rows,
@@ -273,17 +276,12 @@ def retry_rows(task: ChunkTask) -> pa.Table:
     """
     if task.candidate_index is None:
         raise ValueError("retry_rows needs each row's candidate_index")
-    task = dataclasses.replace(task, candidates=task.candidates.select(list(schema.PAIR_SCHEMA.names)).cast(
-        schema.PAIR_SCHEMA))
+    pair = task.candidates.select(list(schema.PAIR_SCHEMA.names)).cast(schema.PAIR_SCHEMA)
+    if SOURCE_INDEX in task.candidates.column_names:
+        pair = pair.append_column(SOURCE_INDEX, task.candidates.column(SOURCE_INDEX))
+    task = dataclasses.replace(task, candidates=pair)
     table, _ = _process_rows(task)
     return table
-
-
-def chunk_downloads(path: Path) -> dict:
-    """The download counts a chunk file recorded ({"urls", "unique_urls"}); zeros for an archive chunk."""
-    metadata = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema.metadata or {}
-    raw = metadata.get(DOWNLOADS_METADATA)
-    return json.loads(raw) if raw else {"urls": 0, "unique_urls": 0}
 
 
 def write_ipc_atomic(table: pa.Table, path: Path) -> None:

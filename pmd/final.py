@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pmd import schema
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
-                       ChunkTask, chunk_downloads, is_transient, read_chunk, retry_rows)
+                       ChunkTask, is_transient, read_chunk, retry_rows)
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,17 @@ def _as_piece(table: pa.Table) -> pa.Table:
     return table.select(PIECE_SCHEMA.names).cast(PIECE_SCHEMA).replace_schema_metadata(None)
 
 
+def _by_source(pairs: Counter, source_names: list[str]) -> dict[str, dict[str, int]]:
+    """{(source_index, reason): n} -> {source: {reason: n}}, sorted."""
+    result: dict[str, dict[str, int]] = {}
+    for (i, reason), n in sorted(pairs.items()):
+        result.setdefault(source_names[i], {})[reason] = n
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------ pass A
 def scatter_group(out: str, source: str, source_index: int, group: int, chunk_paths: list[str],
-                  layout: Layout) -> dict:
+                  layout: Layout, source_names: list[str]) -> dict:
     """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
     paths = FinalPaths(Path(out))
     marker = paths.group_marker(source, group)
@@ -262,19 +270,17 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
         failed_path = paths.failed(source, group, 1)
         failed_path.parent.mkdir(parents=True, exist_ok=True)
         failed_tmp = failed_path.with_name(f".{failed_path.name}.tmp-{os.getpid()}")
-        reasons: Counter = Counter()
-        downloads = Counter()
-        rows = 0
+        rows: Counter = Counter()
+        tagged: Counter = Counter()
         with open(failed_tmp, "wb") as f, pa.ipc.new_file(f, FAILED_SCHEMA) as failed_writer:
             for chunk in chunk_paths:
                 table = read_chunk(Path(chunk))
-                downloads.update(chunk_downloads(Path(chunk)))
-                rows += table.num_rows
+                rows.update(table.column(SOURCE_INDEX).to_pylist())
                 ok = pc.is_null(table.column(REASON))
                 failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
                 if failed.num_rows:
                     failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
-                    reasons.update(failed.column(REASON).to_pylist())
+                    tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
                 _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
             bucket_rows = writers.commit()
             failed_writer.close()
@@ -282,10 +288,9 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
             os.fsync(f.fileno())
         os.replace(failed_tmp, failed_path)
         summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
-                   "rows": rows, "ok": sum(bucket_rows.values()), "failures": sum(reasons.values()),
-                   "failures_by_reason": dict(sorted(reasons.items())), "failed_file": failed_path.name,
-                   "downloads": {"attempts": 1, "urls": downloads["urls"], "unique_urls": downloads["unique_urls"],
-                                 "saved_by_url_dedup": downloads["urls"] - downloads["unique_urls"], "retried": 0},
+                   "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
+                   "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
+                   "failed_file": failed_path.name, "attempts": 1, "retried_by_source": {},
                    "buckets": {str(b): n for b, n in bucket_rows.items()},
                    "seconds": round(time.perf_counter() - started, 3)}
         write_json_atomic(summary, marker)
@@ -427,8 +432,8 @@ def merge_shard(out: str, shard: int, row_group_rows: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- failures
 def write_failures(out: str, source: str, source_index: int, failed_files: list[str], n_buckets: int) -> dict:
-    """failures/SOURCE.parquet, streamed: image-stage failures in candidate order, then duplicates bucket by bucket
-    (each in candidate order). Returns its manifest entry."""
+    """failures/SOURCE.parquet, streamed: image-stage failures group by group (each in candidate order), then
+    duplicates bucket by bucket (each in candidate order). Returns its manifest entry."""
     paths = FinalPaths(Path(out))
     rel = f"failures/{source}.parquet"
     path = Path(out) / rel
@@ -436,8 +441,9 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
     def tables() -> Iterable[pa.Table]:
-        for f in failed_files:
-            yield _read_ipc(Path(f))
+        for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
+            failed = _read_ipc(Path(f))
+            yield failed.filter(pc.equal(failed.column(SOURCE_INDEX), source_index))
         for b in range(n_buckets):
             dups = _read_ipc(paths.duplicates(b))
             yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
@@ -461,13 +467,13 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
 
 
 # ------------------------------------------------------------------------------------------------------- retry
-def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layout) -> dict:
+def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layout, source_names: list[str]) -> dict:
     """Download again the group's transient failures; rows that now succeed become pieces of their buckets, the
     others stay failures with their new reason. `task` gives the options (its candidates are ignored)."""
     paths = FinalPaths(Path(out))
     marker = paths.group_marker(source, group)
     summary = _read_json(marker)
-    attempt = summary["downloads"]["attempts"] + 1
+    attempt = summary["attempts"] + 1
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
     failed = _read_ipc(failed_path)
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
@@ -475,7 +481,6 @@ def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layo
     if again.num_rows:
         task = dataclasses.replace(task, candidates=again,
                                    candidate_index=again.column(CANDIDATE_INDEX).to_pylist(),
-                                   source_index=summary["source_index"],
                                    path=Path(out) / "work" / "images" / source / f"retry-{group:05d}")
         result = retry_rows(task)
     else:
@@ -491,13 +496,15 @@ def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layo
     remaining = remaining.take(pc.sort_indices(remaining, sort_keys=[(CANDIDATE_INDEX, "ascending")]))
     new_failed = paths.failed(source, group, attempt)
     _write_ipc(remaining, new_failed)
-    reasons = Counter(remaining.column(REASON).to_pylist())
+    reasons = Counter(zip(remaining.column(SOURCE_INDEX).to_pylist(), remaining.column(REASON).to_pylist()))
     buckets = Counter({int(b): n for b, n in summary["buckets"].items()})
     buckets.update(new_buckets)
-    downloads = dict(summary["downloads"], attempts=attempt, retried=summary["downloads"]["retried"] + again.num_rows)
-    summary = dict(summary, ok=summary["ok"] + sum(new_buckets.values()), failures=remaining.num_rows,
-                   failures_by_reason=dict(sorted(reasons.items())), failed_file=new_failed.name,
-                   downloads=downloads, buckets={str(b): n for b, n in sorted(buckets.items())})
+    retried = Counter(summary["retried_by_source"])
+    retried.update(source_names[i] for i in again.column(SOURCE_INDEX).to_pylist())
+    summary = dict(summary, ok=summary["ok"] + sum(new_buckets.values()),
+                   failures_by_source=_by_source(reasons, source_names), failed_file=new_failed.name,
+                   attempts=attempt, retried_by_source=dict(sorted(retried.items())),
+                   buckets={str(b): n for b, n in sorted(buckets.items())})
     write_json_atomic(summary, marker)
     if failed_path != new_failed:
         failed_path.unlink(missing_ok=True)
@@ -554,23 +561,24 @@ def reopen_bucket(out: str, b: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- manifest
 def accounting(source_names: list[str], ingest_counts: dict[str, dict], groups: Iterable[dict],
-               buckets: Iterable[dict]) -> tuple[dict, dict, dict]:
-    """(accounting per source, totals, downloads per source) from the ingest counts and the pass summaries."""
+               buckets: Iterable[dict], url_counts: dict[str, dict[str, int]]) -> tuple[dict, dict, dict]:
+    """(accounting per source, totals, downloads per source) from the ingest counts and the pass summaries.
+
+    `url_counts`: per source, URL rows and the distinct URLs first named by it (pmd.urls' owners pass)."""
     reasons = {s: Counter() for s in source_names}
-    downloads = {s: Counter() for s in source_names}
+    retried = Counter()
     attempts = {s: 0 for s in source_names}
     for g in groups:
-        reasons[g["source"]].update(g["failures_by_reason"])
-        d = g["downloads"]
-        downloads[g["source"]].update({k: d[k] for k in ("urls", "unique_urls", "saved_by_url_dedup", "retried")})
-        attempts[g["source"]] = max(attempts[g["source"]], d["attempts"])
+        for s, by_reason in g["failures_by_source"].items():
+            reasons[s].update(by_reason)
+        retried.update(g["retried_by_source"])
+        attempts[g["source"]] = max(attempts[g["source"]], g["attempts"])
     pairs, unique = Counter(), Counter()
     unique_total = 0
     for b in buckets:
         pairs.update(b["kept_by_source"])
         unique.update(b["unique_by_source"])
-        reasons_dup = b["duplicates_by_source"]
-        for s, n in reasons_dup.items():
+        for s, n in b["duplicates_by_source"].items():
             reasons[s]["duplicate"] += n
         unique_total += b["unique_images"]
     result = {}
@@ -591,6 +599,10 @@ def accounting(source_names: list[str], ingest_counts: dict[str, dict], groups: 
     for a in result.values():
         total_reasons.update(a["failures_by_reason"])
     totals["failures_by_reason"] = dict(sorted(total_reasons.items()))
-    dl = {s: {"attempts": attempts[s], **{k: downloads[s][k] for k in ("urls", "unique_urls", "saved_by_url_dedup",
-                                                                        "retried")}} for s in source_names}
-    return result, totals, dl
+    downloads = {}
+    for s in source_names:
+        urls = url_counts.get(s, {}).get("urls", 0)
+        unique_urls = url_counts.get(s, {}).get("unique_urls", 0)
+        downloads[s] = {"attempts": attempts[s], "urls": urls, "unique_urls": unique_urls,
+                        "saved_by_url_dedup": urls - unique_urls, "retried": retried[s]}
+    return result, totals, downloads

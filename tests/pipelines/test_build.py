@@ -21,12 +21,13 @@ from PIL import Image
 
 from pipelines.build import BuildConfig, BuildError, load_config, run_build
 from pmd import schema
-from pmd.build import DOWNLOADS_METADATA, read_chunk, write_ipc_atomic
+from pmd.build import read_chunk, write_ipc_atomic
 from pmd.cli import main as pmd_main
 from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import make_cc12m, make_coco
+from tests.pipelines.test_build_retry import image_bytes_in_work
 
 pytestmark = pytest.mark.slow
 
@@ -220,29 +221,29 @@ def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
     assert not (resumed / "manifest.json").exists()
     done_before = sorted((resumed / "work" / "images").glob("*/chunk-*.arrow"))
     assert done_before
-    # Tag every finished URL chunk (its recorded download counts + 1000): a chunk that were recomputed would lose
-    # the tag, so the resumed manifest proves which chunks were reused.
-    tagged = 0
+    # Tag a failure in every finished chunk: a chunk that were recomputed would lose its tag, so the resumed
+    # failures prove which chunks were reused.
+    tagged = set()
     for path in done_before:
         table = read_chunk(path)
-        counts = json.loads(table.schema.metadata[DOWNLOADS_METADATA])
-        if counts["urls"]:
-            counts = {k: v + 1000 for k, v in counts.items()}
-            write_ipc_atomic(table.replace_schema_metadata({DOWNLOADS_METADATA: json.dumps(counts).encode()}), path)
-            tagged += 1
+        details = table.column("detail").to_pylist()
+        i = next(i for i, r in enumerate(table.column("reason").to_pylist()) if r) if any(
+            table.column("reason").to_pylist()) else None
+        if i is not None:
+            details[i] = f"tag {path.name}"
+            tagged.add((table.column("key")[i].as_py(), details[i]))
+            write_ipc_atomic(table.set_column(table.schema.get_field_index("detail"), "detail",
+                                              pa.array(details, pa.string())), path)
+    assert tagged
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # Finished chunks were not recomputed; the shards equal the uninterrupted build's, byte for byte.
     manifest = json.loads((resumed / "manifest.json").read_text())
-    reference = json.loads((out / "manifest.json").read_text())
-    got, want = manifest["sources"]["conceptual_12m"]["downloads"], reference["sources"]["conceptual_12m"]["downloads"]
-    assert got["urls"] == want["urls"] + 1000 * tagged and got["unique_urls"] == want["unique_urls"] + 1000 * tagged
+    failures = pl.read_parquet(resumed / "failures")
+    assert tagged <= set(zip(failures["key"].to_list(), failures["detail"].to_list()))
     # The image stage's chunks were consumed by the final phase: no second copy of the images is left.
-    assert not list((resumed / "work").rglob("*.arrow")) or all(
-        "image" not in pa.ipc.open_file(str(p)).schema.names or pa.ipc.open_file(str(p)).read_all()
-        .column("image").null_count == pa.ipc.open_file(str(p)).read_all().num_rows
-        for p in (resumed / "work").rglob("*.arrow"))
+    assert image_bytes_in_work(resumed) == 0
     assert [f.name for f in shard_files(resumed)] == [f.name for f in shard_files(out)]
     assert shard_contents(resumed) == shard_contents(out)
     assert [f.read_bytes() for f in shard_files(resumed)] == [f.read_bytes() for f in shard_files(out)]

@@ -106,3 +106,30 @@ def test_retry_failures_downloads_transient_rows_again(server, tmp_path):
 def first_key(out: Path, url_part: str) -> str:
     shards = pl.read_parquet(out / "shards")
     return shards.filter(pl.col("image_url").str.contains(url_part, literal=True))["key"].to_list()[0]
+
+
+def test_a_url_named_by_several_rows_and_sources_is_downloaded_once(server, tmp_path):
+    """/flaky/0/N.jpg always answers and is counted by the server: each URL must be requested exactly once."""
+    counted = [server.url(f"/flaky/0/{600 + i}.jpg?run=dedup") for i in range(3)]
+    fillers = [f"{server.url(f'/img/{700 + i}.jpg')}\tfiller {i}" for i in range(6)]
+    cc12m = [f"{counted[0]}\tfirst", *fillers[:3], f"{counted[1]}\tsecond", *fillers[3:], f"{counted[0]}\tagain"]
+    cc3m = [f"third\t{counted[0]}", f"fourth\t{counted[2]}", f"fifth\t{counted[1]}"]
+    (tmp_path / "cc12m.tsv").write_text("\n".join(cc12m) + "\n")
+    (tmp_path / "cc3m.tsv").write_text("\n".join(cc3m) + "\n")
+    cfg = config(tmp_path / "cc12m.tsv", tmp_path / "out", retry=False)
+    cfg.sources = [SourceSpec("conceptual_12m", [tmp_path / "cc12m.tsv"]),
+                   SourceSpec("conceptual_captions", [tmp_path / "cc3m.tsv"])]
+    cfg.chunk_rows = 2  # the rows naming one URL lie in different chunks and sources
+    manifest = run_build(cfg)
+    for url in counted:
+        path = url[len(server.base_url):]
+        assert server._requests[path] == 1, (path, server._requests[path])
+    acc = manifest["accounting"]
+    assert acc["conceptual_12m"]["pairs"] == len(cc12m) and acc["conceptual_captions"]["pairs"] == len(cc3m)
+    d12, d3 = (manifest["sources"][s]["downloads"] for s in ("conceptual_12m", "conceptual_captions"))
+    assert (d12["urls"], d12["unique_urls"], d12["saved_by_url_dedup"]) == (len(cc12m), len(cc12m) - 1, 1)
+    assert (d3["urls"], d3["unique_urls"], d3["saved_by_url_dedup"]) == (3, 1, 2)
+    shards = pl.read_parquet(tmp_path / "out" / "shards")
+    by_text = dict(zip(shards["text"].to_list(), shards["image_sha256"].to_list()))
+    assert by_text["first"] == by_text["again"] == by_text["third"] and by_text["second"] == by_text["fifth"]
+    assert verify(tmp_path / "out") == []
