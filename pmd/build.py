@@ -284,18 +284,38 @@ def retry_rows(task: ChunkTask) -> pa.Table:
     return table
 
 
+# Work files (chunks, pieces) are Arrow IPC with zstd-compressed buffers: the metadata columns (captions, meta JSON)
+# shrink to about their Parquet size, so the work copy of a row costs no more disk than its shard row; JPEG buffers
+# do not compress and zstd passes over them at GB/s.
+IPC_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def ipc_writer(sink, schema_: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
+    return pa.ipc.new_file(sink, schema_, options=IPC_WRITE_OPTIONS)
+
+
 def write_ipc_atomic(table: pa.Table, path: Path) -> None:
+    """Temp name + fsync + rename, as every output of the build."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        with pa.ipc.new_file(f, table.schema) as writer:
+        with ipc_writer(f, table.schema) as writer:
             writer.write_table(table)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A work file; with `columns`, only those columns' buffers are read and decompressed."""
+    source = pa.memory_map(str(path), "r")
+    if columns is None:
+        return pa.ipc.open_file(source).read_all()
+    names = pa.ipc.open_file(source).schema.names
+    options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
+    return pa.ipc.open_file(source, options=options).read_all().select(columns)
+
+
 def read_chunk(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A chunk file, memory-mapped: selecting columns or taking rows reads only those pages."""
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    return table.select(columns) if columns is not None else table
+    """A chunk file of the image stage (CHUNK_SCHEMA)."""
+    return read_ipc(path, columns)

@@ -51,14 +51,14 @@ import pyarrow.parquet as pq
 
 from pmd import schema
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
-                       ChunkTask, is_transient, read_chunk, retry_rows)
+                       ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"  # under OUT/work
 WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of another format is not reused)
-BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: B2 holds a bucket's metadata, never its images
+BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
 PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
 IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
 FLUSH_BYTES = 1 << 20  # a bucket's buffered rows are appended to its piece past this size...
@@ -146,22 +146,6 @@ class FinalPaths:
         return self.root / "unbuild.json"
 
 
-def _write_ipc(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        with pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    return table.select(columns) if columns is not None else table
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -206,7 +190,7 @@ class _PieceWriters:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             f = open(tmp, "wb")
-            self.open[bucket] = (tmp, f, pa.ipc.new_file(f, PIECE_SCHEMA))
+            self.open[bucket] = (tmp, f, ipc_writer(f, PIECE_SCHEMA))
         self.open[bucket][2].write_table(pa.concat_tables(tables).combine_chunks())
 
     def commit(self) -> dict[int, int]:
@@ -272,7 +256,7 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
         failed_tmp = failed_path.with_name(f".{failed_path.name}.tmp-{os.getpid()}")
         rows: Counter = Counter()
         tagged: Counter = Counter()
-        with open(failed_tmp, "wb") as f, pa.ipc.new_file(f, FAILED_SCHEMA) as failed_writer:
+        with open(failed_tmp, "wb") as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
             for chunk in chunk_paths:
                 table = read_chunk(Path(chunk))
                 rows.update(table.column(SOURCE_INDEX).to_pylist())
@@ -313,7 +297,7 @@ def _bucket_pieces(paths: FinalPaths, b: int) -> list[Path]:
 
 
 def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
-    tables = [_read_ipc(p, columns) for p in pieces]
+    tables = [read_ipc(p, columns) for p in pieces]
     if not tables:
         target = pa.schema([PIECE_SCHEMA.field(c) for c in columns]) if columns else PIECE_SCHEMA
         return target.empty_table()
@@ -345,7 +329,7 @@ def dedup_bucket(out: str, b: int, source_names: list[str]) -> dict:
     rows = rows.set_column(rows.schema.get_field_index(REASON), REASON, pa.array([DUPLICATE[1]] * rows.num_rows,
                                                                                   pa.string()))
     rows = rows.set_column(rows.schema.get_field_index(DETAIL), DETAIL, pa.array(detail, pa.string()))
-    _write_ipc(rows.cast(FAILED_SCHEMA), paths.duplicates(b))  # already in (source_index, candidate_index) order
+    write_ipc_atomic(rows.cast(FAILED_SCHEMA), paths.duplicates(b))  # already in (source_index, candidate_index) order
     kept_meta = kept.select(SOURCE_INDEX, schema.IMAGE_SHA256)
     by_source = kept_meta.group_by(SOURCE_INDEX).agg(pl.len().alias("n"), pl.col(schema.IMAGE_SHA256).n_unique()
                                                      .alias("u"))
@@ -396,7 +380,7 @@ def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout) -> d
     table = _bucket_table(pieces, None)
     kept, _ = _decide(table)
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
-    _write_ipc(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
+    write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
     written = []
     for shard, start, end, whole in bucket_shards(offset, kept.height, total, layout.shard_rows):
         rows = table.take(order[start:end])
@@ -407,7 +391,7 @@ def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout) -> d
                 _write_shard(Path(out), shard, _shard_table(rows), layout.row_group_rows)
             written.append(shard)
         else:
-            _write_ipc(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
+            write_ipc_atomic(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
     summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
     write_json_atomic(summary, paths.written(b))
@@ -424,7 +408,7 @@ def merge_shard(out: str, shard: int, row_group_rows: int) -> dict:
         fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
         if not fragments:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
-        table = pa.concat_tables([_read_ipc(p) for p in fragments]).combine_chunks()
+        table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
         entry = _write_shard(Path(out), shard, table, row_group_rows)
     shutil.rmtree(paths.fragment_dir(shard), ignore_errors=True)
     return entry
@@ -442,10 +426,10 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
 
     def tables() -> Iterable[pa.Table]:
         for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
-            failed = _read_ipc(Path(f))
+            failed = read_ipc(Path(f))
             yield failed.filter(pc.equal(failed.column(SOURCE_INDEX), source_index))
         for b in range(n_buckets):
-            dups = _read_ipc(paths.duplicates(b))
+            dups = read_ipc(paths.duplicates(b))
             yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
 
     with open(tmp, "wb") as f:
@@ -475,7 +459,7 @@ def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layo
     summary = _read_json(marker)
     attempt = summary["attempts"] + 1
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
-    failed = _read_ipc(failed_path)
+    failed = read_ipc(failed_path)
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
     again = failed.filter(transient)
     if again.num_rows:
@@ -495,7 +479,7 @@ def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layo
     remaining = pa.concat_tables([failed.filter(pc.invert(transient)).cast(FAILED_SCHEMA), still])
     remaining = remaining.take(pc.sort_indices(remaining, sort_keys=[(CANDIDATE_INDEX, "ascending")]))
     new_failed = paths.failed(source, group, attempt)
-    _write_ipc(remaining, new_failed)
+    write_ipc_atomic(remaining, new_failed)
     reasons = Counter(zip(remaining.column(SOURCE_INDEX).to_pylist(), remaining.column(REASON).to_pylist()))
     buckets = Counter({int(b): n for b, n in summary["buckets"].items()})
     buckets.update(new_buckets)
@@ -526,7 +510,7 @@ def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list
         if end <= start:
             continue
         rows = table.slice(start - lo, end - start)
-        order = _read_ipc(paths.kept(b)).slice(start - offset, end - start)
+        order = read_ipc(paths.kept(b)).slice(start - offset, end - start)
         if order.column(schema.KEY).to_pylist() != rows.column(schema.KEY).to_pylist():
             raise RuntimeError(f"{path}: rows do not match bucket {b}'s kept index; was the shard replaced?")
         piece = {name: rows.column(name) for name in schema.SHARD_COLUMNS}
@@ -536,7 +520,7 @@ def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list
         piece[CANDIDATE_INDEX] = order.column(CANDIDATE_INDEX)
         piece[SHUFFLE_HASH] = pa.array([shuffle_hash(seed, k) for k in rows.column(schema.KEY).to_pylist()],
                                        pa.uint64())
-        _write_ipc(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
+        write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
                    paths.bucket_dir(b) / f"shard-{shard:05d}.arrow")
         position = end
     path.unlink()
@@ -548,12 +532,12 @@ def reopen_bucket(out: str, b: int) -> None:
     decisions are forgotten. A duplicate never wins against its kept row, so it needs no image."""
     paths = FinalPaths(Path(out))
     if paths.duplicates(b).exists():
-        dups = _read_ipc(paths.duplicates(b))
+        dups = read_ipc(paths.duplicates(b))
         if dups.num_rows:
             piece = {n: dups.column(n) for n in METADATA_COLUMNS}
             piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(dups.num_rows, pa.string())
             piece[schema.IMAGE] = pa.nulls(dups.num_rows, pa.binary())
-            _write_ipc(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
+            write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
                        paths.bucket_dir(b) / "duplicates.arrow")
     for p in (paths.kept(b), paths.written(b), paths.dedup(b), paths.duplicates(b)):
         p.unlink(missing_ok=True)

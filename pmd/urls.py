@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pmd import schema
-from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX
+from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
 from pmd.shards import write_json_atomic
 
 URLS_DIR = "urls"  # under OUT/work
@@ -70,21 +69,6 @@ class UrlPaths:
         return self.root / "chunks" / source / f"chunk-{index:05d}.arrow"
 
 
-def _write_ipc(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        with pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_ipc(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
 def read_candidates(candidates_dir: Path, start: int, stop: int) -> pa.Table:
     """Candidates [start, stop) of a source, in part order, reading only the parts (and batches) that hold them."""
     tables, offset = [], 0
@@ -116,7 +100,7 @@ def split_group(out: str, candidates_dir: str, source_index: int, group: int, st
     buckets = [url_bucket(u, n_buckets) for u in table.column(schema.IMAGE_URL).to_pylist()]
     frame = pl.from_arrow(table).with_columns(pl.Series("_u", buckets, pl.Int32))
     for (u,), part in frame.partition_by("_u", as_dict=True, maintain_order=True).items():
-        _write_ipc(part.drop("_u").to_arrow().cast(ROW_SCHEMA), paths.piece(int(u), source_index, group))
+        write_ipc_atomic(part.drop("_u").to_arrow().cast(ROW_SCHEMA), paths.piece(int(u), source_index, group))
     summary = {"source_index": source_index, "group": group, "rows": table.num_rows}
     write_json_atomic(summary, marker)
     return summary
@@ -130,7 +114,7 @@ def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, sour
         return json.loads(marker.read_text())
     directory = paths.root / "pieces" / f"u-{u:05d}"
     pieces = sorted(directory.glob("*.arrow")) if directory.exists() else []
-    frame = pl.from_arrow(pa.concat_tables([_read_ipc(p) for p in pieces])) if pieces else \
+    frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in pieces])) if pieces else \
         pl.from_arrow(ROW_SCHEMA.empty_table())
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
     # A row without a URL is its own owner (it fails as no_url in its own chunk).
@@ -145,7 +129,7 @@ def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, sour
         pl.len().alias("urls"), (pl.col("_os") == pl.col(SOURCE_INDEX)).and_(pl.col("_oc") == pl.col(
             CANDIDATE_INDEX)).sum().alias("unique_urls"))
     for (s, g), part in frame.partition_by("_os", "_group", as_dict=True, maintain_order=True).items():
-        _write_ipc(part.select(*ROW_SCHEMA.names, "_chunk").to_arrow(), paths.moved(int(s), int(g), u))
+        write_ipc_atomic(part.select(*ROW_SCHEMA.names, "_chunk").to_arrow(), paths.moved(int(s), int(g), u))
     summary = {"bucket": u, "downloads": {source_names[s]: {"urls": n, "unique_urls": k}
                                           for s, n, k in sorted(counts.iter_rows())}}
     write_json_atomic(summary, marker)
@@ -161,14 +145,14 @@ def chunks_group(out: str, source: str, source_index: int, group: int, chunks: l
         return json.loads(marker.read_text())
     directory = paths.root / "moved" / f"{source_index:02d}-{group:05d}"
     moved = sorted(directory.glob("u-*.arrow")) if directory.exists() else []
-    frame = pl.from_arrow(pa.concat_tables([_read_ipc(p) for p in moved])) if moved else \
+    frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in moved])) if moved else \
         pl.from_arrow(ROW_SCHEMA.empty_table()).with_columns(pl.lit(0, pl.Int64).alias("_chunk"))
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
     sizes: Counter = Counter()
     for c in chunks:
         rows = frame.filter(pl.col("_chunk") == c).drop("_chunk")
         sizes[c] = rows.height
-        _write_ipc(rows.to_arrow().cast(ROW_SCHEMA), paths.chunk(source, c))
+        write_ipc_atomic(rows.to_arrow().cast(ROW_SCHEMA), paths.chunk(source, c))
     summary = {"source_index": source_index, "group": group, "rows": frame.height,
                "chunks": {str(c): n for c, n in sorted(sizes.items())}}
     write_json_atomic(summary, marker)
