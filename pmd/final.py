@@ -61,6 +61,7 @@ WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of an
 BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
 PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
 IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
+RETRY_SLICE_ROWS = 2_000  # rows a retry task downloads and processes at once (about one chunk)
 FLUSH_BYTES = 1 << 20  # a bucket's buffered rows are appended to its piece past this size...
 BUFFER_BYTES = 256 << 20  # ... and all buffers past this total: scatter memory is bounded, whatever the bucket count
 
@@ -461,23 +462,31 @@ def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layo
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
     failed = read_ipc(failed_path)
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
-    again = failed.filter(transient)
-    if again.num_rows:
-        task = dataclasses.replace(task, candidates=again,
-                                   candidate_index=again.column(CANDIDATE_INDEX).to_pylist(),
-                                   path=Path(out) / "work" / "images" / source / f"retry-{group:05d}")
-        result = retry_rows(task)
-    else:
-        result = FAILED_SCHEMA.empty_table()
-    ok = pc.is_null(result.column(REASON)) if result.num_rows else pa.array([], pa.bool_())
+    position = pa.array(range(failed.num_rows), pa.int64())  # rows keep their place in the failures
+    again = failed.append_column("_pos", position).filter(transient)
+    # By URL, so the rows naming one URL are in one slice (one download); a task holds one slice's images.
+    again = again.take(pc.sort_indices(again, sort_keys=[(schema.IMAGE_URL, "ascending"), ("_pos", "ascending")]))
     writers = _PieceWriters(paths, f"retry-{summary['source_index']:02d}-{group:05d}-a{attempt:02d}.arrow")
-    _scatter_ok_rows(_as_piece(result.filter(ok)) if result.num_rows else PIECE_SCHEMA.empty_table(), layout,
-                     writers)
+    kept_failed = [failed.filter(pc.invert(transient)).append_column("_pos", position.filter(pc.invert(transient)))]
+    urls = again.column(schema.IMAGE_URL).to_pylist()
+    start = 0
+    while start < again.num_rows:
+        end = min(start + RETRY_SLICE_ROWS, again.num_rows)
+        while end < again.num_rows and urls[end] is not None and urls[end] == urls[end - 1]:
+            end += 1
+        rows = again.slice(start, end - start)
+        result = retry_rows(dataclasses.replace(
+            task, candidates=rows, candidate_index=rows.column(CANDIDATE_INDEX).to_pylist(),
+            path=Path(out) / "work" / "images" / source / f"retry-{group:05d}"))
+        ok = pc.is_null(result.column(REASON))
+        _scatter_ok_rows(_as_piece(result.filter(ok)), layout, writers)
+        kept_failed.append(result.select(METADATA_COLUMNS).append_column("_pos", rows.column("_pos")).filter(
+            pc.invert(ok)))
+        start = end
     new_buckets = writers.commit()
-    still = result.filter(pc.invert(ok)).select(METADATA_COLUMNS).cast(FAILED_SCHEMA) if result.num_rows else \
-        FAILED_SCHEMA.empty_table()
-    remaining = pa.concat_tables([failed.filter(pc.invert(transient)).cast(FAILED_SCHEMA), still])
-    remaining = remaining.take(pc.sort_indices(remaining, sort_keys=[(CANDIDATE_INDEX, "ascending")]))
+    remaining = pa.concat_tables([t.select([*METADATA_COLUMNS, "_pos"]).cast(FAILED_SCHEMA.append(
+        pa.field("_pos", pa.int64()))) for t in kept_failed])
+    remaining = remaining.take(pc.sort_indices(remaining, sort_keys=[("_pos", "ascending")])).drop_columns(["_pos"])
     new_failed = paths.failed(source, group, attempt)
     write_ipc_atomic(remaining, new_failed)
     reasons = Counter(zip(remaining.column(SOURCE_INDEX).to_pylist(), remaining.column(REASON).to_pylist()))

@@ -61,25 +61,29 @@ def test_retry_failures_downloads_transient_rows_again(server, tmp_path):
     lines += [f"{server.url(f'/flaky/1/{301 + i}.jpg')}\tflaky {i}" for i in range(N_FLAKY - 1)]
     lines += [f"{server.url(f'/flaky/3/{400 + i}.jpg')}\tstubborn {i}" for i in range(N_STUBBORN)]
     lines += [f"{server.url('/status/404')}\tgone", f"{server.url('/img/300.jpg')}\tcaption 300"]
+    # A later row (another chunk) naming a stubborn URL: fetched with it, once per round, failing with it.
+    lines += [f"{server.url('/flaky/3/400.jpg')}\tstubborn again"]
+    stubborn = N_STUBBORN + 1
     tsv = tmp_path / "cc12m.tsv"
     tsv.write_text("\n".join(lines) + "\n")
 
     out = tmp_path / "out"
     first = run_build(config(tsv, out, retry=False))
     acc = first["accounting"]["conceptual_12m"]
-    assert acc["failures_by_reason"] == {"http_404": 1, "http_503": N_FLAKY + N_STUBBORN}
+    assert acc["failures_by_reason"] == {"http_404": 1, "http_503": N_FLAKY + stubborn}
     assert acc["pairs"] == N_GOOD + 1
     assert first["sources"]["conceptual_12m"]["downloads"]["attempts"] == 1
 
     retried = run_build(config(tsv, out, retry=True))
     acc = retried["accounting"]["conceptual_12m"]
     # The flaky rows now succeed; the first of them takes the place of the later row with the same image and text.
-    assert acc["failures_by_reason"] == {"duplicate": 1, "http_404": 1, "http_503": N_STUBBORN}
+    assert acc["failures_by_reason"] == {"duplicate": 1, "http_404": 1, "http_503": stubborn}
     assert acc["pairs"] == N_GOOD + 1 + N_FLAKY - 1
     assert acc["input_rows"] == acc["pairs"] + acc["rejects"] + acc["failures"]
     downloads = retried["sources"]["conceptual_12m"]["downloads"]
-    assert downloads["attempts"] == 2 and downloads["retried"] == N_FLAKY + N_STUBBORN
-    assert downloads["urls"] == len(lines)
+    assert downloads["attempts"] == 2 and downloads["retried"] == N_FLAKY + stubborn
+    assert (downloads["urls"], downloads["unique_urls"], downloads["saved_by_url_dedup"]) == (len(lines),
+                                                                                              len(lines) - 1, 1)
     assert verify(out) == []
     assert image_bytes_in_work(out) == 0
     failures = pl.read_parquet(out / "failures")
@@ -97,9 +101,9 @@ def test_retry_failures_downloads_transient_rows_again(server, tmp_path):
     again = run_build(config(tsv, out, retry=True))
     acc = again["accounting"]["conceptual_12m"]
     assert acc["failures_by_reason"] == {"duplicate": 1, "http_404": 1}
-    assert acc["pairs"] == N_GOOD + N_FLAKY + N_STUBBORN
+    assert acc["pairs"] == N_GOOD + N_FLAKY + stubborn
     assert again["sources"]["conceptual_12m"]["downloads"]["attempts"] == 3
-    assert again["sources"]["conceptual_12m"]["downloads"]["retried"] == N_FLAKY + 2 * N_STUBBORN
+    assert again["sources"]["conceptual_12m"]["downloads"]["retried"] == N_FLAKY + 2 * stubborn
     assert verify(out) == [] and image_bytes_in_work(out) == 0
 
 
