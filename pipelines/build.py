@@ -259,7 +259,20 @@ def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
+def _chunk_done(task: ChunkTask) -> dict | None:
+    """The summary of a chunk already written: a task re-run by Ray after its node died, having finished there."""
+    if not task.path.exists():
+        return None
+    reasons = Counter(r for r in read_chunk(task.path, [schema.REASON]).column(schema.REASON).to_pylist() if r)
+    rows = read_chunk(task.path, [schema.KEY]).num_rows
+    return {"source": task.source, "index": task.index, "rows": rows, "ok": rows - sum(reasons.values()),
+            "failures_by_reason": dict(reasons)}
+
+
 def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
+    done = _chunk_done(task)
+    if done is not None:
+        return done
     task.archive_state = archive_state
     return run_chunk(task)
 
@@ -267,16 +280,18 @@ def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
 def _run_url_chunk(task: ChunkTask, candidates: str) -> dict:
     """A URL chunk: its rows as regrouped by pmd.urls (own rows whose URL it fetches first, and later rows of any
     source naming those URLs); the input file goes once the chunk's result is durable."""
-    task.candidates = read_chunk(Path(candidates))
-    result = run_chunk(task)
+    result = _chunk_done(task)
+    if result is None:
+        task.candidates = read_chunk(Path(candidates))
+        result = run_chunk(task)
     Path(candidates).unlink(missing_ok=True)
     return result
 
 
-def _retry_group_with_state(out: str, source: str, group: int, task: ChunkTask, layout: final.Layout,
-                            source_names: list[str], archive_state: object) -> dict:
+def _retry_group_with_state(out: str, source: str, group: int, attempt: int, task: ChunkTask,
+                            layout: final.Layout, source_names: list[str], archive_state: object) -> dict:
     task.archive_state = archive_state
-    return final.retry_group(out, source, group, task, layout, source_names)
+    return final.retry_group(out, source, group, attempt, task, layout, source_names)
 
 
 class _Executor:
@@ -550,7 +565,8 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
         executor.drain()
         write_json_atomic({**info, "phase": "buckets"}, state)
     for b in range(plan.layout.n_buckets):
-        final.reopen_bucket(str(plan.config.out), b)
+        executor.submit(final.reopen_bucket, str(plan.config.out), b)
+    executor.drain()
     state.unlink()
 
 
@@ -568,8 +584,8 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict]) -> list[dict]:
         task = ChunkTask(source=spec.name, index=m["group"], candidates=pa.table({}), path=Path(),
                          image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
                          source_index=m["source_index"])
-        executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], task, plan.layout,
-                        plan.names, states[spec.name], on_done=updated.append)
+        executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], m["attempts"] + 1, task,
+                        plan.layout, plan.names, states[spec.name], on_done=updated.append)
     executor.drain()
     return updated
 

@@ -452,13 +452,16 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
 
 
 # ------------------------------------------------------------------------------------------------------- retry
-def retry_group(out: str, source: str, group: int, task: ChunkTask, layout: Layout, source_names: list[str]) -> dict:
-    """Download again the group's transient failures; rows that now succeed become pieces of their buckets, the
-    others stay failures with their new reason. `task` gives the options (its candidates are ignored)."""
+def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask, layout: Layout,
+                source_names: list[str]) -> dict:
+    """Download attempt number `attempt` of the group's transient failures; rows that now succeed become pieces of
+    their buckets, the others stay failures with their new reason. `task` gives the options (its candidates are
+    ignored). Idempotent: a group whose marker already records `attempt` is left as it is."""
     paths = FinalPaths(Path(out))
     marker = paths.group_marker(source, group)
     summary = _read_json(marker)
-    attempt = summary["attempts"] + 1
+    if summary["attempts"] >= attempt:
+        return summary
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
     failed = read_ipc(failed_path)
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
