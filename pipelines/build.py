@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pmd import final, schema, urls
 from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.download import DownloadOptions
+from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, accounting_problems, file_sha256,
@@ -99,6 +100,7 @@ class BuildConfig:
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
     retry_failures: bool = False  # download again the rows whose last failure is transient (pmd.build.is_transient)
     progress: bool = True
+    decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -123,11 +125,12 @@ class BuildConfig:
             "shard_rows": self.shard_rows, "row_group_rows": self.row_group_rows, "chunk_rows": self.chunk_rows,
             "seed": self.seed, "image": dataclasses.asdict(self.image), "download": dataclasses.asdict(self.download),
             "executor": self.executor, "task_cpus": self.task_cpus, "retry_failures": self.retry_failures,
+            "decontaminate": self.decontaminate.to_dict(),
         }
 
 
 _TOP_KEYS = {"sources", "out", "shard_rows", "row_group_rows", "chunk_rows", "seed", "image", "download",
-             "executor", "ray_address", "num_cpus", "task_cpus", "retry_failures"}
+             "executor", "ray_address", "num_cpus", "task_cpus", "retry_failures", "decontaminate"}
 _SOURCE_KEYS = {"name", "inputs", "images", "options"}
 
 
@@ -184,11 +187,17 @@ def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Build
                                   dict(s.get("options") or {})))
     if "out" not in raw:
         raise ValueError(f"{path}: no output directory (give --out)")
-    kwargs = {k: v for k, v in raw.items() if k not in ("sources", "image", "download", "out")}
+    kwargs = {k: v for k, v in raw.items() if k not in ("sources", "image", "download", "out", "decontaminate")}
+    decontaminate = dict(raw.get("decontaminate") or {})
+    for key in ("against", "flickr_ids"):
+        if key in decontaminate:
+            value = decontaminate[key]
+            decontaminate[key] = [resolve(p) for p in (value if isinstance(value, list) else [value])]
     return BuildConfig(
         sources=sources, out=Path(raw["out"]),
         image=_typed(ImageOptions, raw.get("image") or {}, f"{path}: [image]"),
         download=_typed(DownloadOptions, raw.get("download") or {}, f"{path}: [download]"),
+        decontaminate=_typed(EvalScreenOptions, decontaminate, f"{path}: [decontaminate]"),
         **kwargs,
     )
 
@@ -222,6 +231,8 @@ def _fingerprint(config: BuildConfig) -> dict:
         "chunk_rows": config.chunk_rows, "shard_rows": config.shard_rows, "row_group_rows": config.row_group_rows,
         "seed": config.seed, "image": dataclasses.asdict(config.image),
         "download": {k: v for k, v in dataclasses.asdict(config.download).items() if k != "thread_count"},
+        "decontaminate": {**config.decontaminate.to_dict(),
+                          "files": input_fingerprint(config.decontaminate.paths)},
     }
 
 
@@ -269,28 +280,32 @@ def _chunk_done(task: ChunkTask) -> dict | None:
             "failures_by_reason": dict(reasons)}
 
 
-def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
+def _run_chunk_with_state(task: ChunkTask, archive_state: object, screens: tuple = (None, None)) -> dict:
     done = _chunk_done(task)
     if done is not None:
         return done
     task.archive_state = archive_state
+    task.eval_ids, task.eval_index = screens  # shipped once per build (executor.put), not once per task
     return run_chunk(task)
 
 
-def _run_url_chunk(task: ChunkTask, candidates: str) -> dict:
+def _run_url_chunk(task: ChunkTask, candidates: str, screens: tuple = (None, None)) -> dict:
     """A URL chunk: its rows as regrouped by pmd.urls (own rows whose URL it fetches first, and later rows of any
     source naming those URLs); the input file goes once the chunk's result is durable."""
     result = _chunk_done(task)
     if result is None:
         task.candidates = read_chunk(Path(candidates))
+        task.eval_ids, task.eval_index = screens
         result = run_chunk(task)
     Path(candidates).unlink(missing_ok=True)
     return result
 
 
 def _retry_group_with_state(out: str, source: str, group: int, attempt: int, task: ChunkTask,
-                            layout: final.Layout, source_names: list[str], archive_state: object) -> dict:
+                            layout: final.Layout, source_names: list[str], archive_state: object,
+                            screens: tuple = (None, None)) -> dict:
     task.archive_state = archive_state
+    task.eval_ids, task.eval_index = screens
     return final.retry_group(out, source, group, attempt, task, layout, source_names)
 
 
@@ -448,7 +463,8 @@ def _url_pass(plan: _Plan, executor: _Executor) -> dict[str, dict[str, int]]:
     return {name: dict(c) for name, c in counts.items()}
 
 
-def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor) -> None:
+def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, screens: object = (None, None)
+            ) -> None:
     """Submit every chunk of the source not yet done (its file exists, or its group was already scattered)."""
     config = plan.config
     source_dir = config.out / WORK_DIR / "ingest" / spec.name
@@ -475,12 +491,12 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor) ->
             for index in range(n_chunks):
                 if index not in done:
                     executor.submit(_run_url_chunk, task(index, pa.table({})), str(url_paths.chunk(spec.name, index)),
-                                    on_done=lambda r: bar.update(r["rows"]))
+                                    screens, on_done=lambda r: bar.update(r["rows"]))
         else:
             archive_state = _archive_state(spec, executor)
             for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
                 if index not in done:
-                    executor.submit(_run_chunk_with_state, task(index, table), archive_state,
+                    executor.submit(_run_chunk_with_state, task(index, table), archive_state, screens,
                                     on_done=lambda r: bar.update(r["rows"]))
         executor.drain()
     finally:
@@ -570,7 +586,7 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
     state.unlink()
 
 
-def _retry(plan: _Plan, executor: _Executor, markers: list[dict]) -> list[dict]:
+def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: object) -> list[dict]:
     """One retry round over every scattered group; returns the updated markers."""
     config = plan.config
     if _final_written(plan) or plan.paths.unbuild_state.exists():
@@ -585,7 +601,7 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict]) -> list[dict]:
                          image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
                          source_index=m["source_index"])
         executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], m["attempts"] + 1, task,
-                        plan.layout, plan.names, states[spec.name], on_done=updated.append)
+                        plan.layout, plan.names, states[spec.name], screens, on_done=updated.append)
     executor.drain()
     return updated
 
@@ -619,6 +635,9 @@ def run_build(config: BuildConfig) -> dict:
         for p in [*spec.inputs, *spec.images]:
             if not p.exists():
                 raise BuildError(f"{spec.name}: input {p} does not exist")
+    for p in config.decontaminate.paths:
+        if not p.exists():
+            raise BuildError(f"decontamination input {p} does not exist")
     _check_state(config)
     for d in (SHARDS_DIR, FAILURES_DIR, WORK_DIR):
         remove_temp_files(out / d)
@@ -652,12 +671,13 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
     plan = _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
 
+    screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
     t = time.perf_counter()
     url_counts = _url_pass(plan, executor)
     timings["urls_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for s_index, spec in enumerate(config.sources):
-        _images(plan, s_index, spec, executor)
+        _images(plan, s_index, spec, executor, screens)
     timings["images_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -665,7 +685,7 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     timings["scatter_s"] = time.perf_counter() - t
     if config.retry_failures:
         t = time.perf_counter()
-        markers = _retry(plan, executor, markers)
+        markers = _retry(plan, executor, markers, screens)
         timings["retry_s"] = time.perf_counter() - t
     rows_by_source: Counter = Counter()
     for m in markers:

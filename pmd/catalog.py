@@ -28,6 +28,8 @@ class CatalogEntry:
     homepage: str
     table2_pairs: int
     table2_avg_words: float
+    max_caption_chars: int
+    max_caption_words: int
     table2_apportioned: bool = False
 
     def to_dict(self) -> dict:
@@ -61,10 +63,39 @@ def _parse(raw: dict) -> tuple[CatalogEntry, ...]:
     return tuple(entries)
 
 
+@dataclass(frozen=True)
+class ManualStep:
+    """A file a program cannot fetch (login, form, click-through): what it is and what the user must do."""
+
+    sources: tuple[str, ...]
+    what: str
+    step: str
+    url_prefix: str = ""  # empty: a step for the sources' images, not a metadata URL
+
+    def matches(self, url: str) -> bool:
+        return bool(self.url_prefix) and url.startswith(self.url_prefix)
+
+
+@lru_cache(maxsize=1)
+def _raw_catalog() -> dict:
+    return tomllib.loads((importlib.resources.files("manifests") / "sources.toml").read_text())
+
+
 @lru_cache(maxsize=1)
 def load_catalog() -> tuple[CatalogEntry, ...]:
-    text = (importlib.resources.files("manifests") / "sources.toml").read_text()
-    return _parse(tomllib.loads(text))
+    return _parse(_raw_catalog())
+
+
+@lru_cache(maxsize=1)
+def manual_steps() -> tuple[ManualStep, ...]:
+    steps = []
+    for row in _raw_catalog().get("manual", []):
+        step = ManualStep(**{**row, "sources": tuple(row["sources"])})
+        unknown = set(step.sources) - set(SOURCE_NAMES)
+        if unknown:
+            raise CatalogError(f"manual step {step.what!r} names unknown sources {sorted(unknown)}")
+        steps.append(step)
+    return tuple(steps)
 
 
 def catalog_entry(name: str) -> CatalogEntry:

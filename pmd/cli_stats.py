@@ -72,6 +72,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
         if failures:
             console.print("failures: " + ", ".join(f"{k} {v:,}" for k, v in failures))
+        for source, sets in result.get("eval_overlap", {}).items():
+            console.print(f"evaluation images kept out of {source}: "
+                          + ", ".join(f"{name} {n:,}" for name, n in sets.items()))
     _print_problems(result["problems"])
     return 0 if result["trusted"] else 1
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pmd import schema
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
+from pmd.decontaminate import eval_overlap_counts
 from pmd.text import word_count_series
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,7 @@ def audit(root: Path) -> dict:
         "sources": sources,
         "total": total,
         "duplicates": duplicates,
+        "eval_overlap": eval_overlap_counts(files.failures),  # source -> evaluation set -> pairs removed
         "problems": problems,
         "trusted": not problems,
     }
