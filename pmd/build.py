@@ -182,8 +182,8 @@ def _process(data: bytes, options: ImageOptions, box) -> object:
         return e
 
 
-def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
-    """The chunk's rows through fetch -> crop box -> process_image; (result table in CHUNK_SCHEMA, download counts).
+def _process_rows(task: ChunkTask) -> pa.Table:
+    """The chunk's rows through fetch -> crop box -> process_image -> sha256: the result table in CHUNK_SCHEMA.
 
     Each distinct locator is fetched once per chunk and each (locator, crop box) processed once, so COCO's five
     captions of an image cost one decode and a URL named by several rows one download.
@@ -198,11 +198,8 @@ def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
     # Evaluation photos by Flickr id: failed before any download (pmd.eval_ids).
     screened = screen_candidates(task.eval_ids, cand)
     processed: dict[tuple, object] = {}
-    downloads = {"urls": 0, "unique_urls": 0}
     if task.mode == "url":
         locators = [u if hit is None else None for u, hit in zip(cand.column(schema.IMAGE_URL).to_pylist(), screened)]
-        named = [u for u in locators if u]
-        downloads = {"urls": len(named), "unique_urls": len(set(named))}
         # Without crop boxes (every URL source) each image is processed as it arrives, overlapping the downloads.
         inline = all(b is None for b in boxes)
         fetched = _fetch_urls(task, locators, (lambda data: screen(_process(data, task.image_options, None),
@@ -269,16 +266,16 @@ def _process_rows(task: ChunkTask) -> tuple[pa.Table, dict]:
         arrays.append(cand.column(CANDIDATE_INDEX).cast(pa.int64()))
     else:
         arrays.append(pa.array(range(task.first_candidate, task.first_candidate + n), type=pa.int64()))
-    return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA), downloads
+    return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
 
 
 def run_chunk(task: ChunkTask) -> dict:
-    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason, downloads}."""
-    table, downloads = _process_rows(task)
+    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason}."""
+    table = _process_rows(task)
     write_ipc_atomic(table, task.path)
     reasons = Counter(r for r in table.column(REASON).to_pylist() if r is not None)
     return {"source": task.source, "index": task.index, "rows": table.num_rows,
-            "ok": table.num_rows - sum(reasons.values()), "failures_by_reason": dict(reasons), "downloads": downloads}
+            "ok": table.num_rows - sum(reasons.values()), "failures_by_reason": dict(reasons)}
 
 
 def retry_rows(task: ChunkTask) -> pa.Table:
@@ -293,8 +290,7 @@ def retry_rows(task: ChunkTask) -> pa.Table:
     if SOURCE_INDEX in task.candidates.column_names:
         pair = pair.append_column(SOURCE_INDEX, task.candidates.column(SOURCE_INDEX))
     task = dataclasses.replace(task, candidates=pair)
-    table, _ = _process_rows(task)
-    return table
+    return _process_rows(task)
 
 
 # Work files (chunks, pieces) are Arrow IPC with zstd-compressed buffers: the metadata columns (captions, meta JSON)
