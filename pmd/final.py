@@ -61,6 +61,7 @@ WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of an
 BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
 PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
 IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
+FAILURE_ROW_GROUP_ROWS = 100_000
 RETRY_SLICE_ROWS = 2_000  # rows a retry task downloads and processes at once (about one chunk)
 FLUSH_BYTES = 1 << 20  # a bucket's buffered rows are appended to its piece past this size...
 BUFFER_BYTES = 256 << 20  # ... and all buffers past this total: scatter memory is bounded, whatever the bucket count
@@ -435,16 +436,17 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
 
     with open(tmp, "wb") as f:
         with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
-            pending, n = [], 0
+            pending, n, written = [], 0, 0
             for t in tables():
                 if t.num_rows:
                     pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
                     n += t.num_rows
-                if n >= 100_000:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=100_000)
-                    pending, n = [], 0
-            if pending or not writer:
-                writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table())
+                if n >= FAILURE_ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
+                    pending, written, n = [], written + n, 0
+            if pending or not written:  # an empty file still has its schema and one (empty) row group
+                writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
+                                   row_group_size=FAILURE_ROW_GROUP_ROWS)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
