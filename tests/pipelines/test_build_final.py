@@ -104,3 +104,21 @@ def test_interrupted_final_phase_resumes_to_identical_bytes(reference, coco, tmp
     run_build(config(coco, out))
     assert files(out) == files(reference[0])
     assert image_bytes_in_work(out) == 0
+
+
+def test_a_chunk_task_rerun_after_it_finished_elsewhere_returns_its_summary(tmp_path):
+    """Ray re-runs a task whose node died after the task had written its chunk (and deleted its input): the rerun
+    must report the chunk, not fail on the missing input or redo the downloads."""
+    from pipelines.build import _run_url_chunk
+    from pmd.build import CHUNK_SCHEMA, ChunkTask, write_ipc_atomic
+    from pmd.images import ImageOptions
+
+    rows = {name: [None] * 3 for name in CHUNK_SCHEMA.names}
+    rows.update(key=["a", "b", "c"], reason=[None, "http_404", "timeout"])
+    path = tmp_path / "images" / "s" / "chunk-00000.arrow"
+    write_ipc_atomic(pa.table(rows, schema=CHUNK_SCHEMA), path)
+    task = ChunkTask(source="s", index=0, candidates=pa.table({}), path=path, image_options=ImageOptions(), seed=0,
+                     mode="url")
+    summary = _run_url_chunk(task, str(tmp_path / "gone.arrow"))
+    assert summary == {"source": "s", "index": 0, "rows": 3, "ok": 1,
+                       "failures_by_reason": {"http_404": 1, "timeout": 1}}
