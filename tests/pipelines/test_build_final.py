@@ -17,6 +17,8 @@ from pmd.final import image_bucket
 from tests.pipelines.build_fixtures import make_coco
 from tests.pipelines.test_build_retry import image_bytes_in_work
 
+pytestmark = pytest.mark.slow
+
 SHARD_ROWS = 8
 
 

@@ -16,6 +16,8 @@ from pmd.images import ImageOptions
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 
+pytestmark = pytest.mark.slow
+
 N_GOOD, N_FLAKY, N_STUBBORN = 40, 6, 2
 
 
