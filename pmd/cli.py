@@ -127,7 +127,8 @@ def _build_config(args: argparse.Namespace):
 
     top = {"shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "seed": args.seed,
            "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
-           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows}
+           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows,
+           "retry_failures": args.retry_failures}
     if args.config:
         if args.source or args.inputs or args.images or args.option:
             raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
     p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent (default pmd)")
     p.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag noai/noindex")
+    p.add_argument("--retry-failures", action="store_true", default=None,
+                   help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
     p.add_argument("--executor", choices=("ray", "local"), default=None, help="ray (default) or in-process")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")

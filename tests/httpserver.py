@@ -11,6 +11,7 @@ Routes (all GET):
   /tiny.jpg             a 1x1 JPEG
   /redirect/301/N.jpg   301 to /img/N.jpg (likewise 302)
   /noai.jpg             a good JPEG with `X-Robots-Tag: noai`
+  /flaky/F/N.jpg        503 for the first F requests of this exact URL (query included), then /img/N.jpg
 
 Run as a script (`python tests/httpserver.py --port 0 --size 64x48`) it prints its port and serves until killed: the
 benchmark runs it in its own process so that serving does not compete with the measured process for the GIL.
@@ -119,6 +120,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
             elif path == "/noai.jpg":
                 self._send(200, jpeg(5, w, h), headers={"X-Robots-Tag": "noai"})
+            elif path.startswith("/flaky/"):
+                _, _, fails, name = path.split("/", 3)
+                if srv.count_request(self.path) <= int(fails):
+                    self._send(503, b"try again later", "text/plain")
+                else:
+                    self._send(200, jpeg(int(name.split(".")[0]), w, h))
             else:
                 self._send(404, b"unknown", "text/plain")
         except (BrokenPipeError, ConnectionResetError):
@@ -134,6 +141,14 @@ class LoopbackServer(ThreadingHTTPServer):
         self.image_size = image_size
         self.sleep_s = sleep_s
         self._thread: threading.Thread | None = None
+        self._requests: dict[str, int] = {}
+        self._requests_lock = threading.Lock()
+
+    def count_request(self, path: str) -> int:
+        """How many times `path` has been requested, this one included."""
+        with self._requests_lock:
+            self._requests[path] = self._requests.get(path, 0) + 1
+            return self._requests[path]
 
     @property
     def base_url(self) -> str:

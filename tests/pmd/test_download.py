@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pmd.download import DownloadOptions, classify_error, download_chunk
-from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
+from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.images import ImageOptions
 from tests.httpserver import BAD_CASES, GOOD_REDIRECTS, LoopbackServer
