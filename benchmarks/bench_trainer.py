@@ -6,6 +6,14 @@ median over the logged steps after a warm-up, from RUN/metrics.jsonl.
 
     python benchmarks/bench_trainer.py --nproc 1 2 --steps 30
     python benchmarks/bench_trainer.py --full --steps 30 --micro 32   # on a GPU machine
+
+A/B of two override sets in alternating rounds (medians per side), e.g. padding to the batch's longest text
+against padding to the maximum length, at the paper's text lengths (77 for pairs, 512 for MLM):
+
+    python benchmarks/bench_trainer.py --ab data.pad_to_longest=false data.pad_to_longest=true --rounds 3 \
+        --steps 20 --lengths
+    python benchmarks/bench_trainer.py --ab run.contrastive_gradient_cache=false run.contrastive_gradient_cache=true \
+        --batch 32 --micro 8 --rounds 3 --steps 20
 """
 
 from __future__ import annotations
@@ -55,7 +63,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="global batch (tiny)")
     ap.add_argument("--full", action="store_true", help="flava_full on GPU")
     ap.add_argument("--micro", type=int, default=32, help="per-GPU micro batch (flava_full)")
+    ap.add_argument("--ab", nargs=2, metavar=("A", "B"), help="two override sets (comma-separated key=value)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (with --ab)")
+    ap.add_argument("--lengths", action="store_true", help="tiny at the paper's text lengths: 77 pairs, 512 text")
     args = ap.parse_args()
+    if args.ab:
+        return ab(args)
     results = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -76,6 +89,28 @@ def main() -> None:
                 results.append({"config": "tiny", "global_batch": args.batch, **r})
     for r in results:
         print(json.dumps(r))
+
+
+def ab(args) -> None:
+    """Alternating rounds A, B, A, B, ... on the same data; prints every run and the median samples/s per side."""
+    micro = min(args.micro, args.batch)  # < --batch: gradient accumulation
+    extra = [f"run.global_batch_size={args.batch}", f"run.micro_batch_size={micro}", "data.num_workers=1"]
+    if args.lengths:  # pairs + MLM text as in the paper; the tiny model gets 512 positions for it
+        extra += ["model.overrides.text.max_position_embeddings=512", "data.text_max_length=77",
+                  "data.text_only_max_length=512", "data.ratios={pairs: 0.5, text: 0.5}"]  # fmt: skip
+    sides = {"A": args.ab[0].split(","), "B": args.ab[1].split(",")}
+    runs: dict[str, list[float]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        data = make_build(d / "data", n=512, size=48, shards=2, row_group_size=64)
+        for i in range(args.rounds):
+            for side, over in sides.items():
+                r = run(data, d / f"{side}{i}", "tiny", args.steps, 1, [*extra, *over])
+                runs[side].append(r["samples_per_s"])
+                print(json.dumps({"round": i, "side": side, "overrides": over, **r}), flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(json.dumps({"median_samples_per_s": med, "B_over_A": med["B"] / med["A"], "A": sides["A"],
+                      "B": sides["B"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

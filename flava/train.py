@@ -494,6 +494,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
                 rec = _log_record(step, kind, sums, lr, grad_norm, info, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 dt = time.perf_counter() - t_log
                 rec["samples_per_s"] = samples_since / dt if dt > 0 else None
                 if peak:
