@@ -50,6 +50,8 @@ def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[
     warm = rows[min(5, len(rows) // 3):]
     sps = statistics.median(r["samples_per_s"] for r in warm)
     res = {"nproc": nproc, "steps": steps, "samples_per_s": sps, "wall_s": wall}
+    for kind in sorted({r["kind"] for r in warm}):  # mixed-kind runs: each kind's steps on their own
+        res[f"samples_per_s_{kind}"] = statistics.median(r["samples_per_s"] for r in warm if r["kind"] == kind)
     mfu = [r["mfu"] for r in warm if r.get("mfu") is not None]
     if mfu:
         res["mfu"] = statistics.median(mfu)
@@ -99,18 +101,20 @@ def ab(args) -> None:
         extra += ["model.overrides.text.max_position_embeddings=512", "data.text_max_length=77",
                   "data.text_only_max_length=512", "data.ratios={pairs: 0.5, text: 0.5}"]  # fmt: skip
     sides = {"A": args.ab[0].split(","), "B": args.ab[1].split(",")}
-    runs: dict[str, list[float]] = {"A": [], "B": []}
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         data = make_build(d / "data", n=512, size=48, shards=2, row_group_size=64)
         for i in range(args.rounds):
             for side, over in sides.items():
                 r = run(data, d / f"{side}{i}", "tiny", args.steps, 1, [*extra, *over])
-                runs[side].append(r["samples_per_s"])
+                runs[side].append(r)
                 print(json.dumps({"round": i, "side": side, "overrides": over, **r}), flush=True)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    print(json.dumps({"median_samples_per_s": med, "B_over_A": med["B"] / med["A"], "A": sides["A"],
-                      "B": sides["B"]}))  # fmt: skip
+    keys = [k for k in runs["A"][0] if k.startswith("samples_per_s")]
+    for key in keys:
+        med = {side: statistics.median(r[key] for r in rs) for side, rs in runs.items()}
+        print(json.dumps({"metric": key, "median": med, "B_over_A": med["B"] / med["A"], "A": sides["A"],
+                          "B": sides["B"]}))  # fmt: skip
 
 
 if __name__ == "__main__":
