@@ -11,9 +11,9 @@ A/B of two override sets in alternating rounds (medians per side), e.g. padding 
 against padding to the maximum length, at the paper's text lengths (77 for pairs, 512 for MLM):
 
     python benchmarks/bench_trainer.py --ab data.pad_to_longest=false data.pad_to_longest=true --rounds 3 \
-        --steps 20 --lengths
+        --steps 15 --lengths --threads 1
     python benchmarks/bench_trainer.py --ab run.contrastive_gradient_cache=false run.contrastive_gradient_cache=true \
-        --batch 32 --micro 8 --rounds 3 --steps 20
+        --batch 32 --micro 8 --rounds 3 --steps 15 --threads 1
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ sys.path.insert(0, ROOT)
 
 from tests.flava.shards import make_build  # noqa: E402
 
+THREADS = 0  # --threads
+
 
 def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "flava.cli", "train", "--config", config, "--data", str(data), "--out", str(out),
@@ -42,7 +44,10 @@ def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if THREADS:  # torch's default (all cores) oversubscribes badly on a loaded machine
+        env["OMP_NUM_THREADS"] = str(THREADS)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(r.stderr[-4000:])
@@ -68,7 +73,10 @@ def main() -> None:
     ap.add_argument("--ab", nargs=2, metavar=("A", "B"), help="two override sets (comma-separated key=value)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (with --ab)")
     ap.add_argument("--lengths", action="store_true", help="tiny at the paper's text lengths: 77 pairs, 512 text")
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.ab:
         return ab(args)
     results = []
