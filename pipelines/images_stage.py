@@ -94,7 +94,8 @@ def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str,
     fetched: dict = {}
     if distinct:
         # img2dataset keys rows by its own ids; ours go through as the `pmd_key` column (here: the URL itself).
-        for d in download_chunk(distinct, distinct, task.download, work, transform):
+        for d in download_chunk(distinct, distinct, task.download, work, transform,
+                                max_bytes=task.image_options.max_image_bytes):
             fetched[d.key] = (d.data, "download", d.reason, d.detail)
     return fetched
 
