@@ -165,6 +165,27 @@ def test_no_host_sees_more_than_max_per_host_connections(tmp_path):
             srv.stop()
 
 
+def test_a_slow_host_does_not_stall_the_others(tmp_path):
+    """6 URLs that stall past the deadline on one host, 100 quick ones on another, 8 threads, max_per_host 2: the
+    slow host holds 2 threads at a time (3 waves of 0.5 s), the quick host's images all arrive during the first."""
+    slow = LoopbackServer(sleep_s=3.0).start()
+    fast = LoopbackServer(image_size=(16, 16)).start()
+    try:
+        urls = [slow.url("/sleep.jpg?" + str(i)) for i in range(6)] + [fast.url(f"/img/{i}.jpg") for i in range(100)]
+        done: list[float] = []
+        started = time.monotonic()
+        got = list(download_chunk([str(i) for i in range(106)], urls,
+                                  DownloadOptions(timeout=0.5, thread_count=8, max_per_host=2), tmp_path / "w",
+                                  lambda data: done.append(time.monotonic() - started) or data))
+        elapsed = time.monotonic() - started
+        assert [d.reason for d in got] == ["timeout"] * 6 + [None] * 100
+        # 1.5 s: never more than 2 stalls at once (the server cannot tell: it sleeps on after the client gave up).
+        assert len(done) == 100 and elapsed >= 1.5 and max(done) < 1.0, (elapsed, max(done))
+    finally:
+        slow.stop()
+        fast.stop()
+
+
 def test_img2dataset_backend_opens_a_connection_per_image(server, tmp_path):
     """The reference behaviour the benchmark measures against: no keep-alive with img2dataset."""
     srv = LoopbackServer(image_size=(16, 16)).start()
@@ -244,3 +265,32 @@ def test_worker_bug_fails_the_chunk(server, tmp_path):
     with pytest.raises(RuntimeError, match="transform bug"):
         list(download_chunk(["k"], [server.url("/img/1.jpg")], DownloadOptions(), tmp_path / "w", boom))
     assert threading.active_count() < 200
+
+
+def test_host_backoff_doubles_without_retry_after_and_is_capped():
+    from pmd.download_http import HostGate
+    from pmd.http_client import Fetched
+
+    gate = HostGate(max_per_host=4)
+    pauses = []
+    for status, retry_after in [(503, None), (503, None), (429, None), (429, 100.0), (200, None)]:
+        gate.state("h").active += 1
+        before = time.monotonic()
+        gate.release("h", Fetched(None if status != 200 else b"x", None, None, status, retry_after), 5.0)
+        state = gate.hosts.get("h")
+        pauses.append(round(state.paused_until - before) if state else None)
+    # 1, 2, 4 s while the host keeps refusing, Retry-After 100 capped at 5; a success resets the strikes (the
+    # pause already running stays).
+    assert pauses[:4] == [1, 2, 4, 5] and gate.hosts["h"].strikes == 0
+
+
+def test_connections_use_the_dns_cache(server):
+    from pmd.http_client import DNS
+
+    port = server.server_address[1]
+    client = HttpClient(max_per_host=1)
+    before = DNS.lookups
+    for _ in range(3):
+        # A server-closed connection each time (huge-chunked closes): every fetch opens a new one.
+        assert client.fetch(f"http://localhost:{port}/huge-chunked.jpg", 2.0, MAX_BYTES, []).reason == "too_large"
+    assert DNS.lookups - before <= 1 and ("localhost", port) in DNS._entries
