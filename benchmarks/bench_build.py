@@ -17,7 +17,8 @@ and the URLs are spread over several hosts the way PMD's are (one host serving ~
     python benchmarks/bench_build.py --images 2000 --connect-delay-ms 50 --hosts 8 --rounds 3
 
 Each host is its own server process on its own loopback port. Every round runs img2dataset alone, then `pmd build`
-with each download backend (`--backends`), the order rotated round to round; medians over rounds are reported.
+with each download backend (`--backends`), the order rotated round to round, then the download alone with each
+backend (`download_chunk` in this process, threads x procs threads, no decode); medians over rounds are reported.
 """
 
 from __future__ import annotations
@@ -133,6 +134,18 @@ def run_pmd(args, work: Path, env: dict, backend: str, tag: str) -> dict:
             "shard_bytes": sum(s["bytes"] for s in manifest["shards"]), "shards": len(manifest["shards"])}
 
 
+def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
+    """The download alone, in this process: `download_chunk` over every URL, threads x procs threads, no decode."""
+    sys.path.insert(0, str(ROOT))
+    from pmd.download import DownloadOptions, download_chunk
+
+    options = DownloadOptions(timeout=args.timeout, thread_count=args.threads * args.procs, backend=backend)
+    started = time.perf_counter()
+    ok = sum(d.reason is None for d in download_chunk(urls, urls, options, work / f"dl-{backend}"))
+    wall = time.perf_counter() - started
+    return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": 0}
+
+
 def median_run(runs: list[dict]) -> dict:
     """The figures of each key as the median over rounds (images/s, wall, RSS), plus every round's rate."""
     mid = sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
@@ -171,6 +184,7 @@ def main() -> None:
                                  "--connect-delay", str(args.connect_delay_ms / 1000)], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(args.hosts)]
     runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}": [] for b in backends}}
+    downloads: dict[str, list[dict]] = {f"download_only_{b}": [] for b in ("http", "img2dataset")}
     try:
         ports = [int(server.stdout.readline()) for server in servers]
         urls = host_mix(args.images, ports)
@@ -189,6 +203,11 @@ def main() -> None:
                 runs[name].append(result)
                 print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "
                       f"{result['images_per_s']} img/s", file=sys.stderr, flush=True)
+            for name in (list(downloads) if r % 2 == 0 else list(downloads)[::-1]):
+                result = run_download_only(args, urls, work, name.removeprefix("download_only_"))
+                downloads[name].append(result)
+                print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "
+                      f"{result['images_per_s']} img/s", file=sys.stderr, flush=True)
     finally:
         for server in servers:
             server.terminate()
@@ -200,6 +219,7 @@ def main() -> None:
         "hosts": args.hosts, "rounds": args.rounds,
         **{name: median_run(rs) for name, rs in runs.items()},
     }
+    figures.update({name: median_run(rs) for name, rs in downloads.items()})
     if args.rounds == 1:
         for name, rs in runs.items():
             figures[name] = rs[0] | {"rounds_images_per_s": [rs[0]["images_per_s"]]}
@@ -209,7 +229,9 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     print(f"\n{args.images} images, {args.hosts} host(s), {args.connect_delay_ms:g} ms per new connection, "
           f"medians of {args.rounds} round(s):")
-    for name in runs:
+    figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
+                                           / figures["download_only_img2dataset"]["images_per_s"], 3)
+    for name in [*runs, *downloads]:
         f = figures[name]
         ratio = f"  ratio {figures['ratio'][name]:.2f}" if name in figures["ratio"] else ""
         print(f"{name:22s}: {f['ok']} images in {f['wall_s']:.1f}s = {f['images_per_s']:.0f} img/s, "

@@ -291,13 +291,12 @@ class HttpClient:
                 return self._manager.urlopen("GET", url, preload_content=False, decode_content=False,
                                              retries=self._retries, pool_timeout=left,
                                              timeout=urllib3.Timeout(connect=left, read=left))
-            except MaxRetryError as e:
-                raise _Failure(*_classify(e.reason or e, body=False)) from None
-            except ProtocolError as e:
-                # A kept-alive connection the server closed while we sent: once more on a fresh one.
-                if attempt == 0:
+            except (MaxRetryError, ProtocolError) as e:
+                reason = (e.reason or e) if isinstance(e, MaxRetryError) else e
+                # A kept-alive connection the server closed as we sent (idle timeout): once more, on a fresh one.
+                if attempt == 0 and isinstance(reason, ProtocolError) and not _is_timeout(reason):
                     continue
-                raise _Failure(*_classify(e, body=False)) from None
+                raise _Failure(*_classify(reason, body=False)) from None
             except (HTTPError, OSError, ValueError) as e:
                 raise _Failure(*_classify(e, body=False)) from None
         raise AssertionError("unreachable")
@@ -392,6 +391,11 @@ def _drain_small(resp, deadline: float) -> bool:  # type: ignore[no-untyped-def]
     return True
 
 
+def _is_timeout(error: ProtocolError) -> bool:
+    inner = error.args[1] if len(error.args) > 1 else None
+    return isinstance(inner, (socket.timeout, TimeoutError))
+
+
 def _classify(error: BaseException, body: bool) -> tuple[str, str]:
     """An exception of urllib3 or the socket layer -> (reason, detail)."""
     detail = f"{type(error).__name__}: {error}"[:500]
@@ -402,8 +406,7 @@ def _classify(error: BaseException, body: bool) -> tuple[str, str]:
     if isinstance(error, (Urllib3Timeout, socket.timeout, TimeoutError, EmptyPoolError)):
         return "timeout", detail
     if isinstance(error, ProtocolError):
-        inner = error.args[1] if len(error.args) > 1 else None
-        if isinstance(inner, (socket.timeout, TimeoutError)):
+        if _is_timeout(error):
             return "timeout", detail
         return ("truncated_body" if body else "connection_error"), detail
     if isinstance(error, (LocationValueError, ValueError)):

@@ -14,7 +14,8 @@ from pmd.download import BACKENDS, DownloadOptions, classify_error, download_chu
 from pmd.http_client import DnsCache, HttpClient, is_disallowed, parse_retry_after
 from pmd.images import ImageOptions
 from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
-from tests.httpserver import BAD_CASES, GOOD_REDIRECTS, HOSTILE_CASES, LoopbackServer, jpeg
+from tests.httpserver import (BAD_CASES, GOOD_REDIRECTS, HOSTILE_CASES, LoopbackServer, bomb_png, gzip_zeros,
+                              jpeg)
 
 MAX_BYTES = 256 * 1024  # the byte cap of these tests: the hostile bodies are 4x that, or inflate to 64x
 # img2dataset bounds each socket read, not the whole download: a byte every 0.2 s is never a timeout there
@@ -26,6 +27,8 @@ IMG2DATASET_UNBOUNDED = {"/trickle.jpg"}
 def server():
     srv = LoopbackServer(image_size=(64, 48), sleep_s=2.0, huge_bytes=4 * MAX_BYTES, bomb_bytes=64 * MAX_BYTES,
                          trickle_s=0.2).start()
+    # Generated once per process (the 100 Mpx PNG takes a while): not on the clock of a 0.8 s deadline.
+    bomb_png(), gzip_zeros(srv.bomb_bytes)
     yield srv
     srv.stop()
 
@@ -294,3 +297,25 @@ def test_connections_use_the_dns_cache(server):
         # A server-closed connection each time (huge-chunked closes): every fetch opens a new one.
         assert client.fetch(f"http://localhost:{port}/huge-chunked.jpg", 2.0, MAX_BYTES, []).reason == "too_large"
     assert DNS.lookups - before <= 1 and ("localhost", port) in DNS._entries
+
+
+def test_a_keep_alive_connection_closed_under_us_is_retried_once(server, monkeypatch):
+    from http.client import RemoteDisconnected
+
+    from urllib3.exceptions import MaxRetryError, ProtocolError
+
+    client = HttpClient(max_per_host=2)
+    real = client._manager.urlopen
+    failures = []
+
+    def flaky(*args, **kwargs):
+        if failures:
+            failures.pop()
+            raise MaxRetryError(None, args[1], ProtocolError("Connection aborted.", RemoteDisconnected("closed")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client._manager, "urlopen", flaky)
+    failures[:] = [1]
+    assert client.fetch(server.url("/img/3.jpg"), 2.0, MAX_BYTES, []).data == jpeg(3, 64, 48)
+    failures[:] = [1, 1]  # twice in a row: the server really is dropping us
+    assert client.fetch(server.url("/img/3.jpg"), 2.0, MAX_BYTES, []).reason == "connection_error"
