@@ -142,6 +142,9 @@ def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
     options = DownloadOptions(timeout=args.timeout, thread_count=args.threads * args.procs, backend=backend)
     if backend == "img2dataset":
         import img2dataset.downloader  # noqa: F401 - its imports (cv2, albumentations) take seconds: not timed
+    from pmd.http_client import close_clients
+
+    close_clients()  # every round starts without open connections, as a fresh `pmd build` process does
     started = time.perf_counter()
     ok = sum(d.reason is None for d in download_chunk(urls, urls, options, work / f"dl-{backend}"))
     wall = time.perf_counter() - started

@@ -428,3 +428,11 @@ def client_for(user_agent_token: str | None, max_per_host: int) -> HttpClient:
         if client is None:
             client = _CLIENTS[key] = HttpClient(user_agent_token, max_per_host)
         return client
+
+
+def close_clients() -> None:
+    """Close every kept-alive connection of this process (the next download opens new ones)."""
+    with _CLIENTS_LOCK:
+        for client in _CLIENTS.values():
+            client._manager.clear()
+        _CLIENTS.clear()
