@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=1, help="loopback hosts (ports) the URLs are spread over")
     parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (order rotated), medians reported")
+    parser.add_argument("--download-only", action="store_true", help="only the download-alone figures")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
@@ -197,9 +198,11 @@ def main() -> None:
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
         (work / "cc12m.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
         (work / "i2d.py").write_text(I2D_SCRIPT)
+        if args.download_only:
+            runs = {}
         names = list(runs)
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names):] + names[:r % len(names)] if names else []
             for name in order:
                 if name == "img2dataset":
                     result = run_img2dataset(args, work, env, str(r))
@@ -228,8 +231,7 @@ def main() -> None:
     if args.rounds == 1:
         for name, rs in runs.items():
             figures[name] = rs[0] | {"rounds_images_per_s": [rs[0]["images_per_s"]]}
-    i2d = figures["img2dataset"]
-    figures["ratio"] = {name: round(figures[name]["images_per_s"] / i2d["images_per_s"], 3)
+    figures["ratio"] = {name: round(figures[name]["images_per_s"] / figures["img2dataset"]["images_per_s"], 3)
                         for name in runs if name != "img2dataset"}
     print(json.dumps(figures, indent=2))
     print(f"\n{args.images} images, {args.hosts} host(s), {args.connect_delay_ms:g} ms per new connection, "
