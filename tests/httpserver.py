@@ -134,6 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         srv = self.server
         path = self.path.split("?")[0]
+        srv.user_agents.add(self.headers.get("User-Agent", ""))
         w, h = srv.image_size
         try:
             if path.startswith("/img/"):
@@ -226,6 +227,7 @@ class LoopbackServer(ThreadingHTTPServer):
         self.trickle_s = trickle_s
         self.lock = threading.Lock()
         self.hits: dict[str, int] = {}  # path -> requests seen (/retry-after/)
+        self.user_agents: set[str] = set()  # every User-Agent seen
         self.connections = 0  # opened so far
         self.open_connections = 0
         self.peak_connections = 0  # most open at once

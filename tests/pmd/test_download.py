@@ -189,6 +189,21 @@ def test_a_slow_host_does_not_stall_the_others(tmp_path):
         fast.stop()
 
 
+def test_both_backends_send_the_same_user_agent(tmp_path):
+    from pmd.http_client import user_agent
+
+    agents = []
+    for backend in BACKENDS:
+        srv = LoopbackServer(image_size=(16, 16)).start()
+        try:
+            [d] = download_chunk(["k"], [srv.url("/img/1.jpg")], DownloadOptions(backend=backend), tmp_path / "w")
+            assert d.reason is None
+            agents.append(srv.user_agents)
+        finally:
+            srv.stop()
+    assert agents[0] == agents[1] == {user_agent("pmd")} and "compatible; pmd;" in user_agent("pmd")
+
+
 def test_img2dataset_backend_opens_a_connection_per_image(server, tmp_path):
     """The reference behaviour the benchmark measures against: no keep-alive with img2dataset."""
     srv = LoopbackServer(image_size=(16, 16)).start()
