@@ -61,9 +61,9 @@ def main() -> None:
         d = Path(d)
         if args.full:
             data = make_build(d / "data", n=2048, size=256, shards=4, row_group_size=256)
-            extra = ["model.codebook=random", "data.tokenizer=null", "data.tokenizer_vocab_size=30522",
-                     "model.text_vocab_from_tokenizer=false", f"run.micro_batch_size={args.micro}",
-                     f"run.global_batch_size={args.micro}", "data.num_workers=6", "data.ratios={pairs: 1.0}"]  # fmt: skip
+            extra = ["model.codebook=random", "model.allow_random_codebook=true", "data.tokenizer=null",
+                     "data.tokenizer_vocab_size=30522", "model.text_vocab_from_tokenizer=false",
+                     f"run.micro_batch_size={args.micro}", f"run.global_batch_size={args.micro}", "data.num_workers=6", "data.ratios={pairs: 1.0}"]  # fmt: skip
             for n in args.nproc:
                 results.append({"config": "flava_full", **run(data, d / f"full{n}", "flava_full", args.steps, n, extra)})
         else:

@@ -1,10 +1,11 @@
 """The ``flava`` command: thin wrappers over flava.train, flava.evaluate and flava.tokenizer.
 
     flava train --config configs/tiny.yaml --data BUILD --out RUN [--steps N] [--nproc N] [key=value ...]
-    flava eval retrieval --checkpoint RUN --data SHARDS [--json]
-    flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--json]
+    flava eval retrieval --checkpoint RUN --data SHARDS [--split test] [--save-embeddings FILE.npz] [--json]
+    flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--single-template] [--json]
     flava tokenizer train --data SHARDS --out DIR [--vocab-size N]
     flava export --checkpoint RUN --out DIR
+    flava fetch-assets --config CONFIG --to DIR [key=value ...]
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import subprocess
 import sys
 
 def _user_errors():
+    from .assets import AssetError, FetchError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .run_config import ConfigError
     from .tokenizer import TokenizerError
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError)
+    return (ConfigError, DataError, CheckpointError, TokenizerError, AssetError, FetchError)
 
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
@@ -50,12 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or transformers FLAVA dir/name")
         q.add_argument("--data", nargs="+", required=True, help="pair shards (held-out)")
         q.add_argument("--split", default=None, help="only rows whose split column equals this")
-        q.add_argument("--limit", type=int, default=1000, help="at most this many pairs (0: all)")
+        q.add_argument("--limit", type=int, default=None, help="at most this many pair rows (default: the whole split)")
         q.add_argument("--device", default="cpu")
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "retrieval":
+            q.add_argument("--save-embeddings", default=None, metavar="FILE.npz",
+                           help="write image_embeddings, text_embeddings and text_image_index (each text's image)")
         if name == "zeroshot":
             q.add_argument("--classes", required=True, help="comma-separated class names, or a file with one a line")
-            q.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default CLIP's)")
+            q.add_argument("--templates", default=None,
+                           help="'|'-separated prompt templates with {} (default: CLIP's 80 ImageNet templates)")
+            q.add_argument("--single-template", action="store_true",
+                           help="only 'a photo of a {}.' instead of the 80-template ensemble")
             q.add_argument("--label-key", default="label", help="key of the true label in the meta JSON column")
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -65,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     kt.add_argument("--out", required=True)
     kt.add_argument("--vocab-size", type=int, default=30522)
     kt.add_argument("--limit", type=int, default=1_000_000, help="at most this many texts")
+
+    f = sub.add_parser("fetch-assets", help="download the hub assets a config needs, for offline runs")
+    f.add_argument("--config", required=True, help="YAML file, or a packaged config name: tiny, flava_full")
+    f.add_argument("--to", required=True, help="directory for the assets, assets.json and config.yaml")
+    f.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    f.add_argument("overrides", nargs="*", help="dotted key=value config overrides, as for `flava train`")
 
     x = sub.add_parser("export", help="export a run's latest checkpoint to transformers format")
     x.add_argument("--checkpoint", required=True)
@@ -94,11 +108,17 @@ def _spawn(argv: list[str], nproc: int) -> int:
 def _cmd_train(args, argv) -> int:
     from .run_config import load_run_config
 
+    from .assets import check_assets
+
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # validate here first, so a bad config fails once and clearly instead of in every child
-        _load_train_config(args, load_run_config).validate(args.nproc)
+        cfg = _load_train_config(args, load_run_config)
+        cfg.validate(args.nproc)
+        check_assets(cfg, args.config, args.overrides)
         return _spawn(argv, args.nproc)
     cfg = _load_train_config(args, load_run_config)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; the other ranks read the cache
+        check_assets(cfg, args.config, args.overrides)
     from .train import train
 
     summary = train(cfg, args.out)
@@ -131,12 +151,28 @@ def _print_result(res: dict, as_json: bool) -> None:
         print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
 
 
+def _check_model_arg(value: str, flag: str = "--checkpoint") -> None:
+    """A ``--checkpoint`` that is no local path is a hub model: it must be cached or reachable."""
+    from .assets import Asset, ensure_asset, fetch_command, is_hub_id
+
+    if os.path.exists(value):
+        return
+    fetch = fetch_command("tiny", [f"model.pretrained={value}"]) + f" (then {flag} ASSETS_DIR/pretrained)"
+    if not is_hub_id(value):
+        from .assets import AssetError
+
+        raise AssetError("model", flag, value, "no such file or directory", fetch)
+    ensure_asset(Asset("model", flag, value, "model"), fetch)
+
+
 def _cmd_eval(args) -> int:
     from . import evaluate
 
+    _check_model_arg(args.checkpoint)
     limit = args.limit or None
     if args.eval_command == "retrieval":
-        res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device)
+        res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device,
+                                 save_embeddings=args.save_embeddings)  # fmt: skip
     else:
         classes = args.classes
         if os.path.isfile(classes):
@@ -144,7 +180,11 @@ def _cmd_eval(args) -> int:
                 names = [line.strip() for line in f if line.strip()]
         else:
             names = [c.strip() for c in classes.split(",") if c.strip()]
+        from .templates import SINGLE_TEMPLATE
+
         templates = args.templates.split("|") if args.templates else None
+        if templates is None and args.single_template:
+            templates = [SINGLE_TEMPLATE]
         res = evaluate.zeroshot(args.checkpoint, args.data, names, templates, label_key=args.label_key,
                                 split=args.split, limit=limit, device=args.device)  # fmt: skip
     _print_result(res, args.json)
@@ -168,6 +208,7 @@ def _cmd_export(args) -> int:
     from .model import FlavaForPretraining
     from .train import export_state_dict
 
+    _check_model_arg(args.checkpoint)
     p = Path(args.checkpoint)
     ckpt = p if (p / "meta.json").is_file() else ckpt_mod.latest_checkpoint(p)
     if ckpt is None:
@@ -180,19 +221,37 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_fetch_assets(args) -> int:
+    from .assets import fetch_assets
+
+    manifest = fetch_assets(args.config, args.to, args.overrides)
+    if args.json:
+        print(json.dumps(manifest))
+        return 0
+    for rec in manifest["assets"]:
+        print(f"fetched {rec['name']}: {rec['repo_id']}@{rec['revision']} ({len(rec['files'])} files)")
+    print(f"manifest: {os.path.join(args.to, 'assets.json')}")
+    print(f"offline run: flava train --config {manifest['config_copy']} ...")
+    if manifest["overrides"]:
+        print("or add to the original config: " + " ".join(manifest["overrides"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # key=value overrides may stand anywhere, also after --data's paths (which would otherwise swallow them)
     overrides = [a for a in argv if _OVERRIDE_RE.match(a)]
     args = _parser().parse_args([a for a in argv if not _OVERRIDE_RE.match(a)])
-    if args.command == "train":
+    if args.command in ("train", "fetch-assets"):
         args.overrides = list(args.overrides) + overrides
     elif overrides:
-        _parser().error(f"key=value overrides are only accepted by `flava train`: {overrides}")
+        _parser().error(f"key=value overrides are only accepted by `flava train` and `fetch-assets`: {overrides}")
     rank = os.environ.get("RANK")
     fmt = ("[rank %s] " % rank if rank is not None else "") + "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt)
+    for noisy in ("httpx", "httpx2"):  # one INFO line per hub request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "train":
             return _cmd_train(args, argv)
@@ -202,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_tokenizer(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "fetch-assets":
+            return _cmd_fetch_assets(args)
     except _user_errors() as e:
         print(f"flava: error: {e}", file=sys.stderr)
         return 2

@@ -48,6 +48,9 @@ class EncoderConfig:
     attention_dropout: float = 0.0
     qkv_bias: bool = True
     hidden_act: str = "gelu"  # exact (erf) GELU, as transformers' ACT2FN["gelu"]
+    # False: post-LN layers (LayerNorm after each residual, no final LayerNorm), the BERT / RoBERTa layout that a text
+    # encoder initialised from such a checkpoint keeps (flava.init_weights). FLAVA itself is pre-LN.
+    norm_first: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -188,6 +188,9 @@ def config_to_transformers(config: FlavaConfig, init_codebook: bool = False):
     from transformers import FlavaConfig as HFFlavaConfig
 
     ic, tc, mc, cc, w = config.image, config.text, config.multimodal, config.codebook, config.loss_weights
+    post_ln = [name for name, c in (("image", ic), ("text", tc), ("multimodal", mc)) if not c.norm_first]
+    if post_ln:
+        raise ValueError(f"post-LN {post_ln} encoder(s) (BERT-initialised) have no transformers FLAVA equivalent")
     return HFFlavaConfig(
         image_config=dict(
             **_enc_to_hf(ic),

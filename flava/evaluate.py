@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_mod
 from .config import FlavaConfig
-from .data import DataError, decode_eval, normalize_images, read_pairs
+from .data import DataError, decode_eval, normalize_images
 from .model import FlavaForPretraining
+from .templates import IMAGENET_TEMPLATES
 from .tokenizer import TextTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,25 +65,6 @@ def load_for_eval(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 
 @torch.no_grad()
-def embed_images(lm: LoadedModel, images: list[bytes], batch_size: int = 64, device="cpu") -> tuple[torch.Tensor, list[int]]:
-    """L2-normalised image embeddings and the indices of the images that decoded (the others are skipped)."""
-    size = lm.model.config.image.image_size
-    arrays, ok = [], []
-    for i, data in enumerate(images):
-        try:
-            arrays.append(decode_eval(data, size))
-            ok.append(i)
-        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted by the caller
-            continue
-    out = []
-    for s in range(0, len(arrays), batch_size):
-        px = torch.from_numpy(np.stack(arrays[s : s + batch_size])).permute(0, 3, 1, 2)
-        out.append(F.normalize(lm.model.encode_image(normalize_images(px.to(device))).float(), dim=-1))
-    dim = lm.model.config.projection_dim
-    return (torch.cat(out) if out else torch.zeros(0, dim)), ok
-
-
-@torch.no_grad()
 def embed_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256, device="cpu") -> torch.Tensor:
     out = []
     for s in range(0, len(texts), batch_size):
@@ -91,85 +73,227 @@ def embed_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256, device
     return torch.cat(out) if out else torch.zeros(0, lm.model.config.projection_dim)
 
 
-def recall_at_k(sim: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
-    """``sim [Q, N]`` with the true match of query i at column i -> fraction of queries whose match ranks < k."""
-    target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(dim=1)  # ties count in the query's favour
-    return {k: float((rank < k).float().mean()) for k in ks}
+def retrieval_ranks(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard image-text retrieval protocol (COCO / Flickr30k, as CLIP and FLAVA report it).
+
+    ``image_emb [I, D]`` (each image once), ``text_emb [T, D]`` (every caption), ``text_image [T]`` the image index of
+    each caption. Returns ``(i2t_rank [I], t2i_rank [T])``: for an image, the rank of its best-ranked caption among
+    all T captions; for a caption, the rank of its image among all I images (0 = first; ties count in the query's
+    favour). Recall@k is the fraction of ranks < k. Computed in chunks: never an I x T matrix at once."""
+    text_image = text_image.long()
+    n_img = image_emb.shape[0]
+    i2t = torch.empty(n_img, dtype=torch.long)
+    for s in range(0, n_img, chunk):
+        sim = image_emb[s : s + chunk] @ text_emb.t()
+        own = text_image[None, :] == torch.arange(s, s + sim.shape[0])[:, None]
+        best = sim.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+        i2t[s : s + sim.shape[0]] = (sim > best).sum(dim=1)
+    t2i = torch.empty(text_emb.shape[0], dtype=torch.long)
+    for s in range(0, text_emb.shape[0], chunk):
+        sim = text_emb[s : s + chunk] @ image_emb.t()
+        true = sim.gather(1, text_image[s : s + sim.shape[0], None])
+        t2i[s : s + sim.shape[0]] = (sim > true).sum(dim=1)
+    return i2t, t2i
+
+
+def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)) -> dict:
+    """``{i2t_r1.., t2i_r1.., n_images, n_texts}`` by :func:`retrieval_ranks`."""
+    image_emb, text_emb = torch.as_tensor(image_emb).float(), torch.as_tensor(text_emb).float()
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, torch.as_tensor(text_image))
+    res = {f"i2t_r{k}": float((i2t < k).float().mean()) if len(i2t) else 0.0 for k in ks}
+    res.update({f"t2i_r{k}": float((t2i < k).float().mean()) if len(t2i) else 0.0 for k in ks})
+    res.update(n_images=int(image_emb.shape[0]), n_texts=int(text_emb.shape[0]))
+    return res
+
+
+def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None = None):
+    """``(image_key, image bytes, text, meta)`` of every pair row in file order, streamed one row group at a time. The
+    key identifies the image across rows: the shard's ``image_sha256`` column, else the sha256 of the bytes; ``meta``
+    is the row's meta JSON string (None without that column)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pmd.schema import IMAGE, IMAGE_SHA256, META, SPLIT, TEXT
+
+    from .data import resolve_files
+
+    n = 0
+    for path in paths:
+        for f in resolve_files(path, "pairs")[1]:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            missing = [c for c in (IMAGE, TEXT) if c not in names]
+            if missing:
+                raise DataError(f"{f}: wrong schema for pairs: missing column(s) {missing}")
+            if split and SPLIT not in names:
+                raise DataError(f"{f}: --split {split!r} given but the shard has no {SPLIT!r} column")
+            cols = [IMAGE, TEXT] + [c for c in (IMAGE_SHA256, META) if c in names] + ([SPLIT] if split else [])
+            for g in range(pf.metadata.num_row_groups):
+                t = pf.read_row_group(g, columns=cols).to_pydict()
+                for i in range(len(t[TEXT])):
+                    if split and t[SPLIT][i] != split:
+                        continue
+                    img = t[IMAGE][i]
+                    key = t[IMAGE_SHA256][i] if IMAGE_SHA256 in t and t[IMAGE_SHA256][i] else None
+                    yield key or hashlib.sha256(img).hexdigest(), img, t[TEXT][i], t[META][i] if META in t else None
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return
+
+
+@torch.no_grad()
+def retrieval_embeddings(
+    lm: LoadedModel, data: list[str], split: str | None = None, limit: int | None = None, device="cpu",
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """Embed each distinct image once and every caption: ``(image_emb [I, D], text_emb [T, D], text_image [T],
+    counts)``. Images are embedded as they stream by (only a batch of pixels is held); captions of an image that
+    does not decode are dropped and counted."""
+    size = lm.model.config.image.image_size
+    index: dict[str, int] = {}  # image key -> row in image_emb; -1 = undecodable
+    pending: list[np.ndarray] = []
+    img_out: list[torch.Tensor] = []
+    texts: list[str] = []
+    text_keys: list[str] = []
+    rows = dropped = n_images = 0
+
+    def flush() -> None:
+        if pending:
+            px = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).to(device)
+            img_out.append(F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1).cpu())
+            pending.clear()
+
+    for key, img, text, _ in iter_eval_rows(list(data), split=split, limit=limit):
+        rows += 1
+        if key not in index:
+            try:
+                pending.append(decode_eval(img, size))
+            except Exception:  # noqa: BLE001 - an undecodable image is dropped and counted
+                index[key] = -1
+            else:
+                index[key] = n_images
+                n_images += 1
+            if len(pending) >= batch_size:
+                flush()
+        if index[key] < 0:
+            dropped += 1
+            continue
+        texts.append(text)
+        text_keys.append(key)
+    flush()
+    dim = lm.model.config.projection_dim
+    image_emb = torch.cat(img_out) if img_out else torch.zeros(0, dim)
+    text_emb = embed_texts(lm, texts, device=device).cpu()
+    text_image = torch.tensor([index[k] for k in text_keys], dtype=torch.long)
+    counts = {"rows": rows, "undecodable_images": sum(1 for v in index.values() if v < 0), "dropped_texts": dropped}
+    return image_emb, text_emb, text_image, counts
+
+
+@torch.no_grad()
+def class_embeddings(lm: LoadedModel, classes: list[str], templates, device="cpu") -> torch.Tensor:
+    """CLIP's prompt ensembling: each class's prompts are embedded and L2-normalised per template, averaged, and
+    the mean renormalised. ``[C, D]``."""
+    out = []
+    for c in classes:
+        e = embed_texts(lm, [t.format(c) for t in templates], device=device)  # rows already unit-norm
+        out.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(out)
 
 
 def retrieval(
-    model_path: str | os.PathLike, data: list[str], split: str | None = None, limit: int | None = 1000,
-    device: str = "cpu",
+    model_path: str | os.PathLike, data: list[str], split: str | None = None, limit: int | None = None,
+    device: str = "cpu", save_embeddings: str | os.PathLike | None = None,
 ) -> dict:  # fmt: skip
-    """Zero-shot retrieval on the pairs of ``data``: each image against all captions (i2t) and back (t2i)."""
+    """Zero-shot image-text retrieval on the pairs of ``data`` (the whole split unless ``limit`` rows): images
+    deduplicated, every caption kept, R@1/5/10 both ways by :func:`retrieval_ranks`. ``save_embeddings`` writes an
+    ``.npz`` with ``image_embeddings``, ``text_embeddings`` and ``text_image_index`` (each text's image row), from
+    which :func:`retrieval_metrics` recomputes every figure."""
     lm = load_for_eval(model_path, device)
-    images, texts = read_pairs(list(data), split=split, limit=limit)
-    if not texts:
+    image_emb, text_emb, text_image, counts = retrieval_embeddings(lm, data, split=split, limit=limit, device=device)
+    if not len(text_emb):
         raise DataError(f"no pairs found in {list(data)}" + (f" with split={split!r}" if split else ""))
-    img, ok = embed_images(lm, images, device=device)
-    texts = [texts[i] for i in ok]
-    txt = embed_texts(lm, texts, device=device)
-    sim = img @ txt.t()
-    i2t, t2i = recall_at_k(sim), recall_at_k(sim.t())
-    res = {f"i2t_r{k}": v for k, v in i2t.items()}
-    res.update({f"t2i_r{k}": v for k, v in t2i.items()})
-    res.update(n=len(texts), skipped=len(images) - len(ok), chance_r1=1.0 / max(1, len(texts)), model=lm.source)
+    if save_embeddings is not None:
+        out = Path(save_embeddings)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, image_embeddings=image_emb.numpy(), text_embeddings=text_emb.numpy(),
+                 text_image_index=text_image.numpy())  # fmt: skip
+    res = retrieval_metrics(image_emb, text_emb, text_image)
+    res.update(counts)
+    res.update(chance_i2t_r1=float(np.mean(np.bincount(text_image.numpy()))) / len(text_emb),
+               chance_t2i_r1=1.0 / len(image_emb), model=lm.source)  # fmt: skip
     return res
 
 
 def zeroshot(
     model_path: str | os.PathLike, data: list[str], classes: list[str], templates: list[str] | None = None,
-    label_key: str = "label", split: str | None = None, limit: int | None = 1000, device: str = "cpu",
+    label_key: str = "label", split: str | None = None, limit: int | None = None, device: str = "cpu",
 ) -> dict:  # fmt: skip
-    """Classify images against prompts built from ``classes`` (templates averaged, as CLIP). The true label of a
+    """Classify images against prompts built from ``classes``. ``templates`` default to CLIP's 80 ImageNet prompts
+    (``flava.templates.IMAGENET_TEMPLATES``), ensembled as CLIP does (:func:`class_embeddings`). The true label of a
     row is ``meta[label_key]`` when the shard's meta JSON has it, else the longest class name in its caption."""
-    import pyarrow.parquet as pq
-
-    from pmd.schema import META
-
-    from .data import resolve_files
-
-    templates = templates or ["a photo of a {}."]
+    templates = list(templates or IMAGENET_TEMPLATES)
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise DataError(f"prompt template(s) without a {{}} for the class name: {bad}")
     lm = load_for_eval(model_path, device)
-    images, texts = read_pairs(list(data), split=split, limit=limit)
-    metas: list[str | None] = []
-    for path in data:  # meta aligned with read_pairs' order
-        for f in resolve_files(path, "pairs")[1]:
-            pf = pq.ParquetFile(f)
-            if META in pf.schema_arrow.names:
-                rows = pf.read(columns=[META] + (["split"] if split else [])).to_pydict()
-                metas += [m for i, m in enumerate(rows[META]) if not split or rows["split"][i] == split]
-            else:
-                metas += [None] * pf.metadata.num_rows
-    labels = []
+    weights = class_embeddings(lm, classes, templates, device=device)
     by_len = sorted(range(len(classes)), key=lambda i: -len(classes[i]))
-    for i, text in enumerate(texts):
-        label = None
-        m = metas[i] if i < len(metas) else None
-        if m:
-            try:
-                value = json.loads(m).get(label_key)
-                label = classes.index(value) if value in classes else None
-            except (ValueError, AttributeError):
-                label = None
-        if label is None:
-            low = text.lower()
-            label = next((c for c in by_len if classes[c].lower() in low), None)
-        labels.append(label)
-    keep = [i for i, lab in enumerate(labels) if lab is not None]
-    img, ok = embed_images(lm, [images[i] for i in keep], device=device)
-    y = torch.tensor([labels[keep[i]] for i in ok])
-    weights = []
-    for c in classes:
-        e = embed_texts(lm, [t.format(c) for t in templates], device=device).mean(0)
-        weights.append(F.normalize(e, dim=-1))
-    logits = img @ torch.stack(weights).t()
     k5 = min(5, len(classes))
-    top = logits.topk(k5, dim=1).indices
+    size = lm.model.config.image.image_size
+    counts = {"n": 0, "top1": 0, "top5": 0, "rows": 0, "unlabelled": 0, "undecodable": 0}
+    pixels: list[np.ndarray] = []
+    labels: list[int] = []
+
+    def flush() -> None:  # images are scored a batch at a time: nothing of the split is held
+        if not pixels:
+            return
+        px = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
+        with torch.no_grad():
+            img = F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1)
+        top = (img @ weights.to(img.device).t()).topk(k5, dim=1).indices.cpu()
+        y = torch.tensor(labels)
+        counts["n"] += len(y)
+        counts["top1"] += int((top[:, 0] == y).sum())
+        counts["top5"] += int((top == y[:, None]).any(1).sum())
+        pixels.clear()
+        labels.clear()
+
+    for _, image, text, meta in iter_eval_rows(list(data), split=split, limit=limit):
+        counts["rows"] += 1
+        label = _label(meta, text, classes, by_len, label_key)
+        if label is None:
+            counts["unlabelled"] += 1
+            continue
+        try:
+            pixels.append(decode_eval(image, size))
+        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted
+            counts["undecodable"] += 1
+            continue
+        labels.append(label)
+        if len(pixels) >= 64:
+            flush()
+    flush()
+    n = counts["n"]
     return {
-        "top1": float((top[:, 0] == y).float().mean()) if len(y) else 0.0,
-        "top5": float((top == y[:, None]).any(1).float().mean()) if len(y) else 0.0,
-        "n": int(len(y)), "unlabelled": len(texts) - len(keep), "classes": len(classes),
-        "chance_top1": 1.0 / len(classes), "model": lm.source,
+        "templates": len(templates),
+        "top1": counts["top1"] / n if n else 0.0,
+        "top5": counts["top5"] / n if n else 0.0,
+        "n": n, "rows": counts["rows"], "unlabelled": counts["unlabelled"], "undecodable": counts["undecodable"],
+        "classes": len(classes), "chance_top1": 1.0 / len(classes), "model": lm.source,
     }  # fmt: skip
+
+
+def _label(meta: str | None, text: str, classes: list[str], by_len: list[int], label_key: str) -> int | None:
+    """The class of a row: ``meta[label_key]`` when it names a class, else the longest class name in the caption."""
+    if meta:
+        try:
+            value = json.loads(meta).get(label_key)
+            if value in classes:
+                return classes.index(value)
+        except (ValueError, AttributeError):
+            pass
+    low = text.lower()
+    return next((c for c in by_len if classes[c].lower() in low), None)

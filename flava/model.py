@@ -57,15 +57,22 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, d)
         self.act = _ACTS[cfg.hidden_act]
         self.drop = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout > 0 else nn.Identity()
+        self.norm_first = cfg.norm_first
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def _attention(self, h: Tensor, attn_mask: Tensor | None) -> Tensor:
+        b, n, d = h.shape
+        qkv = self.qkv(h).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if not self.norm_first:  # post-LN (BERT): norm1 / norm2 after each residual
+            x = self.norm1(x + self._attention(x, attn_mask))
+            return self.norm2(x + self.drop(self.fc2(self.act(self.fc1(x)))))
+        x = x + self._attention(self.norm1(x), attn_mask)
         return x + self.drop(self.fc2(self.act(self.fc1(self.norm2(x)))))
 
 
@@ -87,7 +94,8 @@ class TransformerStack(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # post-LN layers end normalised: no final LayerNorm (as BERT)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
         self.pooler = Pooler(cfg.hidden_size)
         self.gradient_checkpointing = False
 

@@ -2,7 +2,7 @@
 
 No weight decay on norms, biases, embeddings (word/position/type, CLS and mask tokens) and the temperature: decay
 there only shrinks quantities that have no reason to be small (common practice; torchmultimodal decays everything,
-flava-reference.md section 9).
+`examples/flava/native`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,13 @@ class ModelSection:
     pretrained: str | None = None  # transformers FLAVA dir or hub name (facebook/flava-full) to start from
     codebook: str = "random"  # "random" (offline tests/demo) | a dir / file / hub name (facebook/flava-image-codebook)
     codebook_seed: int = 0
+    # "random" gives MIM / MMM-image targets that mean nothing; flava_full refuses it unless this is set (benchmarks)
+    allow_random_codebook: bool = False
+    # Encoder-only initial weights (paper section 3.3; flava.init_weights): a transformers ViT (DINO ViT-B/16
+    # layout) for the image encoder; a BERT / RoBERTa, or a FLAVA run / export (the text-only MLM stage), for the
+    # text encoder. A directory or hub name; None: random init.
+    image_encoder_init: str | None = None
+    text_encoder_init: str | None = None
     # From scratch, the text vocabulary follows the tokenizer (a trained WordPiece vocab is smaller than BERT's).
     text_vocab_from_tokenizer: bool = True
 
@@ -201,6 +208,15 @@ class RunConfig:
             raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
         if r.checkpoint_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ConfigError("run: checkpoint_every, log_every and keep_checkpoints must be >= 1")
+        if (self.model.preset == "flava_full" and self.model.codebook == "random" and not self.model.pretrained
+                and not self.model.allow_random_codebook):  # fmt: skip
+            raise ConfigError(
+                "flava_full with model.codebook=random: MIM and MMM-image would learn random dVAE targets. Use the "
+                "DALL-E codebook (model.codebook=facebook/flava-image-codebook; `flava fetch-assets` for offline "
+                "nodes), or set model.allow_random_codebook=true for a benchmark or smoke test"
+            )
+        if self.model.pretrained and (self.model.image_encoder_init or self.model.text_encoder_init):
+            raise ConfigError("model.pretrained and model.image/text_encoder_init exclude each other: choose one start")
         if self.model.pretrained is None and self.model.preset not in ("tiny", "flava_full"):
             raise ConfigError(f"model.preset must be tiny or flava_full, got {self.model.preset!r}")
 

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_mod
-from .codebook import load_codebook, map_pixels, random_codebook
+from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
+from .init_weights import apply_init_configs, load_encoder_init
 from .model import FlavaForPretraining
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
@@ -115,6 +116,7 @@ def build_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[FlavaC
         mcfg = cfg.model.build()
         if cfg.model.text_vocab_from_tokenizer:
             mcfg.text.vocab_size = len(tokenizer)
+        mcfg = apply_init_configs(cfg, mcfg)  # encoders shaped like their initial weights (flava.init_weights)
     if len(tokenizer) > mcfg.text.vocab_size:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's text vocabulary is {mcfg.text.vocab_size}: "
@@ -126,6 +128,8 @@ def build_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> tuple[FlavaC
 
 def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
     if cfg.model.codebook == "random":
+        if {"pairs", "images"} & set(cfg.data.active_kinds()):
+            log.warning(RANDOM_CODEBOOK_WARNING)
         cb = random_codebook(mcfg.codebook, seed=cfg.model.codebook_seed)
     else:
         cb = load_codebook(cfg.model.codebook, config=mcfg.codebook)
@@ -305,6 +309,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     dtype = compute_dtype(cfg, device)
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (FSDP2 shards the full init)
     model = pretrained if pretrained is not None else FlavaForPretraining(mcfg)
+    if latest is None and pretrained is None:
+        load_encoder_init(model, cfg)  # the paper's unimodal initialisation, when the config names one
     model.set_gradient_checkpointing(bool(cfg.run.activation_checkpointing))
     model.to(device).train()
     codebook = build_codebook(cfg, mcfg, device)

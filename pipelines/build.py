@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pmd import schema
 from pmd.images import ImageOptions
+from pmd.eval_screen import EvalScreenOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, FileEntry, accounting_problems,
                         describe_file, file_sha256, remove_temp_files, shard_name, sum_counts, write_json_atomic,
@@ -97,6 +98,7 @@ class BuildConfig:
     num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
     progress: bool = True
+    decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -120,12 +122,12 @@ class BuildConfig:
                          "options": dict(s.options)} for s in self.sources],
             "shard_rows": self.shard_rows, "row_group_rows": self.row_group_rows, "chunk_rows": self.chunk_rows,
             "seed": self.seed, "image": dataclasses.asdict(self.image), "download": dataclasses.asdict(self.download),
-            "executor": self.executor, "task_cpus": self.task_cpus,
+            "executor": self.executor, "task_cpus": self.task_cpus, "decontaminate": self.decontaminate.to_dict(),
         }
 
 
 _TOP_KEYS = {"sources", "out", "shard_rows", "row_group_rows", "chunk_rows", "seed", "image", "download",
-             "executor", "ray_address", "num_cpus", "task_cpus"}
+             "executor", "ray_address", "num_cpus", "task_cpus", "decontaminate"}
 _SOURCE_KEYS = {"name", "inputs", "images", "options"}
 
 
@@ -182,11 +184,17 @@ def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Build
                                   dict(s.get("options") or {})))
     if "out" not in raw:
         raise ValueError(f"{path}: no output directory (give --out)")
-    kwargs = {k: v for k, v in raw.items() if k not in ("sources", "image", "download", "out")}
+    kwargs = {k: v for k, v in raw.items() if k not in ("sources", "image", "download", "out", "decontaminate")}
+    decontaminate = dict(raw.get("decontaminate") or {})
+    for key in ("against", "flickr_ids"):
+        if key in decontaminate:
+            value = decontaminate[key]
+            decontaminate[key] = [resolve(p) for p in (value if isinstance(value, list) else [value])]
     return BuildConfig(
         sources=sources, out=Path(raw["out"]),
         image=_typed(ImageOptions, raw.get("image") or {}, f"{path}: [image]"),
         download=_typed(DownloadOptions, raw.get("download") or {}, f"{path}: [download]"),
+        decontaminate=_typed(EvalScreenOptions, decontaminate, f"{path}: [decontaminate]"),
         **kwargs,
     )
 
@@ -219,6 +227,8 @@ def _fingerprint(config: BuildConfig) -> dict:
         "chunk_rows": config.chunk_rows, "shard_rows": config.shard_rows, "row_group_rows": config.row_group_rows,
         "seed": config.seed, "image": dataclasses.asdict(config.image),
         "download": {k: v for k, v in dataclasses.asdict(config.download).items() if k != "thread_count"},
+        "decontaminate": {**config.decontaminate.to_dict(),
+                          "files": input_fingerprint(config.decontaminate.paths)},
     }
 
 
@@ -256,8 +266,9 @@ def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
-def _run_chunk_with_state(task: ChunkTask, archive_state: object) -> dict:
+def _run_chunk_with_state(task: ChunkTask, archive_state: object, screens: tuple = (None, None)) -> dict:
     task.archive_state = archive_state
+    task.eval_ids, task.eval_index = screens  # shipped once per build (executor.put), not once per task
     return run_chunk(task)
 
 
@@ -333,7 +344,8 @@ def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
                                    progress=config.progress))
 
 
-def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executor: _Executor) -> None:
+def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executor: _Executor,
+            screens: object = (None, None)) -> None:
     """Submit every chunk of the source whose result file is absent."""
     source_dir = config.out / WORK_DIR / "ingest" / spec.name
     chunk_dir = config.out / WORK_DIR / "images" / spec.name
@@ -358,7 +370,7 @@ def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executo
                 continue
             task = ChunkTask(source=spec.name, index=index, candidates=table, path=chunk_dir / chunk_name(index),
                              image_options=options, seed=config.seed, mode=spec.mode, download=config.download)
-            executor.submit(_run_chunk_with_state, task, archive_state,
+            executor.submit(_run_chunk_with_state, task, archive_state, screens,
                             on_done=lambda r: bar.update(r["rows"]))
         executor.drain()
     finally:
@@ -504,6 +516,9 @@ def run_build(config: BuildConfig) -> dict:
         for p in [*spec.inputs, *spec.images]:
             if not p.exists():
                 raise BuildError(f"{spec.name}: input {p} does not exist")
+    for p in config.decontaminate.paths:
+        if not p.exists():
+            raise BuildError(f"decontamination input {p} does not exist")
     _check_state(config)
     for d in (SHARDS_DIR, FAILURES_DIR, WORK_DIR):
         remove_temp_files(out / d)
@@ -534,8 +549,9 @@ def run_build(config: BuildConfig) -> dict:
 
 def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict) -> dict:
     t = time.perf_counter()
+    screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
     for spec in config.sources:
-        _images(config, spec, summaries[spec.name], executor)
+        _images(config, spec, summaries[spec.name], executor, screens)
     timings["images_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -27,6 +27,9 @@ from pmd import schema
 from pmd.images import ImageOptions, ImageRejected, process_image
 from pmd.shards import shuffle_hash, text_hash
 from pmd.download import DownloadOptions, download_chunk
+from pmd.decontaminate import EVAL_OVERLAP, screen
+from pmd.decontaminate import STAGE as DECONTAMINATE_STAGE
+from pmd.eval_ids import screen_candidates
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ SHUFFLE_HASH = "shuffle_hash"
 TEXT_HASH = "text_hash"
 
 # Stage of each process_image rejection reason.
-_CHECK_STAGE = {"decode_error": "decode"}
+_CHECK_STAGE = {"decode_error": "decode", EVAL_OVERLAP: DECONTAMINATE_STAGE}
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -71,6 +74,8 @@ class ChunkTask:
     mode: str  # "url" | "archive"
     download: DownloadOptions = field(default_factory=DownloadOptions)
     archive_state: object | None = None  # ArchiveIndex.to_state(), for mode "archive"
+    eval_ids: dict | None = None  # Flickr photo id -> evaluation image (pmd.eval_ids); None = no id screening
+    eval_index: object | None = None  # pmd.decontaminate.EvalHashIndex; None = no pHash screening
 
 
 def chunk_name(index: int) -> str:
@@ -146,12 +151,15 @@ def run_chunk(task: ChunkTask) -> dict:
     # Pillow warns on images over its pixel limit before process_image rejects them as too_many_pixels: noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     boxes = [_safe_box(m) for m in metas]
+    # Evaluation photos by Flickr id: failed before any download (pmd.eval_ids).
+    screened = screen_candidates(task.eval_ids, cand)
     processed: dict[tuple, object] = {}
     if task.mode == "url":
-        locators = cand.column(schema.IMAGE_URL).to_pylist()
+        locators = [u if hit is None else None for u, hit in zip(cand.column(schema.IMAGE_URL).to_pylist(), screened)]
         # Without crop boxes (every URL source) each image is processed as it arrives, overlapping the downloads.
         inline = all(b is None for b in boxes)
-        fetched = _fetch_urls(task, locators, (lambda data: _process(data, task.image_options, None)) if inline
+        fetched = _fetch_urls(task, locators, (lambda data: screen(_process(data, task.image_options, None),
+                                                                   task.eval_index, ImageRejected)) if inline
                               else None)
         if inline:
             for url, (result, *_rest) in fetched.items():
@@ -159,7 +167,7 @@ def run_chunk(task: ChunkTask) -> dict:
                     processed[(url, None)] = result
         missing = ("download", "no_url", "candidate has no image_url")
     elif task.mode == "archive":
-        locators = cand.column(schema.IMAGE_REF).to_pylist()
+        locators = [r if hit is None else None for r, hit in zip(cand.column(schema.IMAGE_REF).to_pylist(), screened)]
         fetched = _fetch_archive(task, locators)
         missing = ("read", "no_image_ref", "candidate has no image_ref")
     else:
@@ -171,6 +179,9 @@ def run_chunk(task: ChunkTask) -> dict:
                                                       DETAIL)}
     # COCO has five captions per image: the image is decoded and encoded once per (locator, crop box).
     for i, (locator, box) in enumerate(zip(locators, boxes)):
+        if screened[i] is not None:
+            out[STAGE][i], out[REASON][i], out[DETAIL][i] = screened[i]
+            continue
         if not locator:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = missing
             continue
@@ -184,7 +195,9 @@ def run_chunk(task: ChunkTask) -> dict:
         cache_key = (locator, box)
         result = processed.get(cache_key)
         if result is None:
-            result = processed[cache_key] = _process(data, task.image_options, box)
+            # Evaluation images by perceptual hash (pmd.decontaminate): a match becomes an eval_overlap failure.
+            result = processed[cache_key] = screen(_process(data, task.image_options, box), task.eval_index,
+                                                   ImageRejected)
         if isinstance(result, ImageRejected):
             out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
             out[REASON][i], out[DETAIL][i] = result.reason, (result.detail or "")[:500]

@@ -20,8 +20,13 @@ still resolves ``VG_100K_2/1.jpg``. A suffix shared by several members is ambigu
 error string says which members). When the same member name appears in several sources, the first source given
 to ``build`` wins (directory contents in sorted order).
 
-Errors from ``read_many`` are strings ``"reason"`` or ``"reason: detail"``, with reason ``missing_member`` or
-``archive_error`` (the failure-table reason is the part before the first colon).
+Errors from ``read_many`` are strings ``"reason"`` or ``"reason: detail"``, with reason ``missing_member``,
+``archive_error`` or ``too_large`` (the failure-table reason is the part before the first colon).
+
+Size cap: a member whose declared size (zip central directory, tar header, file size on disk) is over
+``max_bytes`` (``ImageOptions.max_image_bytes``, 32 MiB by default) is ``too_large`` before a byte of it is read,
+and every read asks for at most ``max_bytes + 1`` bytes, so a member whose header understates it (or a file that
+grows) is ``too_large`` too, never held whole. A 4 GiB member of zeros costs nothing to refuse.
 """
 
 from __future__ import annotations
@@ -35,10 +40,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pmd.images import ImageOptions
+
 log = logging.getLogger(__name__)
 
 MISSING = "missing_member"
 ARCHIVE_ERROR = "archive_error"
+TOO_LARGE = "too_large"
+#: The default cap on one member's bytes: the image stage's own (a member is an image's encoded bytes).
+DEFAULT_MAX_BYTES: int = ImageOptions.max_image_bytes
 
 _ZIP = "zip"
 _TAR = "tar"  # uncompressed: random access by data offset
@@ -71,6 +81,17 @@ def _normalise(name: str) -> str:
 def _error(reason: str, exc: BaseException | str) -> str:
     detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     return f"{reason}: {detail}"
+
+
+def _too_large(member: str, declared: int | None, max_bytes: int) -> str:
+    size = f"declares {declared:,} bytes" if declared is not None else "holds more bytes than its header says"
+    return _error(TOO_LARGE, f"{member} {size}, over max_image_bytes={max_bytes:,}")
+
+
+def _read_capped(stream, max_bytes: int) -> bytes | None:
+    """The whole stream, or None once it holds more than ``max_bytes`` (at most max_bytes + 1 bytes are read)."""
+    data = stream.read(max_bytes + 1)
+    return None if len(data) > max_bytes else data
 
 
 @dataclass
@@ -237,6 +258,10 @@ class ArchiveIndex:
         """Distinct member names (exact refs)."""
         return len(self._exact)
 
+    def refs(self) -> list[str]:
+        """Every distinct member name (normalised), in index order: what a caller reading a whole set iterates."""
+        return list(self._exact)
+
     def __contains__(self, ref: object) -> bool:
         return isinstance(ref, str) and isinstance(self._resolve(ref), tuple)
 
@@ -262,13 +287,17 @@ class ArchiveIndex:
         return source.path, source.members[hit[1]]
 
     # ------------------------------------------------------------------------------------------------ reading
-    def read_many(self, refs: Iterable[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+    def read_many(self, refs: Iterable[str], max_bytes: int = DEFAULT_MAX_BYTES,
+                  ) -> Iterator[tuple[str, bytes | None, str | None]]:
         """Yield ``(ref, data, error)`` once per requested ref (duplicates once per request), grouped by source.
 
         Zip members are read in central-directory offset order from one open ZipFile; plain tar members by seek;
         compressed tars in one sequential pass that stops once every wanted member is read; loose files with
         open(). A bad member yields an ``archive_error`` for that ref only; an unreadable archive, for its refs.
+        A member over ``max_bytes`` (declared or read) yields ``too_large`` and is never held whole.
         """
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         # source index -> member index -> the refs (as given) that asked for it
         wanted: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
         for ref in refs:
@@ -281,12 +310,13 @@ class ArchiveIndex:
             source = self._sources[s_idx]
             reader = {_ZIP: self._read_zip, _TAR: self._read_tar, _TAR_STREAM: self._read_tar_stream,
                       _DIR: self._read_dir}[source.kind]
-            for m_idx, data, error in reader(source, wanted[s_idx]):
+            for m_idx, data, error in reader(source, wanted[s_idx], max_bytes):
                 for ref in wanted[s_idx][m_idx]:
                     yield ref, data, error
 
     @staticmethod
-    def _read_zip(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+    def _read_zip(source: _Source, members: dict[int, list[str]], max_bytes: int,
+                  ) -> Iterator[tuple[int, bytes | None, str | None]]:
         try:
             zf = source.zip_file()
             infos = []
@@ -299,16 +329,21 @@ class ArchiveIndex:
             return
         infos.sort(key=lambda item: item[0].header_offset)  # sequential on disk
         for info, m_idx in infos:
+            if info.file_size > max_bytes:
+                yield m_idx, None, _too_large(info.filename, info.file_size, max_bytes)
+                continue
             try:
-                # ZipFile.read checks the CRC: a flipped byte is BadZipFile, a mangled stream zlib.error.
-                data = zf.read(info)
+                # Reading to the end checks the CRC: a flipped byte is BadZipFile, a mangled stream zlib.error.
+                with zf.open(info) as member:
+                    data = _read_capped(member, max_bytes)
             except Exception as e:  # noqa: BLE001 - one bad member must not fail the others
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             else:
-                yield m_idx, data, None
+                yield (m_idx, None, _too_large(info.filename, None, max_bytes)) if data is None else (m_idx, data, None)
 
     @staticmethod
-    def _read_tar(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+    def _read_tar(source: _Source, members: dict[int, list[str]], max_bytes: int,
+                  ) -> Iterator[tuple[int, bytes | None, str | None]]:
         assert source.offsets is not None
         order = sorted(members, key=lambda m: source.offsets[m][0])
         try:
@@ -326,6 +361,9 @@ class ArchiveIndex:
                 return
             for m_idx in order:
                 offset, length = source.offsets[m_idx]
+                if length > max_bytes:
+                    yield m_idx, None, _too_large(source.members[m_idx], length, max_bytes)
+                    continue
                 try:
                     f.seek(offset)
                     data = f.read(length)
@@ -339,7 +377,7 @@ class ArchiveIndex:
 
     @staticmethod
     def _read_tar_stream(
-        source: _Source, members: dict[int, list[str]]
+        source: _Source, members: dict[int, list[str]], max_bytes: int
     ) -> Iterator[tuple[int, bytes | None, str | None]]:
         # One member name may be asked for under one member index only (the first occurrence in the index).
         pending: dict[str, int] = {source.members[m_idx]: m_idx for m_idx in members}
@@ -351,9 +389,16 @@ class ArchiveIndex:
                         continue
                     # A corrupt compressed stream fails here or on the next header; either way the rest of the
                     # archive is unreadable, which the outer handler reports for every member still pending.
+                    if info.size > max_bytes:  # skipped by the next header read, never decompressed into memory
+                        yield pending.pop(info.name), None, _too_large(info.name, info.size, max_bytes)
+                        if not pending:
+                            break
+                        continue
                     fobj = tf.extractfile(info)
-                    data = fobj.read() if fobj is not None else b""
-                    if len(data) != info.size:
+                    data = _read_capped(fobj, max_bytes) if fobj is not None else b""
+                    if data is None:
+                        yield pending.pop(info.name), None, _too_large(info.name, None, max_bytes)
+                    elif len(data) != info.size:
                         yield pending.pop(info.name), None, _error(ARCHIVE_ERROR, "truncated member")
                     else:
                         yield pending.pop(info.name), data, None
@@ -367,12 +412,18 @@ class ArchiveIndex:
             yield m_idx, None, _error(MISSING, f"not found in {source.path} (changed since indexed?)")
 
     @staticmethod
-    def _read_dir(source: _Source, members: dict[int, list[str]]) -> Iterator[tuple[int, bytes | None, str | None]]:
+    def _read_dir(source: _Source, members: dict[int, list[str]], max_bytes: int,
+                  ) -> Iterator[tuple[int, bytes | None, str | None]]:
         root = Path(source.path)
         for m_idx in members:
+            name = source.members[m_idx]
             try:
-                with open(root / source.members[m_idx], "rb") as f:
-                    data = f.read()
+                with open(root / name, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    data = _read_capped(f, max_bytes) if size <= max_bytes else None
+                if data is None:
+                    yield m_idx, None, _too_large(name, size if size > max_bytes else None, max_bytes)
+                    continue
             except FileNotFoundError:
                 yield m_idx, None, _error(MISSING, f"{source.members[m_idx]} vanished from {source.path}")
             except OSError as e:

@@ -137,7 +137,8 @@ def _build_config(args: argparse.Namespace):
             raise ValueError("give SOURCE INPUT... (or --config FILE)")
         spec = SourceSpec(args.source, args.inputs, args.images or [], _parse_options(args.option))
         config = BuildConfig(sources=[spec], out=args.out, **{k: v for k, v in top.items() if v is not None})
-    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality}.items()
+    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality,
+                               "max_image_bytes": args.max_image_bytes}.items()
              if v is not None}
     if image:
         config.image = dataclasses.replace(config.image, **image)
@@ -150,8 +151,20 @@ def _build_config(args: argparse.Namespace):
     if download:
         config.download = DownloadOptions(**{**dataclasses.asdict(config.download), **download})
     config.progress = not args.quiet
+    _apply_decontaminate_flags(config, args)
     assert isinstance(config.image, ImageOptions)
     return config
+
+
+def _apply_decontaminate_flags(config, args: argparse.Namespace) -> None:
+    """--decontaminate-against / --eval-flickr-ids / --eval-hash-threshold add to (or set) the config's values."""
+    from pmd.eval_screen import EvalScreenOptions
+
+    current = config.decontaminate
+    config.decontaminate = EvalScreenOptions(
+        against=[*current.against, *args.decontaminate_against],
+        flickr_ids=[*current.flickr_ids, *args.eval_flickr_ids],
+        threshold=current.threshold if args.eval_hash_threshold is None else args.eval_hash_threshold)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -183,6 +196,64 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"pmd verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     _console().print(f"{args.out}: OK")
+    return 0
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.takedown import apply, read_request
+
+    kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
+                                          ("image_sha256", args.image_sha256)) if v)
+    request = read_request(kind, Path(path), args.reason or "")
+    result = apply(Path(args.out), request)
+    if result["applied"]:
+        _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
+                         f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
+    else:
+        _console().print(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.export import ExportOptions, export
+
+    listing = export(Path(args.build), Path(args.out),
+                     ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
+    _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
+                     f"({listing['urls']}), listed in {args.out}/shards.json")
+    return 0
+
+
+def cmd_fetch_metadata(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pmd.fetch import FetchError, describe_manual, fetch
+
+    try:
+        summary = fetch(Path(args.to), args.sources, mirror=args.mirror, attempts=args.attempts,
+                        timeout=args.timeout, progress=not args.quiet)
+    except FetchError as exc:
+        print(f"pmd fetch-metadata: error: {exc}", file=sys.stderr)
+        return 2
+    console = _console()
+    table = Table(title=f"pmd fetch-metadata -> {args.to}")
+    for col in ("file", "status", "bytes", "sha256"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for name, info in summary["files"].items():
+        status = "fetched" if name in summary["fetched"] else "already there"
+        table.add_row(name, status, f"{info['bytes']:,}", info["sha256"][:16])
+    for name, error in summary["failed"].items():
+        table.add_row(name, f"FAILED: {error}", "", "")
+    console.print(table)
+    for line in describe_manual(summary["manual"]):
+        print(line)
+    if summary["failed"]:
+        print(f"pmd fetch-metadata: {len(summary['failed'])} file(s) failed; rerun to resume them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -251,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="shuffle seed (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="shorter side after resize; 0 keeps the size")
     p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images (default 95)")
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="bytes of one image (download body or archive member) above which the row fails as "
+                        "too_large (default 32 MiB)")
     p.add_argument("--timeout", type=float, default=None, help="download timeout in seconds (default 10)")
     p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
@@ -266,12 +340,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-cpus", type=float, default=None, help="CPUs per image/shard task (default 1)")
     p.add_argument("--json", action="store_true", help="print accounting and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--decontaminate-against", action="append", default=[], metavar="PATH",
+                   help="evaluation images (folder, zip or tar; repeatable): corpus images within the pHash "
+                        "threshold of one fail as eval_overlap")
+    p.add_argument("--eval-flickr-ids", action="append", default=[], metavar="PATH",
+                   help="Karpathy dataset_flickr30k.json / dataset_coco.json / caption_datasets.zip or COCO "
+                        "captions_*2014.json (repeatable): candidates that are these Flickr photos fail as "
+                        "eval_overlap before download")
+    p.add_argument("--eval-hash-threshold", type=int, default=None,
+                   help="largest pHash Hamming distance taken as the same image (default 10)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("verify", help="re-read every shard of a build against its manifest")
     p.add_argument("out", help="the build directory")
     p.add_argument("--no-sha256", action="store_true", help="skip the (slow) file digests")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("fetch-metadata", help="download the catalog's public upstream metadata files (resumable)")
+    p.add_argument("sources", nargs="*", help="source names (default: all), see `pmd sources`")
+    p.add_argument("--to", required=True, help="directory for the files and fetched.json")
+    p.add_argument("--mirror", default=None, help="fetch HOST/PATH from this base URL instead (a cache or mirror)")
+    p.add_argument("--attempts", type=int, default=5, help="tries per file, each resuming the last (default 5)")
+    p.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds (default 60)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fetch_metadata)
+
+    p = sub.add_parser("takedown", help="remove the pairs a removal request names from a built corpus")
+    p.add_argument("out", help="the build directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--urls", metavar="FILE", help="image URLs to remove, one per line")
+    which.add_argument("--keys", metavar="FILE", help="pair keys to remove, one per line")
+    which.add_argument("--image-sha256", metavar="FILE", help="image sha256 digests to remove, one per line")
+    p.add_argument("--reason", default=None, help="recorded with the request and in each failure's detail")
+    p.set_defaults(func=cmd_takedown)
+
+    p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")
+    p.add_argument("build", help="the build directory")
+    p.add_argument("--format", choices=("webdataset",), required=True, help="output format")
+    p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="pairs per tar (default 10000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -288,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
     except (ValueError, KeyError) as exc:
         print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -33,13 +33,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.compare:
-        result = stats.compare(args.out, args.compare)
-        lost_keys = result.pop("lost_keys")
-        if args.report:
-            from pathlib import Path
+        from pathlib import Path
 
-            Path(args.report).mkdir(parents=True, exist_ok=True)
-            lost_keys.write_parquet(Path(args.report) / "lost_keys.parquet")
+        lost_keys_to = Path(args.report) / "lost_keys.parquet" if args.report else None
+        result = stats.compare(args.out, args.compare, lost_keys_to=lost_keys_to)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -69,9 +66,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         console.print(f"duplicates: {dup['pairs_dropped']:,} pairs dropped; {dup['images_with_several_captions']:,} "
                       f"images carry several captions ({dup['pairs_on_shared_images']:,} pairs); "
                       f"{dup['images_across_sources']:,} images appear in more than one source")
+        saved = report.downloads_saved_line(result)
+        if saved:
+            console.print(saved)
         failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
         if failures:
             console.print("failures: " + ", ".join(f"{k} {v:,}" for k, v in failures))
+        for source, sets in result.get("eval_overlap", {}).items():
+            console.print(f"evaluation images kept out of {source}: "
+                          + ", ".join(f"{name} {n:,}" for name, n in sets.items()))
     _print_problems(result["problems"])
     return 0 if result["trusted"] else 1
 

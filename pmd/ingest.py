@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from pmd import schema
 from pmd.shards import write_json_atomic, write_parquet_atomic
 from pmd.sources.base import Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
 from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
+from pmd.sources.limits import CHUNK_BYTES
 
 CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
@@ -69,9 +69,17 @@ class IngestCounts:
                    rejects_by_reason=dict(d["rejects_by_reason"]), pairs_by_split=dict(d.get("pairs_by_split", {})))
 
 
-def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    iterator = iter(records)
-    while chunk := list(islice(iterator, size)):
+def chunked(records: Iterable[Record], size: int, max_bytes: int = CHUNK_BYTES) -> Iterator[list[Record]]:
+    """Lists of `size` records, cut earlier once they hold `max_bytes` of upstream data (`Record.nbytes`)."""
+    chunk: list[Record] = []
+    held = 0
+    for record in records:
+        chunk.append(record)
+        held += record.nbytes()
+        if len(chunk) >= size or held >= max_bytes:
+            yield chunk
+            chunk, held = [], 0
+    if chunk:
         yield chunk
 
 
@@ -93,10 +101,10 @@ def chunk_size(chunk: Sequence[Record] | LineBlock | LineRange) -> int:
 
 
 def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa.Table, pa.Table, IngestCounts]:
-    """(pairs, rejects, counts) of one chunk. Adapters with a columnar path (`convert_tables`, YFCC) use it."""
-    convert_tables = getattr(adapter, "convert_tables", None)
-    if convert_tables is not None:
-        pairs_t, rejects_t = convert_tables(records)
+    """(pairs, rejects, counts) of one chunk, inside the limits every source shares (over-long lines and captions
+    are rejections). Adapters with a columnar path (`convert_tables`, YFCC) use it."""
+    if getattr(adapter, "convert_tables", None) is not None:
+        pairs_t, rejects_t = adapter.convert_tables_limited(records)
         if pairs_t.num_rows + rejects_t.num_rows != len(records):
             raise RuntimeError(f"{adapter.name}: {len(records)} records gave {pairs_t.num_rows} pairs and "
                                f"{rejects_t.num_rows} rejects; a columnar adapter must give one row per record")
@@ -110,7 +118,7 @@ def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa
     rejects: list[Reject] = []
     for record in records:
         produced = 0
-        for out in adapter.convert(record):
+        for out in adapter.convert_limited(record):
             produced += 1
             (pairs if isinstance(out, Pair) else rejects).append(out)
         if produced == 0:

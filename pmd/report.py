@@ -60,6 +60,25 @@ def source_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+DOWNLOADS_KEY = "downloads_saved_by_url_dedup"
+
+
+def downloads_saved_rows(result: dict) -> list[list[str]]:
+    """Source | downloads URL dedup saved; empty for a build whose manifest does not record it."""
+    if DOWNLOADS_KEY not in result["total"]:
+        return []
+    rows = [[name, _fmt(s[DOWNLOADS_KEY])] for name, s in result["sources"].items() if DOWNLOADS_KEY in s]
+    return rows + [["total", _fmt(result["total"][DOWNLOADS_KEY])]]
+
+
+def downloads_saved_line(result: dict) -> str | None:
+    rows = downloads_saved_rows(result)
+    if not rows:
+        return None
+    per_source = ", ".join(f"{name} {n}" for name, n in rows[:-1])
+    return f"URL dedup saved {rows[-1][1]} downloads ({per_source})"
+
+
 # ------------------------------------------------------------------------------------------------------ plots
 def _grouped_histogram(result: dict, histogram_of, xlabel: str, title: str, path: Path) -> Path:
     """One bar group per bin, one bar per source: each source's share of its pairs in the bin."""
@@ -160,6 +179,8 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
         ("Rejects by reason", ["reason", "count"], [[k, _fmt(v)] for k, v in rejects]),
         ("Duplicates", ["figure", "count"], [[k.replace("_", " "), _fmt(v)] for k, v in dup.items()]),
     ]
+    if downloads_saved_rows(result):
+        sections.append(("Downloads saved by URL dedup", ["source", "downloads saved"], downloads_saved_rows(result)))
     problems = result["problems"]
     status = "trusted: every check passed" if result["trusted"] else f"NOT trusted: {len(problems)} problem(s)"
 

@@ -14,14 +14,17 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pmd import schema
+from pmd.spill import HashPartitions, partitions_for
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +62,33 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-    """Temp file + fsync + rename: the final name only ever holds a complete file.
+def _parquet_options(names: Sequence[str]) -> dict:
+    """The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
+    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`."""
+    return {"compression": {name: ("none" if name == schema.IMAGE else "zstd") for name in names},
+            "use_dictionary": [n for n in names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)],
+            "write_statistics": [n for n in names if n != schema.IMAGE]}
 
-    The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
-    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`.
-    """
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+    """Temp file + fsync + rename: the final name only ever holds a complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    compression = {name: ("none" if name == schema.IMAGE else "zstd") for name in table.column_names}
-    dictionary = [n for n in table.column_names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)]
-    stats = [n for n in table.column_names if n != schema.IMAGE]
     with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression=compression, use_dictionary=dictionary, write_statistics=stats,
-                       row_group_size=row_group_rows)
+        pq.write_table(table, f, row_group_size=row_group_rows, **_parquet_options(table.column_names))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_row_groups_atomic(groups: Sequence[pa.Table], path: Path, schema_: pa.Schema) -> None:
+    """Like write_parquet_atomic, one row group per table given (a rewrite that keeps a file's row groups)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        with pq.ParquetWriter(f, schema_, **_parquet_options(schema_.names)) as writer:
+            for group in groups:
+                writer.write_table(group, row_group_size=max(group.num_rows, 1))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -130,12 +146,15 @@ def _schema_problem(actual: pa.Schema, expected: pa.Schema) -> str | None:
     return None
 
 
-def verify(out: Path, check_sha256: bool = True) -> list[str]:
+def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) -> list[str]:
     """Everything wrong with a build directory, as readable sentences; an empty list means it is intact.
 
     Checks: the manifest reads; every shard and failures file it lists exists with its size, sha256, row count and
     schema; shard per-source counts match the file; keys are unique across all shards; no stray shard files; the
     accounting identity input_rows = pairs + rejects + failures holds per source and matches the shard counts.
+
+    Files are read one at a time; key uniqueness is checked over hash partitions of (key, shard) spilled under
+    `spill_dir` (default: the system temp directory), so memory does not grow with the corpus.
     """
     out = Path(out)
     problems: list[str] = []
@@ -149,51 +168,45 @@ def verify(out: Path, check_sha256: bool = True) -> list[str]:
     if manifest.get("format") != MANIFEST_FORMAT:
         problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}")
 
-    seen_keys: set[str] = set()
     pairs_by_source: dict[str, int] = {}
     listed = set()
-    for kind, entries, expected in (("shard", manifest.get("shards", []), schema.SHARD_SCHEMA),
-                                    ("failures", manifest.get("failures", []), schema.FAILURE_SCHEMA)):
-        for entry in entries:
-            rel = entry["file"]
-            listed.add(rel)
-            path = out / rel
-            if not path.exists():
-                problems.append(f"{rel}: {kind} file missing")
-                continue
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
-            if check_sha256 and file_sha256(path) != entry["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest")
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
-                problems.append(f"{rel}: not a readable Parquet file ({type(e).__name__}: {e})")
-                continue
-            if pf.metadata.num_rows != entry["rows"]:
-                problems.append(f"{rel}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
-            problem = _schema_problem(pf.schema_arrow, expected)
-            if problem:
-                problems.append(f"{rel}: schema mismatch: {problem}")
-                continue
-            table = pf.read(columns=[schema.KEY, schema.SOURCE])
-            sources: dict[str, int] = {}
-            for c in table.column(schema.SOURCE).value_counts().to_pylist():
-                sources[c["values"]] = c["counts"]
-            if sources != entry.get("sources", sources):
-                problems.append(f"{rel}: per-source rows {sources} differ from the manifest's {entry['sources']}")
-            if kind == "shard":
-                for s, n in sources.items():
+    per_entry: list[list[str]] = []  # each listed file's problems, in listing order
+    shard_entry: list[int] = []  # shard number (the order keys are checked in) -> its index in per_entry
+    rows_listed = sum(int(e.get("rows") or 0) for e in manifest.get("shards", []))
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pmd-verify-", dir=spill_dir) as tmp:
+        keys = HashPartitions(Path(tmp), "keys", partitions_for(rows_listed), schema.KEY,
+                              {schema.KEY: pl.String, "shard": pl.UInt32})
+        for kind, entries, expected in (("shard", manifest.get("shards", []), schema.SHARD_SCHEMA),
+                                        ("failures", manifest.get("failures", []), schema.FAILURE_SCHEMA)):
+            for entry in entries:
+                mine: list[str] = []
+                per_entry.append(mine)
+                table = _verify_file(out, kind, entry, expected, check_sha256, mine)
+                listed.add(entry["file"])
+                if table is None or kind != "shard":
+                    continue
+                for s, n in _source_counts(table).items():
                     pairs_by_source[s] = pairs_by_source.get(s, 0) + n
-                keys = table.column(schema.KEY).to_pylist()
-                duplicates = seen_keys.intersection(keys)
-                if len(set(keys)) != len(keys):
-                    problems.append(f"{rel}: keys repeated within the shard")
-                if duplicates:
-                    problems.append(f"{rel}: {len(duplicates)} keys also in an earlier shard, e.g. "
-                                    f"{sorted(duplicates)[0]!r}")
-                seen_keys.update(keys)
+                keys.write(pl.DataFrame({schema.KEY: pl.from_arrow(table.column(schema.KEY)),
+                                         "shard": pl.repeat(len(shard_entry), table.num_rows, dtype=pl.UInt32,
+                                                            eager=True)}))
+                shard_entry.append(len(per_entry) - 1)
+        keys.close()
+        repeated: set[int] = set()
+        earlier: dict[int, tuple[int, str]] = {}
+        for part in keys.frames():
+            _key_checks(part, repeated, earlier)
+    files = [e["file"] for e in (*manifest.get("shards", []), *manifest.get("failures", []))]
+    for shard, i in enumerate(shard_entry):
+        entry_problems, name = per_entry[i], files[i]
+        if shard in repeated:
+            entry_problems.append(f"{name}: keys repeated within the shard")
+        if shard in earlier:
+            n, example = earlier[shard]
+            entry_problems.append(f"{name}: {n} keys also in an earlier shard, e.g. {example!r}")
+    problems += [p for mine in per_entry for p in mine]
 
     for directory in (SHARDS_DIR, FAILURES_DIR):
         for path in sorted((out / directory).glob("*.parquet")) if (out / directory).exists() else []:
@@ -212,6 +225,58 @@ def verify(out: Path, check_sha256: bool = True) -> list[str]:
     if extra:
         problems.append(f"shards hold sources missing from the accounting: {sorted(extra)}")
     return problems
+
+
+def _verify_file(out: Path, kind: str, entry: Mapping, expected: pa.Schema, check_sha256: bool,
+                 problems: list[str]) -> pa.Table | None:
+    """One listed file against its manifest entry; its (key, source) columns when the file is sound enough."""
+    rel = entry["file"]
+    path = out / rel
+    if not path.exists():
+        problems.append(f"{rel}: {kind} file missing")
+        return None
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
+    if check_sha256 and file_sha256(path) != entry["sha256"]:
+        problems.append(f"{rel}: sha256 differs from the manifest")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
+        problems.append(f"{rel}: not a readable Parquet file ({type(e).__name__}: {e})")
+        return None
+    if pf.metadata.num_rows != entry["rows"]:
+        problems.append(f"{rel}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+    problem = _schema_problem(pf.schema_arrow, expected)
+    if problem:
+        problems.append(f"{rel}: schema mismatch: {problem}")
+        return None
+    table = pf.read(columns=[schema.KEY, schema.SOURCE])
+    sources = _source_counts(table)
+    if sources != entry.get("sources", sources):
+        problems.append(f"{rel}: per-source rows {sources} differ from the manifest's {entry['sources']}")
+    return table
+
+
+def _source_counts(table: pa.Table) -> dict[str, int]:
+    return {c["values"]: c["counts"] for c in table.column(schema.SOURCE).value_counts().to_pylist()}
+
+
+def _key_checks(part: pl.DataFrame, repeated: set[int], earlier: dict[int, tuple[int, str]]) -> None:
+    """One hash partition of (key, shard): every row of a key is here, so its verdict is final.
+
+    `repeated` gets the shards that hold a key twice; `earlier[shard]` counts the distinct keys of that shard
+    already seen in a shard checked before it, with the smallest as the example."""
+    if not part.height or part[schema.KEY].n_unique() == part.height:  # the usual case: every key once
+        return
+    counted = part.group_by(schema.KEY, "shard").len()
+    repeated.update(counted.filter(pl.col("len") > 1)["shard"].unique().to_list())
+    first = counted.group_by(schema.KEY).agg(pl.col("shard").min().alias("first"))
+    later = counted.join(first, on=schema.KEY).filter(pl.col("shard") > pl.col("first"))
+    for shard, n, example in later.group_by("shard").agg(pl.len(), pl.col(schema.KEY).min()).iter_rows():
+        if shard in earlier:
+            n, example = earlier[shard][0] + n, min(earlier[shard][1], example)
+        earlier[shard] = (n, example)
 
 
 def accounting_problems(accounting: Mapping[str, Mapping[str, int]]) -> list[str]:

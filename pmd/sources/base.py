@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pmd import schema
 
@@ -36,6 +38,8 @@ class Reason:
     DUPLICATE_KEY = "duplicate_key"
     NO_IMAGE_METADATA = "no_image_metadata"  # e.g. a Visual Genome region whose image is not in image_data.json
     BAD_BOX = "bad_box"
+    LINE_TOO_LONG = "line_too_long"  # a line over limits.MAX_LINE_BYTES: skipped unread, the rest of the file read
+    TOO_LONG = "too_long"  # a caption over its source's max_caption_chars / max_caption_words (sources.toml)
 
 
 class InputError(Exception):
@@ -55,6 +59,27 @@ class Record:
     input_file: str
     position: int
     raw: Any
+    #: Bytes the record took in its file, when the reader knows (JSON elements); else estimated by `nbytes`.
+    size: int = field(default=0, compare=False)
+
+    def nbytes(self) -> int:
+        """About how many upstream bytes this record holds: what a chunk's byte budget counts."""
+        if self.size:
+            return self.size
+        raw = self.raw
+        parts = raw.values() if isinstance(raw, dict) else raw if isinstance(raw, (tuple, list)) else (raw,)
+        return sum(len(p) if isinstance(p, (bytes, str)) else len(p.head) if isinstance(p, OversizedLine) else 16
+                   for p in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedLine:
+    """Stands for the `raw` of a line longer than `limits.MAX_LINE_BYTES`: its first bytes and its full length.
+    The rest of the line was skipped, never held; the shared path (`SourceAdapter.convert_limited`) rejects it
+    before any adapter rule sees it."""
+
+    head: bytes
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +111,10 @@ MAX_RECORD_CHARS = 2000
 
 def record_text(raw: Any) -> str:
     """The raw record as text for a rejects table: enough to find and inspect the row, capped in size."""
+    if isinstance(raw, OversizedLine):
+        raw = raw.head
+    elif isinstance(raw, tuple):  # SBU's text layout: (url line, caption line)
+        raw = b"\t".join(part.head if isinstance(part, OversizedLine) else part for part in raw)
     if isinstance(raw, bytes):
         text = raw.decode("utf-8", errors="backslashreplace")
     elif isinstance(raw, str):
@@ -170,6 +199,60 @@ def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
     return _table(columns, schema.REJECT_SCHEMA)
 
 
+@dataclass(frozen=True, slots=True)
+class CaptionLimits:
+    """The longest caption (after cleaning) a source's pair may have; the figures live in manifests/sources.toml."""
+
+    max_chars: int
+    max_words: int
+
+    def problem(self, text: str) -> str | None:
+        """Why `text` is too long, or None. Characters first: a huge text is refused without splitting it."""
+        if len(text) > self.max_chars:
+            return f"{len(text):,} characters > {self.max_chars:,}"
+        words = len(text.split())
+        if words > self.max_words:
+            return f"{words:,} words > {self.max_words:,}"
+        return None
+
+    def too_long_mask(self, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """`problem(text) is not None` for a column of texts (the columnar path). Lengths are counted in columns;
+        words only where a text is long enough to hold too many (2 * max_words + 1 characters), with str.split,
+        so a "word" is exactly what `problem` counts (Arrow's whitespace split keeps empty pieces)."""
+        chars = pc.utf8_length(texts)
+        mask = pc.greater(chars, self.max_chars).to_pylist()
+        maybe = pc.and_(pc.less_equal(chars, self.max_chars), pc.greater_equal(chars, 2 * self.max_words + 1))
+        rows = pc.indices_nonzero(maybe).to_pylist()
+        if rows:
+            for row, text in zip(rows, pc.take(texts, rows).to_pylist()):
+                mask[row] = len(text.split()) > self.max_words
+        return pa.array(mask, type=pa.bool_())
+
+
+@lru_cache(maxsize=None)
+def caption_limits(source: str) -> CaptionLimits:
+    from pmd.catalog import catalog_entry  # the catalog imports schema only; imported late to keep base light
+
+    entry = catalog_entry(source)
+    return CaptionLimits(entry.max_caption_chars, entry.max_caption_words)
+
+
+def oversized_reject(record: Record) -> Reject | None:
+    """The rejection of a record holding a line over `limits.MAX_LINE_BYTES`, or None for every other record."""
+    raw = record.raw
+    parts = raw if isinstance(raw, tuple) else (raw,)
+    for part in parts:
+        if isinstance(part, OversizedLine):
+            from pmd.sources.limits import MAX_LINE_BYTES
+
+            return reject(record, Reason.LINE_TOO_LONG, f"{part.length:,} bytes > {MAX_LINE_BYTES:,}")
+    return None
+
+
+def _too_long(record: Record, pair: Pair, problem: str) -> Reject:
+    return reject(record, Reason.TOO_LONG, problem, key=pair.key, lang=pair.lang, lang_score=pair.lang_score)
+
+
 class SourceAdapter:
     """Base class of the twelve source adapters. Subclasses set `name` and implement `records` and `convert`."""
 
@@ -186,7 +269,59 @@ class SourceAdapter:
     def convert(self, record: Record) -> Iterable[Pair | Reject]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def convert_limited(self, record: Record) -> Iterator[Pair | Reject]:
+        """`convert` inside the limits every source shares, the path the ingest stage takes: an over-long line is
+        rejected before the adapter sees it, and a pair whose caption is over the source's limits becomes a
+        `too_long` rejection (never truncated)."""
+        oversized = oversized_reject(record)
+        if oversized is not None:
+            yield oversized
+            return
+        limits = caption_limits(self.name)
+        for out in self.convert(record):
+            problem = limits.problem(out.text) if isinstance(out, Pair) else None
+            yield out if problem is None else _too_long(record, out, problem)
+
+    def convert_tables_limited(self, records: Sequence[Record]) -> tuple[pa.Table, pa.Table]:
+        """The same limits around a columnar adapter's `convert_tables` (one output row per record)."""
+        oversized = [(r, oversized_reject(r)) for r in records]
+        rejected = [rej for _, rej in oversized if rej is not None]
+        kept = [r for r, rej in oversized if rej is None] if rejected else records
+        pairs, rejects = self.convert_tables(kept)  # type: ignore[attr-defined]
+        limits = caption_limits(self.name)
+        mask = limits.too_long_mask(pairs.column(schema.TEXT)) if pairs.num_rows else None
+        if mask is not None and pc.any(mask).as_py():
+            too_long = pairs.filter(mask)
+            pairs = pairs.filter(pc.invert(mask))
+            rejected.extend(self._locate_too_long(kept, too_long, limits))
+        if rejected:
+            rejects = pa.concat_tables([rejects_table(rejected, self.name), rejects])
+        return pairs, rejects
+
+    def _locate_too_long(self, records: Sequence[Record], too_long: pa.Table, limits: CaptionLimits) -> list[Reject]:
+        """Rejections for over-long pairs of the columnar path, with the record each came from. Rare (a few per
+        million rows), so the records that could have produced them are converted again one by one to find it:
+        a cleaned caption is never longer than its raw record, which rules out the short records."""
+        wanted = set(too_long.column(schema.KEY).to_pylist())
+        shortest = min(limits.max_chars, limits.max_words)
+        found: list[Reject] = []
+        for record in records:
+            if not wanted:
+                break
+            raw = record.raw
+            if isinstance(raw, (bytes, str)) and len(raw) <= shortest:
+                continue
+            for out in self.convert(record):
+                if isinstance(out, Pair) and out.key in wanted:
+                    problem = limits.problem(out.text)
+                    if problem is not None:
+                        wanted.discard(out.key)
+                        found.append(_too_long(record, out, problem))
+        if wanted:
+            raise RuntimeError(f"{self.name}: over-long pairs {sorted(wanted)[:3]} came from no record of the chunk")
+        return found
+
     def iter_converted(self, inputs: Sequence[Path]) -> Iterator[Pair | Reject]:
-        """Both halves in-process: the simplest way to read a source (tests, small inputs)."""
+        """Both halves in-process, inside the shared limits: the simplest way to read a source (tests, small inputs)."""
         for record in self.records(inputs):
-            yield from self.convert(record)
+            yield from self.convert_limited(record)

@@ -2,6 +2,11 @@
 
 Every reader works in constant memory and turns low-level failures (missing file, truncated compressed stream,
 broken zip, JSON that stops half-way) into an `InputError` naming the file and, where known, the line.
+
+Every reader is also bounded whatever the file holds (`pmd.sources.limits`): a line longer than MAX_LINE_BYTES is
+skipped without being held and stands in the records as an `OversizedLine` (rejected as `line_too_long`, the rest
+of the file still read); a JSON stream nested deeper than MAX_JSON_DEPTH, or with one token or one element over its
+limit, is an `InputError` naming the file and the byte.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import bz2
 import fnmatch
 import gzip
+import json
 import tarfile
 import zipfile
 import zlib
@@ -21,7 +27,8 @@ from typing import IO, Any
 
 import ijson
 
-from pmd.sources.base import InputError, Record
+from pmd.sources.base import InputError, OversizedLine, Record
+from pmd.sources.limits import CHUNK_BYTES, MAX_LINE_BYTES, JsonScanner, LimitExceeded, ScannedStream, check_json_text
 
 _READ_ERRORS = (EOFError, OSError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError)
 
@@ -65,6 +72,33 @@ def _zip(path: Path) -> Iterator[zipfile.ZipFile]:
         yield archive
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(stream: IO[bytes]) -> IO[bytes]:
+    """The stream past a leading UTF-8 byte-order mark, if it has one: editors on Windows add it, and it would
+    otherwise glue onto the first field of a TSV or make a JSON parser refuse the file."""
+    peek = getattr(stream, "peek", None)
+    try:
+        if peek is not None and peek(3)[:3] == _BOM:
+            stream.read(3)
+    except _READ_ERRORS as exc:
+        return _Unreadable(exc)  # fails where the reader reads, whose error handling names the file and line
+    return stream
+
+
+class _Unreadable:
+    """A stream that failed before its first byte: every read raises that failure again."""
+
+    def __init__(self, exc: BaseException):
+        self._exc = exc
+
+    def read(self, size: int = -1) -> bytes:
+        raise self._exc
+
+    readline = read
+
+
 def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tuple[str, IO[bytes]]]:
     """Yield (display name, decompressed binary stream) for a file, or for each matching member of a zip.
 
@@ -84,7 +118,7 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
                     found = True
                     stream = archive.extractfile(member)
                     if stream is not None:
-                        yield f"{path}!{member.name}", _decompressing(member.name, stream)
+                        yield f"{path}!{member.name}", _without_bom(_decompressing(member.name, stream))
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise InputError(path, f"truncated or corrupt tar archive ({exc})") from exc
         if not found:
@@ -99,12 +133,49 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
             for name in sorted(names):
                 try:
                     with archive.open(name) as member:
-                        yield f"{path}!{name}", _decompressing(name, member)
+                        yield f"{path}!{name}", _without_bom(_decompressing(name, member))
                 except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
                     raise InputError(f"{path}!{name}", f"truncated or corrupt archive member ({exc})") from exc
     else:
         with open(path, "rb") as raw:
-            yield str(path), _decompressing(path.name, raw)
+            yield str(path), _without_bom(_decompressing(path.name, raw))
+
+
+#: Bytes of an over-long line kept to show in its rejection.
+_HEAD_BYTES = 2000
+_SKIP_PIECE = 1024**2
+
+
+def _ending_length(tail: bytes) -> int:
+    """Bytes of line ending at the end of `tail` (a line's last two bytes): "\n", "\r\n", or a final "\r" at the
+    end of the file, the same ending `LineBlock.records` strips."""
+    newline = tail.endswith(b"\n")
+    rest = tail[:-1] if newline else tail
+    return newline + rest.endswith(b"\r")
+
+
+def read_lines(stream: IO[bytes], max_line: int | None = None) -> Iterator[bytes | OversizedLine]:
+    """The lines of a binary stream with their endings, each at most `max_line` (default MAX_LINE_BYTES) bytes
+    without its ending; a longer one is read past in 1 MiB pieces (never held) and given as an `OversizedLine`."""
+    max_line = MAX_LINE_BYTES if max_line is None else max_line
+    head_bytes = min(_HEAD_BYTES, max_line)
+    readline = stream.readline
+    limit = max_line + 2  # the line, "\r\n"
+    while line := readline(limit):
+        if len(line) <= max_line:  # the common case: short enough whatever its ending
+            yield line
+            continue
+        if line.endswith(b"\n") or len(line) < limit:
+            content = len(line) - _ending_length(line[-2:])
+            yield line if content <= max_line else OversizedLine(line[:head_bytes], content)
+            continue
+        head, length, tail = line[:head_bytes], len(line), line[-2:]
+        while piece := readline(_SKIP_PIECE):
+            length += len(piece)
+            tail = (tail + piece)[-2:]
+            if piece.endswith(b"\n"):
+                break
+        yield OversizedLine(head, length - _ending_length(tail))
 
 
 def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Callable[[bytes], bool] | None = None,
@@ -112,15 +183,17 @@ def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Calla
     """Lines of a text file as bytes without the line ending, each with its 1-based line number.
 
     Bytes, not str: invalid UTF-8 is a per-row rejection decided by the adapter, not a crash of the whole file.
+    A line over MAX_LINE_BYTES comes as an `OversizedLine` raw (the shared path rejects it).
     `skip_header(first_line)` returning True drops the first line of each stream (TSVs with a header row).
     """
     for name, stream in iter_streams(path, member_pattern):
         line_no = 0
         try:
-            for line_no, line in enumerate(stream, start=1):
-                if line_no == 1 and skip_header is not None and skip_header(line):
+            for line_no, line in enumerate(read_lines(stream), start=1):
+                oversized = line.__class__ is OversizedLine
+                if line_no == 1 and skip_header is not None and skip_header(line.head if oversized else line):
                     continue
-                yield Record(name, line_no, line.rstrip(b"\r\n"))
+                yield Record(name, line_no, line if oversized else line.rstrip(b"\r\n"))
         except _READ_ERRORS as exc:
             raise InputError(name, f"cannot read past this line: truncated or corrupt ({exc})", line_no) from exc
 
@@ -128,31 +201,63 @@ def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Calla
 @dataclass(frozen=True, slots=True)
 class LineBlock:
     """Consecutive lines of one file as a single bytes object: cheap to ship to a worker (one pickle of one
-    buffer instead of one object per line), expanded into `Record`s where the work happens."""
+    buffer instead of one object per line), expanded into `Record`s where the work happens. An over-long line is
+    an empty line in `data` and its `OversizedLine` in `oversized`, by index within the block."""
 
     input_file: str
     first_line: int
     data: bytes
     lines: int
+    oversized: tuple[tuple[int, OversizedLine], ...] = ()
 
     def records(self) -> list[Record]:
         parts = self.data.split(b"\n")
         if self.data.endswith(b"\n"):
             parts.pop()
         name, first = self.input_file, self.first_line
-        return [Record(name, first + i, line[:-1] if line.endswith(b"\r") else line) for i, line in enumerate(parts)]
+        records = [Record(name, first + i, line[:-1] if line.endswith(b"\r") else line) for i, line in enumerate(parts)]
+        for index, line in self.oversized:
+            records[index] = Record(name, first + index, line)
+        return records
 
 
 def iter_line_blocks(path: Path, lines_per_block: int, member_pattern: str | None = None) -> Iterator[LineBlock]:
-    """`iter_lines` in blocks: the same records, with the same numbers, once each block's `records()` is called."""
+    """`iter_lines` in blocks of `lines_per_block` lines or CHUNK_BYTES bytes: the same records, with the same
+    numbers, once each block's `records()` is called."""
     for name, stream in iter_streams(path, member_pattern):
         line_no = 1
+        block: list[bytes] = []
+        oversized: list[tuple[int, OversizedLine]] = []
+        held = 0
         try:
-            while lines := list(islice(stream, lines_per_block)):
-                yield LineBlock(name, line_no, b"".join(lines), len(lines))
-                line_no += len(lines)
+            for line in read_lines(stream):
+                if isinstance(line, OversizedLine):
+                    oversized.append((len(block), line))
+                    line = b"\n"
+                block.append(line)
+                held += len(line)
+                if len(block) >= lines_per_block or held >= CHUNK_BYTES:
+                    yield LineBlock(name, line_no, b"".join(block), len(block), tuple(oversized))
+                    line_no += len(block)
+                    block, oversized, held = [], [], 0
         except _READ_ERRORS as exc:
-            raise InputError(name, f"cannot read past this line: truncated or corrupt ({exc})", line_no - 1) from exc
+            raise InputError(name, f"cannot read past this line: truncated or corrupt ({exc})",
+                             line_no + len(block) - 1) from exc
+        if block:
+            yield LineBlock(name, line_no, b"".join(block), len(block), tuple(oversized))
+
+
+class _Window:
+    """`readline` over the bytes [start, end) of an open file, for `read_lines`."""
+
+    def __init__(self, f: IO[bytes], start: int, end: int):
+        f.seek(start)
+        self._f, self._left = f, end - start
+
+    def readline(self, limit: int) -> bytes:
+        line = self._f.readline(min(limit, self._left)) if self._left > 0 else b""
+        self._left -= len(line)
+        return line
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +272,22 @@ class LineRange:
     lines: int
 
     def records(self) -> list[Record]:
+        name, first = self.input_file, self.first_line
         with open(self.input_file, "rb") as f:
+            if self.end - self.start > 2 * CHUNK_BYTES:
+                # Only a range holding an over-long line is this big (ranges are cut at CHUNK_BYTES): read it
+                # line by line so that line is skipped, not held.
+                return [Record(name, first + i, line if isinstance(line, OversizedLine) else line.rstrip(b"\r\n"))
+                        for i, line in enumerate(read_lines(_Window(f, self.start, self.end)))]
             f.seek(self.start)
             data = f.read(self.end - self.start)
-        return LineBlock(self.input_file, self.first_line, data, self.lines).records()
+        records = LineBlock(name, first, data, self.lines).records()
+        max_line = MAX_LINE_BYTES
+        for i, record in enumerate(records):
+            if len(record.raw) > max_line:
+                head = record.raw[:min(_HEAD_BYTES, max_line)]
+                records[i] = Record(name, record.position, OversizedLine(head, len(record.raw)))
+        return records
 
 
 _SCAN_BYTES = 16 * 1024**2
@@ -181,15 +298,19 @@ def is_compressed(path: Path) -> bool:
 
 
 def iter_line_ranges(path: Path, lines_per_range: int) -> Iterator[LineRange]:
-    """The same cuts as `iter_line_blocks` on an uncompressed file, found by counting newlines (memchr speed), not
-    by reading lines: each range is yielded as soon as its end is known."""
+    """The same cuts as `iter_line_blocks` on an uncompressed file (by line count), found by counting newlines
+    (memchr speed), not by reading lines: each range is yielded as soon as its end is known. A range that would
+    span more than CHUNK_BYTES is cut at the last newline seen once a scan buffer takes it past that."""
     path = require_file(path)
     if is_compressed(path):
         raise ValueError(f"{path}: byte ranges need an uncompressed file")
     name = str(path)
-    start, pos, line_no, pending = 0, 0, 1, 0
+    start, pos, line_no, pending, last_newline_end = 0, 0, 1, 0, 0
     last = b""
     with open(path, "rb") as f:
+        if f.read(3) == _BOM:  # the same lines as iter_lines, which drops a leading BOM
+            start = pos = 3
+        f.seek(pos)
         while buf := f.read(_SCAN_BYTES):
             offset = 0
             while pending + buf.count(b"\n", offset) >= lines_per_range:
@@ -200,24 +321,48 @@ def iter_line_ranges(path: Path, lines_per_range: int) -> Iterator[LineRange]:
                 yield LineRange(name, line_no, start, end, lines_per_range)
                 line_no += lines_per_range
                 start, pending, offset = end, 0, idx + 1
-            pending += buf.count(b"\n", offset)
+            here = buf.count(b"\n", offset)
+            if here:
+                last_newline_end = pos + buf.rindex(b"\n") + 1
+            pending += here
             pos += len(buf)
             last = buf[-1:]
+            if pending and pos - start > CHUNK_BYTES:
+                # Every newline counted in `pending` lies before last_newline_end.
+                yield LineRange(name, line_no, start, last_newline_end, pending)
+                line_no += pending
+                start, pending = last_newline_end, 0
     if start < pos:  # the tail; its last line may lack a newline
         yield LineRange(name, line_no, start, pos, pending + (last != b"\n"))
 
 
+def _scanned(stream: IO[bytes], prefix: str) -> ScannedStream:
+    """The stream as the JSON parser must read it: through the limits, elements at the prefix's depth bounded."""
+    return ScannedStream(stream, JsonScanner(item_depth=len(prefix.split(".")) if prefix else 0))
+
+
+def _where(index: int) -> str:
+    return f"after element {index}" if index >= 0 else "before the first element"
+
+
 def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) -> Iterator[Record]:
-    """Items of a JSON array found at `prefix` (ijson syntax, e.g. `images.item`), streamed, with their index."""
+    """Items of a JSON array found at `prefix` (ijson syntax, e.g. `images.item`), streamed, with their index.
+    Each Record's `size` is about the bytes its item took (what a chunk's byte budget counts)."""
     for name, stream in iter_streams(path, member_pattern):
         index = -1
+        scanned = _scanned(stream, prefix)
+        read = 0
         try:
-            for index, item in enumerate(ijson.items(stream, prefix, use_float=True)):
-                yield Record(name, index, item)
+            for index, item in enumerate(ijson.items(scanned, prefix, use_float=True)):
+                # Items arrive a parser buffer at a time: the first of a buffer carries the buffer's bytes.
+                size, read = scanned.scanner.offset - read, scanned.scanner.offset
+                yield Record(name, index, item, size)
+        except LimitExceeded as exc:
+            raise InputError(name, f"refused {_where(index)} of '{prefix}': {exc}") from exc
         except ijson.JSONError as exc:
-            raise InputError(name, f"invalid or truncated JSON after element {index} of '{prefix}' ({exc})") from exc
+            raise InputError(name, f"invalid or truncated JSON {_where(index)} of '{prefix}' ({exc})") from exc
         except _READ_ERRORS as exc:
-            raise InputError(name, f"truncated or corrupt file after element {index} ({exc})") from exc
+            raise InputError(name, f"truncated or corrupt file {_where(index)} of '{prefix}' ({exc})") from exc
         if index < 0:
             raise InputError(name, f"no elements at '{prefix}': not the expected JSON layout")
 
@@ -226,12 +371,24 @@ def load_json_value(path: Path, prefix: str, member_pattern: str | None = None) 
     """A whole (small) JSON value at `prefix`, e.g. a lookup table an adapter needs up front."""
     for name, stream in iter_streams(path, member_pattern):
         try:
-            for value in ijson.items(stream, prefix, use_float=True):
+            for value in ijson.items(_scanned(stream, prefix), prefix, use_float=True):
                 return value
+        except LimitExceeded as exc:
+            raise InputError(name, f"refused: {exc}") from exc
         except (ijson.JSONError, *_READ_ERRORS) as exc:
             raise InputError(name, f"invalid or truncated JSON ({exc})") from exc
         raise InputError(name, f"no value at '{prefix}': not the expected JSON layout")
     raise InputError(path, "empty input")
+
+
+def parse_json_line(text: str | bytes) -> Any:
+    """One JSONL line (already within MAX_LINE_BYTES) parsed, refusing nesting past MAX_JSON_DEPTH the way the
+    stream readers do; ValueError (json.JSONDecodeError is one) for anything that is not a JSON document."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    problem = check_json_text(data)
+    if problem is not None:
+        raise ValueError(problem)
+    return json.loads(text)
 
 
 def decode_utf8(raw: bytes) -> str | None:

@@ -11,12 +11,15 @@ the decontamination set that LN-COCO and Visual Genome drop.
 
 from __future__ import annotations
 
+import io
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmd.sources import limits
 from pmd.sources.base import InputError, Record
-from pmd.sources.inputs import iter_json_items, strip_compression_suffix
+from pmd.sources.inputs import _READ_ERRORS, is_compressed, iter_json_items, iter_streams, strip_compression_suffix
 
 KARPATHY_JSON = "dataset_coco.json"
 KARPATHY_ZIP = "caption_datasets.zip"
@@ -36,10 +39,48 @@ class DecontaminationOptions:
     decontaminate: bool = True
 
 
+_HEAD = re.compile(rb'\s*\{\s*"images"\s*:\s*\[')
+_DATASET_AT_END = re.compile(rb'"dataset"\s*:\s*"(?P<dataset>[A-Za-z0-9_]+)"\s*\}\s*$')
+_TAIL_BYTES = 4096
+
+
+def karpathy_dataset(path: Path | str) -> str | None:
+    """`"coco"`, `"flickr30k"`, ...: the `dataset` a Karpathy split file names, read from its content; None for a
+    file that is not one (or that cannot be read: the adapter reading it reports that).
+
+    Karpathy's files are `{"images": [...], "dataset": "coco"}`, the name last: the head is checked first (a few
+    bytes, so other JSON inputs are let go at once), then the end of the file is read for the name.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".zip" or not strip_compression_suffix(path.name).lower().endswith(".json"):
+        return None
+    try:
+        for _, stream in iter_streams(path):
+            head = stream.read(256)
+            if not _HEAD.match(head):
+                return None
+            if not is_compressed(path):
+                stream.seek(0, io.SEEK_END)
+                stream.seek(max(0, stream.tell() - _TAIL_BYTES))
+                tail = stream.read()
+            else:
+                tail = head
+                while block := stream.read(1 << 20):
+                    tail = (tail + block)[-_TAIL_BYTES:]
+            match = _DATASET_AT_END.search(tail)
+            return match.group("dataset").decode() if match else None
+    except (InputError, *_READ_ERRORS):
+        return None
+    return None
+
+
 def is_karpathy_input(path: Path | str) -> bool:
-    """`dataset_coco.json` (possibly .gz/.bz2/.zip-compressed) or `caption_datasets.zip`."""
+    """`dataset_coco.json` (possibly .gz/.bz2/.zip-compressed), `caption_datasets.zip`, or a JSON file of any name
+    whose content is Karpathy's COCO split file (`"dataset": "coco"`)."""
     name = Path(path).name
-    return name == KARPATHY_ZIP or strip_compression_suffix(name) == KARPATHY_JSON
+    if name == KARPATHY_ZIP or strip_compression_suffix(name) == KARPATHY_JSON:
+        return True
+    return karpathy_dataset(path) == "coco"
 
 
 def iter_karpathy_images(path: Path) -> Iterator[Record]:
@@ -75,6 +116,9 @@ def eval_cocoids(path: Path) -> frozenset[int]:
         cocoid = as_int(item.get("cocoid"))
         if cocoid is not None:
             ids.add(cocoid)
+            if len(ids) > limits.MAX_LOOKUP_ENTRIES:
+                raise InputError(record.input_file, f"more than {limits.MAX_LOOKUP_ENTRIES:,} val/test images "
+                                                    "(Karpathy's split has 10,000): refused rather than held in memory")
     return frozenset(ids)
 
 
@@ -114,6 +158,7 @@ __all__ = [
     "SPLIT_MAP",
     "eval_cocoids",
     "is_karpathy_input",
+    "karpathy_dataset",
     "iter_karpathy_images",
     "partition_inputs",
     "require_karpathy",

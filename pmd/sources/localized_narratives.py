@@ -2,8 +2,9 @@
 
 Inputs are the upstream caption files from `https://storage.googleapis.com/localized-narratives/annotations/`,
 `{dataset}_{split}_captions.jsonl` (possibly .gz/.bz2, or zipped), one JSON object per line:
-`{"dataset_id", "image_id", "annotator_id", "caption", "timed_caption", "traces", "voice_recording"}`. The split is
-named by the file (`train`/`train_v6` -> train, `val`/`validation` -> validation, `test` -> test).
+`{"dataset_id", "image_id", "annotator_id", "caption"}` (the `*_localized_narratives.jsonl` files add
+`timed_caption`, `traces` and `voice_recording`; those are read too and the extra fields left out of meta). The split
+is named by the file (`train`/`train_v6` -> train, `val`/`validation` -> validation, `test` -> test).
 
 PMD's `*_captions_multi.jsonl` are these narratives split into sentences, and so are the pairs here: the narrative
 is split on '.', blank pieces are skipped, each piece becomes `piece.strip() + "."`. Keys are
@@ -16,7 +17,6 @@ LN-COCO drops every image in Karpathy's val/test (one `decontaminated` reject pe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
                               reject)
-from pmd.sources.inputs import iter_lines, strip_compression_suffix
+from pmd.sources.inputs import iter_lines, parse_json_line, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
     DecontaminationOptions,
@@ -135,8 +135,8 @@ class _LocalizedNarratives(SourceAdapter):
             yield line
             return
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
+            item = parse_json_line(line)
+        except ValueError as exc:
             yield reject(record, Reason.MALFORMED, f"invalid JSON ({exc})")
             return
         if not isinstance(item, dict):

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pmd.sources import limits
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
 from pmd.sources.inputs import iter_json_items, strip_compression_suffix
 from pmd.sources.karpathy import (
@@ -78,6 +79,9 @@ def load_image_data(path: Path) -> dict[int, ImageInfo]:
             as_int(entry.get("coco_id")),
             as_int(entry.get("flickr_id")),
         )
+        if len(images) > limits.MAX_LOOKUP_ENTRIES:
+            raise InputError(record.input_file, f"more than {limits.MAX_LOOKUP_ENTRIES:,} image entries (v1.2 has "
+                                                "108,077): refused rather than held in memory")
     return images
 
 

@@ -14,6 +14,9 @@ line becomes its own row (rejected as malformed) and the lines after it are read
 one row, not the rest of the shard.
 
 Keys are `wit/{shard}/{line}`, the 1-based line where the row starts (the header is line 1).
+
+Text: the reference description, else the English part of the attribution description, else the alt text, each
+above its word floor (`pmd/sources/wit_text.py`, options in `WitOptions`); `meta.text_field` names the column used.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import re
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
-                              reject)
+from pmd.sources.base import (InputError, OversizedLine, Pair, Reason, Record, Reject, SourceAdapter, decode_line,
+                              meta_json, reject)
 from pmd.sources.inputs import decode_utf8, iter_lines, require_file, strip_compression_suffix
-from pmd.text import clean_caption
+from pmd.sources.wit_text import TextFloors, choose_text
 
 COLUMNS: tuple[str, ...] = (
     "language",
@@ -53,6 +57,8 @@ COLUMNS: tuple[str, ...] = (
 _LANGUAGE = COLUMNS.index("language")
 _IMAGE_URL = COLUMNS.index("image_url")
 _TEXT = COLUMNS.index("caption_reference_description")
+_ATTRIBUTION = COLUMNS.index("caption_attribution_description")
+_ALT_TEXT = COLUMNS.index("caption_alt_text_description")
 META_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("language", "image_url",
                                                                      "caption_reference_description"))
 _META_FIELDS: tuple[tuple[str, int], ...] = tuple((c, COLUMNS.index(c)) for c in META_COLUMNS)
@@ -123,6 +129,15 @@ def group_rows(lines: Iterable[Record]) -> Iterator[Record]:
             backlog.extend(pending[1:])
             pending, size = [], 0
             continue
+        if isinstance(line.raw, OversizedLine):  # a row of its own (rejected as line_too_long)
+            if pending:  # the quote left open cannot close across it: give up on the opening line, re-read
+                backlog.appendleft(line)
+                yield pending[0]
+                backlog.extendleft(reversed(pending[1:]))
+                pending, size = [], 0
+            else:
+                yield line
+            continue
         if not pending:
             if b'"' not in line.raw or not quote_open_after(line.raw):
                 yield line
@@ -154,10 +169,31 @@ def _meta_value(column: str, value: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class WitOptions:
+    # PMD's text rule: the reference description, else the English part of the attribution description, else the
+    # alt text (pmd/sources/wit_text.py). False keeps the reference description only.
+    text_fallback: bool = True
+    # Word-count floors per field. The reference description is kept whenever it is not empty; the fallbacks
+    # need PMD's ">2 words" (the one floor the paper publishes), which passes over file names and one-word alt texts.
+    min_reference_words: int = 1
+    min_attribution_words: int = 3
+    min_alt_text_words: int = 3
+
+
 class WitAdapter(SourceAdapter):
     name = "wit"
+    Options = WitOptions
     inputs_help = ("WIT TSV shards wit_v1.{train,val,test}.all-NNNNN-of-NNNNN.tsv.gz "
                    "(17-column header; English rows kept)")
+
+    def __init__(self, options: WitOptions | None = None):
+        self.options = options or WitOptions()
+        floors = (self.options.min_reference_words, self.options.min_attribution_words,
+                  self.options.min_alt_text_words)
+        if min(floors) < 1:
+            raise ValueError(f"word-count floors must be at least 1, got {floors}")
+        self._floors = TextFloors(*floors)
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         shards: dict[str, Path] = {}
@@ -212,11 +248,14 @@ class WitAdapter(SourceAdapter):
         if not url.lower().startswith(("http://", "https://")):
             yield reject(record, Reason.NO_URL, f"not an http(s) URL: {url[:100]!r}", key=key)
             return
-        text = clean_caption(fields[_TEXT])
-        if not text:
-            yield reject(record, Reason.EMPTY_TEXT, "empty caption_reference_description", key=key)
+        choice = choose_text(fields[_TEXT], fields[_ATTRIBUTION], fields[_ALT_TEXT], self._floors,
+                             self.options.text_fallback)
+        if choice.field is None:
+            yield reject(record, choice.reason, choice.detail, key=key)
             return
+        text = choice.text
         meta = {column: _meta_value(column, fields[i]) for column, i in _META_FIELDS}
+        meta["text_field"] = choice.field
         yield Pair(
             key=key,
             text=text,

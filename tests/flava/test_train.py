@@ -158,7 +158,7 @@ def test_training_learns_retrieval_above_chance(tmp_path):
     m = _metrics(run)
     assert m[-1]["global_contrastive"] < m[0]["global_contrastive"] - 1.0
     res = retrieval(run, [str(held_out)])
-    assert res["n"] == 60
+    assert res["n_images"] == res["n_texts"] == 60
     chance = 1 / 60
     assert res["i2t_r1"] > 3 * chance and res["t2i_r1"] > 3 * chance, res
     assert res["i2t_r10"] > 10 / 60 * 2

@@ -21,6 +21,21 @@ def test_twelve_sources_in_schema_order_sum_to_the_paper_total():
         assert e.metadata and e.licence and e.format
 
 
+def test_localized_narratives_apportioned_by_narrative_counts():
+    """Table 2's 1.9M LN pairs over the sub-sources PMD builds, in proportion to the upstream narrative counts
+    (Open Images train+val+test, COCO train+val, ADE20k 20,476 train + 2,053 validation), largest remainder."""
+    counts = {"localized_narratives__openimages": 675_155, "localized_narratives__coco": 142_845,
+              "localized_narratives__ADE20k": 20_476 + 2_053}
+    total, narratives = 1_900_000, sum(counts.values())
+    exact = {name: total * n / narratives for name, n in counts.items()}
+    shares = {name: int(x) for name, x in exact.items()}
+    for name in sorted(exact, key=lambda k: exact[k] - shares[k], reverse=True)[:total - sum(shares.values())]:
+        shares[name] += 1
+    by_name = {e.name: e.table2_pairs for e in load_catalog()}
+    assert {name: by_name[name] for name in counts} == shares
+    assert by_name["localized_narratives__flickr30k"] == 0
+
+
 def test_catalog_rejects_unknown_fields_and_wrong_sources():
     with pytest.raises(CatalogError, match="unknown fields"):
         _parse({"source": [{"name": "coco", "colour": "blue"}]})

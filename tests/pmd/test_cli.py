@@ -1,9 +1,7 @@
 import json
-from pathlib import Path
 
 from pmd.cli import main
-
-REAL = Path(__file__).parents[2].parent / "shared" / "fixtures" / "real"
+from tests.real_fixtures import REAL
 
 
 def test_ingest_prints_and_writes_counts(tmp_path, capsys):

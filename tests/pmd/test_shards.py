@@ -6,8 +6,9 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from pmd import schema
+from pmd import schema, spill
 from pmd.shards import (describe_file, file_sha256, shard_name, shuffle_hash, verify, write_json_atomic,
                         write_parquet_atomic)
 
@@ -73,3 +74,32 @@ def test_verify_without_manifest(tmp_path):
     assert "not valid JSON" in verify(tmp_path)[0]
     assert file_sha256(tmp_path / "manifest.json") == __import__("hashlib").sha256(b"{").hexdigest()
     json.loads('{"ok": 1}')
+
+
+@pytest.mark.parametrize("partition_rows", [1 << 19, 2])
+def test_verify_key_checks_over_spilled_partitions(tmp_path, monkeypatch, partition_rows):
+    """The key checks run over hash partitions on disk; the sentences and their order are those of the in-memory
+    check they replace (pinned from it): per listed file, in listing order, a file listed twice included."""
+    monkeypatch.setattr(spill, "PARTITION_ROWS", partition_rows)
+    manifest = _build(tmp_path, [_rows(["coco/a", "coco/b", "coco/c", "coco/a"]), _rows(["coco/b", "coco/d"]),
+                                 _rows(["coco/c", "coco/b", "coco/e"]),
+                                 _rows(["coco/e", "coco/a", "coco/f", "coco/f", "coco/z"])])
+    (tmp_path / shard_name(4)).write_bytes((tmp_path / shard_name(1)).read_bytes())
+    manifest["shards"].append(dict(manifest["shards"][1]))
+    manifest["shards"].insert(2, {"file": shard_name(9), "rows": 3, "bytes": 10, "sha256": "x", "sources": {}})
+    manifest["shards"][3]["bytes"] += 1
+    write_json_atomic(manifest, tmp_path / "manifest.json")
+    size = (tmp_path / shard_name(2)).stat().st_size
+    assert verify(tmp_path, spill_dir=tmp_path / "spill") == [
+        "shards/shard-00000.parquet: keys repeated within the shard",
+        "shards/shard-00001.parquet: 1 keys also in an earlier shard, e.g. 'coco/b'",
+        "shards/shard-00009.parquet: shard file missing",
+        f"shards/shard-00002.parquet: {size} bytes, manifest says {size + 1}",
+        "shards/shard-00002.parquet: 2 keys also in an earlier shard, e.g. 'coco/b'",
+        "shards/shard-00003.parquet: keys repeated within the shard",
+        "shards/shard-00003.parquet: 2 keys also in an earlier shard, e.g. 'coco/a'",
+        "shards/shard-00001.parquet: 2 keys also in an earlier shard, e.g. 'coco/b'",
+        "shards/shard-00004.parquet: not listed in the manifest",
+        "accounting coco: shards hold 16 pairs, the manifest says 14",
+    ]
+    assert not list((tmp_path / "spill").iterdir())

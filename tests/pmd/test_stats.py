@@ -1,12 +1,14 @@
 import json
 import struct
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pmd import stats
+from pmd import spill, stats
 from pmd.cli import main
 from tests.pmd.build_fixture import known_build, shard_row, write_build
+from tests.pmd.stats_fixture import crafted_build, crafted_rows
 
 
 def test_figures_of_a_known_build(tmp_path):
@@ -129,12 +131,104 @@ def test_compare_two_builds(tmp_path, capsys):
     rows.append(shard_row("yfcc100m/20", "yfcc100m", "a new photo of the bay", b"E" * 10, lang="en",
                           lang_score=0.8))
     write_build(after, [rows], [], {})
-    result = stats.compare(after, before)
+    result = stats.compare(after, before, lost_keys_to=tmp_path / "lost.parquet")
     assert result["total"] == {"before": 8, "after": 7, "gained": 1, "lost": 2}
     assert result["sources"]["coco"]["lost_examples"] == ["coco/2"]
     assert result["sources"]["yfcc100m"]["lost_examples"] == ["yfcc100m/11"]
     assert result["sources"]["yfcc100m"]["gained_examples"] == ["yfcc100m/20"]
-    assert result["lost_keys"]["key"].to_list() == ["coco/2", "yfcc100m/11"]
+    assert pq.read_table(tmp_path / "lost.parquet").to_pylist() == [
+        {"key": "coco/2", "source": "coco"}, {"key": "yfcc100m/11", "source": "yfcc100m"}]
     assert main(["stats", str(after), "--compare", str(before), "--json", "--report", str(tmp_path / "r")]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["lost"] == 2
     assert pq.read_table(tmp_path / "r" / "lost_keys.parquet").num_rows == 2
+
+
+PINNED = Path(__file__).parent / "data" / "stats_pinned.json"
+
+
+def _after_rows() -> list[list[dict]]:
+    rows = crafted_rows(7)
+    after = [[r for i, r in enumerate(shard) if i % 9 != 4] for shard in rows]
+    after[1] += [dict(r, key=r["key"] + "-new") for r in rows[2][:30]]
+    return after
+
+
+@pytest.mark.parametrize("batch_rows, partition_rows, bitmask_sources",
+                         [(stats.BATCH_ROWS, spill.PARTITION_ROWS, 64), (700, 400, 64), (700, 400, 2)])
+def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_rows, partition_rows,
+                                                  bitmask_sources):
+    """The figures pinned from the in-memory audit (pmd/stats.py as of b10793e on main, the last before streaming:
+    its `audit` and `compare` run on these crafted builds) on a crafted build, value for value.
+
+    Small batches and partitions make every figure merge across several batches and spill files; a bitmask
+    too small for the build's sources takes the group-by path for images."""
+    monkeypatch.setattr(stats, "BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(spill, "PARTITION_ROWS", partition_rows)
+    monkeypatch.setattr(stats, "_BITMASK_SOURCES", bitmask_sources)
+    pinned = json.loads(PINNED.read_text())
+    result = stats.audit(crafted_build(tmp_path / "b"), spill_dir=tmp_path / "spill")
+    result["build"] = "BUILD"
+    assert json.loads(json.dumps(result)) == pinned["audit"]
+    assert list(result["sources"]) == list(pinned["audit"]["sources"])  # same order too
+    assert not list((tmp_path / "spill").iterdir())  # spill files are gone
+
+    before = tmp_path / "b"
+    after = crafted_build(tmp_path / "after", rows=_after_rows())
+    compared = stats.compare(after, before, lost_keys_to=tmp_path / "lost.parquet")
+    compared["before"], compared["after"] = "BEFORE", "AFTER"
+    expected = dict(pinned["compare"])
+    lost_keys = expected.pop("lost_keys")
+    assert json.loads(json.dumps(compared)) == expected
+    assert pq.read_table(tmp_path / "lost.parquet").to_pylist() == lost_keys
+
+
+def test_exact_float32_quantiles_across_buckets(tmp_path, monkeypatch):
+    """Scores spread over many buckets, negative and repeated values, nulls: polars on the whole column decides."""
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.normal(0, 3, 700), np.full(50, 0.25), rng.random(200) * 1e-3]).astype(np.float32)
+    rows = [[shard_row(f"yfcc100m/{i}", "yfcc100m", "x y", bytes([i % 256, i // 256]), lang="en",
+                       lang_score=None if i % 13 == 0 else float(s)) for i, s in enumerate(scores)]]
+    monkeypatch.setattr(stats, "BATCH_ROWS", 100)
+    result = stats.audit(write_build(tmp_path / "b", rows, [], {}))
+    frame = pl.DataFrame({"s": [r["lang_score"] for r in rows[0]]}, schema={"s": pl.Float32})
+    want = frame.select(pl.col("s").mean().alias("mean"), *(pl.col("s").quantile(q, "linear").alias(
+        f"p{int(q * 100)}") for q in stats.QUANTILES)).row(0, named=True)
+    assert result["sources"]["yfcc100m"]["lang"]["score"] == want
+
+
+def test_downloads_saved_by_url_dedup(tmp_path, capsys):
+    """Reported per source and in total when the manifest has it; a manifest without it reports nothing."""
+    root = known_build(tmp_path / "b")
+    assert "downloads_saved_by_url_dedup" not in json.dumps(stats.audit(root))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["accounting"]["coco"]["downloads"] = {"attempts": 4, "urls": 7, "unique_urls": 4,
+                                                   "saved_by_url_dedup": 3, "retried": 0}
+    manifest["accounting"]["yfcc100m"]["downloads"] = {"attempts": 9, "urls": 9, "unique_urls": 9,
+                                                       "saved_by_url_dedup": 0, "retried": 2}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    result = stats.audit(root)
+    assert result["sources"]["coco"]["downloads_saved_by_url_dedup"] == 3
+    assert result["sources"]["yfcc100m"]["downloads_saved_by_url_dedup"] == 0
+    assert result["total"]["downloads_saved_by_url_dedup"] == 3
+    assert main(["stats", str(root), "--report", str(tmp_path / "r")]) == 0
+    assert "URL dedup saved 3 downloads (coco 3, yfcc100m 0)" in capsys.readouterr().out
+    assert "| coco | 3 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_exact_score_sums_subnormal_and_infinite():
+    """The float32 sum is exact down to subnormals; an infinity decides the mean as in polars."""
+    from fractions import Fraction
+
+    import numpy as np
+    import polars as pl
+
+    values = np.array([1e-45, 3e-45, 1e-40, 0.5, 1.0, 7.25, 3.4e38], dtype=np.float32)
+    assert Fraction(stats._exact_sum(values), 1 << 149) == sum(Fraction(float(v)) for v in values)
+    sums = stats._ScoreSums()
+    sums.add(np.array([1.0, np.inf, 2.0], dtype=np.float32))
+    assert sums.special == float("inf") and sums.nonnull == 3
+    frame = pl.DataFrame({"s": [1.0, float("inf"), 2.0]}, schema={"s": pl.Float32})
+    assert frame.select(pl.col("s").mean()).item() == float(np.float32(sums.special))

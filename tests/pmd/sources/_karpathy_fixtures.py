@@ -1,6 +1,6 @@
 """Karpathy `dataset_coco.json` files for the COCO, LN-COCO and Visual Genome tests, in the upstream layout.
 
-The real first record of the upstream file (a `test` image, cocoid 391895) comes from the shared fixture; the
+The real first record of the upstream file (a `test` image, cocoid 391895) comes from tests/fixtures/real/; the
 other records are crafted in the same shape.
 """
 
@@ -12,7 +12,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-REAL_SAMPLE = Path("/work/shared/fixtures/real/karpathy_coco_sample.json")
+from tests.real_fixtures import REAL as REAL_FIXTURES
+
+REAL_SAMPLE = REAL_FIXTURES / "karpathy_coco_sample.json"
 REAL_COCOID = 391895
 
 

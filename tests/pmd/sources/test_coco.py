@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from tests.pmd.sources._karpathy_fixtures import (
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject, meta_json
 from pmd.sources.coco import CocoAdapter
-from pmd.sources.karpathy import eval_cocoids, is_karpathy_input, partition_inputs
+from pmd.sources.karpathy import eval_cocoids, is_karpathy_input, karpathy_dataset, partition_inputs
 
 REAL_TOKENS = {
     770337: ["a", "man", "with", "a", "red", "helmet", "on", "a", "small", "moped", "on", "a", "dirt", "road"],
@@ -225,6 +226,29 @@ def test_karpathy_input_recognised_by_name() -> None:
     assert not is_karpathy_input(Path("dataset_flickr30k.json"))
     assert partition_inputs([Path("x.jsonl"), Path("caption_datasets.zip")]) == (
         Path("caption_datasets.zip"), [Path("x.jsonl")])
+
+
+@pytest.mark.parametrize("variant", ["plain", "gz"])
+def test_karpathy_file_of_another_name_recognised_by_content(tmp_path: Path, variant: str) -> None:
+    """Karpathy's file saved as `karpathy_coco.json`: its content (`"dataset": "coco"` after the images) makes it the
+    Karpathy input, for COCO as for LN-COCO and Visual Genome (shared `partition_inputs`)."""
+    original = write_karpathy(tmp_path / "a", real_document(), variant)
+    renamed = original.with_name(original.name.replace("dataset_coco", "karpathy_coco"))
+    original.rename(renamed)
+    assert karpathy_dataset(renamed) == "coco" and is_karpathy_input(renamed)
+    assert run([renamed]) == real_pairs()
+    # Same layout, another dataset (Flickr30k's split file), or another JSON: not the COCO split file.
+    flickr = tmp_path / "splits_f30k.json"
+    flickr.write_text(json.dumps({"images": [{"split": "test", "filename": "1000092795.jpg"}],
+                                  "dataset": "flickr30k"}, indent=1))
+    other = tmp_path / "captions_val2014.json"
+    other.write_text(json.dumps({"info": {}, "images": [], "annotations": [], "dataset": "coco"}))
+    assert karpathy_dataset(flickr) == "flickr30k" and not is_karpathy_input(flickr)
+    assert karpathy_dataset(other) is None and karpathy_dataset(tmp_path / "missing.json") is None
+    with pytest.raises(InputError, match="splits_f30k.json: not an input of coco"):
+        run([renamed, flickr])
+    with pytest.raises(InputError, match="given twice"):
+        run([renamed, write_karpathy(tmp_path / "b", real_document())])
 
 
 def test_registry_builds_the_adapter() -> None:

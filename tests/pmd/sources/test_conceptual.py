@@ -12,8 +12,9 @@ import pytest
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reason, Reject
 from pmd.sources.conceptual import Conceptual12mAdapter, ConceptualCaptionsAdapter
+from tests.real_fixtures import REAL as REAL_FIXTURES
 
-REAL_CC3M = Path("/work/shared/fixtures/real/cc3m_sample.tsv")
+REAL_CC3M = REAL_FIXTURES / "cc3m_sample.tsv"
 
 FIRST_URL = "https://i.pinimg.com/736x/66/01/6c/66016c3ba27c0e04f39e2bd81a934e3e--anita-ekberg-bob-hope.jpg"
 LAST_URL = ("http://l7.alamy.com/zooms/5e84d0b73a544fe8a8e5ac0d20052685/"

@@ -26,12 +26,14 @@ from pmd.sources.localized_narratives import (
 
 
 def narrative(dataset_id: str, image_id: str, annotator_id: int, caption: str) -> dict[str, Any]:
-    """One upstream line, with the bulky fields the adapter must drop (abridged, same shape as upstream)."""
-    return {
-        "dataset_id": dataset_id,
-        "image_id": image_id,
-        "annotator_id": annotator_id,
-        "caption": caption,
+    """One line of an upstream `*_captions.jsonl` file: exactly these four fields, in this order."""
+    return {"dataset_id": dataset_id, "image_id": image_id, "annotator_id": annotator_id, "caption": caption}
+
+
+def full_narrative(dataset_id: str, image_id: str, annotator_id: int, caption: str) -> dict[str, Any]:
+    """A line of the `*_localized_narratives.jsonl` files (abridged): the caption fields plus timing, mouse traces
+    and the recording, which the adapter must not copy into every sentence's meta."""
+    return narrative(dataset_id, image_id, annotator_id, caption) | {
         "timed_caption": [{"utterance": "In this", "start_time": 0.0, "end_time": 0.4},
                           {"utterance": "image", "start_time": 0.4, "end_time": 0.9}],
         "traces": [[{"x": 0.2086, "y": -0.0533, "t": 0.022}, {"x": 0.2111, "y": -0.0439, "t": 0.056}]],
@@ -114,8 +116,11 @@ def test_open_images_pairs_urls_and_splits(tmp_path: Path, variant: str) -> None
         + expected(source, c, ["Two people."], "validation", image_url=f"{s3}/validation/000a1249af2bc5f0.jpg")
         + expected(source, c | {"image_id": "000b"}, ["Two people."], "test", image_url=f"{s3}/test/000b.jpg")
     )
-    meta = json.loads(out[0].meta)
-    assert not {"caption", "timed_caption", "traces", "voice_recording"} & set(meta)
+    assert set(json.loads(out[0].meta)) == {"dataset_id", "image_id", "annotator_id", "original_caption",
+                                            "sentence_index"}
+    full = full_narrative("open_images", "0000b9fcba019d36", 0, "In this picture we can see a cat. Behind it, a wall.")
+    path = write(tmp_path / "full", "open_images_train_v6_captions.jsonl", [full])
+    assert list(LocalizedNarrativesOpenImages().iter_converted([path])) == out[:2]
 
 
 def test_flickr30k_pairs(tmp_path: Path) -> None:

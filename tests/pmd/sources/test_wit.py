@@ -73,12 +73,16 @@ MULTILINE = row(
 )
 
 
+EMPTY = row(caption_reference_description="  ", caption_attribution_description="Deutsch: Die Brücke",
+            caption_alt_text_description="")
+
+
 def test_shard(tmp_path: Path) -> None:
     bad_utf8 = b"en\thttps://en.wikipedia.org/wiki/X\thttps://upload.wikimedia.org/x.jpg\tCaf\xe9" + b"\t" * 13 + b"\n"
     body = (
         tsv([MULTILINE])                                     # lines 2-5
         + tsv([row(language="de", caption_reference_description="Die Brücke")])  # line 6
-        + tsv([row(caption_reference_description="  ")])    # line 7
+        + tsv([EMPTY])                                       # line 7
         + tsv([row(image_url="upload.wikimedia.org/x.jpg")])  # line 8
         + b"en\tonly\tthree fields\n"                        # line 9
         + bad_utf8                                           # line 10
@@ -111,11 +115,14 @@ def test_shard(tmp_path: Path) -> None:
                  '"page_changed_recently":true,'
                  '"page_title":"Tower Bridge",'
                  '"page_url":"https://en.wikipedia.org/wiki/Tower_Bridge",'
-                 '"section_title":"History"}'
+                 '"section_title":"History",'
+                 '"text_field":"caption_reference_description"}'
              )),
         Reject(reason=Reason.NOT_ENGLISH, input_file=file, position=6, detail="language=de", key=f"{key}/6"),
-        Reject(reason=Reason.EMPTY_TEXT, input_file=file, position=7, detail="empty caption_reference_description",
-               key=f"{key}/7", record=tsv([row(caption_reference_description="  ")]).decode().rstrip("\n")),
+        Reject(reason=Reason.EMPTY_TEXT, input_file=file, position=7,
+               detail="caption_reference_description: empty; caption_attribution_description: empty; "
+                      "caption_alt_text_description: empty",
+               key=f"{key}/7", record=tsv([EMPTY]).decode().rstrip("\n")),
         Reject(reason=Reason.NO_URL, input_file=file, position=8, key=f"{key}/8",
                detail="not an http(s) URL: 'upload.wikimedia.org/x.jpg'",
                record=tsv([row(image_url="upload.wikimedia.org/x.jpg")]).decode().rstrip("\n")),
@@ -128,7 +135,7 @@ def test_shard(tmp_path: Path) -> None:
         Reject(reason=Reason.MALFORMED, input_file=file, position=13, detail="quoted field never closed",
                record='en\t"never closed\tand so on'),
         Pair(key=f"{key}/14", text="Tower Bridge seen from Shad Thames", split="train", image_url=row()["image_url"],
-             meta=meta_json({**default_meta, "page_title": "Last"})),
+             meta=meta_json({**default_meta, "page_title": "Last", "text_field": "caption_reference_description"})),
     ]
     assert run([path]) == expected
 

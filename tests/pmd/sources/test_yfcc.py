@@ -7,8 +7,9 @@ import pytest
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reject
 from pmd.sources.yfcc import _FIELDS_25
+from tests.real_fixtures import REAL as REAL_FIXTURES
 
-REAL = Path(__file__).parents[3].parent / "shared" / "fixtures" / "real" / "yfcc100m_sample.tsv"
+REAL = REAL_FIXTURES / "yfcc100m_sample.tsv"
 
 
 def yfcc_line(photo_id: int, title: str = "", description: str = "", marker: str = "0", line_number: int = 0,
@@ -154,11 +155,35 @@ def test_pmd_subset_jsonl(tmp_path):
                     "texts": ["Hafen", "Boats in the marina at dusk"], "source": "yfcc100m", "meta": "{}"}),
         "{not json",
     ]
-    out = run(tmp_path, lines, name="yfcc100m_subset.jsonl")
+    out = run(tmp_path, lines, name="yfcc100m_subset.jsonl", refilter_subset=True)
     assert [(type(o).__name__, o.key) for o in out] == [
         ("Pair", "yfcc100m/10642543105"), ("Pair", "yfcc100m/555"), ("Reject", None)]
     assert out[1].text == "Boats in the marina at dusk" and json.loads(out[1].meta)["text_field"] == "texts[1]"
+    assert out[1].lang == "en" and out[1].lang_score >= 0.5
     assert out[2].reason == "malformed"
+
+
+def test_pmd_subset_takes_texts0_as_is_by_default(tmp_path):
+    """PMD's loaders take texts[0] of yfcc100m_subset.jsonl unfiltered: a one-word German text is kept, no LID."""
+    lines = [
+        json.dumps({"image_url": "http://farm3.staticflickr.com/2823/555_129f2fbe19.jpg",
+                    "texts": ["Hafen", "Boats in the marina at dusk"], "source": "yfcc100m", "meta": "{}"}),
+        json.dumps({"image_url": "http://farm3.staticflickr.com/2823/556_129f2fbe19.jpg",
+                    "texts": ["  Two   words "], "source": "yfcc100m", "meta": "{}"}),
+        json.dumps({"image_url": "http://farm3.staticflickr.com/2823/557_129f2fbe19.jpg",
+                    "texts": [], "source": "yfcc100m", "meta": "{}"}),
+        json.dumps({"image_url": "http://farm3.staticflickr.com/2823/558_129f2fbe19.jpg",
+                    "texts": [7, "a string second"], "source": "yfcc100m", "meta": "{}"}),
+    ]
+    out = run(tmp_path, lines, name="yfcc100m_subset.jsonl")
+    assert [(type(o).__name__, o.key) for o in out] == [
+        ("Pair", "yfcc100m/555"), ("Pair", "yfcc100m/556"), ("Reject", "yfcc100m/557"), ("Reject", "yfcc100m/558")]
+    assert out[0].text == "Hafen" and json.loads(out[0].meta)["text_field"] == "texts[0]"
+    assert out[0].lang is None and out[0].lang_score is None
+    assert out[1].text == "Two words"
+    assert out[2].reason == out[3].reason == "empty_text"
+    refiltered = run(tmp_path, lines[:2], name="yfcc100m_subset.jsonl", refilter_subset="true")
+    assert refiltered[0].text == "Boats in the marina at dusk" and refiltered[1].reason == "too_short"
 
 
 def test_meta_holds_every_other_field_as_published(tmp_path):

@@ -1,0 +1,188 @@
+"""`pmd takedown`: removal requests applied to a real build; verify passes, idempotent, safe at any kill point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pmd import schema, shards
+from pmd.cli import main as pmd_main
+from pmd.shards import verify
+from pmd.takedown import TakedownError, apply, read_request
+from tests.pipelines.build_fixtures import make_coco
+
+PMD = str(Path(sys.executable).with_name("pmd"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("takedown")
+    coco = make_coco(root / "in", n_images=16)
+    out = root / "out"
+    cmd = [PMD, "build", "coco", str(coco.karpathy), *sum((["--images", str(z)] for z in coco.zips), []),
+           "--out", str(out), "--executor", "local", "--shard-rows", "20", "--row-group-rows", "6",
+           "--image-size", "32", "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def corpus(built, tmp_path) -> Path:
+    out = tmp_path / "corpus"
+    shutil.copytree(built, out)
+    return out
+
+
+def rows(out: Path) -> list[dict]:
+    m = json.loads((out / "manifest.json").read_text())
+    return [r for s in m["shards"] for r in pq.read_table(out / s["file"], columns=[
+        schema.KEY, schema.IMAGE_SHA256, schema.IMAGE_URL]).to_pylist()]
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of the corpus, with the manifest's and the request record's timestamps taken out."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and "work" not in p.relative_to(out).parts:
+            data = p.read_bytes()
+            if p.suffix == ".json":
+                d = json.loads(data)
+                for t in d.get("takedowns", []):
+                    t.pop("applied_at", None)
+                d.pop("received_at", None)
+                data = json.dumps(d, sort_keys=True).encode()
+            files[str(p.relative_to(out))] = data
+    return files
+
+
+def write_list(path: Path, values: list[str]) -> Path:
+    path.write_text("# removal request\n" + "\n".join(values) + "\n\n")
+    return path
+
+
+def test_keys_removed_only_affected_shards_rewritten_and_verify_passes(corpus, tmp_path):
+    before_rows = rows(corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    first_shard = pq.read_table(corpus / manifest["shards"][0]["file"], columns=[schema.KEY]).column(0).to_pylist()
+    victims = [first_shard[1], first_shard[7]]  # two rows of the first shard, in different row groups
+    before = snapshot(corpus)
+    groups_before = [g.num_rows for g in (pq.ParquetFile(corpus / manifest["shards"][0]["file"]).metadata
+                                          .row_group(i) for i in range(pq.ParquetFile(
+                                              corpus / manifest["shards"][0]["file"]).num_row_groups))]
+
+    assert pmd_main(["takedown", str(corpus), "--keys", str(write_list(tmp_path / "k.txt", victims)),
+                     "--reason", "owner request 42"]) == 0
+    assert verify(corpus) == []
+    after_rows = rows(corpus)
+    assert after_rows == [r for r in before_rows if r[schema.KEY] not in victims]  # same order for the rest
+    after = snapshot(corpus)
+    changed = {f for f in before if before[f] != after.get(f)}
+    assert changed == {"manifest.json", manifest["shards"][0]["file"]}
+    parquet = pq.ParquetFile(corpus / manifest["shards"][0]["file"])
+    groups_after = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    assert groups_after == [groups_before[0] - 1, groups_before[1] - 1, *groups_before[2:]]
+
+    new = json.loads((corpus / "manifest.json").read_text())
+    acc, old_acc = new["accounting"]["coco"], manifest["accounting"]["coco"]
+    assert (acc["pairs"], acc["failures"]) == (old_acc["pairs"] - 2, old_acc["failures"] + 2)
+    assert acc["failures_by_reason"]["takedown"] == 2 and new["totals"]["pairs"] == old_acc["pairs"] - 2
+    [request] = new["takedowns"]
+    assert request["rows"] == 2 and request["kind"] == "keys" and request["reason"] == "owner request 42"
+    assert len(request["list_sha256"]) == 64
+    failures = pq.read_table(corpus / request["failures_file"]).to_pylist()
+    assert [f[schema.KEY] for f in failures] == victims
+    assert {(f["stage"], f["reason"]) for f in failures} == {("takedown", "takedown")}
+    assert all("owner request 42" in f["detail"] for f in failures)
+
+    # The same request again changes nothing at all.
+    assert pmd_main(["takedown", str(corpus), "--keys", str(tmp_path / "k.txt")]) == 0
+    assert snapshot(corpus) == after
+
+
+def test_an_image_digest_removes_every_pair_of_that_image(corpus, tmp_path):
+    before = rows(corpus)
+    counts = {}
+    for r in before:
+        counts[r[schema.IMAGE_SHA256]] = counts.get(r[schema.IMAGE_SHA256], 0) + 1
+    digest = max(counts, key=counts.get)  # an image with all its five captions
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    result = apply(corpus, read_request("image_sha256", write_list(tmp_path / "s.txt", [digest.upper()])))
+    assert result["rows"] == counts[digest] == 5
+    assert verify(corpus) == []
+    assert all(r[schema.IMAGE_SHA256] != digest for r in rows(corpus))
+    new = json.loads((corpus / "manifest.json").read_text())
+    assert new["accounting"]["coco"]["unique_images"] == manifest["accounting"]["coco"]["unique_images"] - 1
+    assert new["totals"]["unique_images"] == manifest["totals"]["unique_images"] - 1
+
+
+@pytest.mark.parametrize("crash_after", range(0, 7))
+def test_killed_at_any_point_the_rerun_gives_the_uninterrupted_result(built, tmp_path, monkeypatch, crash_after):
+    victims_file = tmp_path / "k.txt"
+    keys = [r[schema.KEY] for r in rows(built)]
+    write_list(victims_file, [keys[0], keys[25], keys[-1]])  # three shards touched
+    reference = tmp_path / "reference"
+    shutil.copytree(built, reference)
+    apply(reference, read_request("keys", victims_file))
+
+    corpus = tmp_path / "killed"
+    shutil.copytree(built, corpus)
+    real_replace, calls = shards.os.replace, []
+
+    def dying_replace(src, dst):  # the process dies right after its N-th atomic rename
+        if len(calls) == crash_after:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        apply(corpus, read_request("keys", victims_file))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    apply(corpus, read_request("keys", victims_file))
+    assert snapshot(corpus) == snapshot(reference)
+    assert verify(corpus) == []
+    assert not list((corpus / "takedowns").glob("*.pending.parquet"))
+
+
+def test_bad_lists_are_clear_errors(corpus, tmp_path, capsys):
+    bad = write_list(tmp_path / "bad.txt", ["ab" * 32, "not-a-digest"])
+    with pytest.raises(TakedownError, match=r"bad.txt:3: 'not-a-digest' is not a hex sha256"):
+        read_request("image_sha256", bad)
+    with pytest.raises(TakedownError, match="names nothing"):
+        read_request("keys", write_list(tmp_path / "empty.txt", []))
+    with pytest.raises(TakedownError, match="not an http"):
+        read_request("urls", write_list(tmp_path / "u.txt", ["ftp://x/y.jpg"]))
+    assert pmd_main(["takedown", str(corpus), "--image-sha256", str(bad)]) == 2
+    assert "not a hex sha256" in capsys.readouterr().err
+    assert pmd_main(["takedown", str(tmp_path / "nowhere"), "--keys", str(write_list(tmp_path / "k", ["x"]))]) == 2
+
+
+def test_killed_after_the_manifest_the_rerun_only_drops_the_journal(built, tmp_path, monkeypatch):
+    victims_file = write_list(tmp_path / "k.txt", [rows(built)[3][schema.KEY]])
+    corpus = tmp_path / "killed"
+    shutil.copytree(built, corpus)
+    real_unlink = Path.unlink
+
+    def dying_unlink(self, missing_ok=False):
+        if self.name.endswith(".pending.parquet"):
+            raise KeyboardInterrupt("killed")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        apply(corpus, read_request("keys", victims_file))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    done = snapshot(corpus)
+    assert list((corpus / "takedowns").glob("*.pending.parquet"))
+    assert apply(corpus, read_request("keys", victims_file))["applied"] is False
+    assert not list((corpus / "takedowns").glob("*.pending.parquet"))
+    assert {k: v for k, v in snapshot(corpus).items() if "pending" not in k} == \
+        {k: v for k, v in done.items() if "pending" not in k}
+    assert verify(corpus) == []
