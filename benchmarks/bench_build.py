@@ -6,7 +6,7 @@ A loopback server (tests/httpserver.py, its own process) serves N generated JPEG
 processes with the same settings (2 processes/tasks, the same threads per process, timeout, shorter side resized to
 --image-size without upscaling, JPEG quality 95, Parquet output), and each is timed from start to exit:
 - img2dataset.download(...) on a Parquet URL list, multiprocessing distributor;
-- `pmd build conceptual_12m cc12m.tsv`: ingest + Ray start + download (img2dataset's downloader per chunk) + decode
+- `pmd build conceptual_12m cc12m.tsv`: ingest + Ray start + download (per chunk, each `--backends` in turn) + decode
   and checks + resize/encode + dedup + shards + failures + manifest.
 Peak memory is the largest summed RSS of each child's whole process tree (sampled every 0.1 s: Ray workers and
 img2dataset's pool processes included; Ray's object store shared memory counted per process that maps it).
