@@ -201,19 +201,14 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(ckpt: str | os.PathLike, model, optimizer) -> tuple[dict, dict]:
-    """Collective. Loads model and optimizer state in place; returns ``(meta, this rank's state)``."""
+def load_checkpoint(ckpt: str | os.PathLike, model, optimizer) -> dict:
+    """Collective. Loads model and optimizer state in place and returns the checkpoint's meta. DCP reshards: the
+    checkpoint may have been written by any number of processes (each tensor is stored with its global shape and
+    the pieces each rank wrote), and is read into this run's sharding, or into a plain model on one process."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if meta.get("world_size") != world:
-        raise CheckpointError(
-            f"{ckpt} was written by {meta.get('world_size')} process(es), this run has {world}: the loader state is "
-            "per rank, so resume with the same number of processes"
-        )
     init_optimizer_state(optimizer)
     msd, ostate, osd = _tensor_states(model, optimizer)
     state = {"model": msd, "optim": ostate}
@@ -223,12 +218,24 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer) -> tuple[dict, di
         model, optimizer, model_state_dict=state["model"],
         optim_state_dict={"state": state["optim"], "param_groups": osd["param_groups"]},
     )  # fmt: skip
-    rank_file = ckpt / f"rank-{rank}.json"
+    return meta
+
+
+def read_rank_state(ckpt: str | os.PathLike, rank: int) -> dict:
+    """RNG and loader state that rank ``rank`` saved (``rank-<r>.json``)."""
+    rank_file = Path(ckpt) / f"rank-{rank}.json"
     try:
-        rank_state = json.loads(rank_file.read_text())
+        return json.loads(rank_file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{rank_file}: unreadable ({e})") from None
-    return meta, rank_state
+
+
+def read_rank_states(ckpt: str | os.PathLike) -> list[dict]:
+    """The states of every rank that wrote the checkpoint (to resume on another number of processes)."""
+    world = read_meta(ckpt).get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{ckpt}: meta.json has no valid world_size ({world!r})")
+    return [read_rank_state(ckpt, r) for r in range(world)]
 
 
 def load_model_weights(ckpt: str | os.PathLike, model) -> dict:

@@ -350,7 +350,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
     def __init__(
         self, source: Source, spec: DataSpec, tokenizer, rank: int, world_size: int, num_workers: int,
-        cursors: list[tuple[int, int, int]] | None = None, rotate: int = 0,
+        cursors: list | None = None, rotate: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.source, self.spec, self.tokenizer = source, spec, tokenizer
@@ -358,7 +358,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.num_logical = max(1, num_workers)
         self.n_streams = world_size * self.num_logical
         self.units = source.split_units(self.n_streams)
-        self.cursors = list(cursors) if cursors else [(0, 0, 0)] * self.num_logical
+        self._partitions: dict[int, list[Unit]] = {}
+        self.cursors = list(cursors) if cursors else [(0, 0, 0)] * self.num_logical  # positions, see parse_position
         self.rotate = rotate
         self.source_id = _SOURCE_IDS[source.kind]
         g = spec.grid_size
@@ -367,9 +368,20 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.masker = BlockMaskGenerator(g, num_masking_patches=n_mask, min_num_patches=min_block)
 
     # -- order -----------------------------------------------------------------------------------------------
-    def stream_units(self, pass_idx: int, stream: int) -> list[Unit]:
-        perm = _rng(self.spec.seed, self.source_id, pass_idx).permutation(len(self.units))
-        return [self.units[i] for i in perm[stream :: self.n_streams]]
+    def stream_units(self, pass_idx: int, stream: int, n_streams: int | None = None) -> list[Unit]:
+        """Units of ``stream`` in pass ``pass_idx`` when the source is dealt to ``n_streams`` streams (this
+        dataset's own partition by default; another one for segments inherited from a checkpoint)."""
+        n = n_streams or self.n_streams
+        units = self._partition(n)
+        perm = _rng(self.spec.seed, self.source_id, pass_idx).permutation(len(units))
+        return [units[i] for i in perm[stream::n]]
+
+    def _partition(self, n_streams: int) -> list[Unit]:
+        if n_streams == self.n_streams:
+            return self.units
+        if n_streams not in self._partitions:
+            self._partitions[n_streams] = self.source.split_units(n_streams)
+        return self._partitions[n_streams]
 
     def windows(self, units: list[Unit]) -> list[list[Unit]]:
         out, cur, rows = [], [], 0
@@ -383,12 +395,15 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             out.append(cur)
         return out
 
-    def rows(self, stream: int, cursor: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], dict, tuple]]:
-        """``(cursor after the row, row, rng key)`` from ``cursor`` on, forever."""
+    def rows(
+        self, stream: int, cursor: tuple[int, int, int], n_streams: int | None = None, end_pass: int | None = None
+    ) -> Iterator[tuple[tuple[int, int, int], dict, tuple]]:
+        """``(cursor after the row, row, rng key)`` from ``cursor`` on, forever (or to the end of pass
+        ``end_pass``), for ``stream`` of a partition into ``n_streams`` streams (default: this dataset's)."""
         pass_idx, win, off = cursor
         cols = REQUIRED_COLUMNS[self.source.kind] + ((SPLIT,) if self.source.split else ())
-        while True:
-            wins = self.windows(self.stream_units(pass_idx, stream))
+        while end_pass is None or pass_idx <= end_pass:
+            wins = self.windows(self.stream_units(pass_idx, stream, n_streams))
             while win < len(wins):
                 parts = [self.source.read(u, cols) for u in wins[win]]
                 data: dict[str, list] = {c: [] for c in cols}
@@ -413,23 +428,49 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         stream = self.rank * self.num_logical + logical
         return self.batches(logical, stream, self.cursors[logical])
 
-    def batches(self, logical: int, stream: int, cursor) -> Iterator[dict]:
+    def batches(self, logical: int, stream: int, position) -> Iterator[dict]:
+        """Batches from ``position`` on. Inherited segments (see ``reshard_loader_states``) come first, one batch
+        each in turn, each batch exactly the one the old stream would have made; a segment that ends mid-batch
+        completes it with rows of this stream's own partition, which every stream enters once its segments are
+        done. Each batch carries the position after it."""
         spec, kind = self.spec, self.source.kind
-        samples: list[dict] = []
+        cursor, segments, nxt = parse_position(position)
+        segments = [list(seg) for seg in segments]
+        main = self.rows(stream, cursor)
+        seg_rows = [self.rows(seg[1], tuple(seg[3:6]), n_streams=seg[0], end_pass=seg[2]) for seg in segments]
         bad: dict[str, int] = {}
-        first_key = None
-        for cursor, row, key in self.rows(stream, cursor):
-            sample = self._sample(row, key, bad)
-            if sample is None:
-                continue
-            if first_key is None:
-                first_key = key
-            samples.append(sample)
-            if len(samples) == spec.batch_size:
-                batch = self._collate(samples, _rng(*first_key, 7))
-                batch["_meta"] = {"worker": logical, "cursor": cursor, "bad": bad, "kind": kind}
-                yield batch
-                samples, bad, first_key = [], {}, None
+        while True:
+            samples: list[dict] = []
+            first_key = None
+            if segments:
+                i = nxt % len(segments)
+                for cur, row, key in seg_rows[i]:
+                    segments[i][3:6] = cur
+                    sample = self._sample(row, key, bad)
+                    if sample is not None:
+                        first_key = key if first_key is None else first_key
+                        samples.append(sample)
+                        if len(samples) == spec.batch_size:
+                            break
+                if len(samples) < spec.batch_size:  # the segment reached the end of its pass
+                    del segments[i], seg_rows[i]
+                    nxt = i
+                else:
+                    nxt = i + 1
+            if len(samples) < spec.batch_size:
+                for cur, row, key in main:
+                    cursor = cur
+                    sample = self._sample(row, key, bad)
+                    if sample is not None:
+                        first_key = key if first_key is None else first_key
+                        samples.append(sample)
+                        if len(samples) == spec.batch_size:
+                            break
+            batch = self._collate(samples, _rng(*first_key, 7))
+            pos = dump_position(cursor, segments, nxt % len(segments) if segments else 0)
+            batch["_meta"] = {"worker": logical, "cursor": pos, "bad": bad, "kind": kind}
+            yield batch
+            bad = {}
 
     def _sample(self, row: dict, key: tuple, bad: dict) -> dict | None:
         spec, kind = self.spec, self.source.kind
@@ -483,6 +524,86 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# stream positions, and resuming on another number of streams
+# ------------------------------------------------------------------------------------------------------------------
+# A stream's position is its cursor ``(pass, window, offset)`` in its own partition, or, after a resume on another
+# number of processes or workers, ``{"cursor": ..., "segments": [[n_streams, stream, end_pass, pass, window,
+# offset], ...], "next": i}``: streams of an older partition that this stream finishes first (to the end of
+# ``end_pass``), in turn from segment ``next``.
+def parse_position(position) -> tuple[tuple[int, int, int], list[tuple[int, ...]], int]:
+    if isinstance(position, dict):
+        try:
+            cursor = tuple(int(x) for x in position["cursor"])
+            segments = [tuple(int(x) for x in seg) for seg in position.get("segments", [])]
+            nxt = int(position.get("next", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"unreadable loader position {position!r} ({e})") from None
+        if len(cursor) != 3 or any(len(seg) != 6 for seg in segments):
+            raise DataError(f"unreadable loader position {position!r}")
+        return cursor, segments, nxt  # type: ignore[return-value]
+    cursor = tuple(int(x) for x in position)
+    if len(cursor) != 3:
+        raise DataError(f"unreadable loader cursor {position!r}")
+    return cursor, [], 0  # type: ignore[return-value]
+
+
+def dump_position(cursor, segments=(), nxt: int = 0):
+    cursor = tuple(int(x) for x in cursor)
+    if not segments:
+        return cursor
+    return {"cursor": list(cursor), "segments": [[int(x) for x in seg] for seg in segments], "next": int(nxt)}
+
+
+def _jsonable_position(position):
+    return list(position) if isinstance(position, tuple) else position
+
+
+def reshard_loader_states(old: list[dict], rank: int, world_size: int, num_workers: int) -> tuple[dict, dict]:
+    """The loader state of ``rank`` of ``world_size`` (``num_workers`` workers each) from the loader states of
+    every rank of a checkpoint written by another number of processes or workers (``old[r]`` = rank r's).
+
+    Nothing is repeated or skipped. Old stream ``s`` (of ``S`` old streams) is finished by new stream
+    ``s % S'``, to the end of pass ``P`` (the furthest pass any old stream had reached), in the old order, with the
+    old crops and masks: its batches are exactly those the old run would have made, until its last one, which is
+    completed with rows of the new partition. From pass ``P + 1`` on every stream reads the new partition (and
+    segments the old streams had themselves inherited are finished first, in their turn). So in
+    pass P (and earlier passes a lagging old stream had not finished) every row is read exactly once, as in every
+    other pass. Returns ``(state, summary)``; the summary says what moved, for the log."""
+    n_logical = max(1, num_workers)
+    n_new = world_size * n_logical
+    out: dict[str, dict] = {}
+    summary: dict[str, dict] = {}
+    for kind in old[0]:
+        per_rank = [st[kind]["cursors"] for st in old]
+        n_old_logical = len(per_rank[0])
+        n_old = len(old) * n_old_logical
+        streams = [parse_position(pos) for positions in per_rank for pos in positions]  # index = old stream id
+        if n_old == n_new:  # the same partition: stream s continues as stream s
+            positions = [dump_position(*streams[rank * n_logical + j]) for j in range(n_logical)]
+            summary[kind] = {"old_streams": n_old, "new_streams": n_new, "inherited": 0}
+        else:
+            # a cursor (p, 0, 0) has read nothing of pass p yet
+            end_pass = max(c[0] - (1 if c[1:] == (0, 0) else 0) for c, _, _ in streams)
+            inherit: list[list[tuple[int, ...]]] = [[] for _ in range(n_new)]
+            for s, (cursor, segs, nxt) in enumerate(streams):
+                k = nxt % len(segs) if segs else 0
+                own = [(n_old, s, end_pass, *cursor)] if cursor[0] <= end_pass else []
+                inherit[s % n_new] += [*segs[k:], *segs[:k], *own]
+            positions = [
+                dump_position((end_pass + 1, 0, 0), inherit[rank * n_logical + j]) for j in range(n_logical)
+            ]
+            mine = sum(len(inherit[rank * n_logical + j]) for j in range(n_logical))
+            summary[kind] = {"old_streams": n_old, "new_streams": n_new, "end_pass": end_pass, "inherited": mine}
+        bad: dict[str, int] = {}
+        if rank == 0:  # bad-row counts are cumulative and logged by rank 0: it keeps the old total
+            for st in old:
+                for key, v in st[kind].get("bad", {}).items():
+                    bad[key] = bad.get(key, 0) + int(v)
+        out[kind] = {"cursors": [_jsonable_position(p) for p in positions], "batches": 0, "bad": bad}
+    return out, summary
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # main-process side: one loader per kind, and the per-step kind choice
 # ------------------------------------------------------------------------------------------------------------------
 class SourceLoader:
@@ -494,7 +615,7 @@ class SourceLoader:
         self.prefetch_factor = prefetch_factor
         n = max(1, num_workers)
         state = state or {}
-        self.cursors = [tuple(c) for c in state.get("cursors", [(0, 0, 0)] * n)]
+        self.cursors = [dump_position(*parse_position(c)) for c in state.get("cursors", [(0, 0, 0)] * n)]
         if len(self.cursors) != n:
             raise DataError(
                 f"loader state has {len(self.cursors)} worker cursors but data.num_workers gives {n}: resume with "
@@ -523,14 +644,15 @@ class SourceLoader:
             self._start()
         batch = next(self._it)
         meta = batch.pop("_meta")
-        self.cursors[meta["worker"]] = tuple(int(x) for x in meta["cursor"])
+        self.cursors[meta["worker"]] = dump_position(*parse_position(meta["cursor"]))
         for k, v in meta["bad"].items():
             self.bad[k] = self.bad.get(k, 0) + int(v)
         self.batches += 1
         return batch
 
     def state_dict(self) -> dict:
-        return {"cursors": [list(c) for c in self.cursors], "batches": self.batches, "bad": dict(self.bad)}
+        return {"cursors": [_jsonable_position(c) for c in self.cursors], "batches": self.batches,
+                "bad": dict(self.bad)}  # fmt: skip
 
     def close(self) -> None:
         self._it = None  # workers exit when the iterator is collected

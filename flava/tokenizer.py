@@ -8,9 +8,11 @@ a directory that ``transformers.BertTokenizerFast.from_pretrained`` loads.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
@@ -90,25 +92,107 @@ def _bert_tokenizer(vocab: dict[str, int] | None = None):
     return tok, processors
 
 
+def count_words(texts: Iterable[str]) -> Counter:
+    """Word frequencies after BERT's uncased normaliser and pre-tokenizer (the units WordPiece splits)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for t in texts:
+        if t:
+            counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    return counts
+
+
+def learn_wordpiece_vocab(
+    word_counts: dict[str, int], vocab_size: int, min_frequency: int = 1, prefix: str = "##"
+) -> list[str]:
+    """The WordPiece vocabulary of ``tokenizers.trainers.WordPieceTrainer`` (BPE merges over words, continuation
+    pieces marked with ``prefix``), with every tie broken by the tokens' text: the result is a pure function of
+    the word counts. (The Rust trainer breaks ties in hash-map order, so two trainings on the same corpus differ.)
+
+    Returns the tokens in id order: special tokens, the alphabet, the continuation alphabet, then one token per
+    merge in the order learned."""
+    vocab: list[str] = list(SPECIAL_TOKENS)
+    index = {t: i for i, t in enumerate(vocab)}
+
+    def add(token: str) -> int:
+        if token not in index:
+            index[token] = len(vocab)
+            vocab.append(token)
+        return index[token]
+
+    words = sorted(word_counts)
+    for c in sorted({c for w in words for c in w}):  # like the Rust trainer: every character, unprefixed
+        add(c)
+    for c in sorted({c for w in words for c in w[1:]}):
+        add(prefix + c)
+    syms = [[index[w[0]]] + [index[prefix + c] for c in w[1:]] for w in words]
+    counts = [int(word_counts[w]) for w in words]
+
+    pair_count: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for wi, s in enumerate(syms):
+        for pair in zip(s, s[1:]):
+            pair_count[pair] += counts[wi]
+            where[pair].add(wi)
+    # max-heap on (count, then smallest text first); entries go stale when counts change and are re-checked on pop
+    heap = [(-c, vocab[a], vocab[b], a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+    plen = len(prefix)
+    while len(vocab) < vocab_size and heap:
+        neg, _, _, a, b = heapq.heappop(heap)
+        c = pair_count.get((a, b), 0)
+        if c != -neg:
+            if c > 0:
+                heapq.heappush(heap, (-c, vocab[a], vocab[b], a, b))
+            continue
+        if c < min_frequency:
+            break
+        tb = vocab[b]
+        new = add(vocab[a] + (tb[plen:] if tb.startswith(prefix) else tb))
+        changed: set[tuple[int, int]] = set()
+        for wi in where.pop((a, b), ()):
+            s, n = syms[wi], counts[wi]
+            if len(s) < 2:
+                continue
+            for pair in zip(s, s[1:]):
+                pair_count[pair] -= n
+            merged, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    merged.append(new)
+                    i += 2
+                else:
+                    merged.append(s[i])
+                    i += 1
+            syms[wi] = merged
+            for pair in zip(merged, merged[1:]):
+                pair_count[pair] += n
+                where[pair].add(wi)
+                changed.add(pair)
+        pair_count.pop((a, b), None)
+        for pair in sorted(changed):
+            cnt = pair_count[pair]
+            if cnt > 0:
+                heapq.heappush(heap, (-cnt, vocab[pair[0]], vocab[pair[1]], pair[0], pair[1]))
+    return vocab
+
+
 def train_wordpiece(
     texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 30522, min_frequency: int = 1
 ) -> TextTokenizer:
     """Train a BERT-uncased WordPiece vocabulary on ``texts`` and save it to ``out_dir`` (BertTokenizerFast
-    format). The vocabulary can come out smaller than ``vocab_size`` on a small corpus."""
-    from tokenizers import trainers
-
-    tok, processors = _bert_tokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-    )  # fmt: skip
-    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
-    # The trainer breaks frequency ties in hash-map order, so ids differ from one training to the next. WordPiece
-    # tokenizes by greedy longest match, independent of ids: renumber (special tokens first, then sorted) so that
-    # the same corpus always gives the same ids.
-    trained = tok.get_vocab()
-    ordered = list(SPECIAL_TOKENS) + sorted(t for t in trained if t not in SPECIAL_TOKENS)
-    tok, processors = _bert_tokenizer({t: i for i, t in enumerate(ordered)})
+    format). Deterministic: the same texts give byte-identical files in any process (``learn_wordpiece_vocab``).
+    The vocabulary can come out smaller than ``vocab_size`` on a small corpus."""
+    counts = count_words(texts)
+    if not counts:
+        raise TokenizerError("no text to train a tokenizer on")
+    vocab = learn_wordpiece_vocab(counts, vocab_size, min_frequency)
+    log.info("WordPiece vocabulary: %d tokens from %d distinct words", len(vocab), len(counts))
+    tok, processors = _bert_tokenizer({t: i for i, t in enumerate(vocab)})
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocabulary: marks them special (decode skips them)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +26,10 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_mod
 from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
-from .data import MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images
+from .data import (
+    MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
+)  # fmt: skip
+from .distributed import DistInfo, barrier, require_shared, setup_distributed, teardown
 from .init_weights import apply_init_configs, load_encoder_init
 from .model import FlavaForPretraining
 from .optim import build_optimizer, build_scheduler
@@ -38,51 +40,6 @@ log = logging.getLogger(__name__)
 
 PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# process setup
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str = "auto") -> DistInfo:
-    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        if local_world > 1:  # share the cores instead of oversubscribing them N times
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return DistInfo(rank, world, local_rank, device)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -101,7 +58,7 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, info: DistInfo) -> TextToke
             corpus = cfg.data.pairs or cfg.data.text
             log.info("training a WordPiece tokenizer (vocab %d) on %s", cfg.data.tokenizer_vocab_size, corpus)
             train_wordpiece(iter_texts(list(corpus)), tok_dir, vocab_size=cfg.data.tokenizer_vocab_size)
-    _barrier(info)
+    barrier(info)
     return load_tokenizer(tok_dir)
 
 
@@ -258,15 +215,31 @@ def _check_resume(meta: dict, mcfg: FlavaConfig, cfg: RunConfig, info: DistInfo,
             f"{ckpt} was written with another model config (differs in {diff[:8]}): use a new --out or the "
             "original config"
         )
-    if meta.get("world_size") != info.world_size:
-        raise ckpt_mod.CheckpointError(
-            f"{ckpt} was written by {meta.get('world_size')} process(es), this run has {info.world_size}: resume "
-            "with the same number of processes (the loader state is per rank)"
-        )
-    if meta.get("num_workers") != max(1, cfg.data.num_workers):
-        raise ckpt_mod.CheckpointError(
-            f"{ckpt} was written with data.num_workers={meta.get('num_workers')}, now {cfg.data.num_workers}"
-        )
+    for key in ("world_size", "num_workers"):
+        if not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise ckpt_mod.CheckpointError(f"{ckpt}: meta.json has no valid {key} ({meta.get(key)!r})")
+
+
+def resume_rank_state(ckpt: Path, meta: dict, info: DistInfo, num_workers: int) -> tuple[dict, dict]:
+    """This rank's RNG and loader state from a checkpoint. Written by as many processes and workers as this run: its
+    own. Otherwise the loader state is resharded (``flava.data.reshard_loader_states``: the interrupted pass is
+    finished with nothing repeated or skipped) and rank r takes the RNG state of old rank ``r % old_world``."""
+    old_world, old_workers = meta["world_size"], meta["num_workers"]
+    if old_world == info.world_size and old_workers == num_workers:
+        state = ckpt_mod.read_rank_state(ckpt, info.rank)
+        return state["rng"], state["loader"]
+    states = ckpt_mod.read_rank_states(ckpt)
+    loader, summary = reshard_loader_states([s["loader"] for s in states], info.rank, info.world_size, num_workers)
+    if info.is_main:
+        log.warning(
+            "%s was written by %d process(es) x %d worker(s), this run has %d x %d: model and optimizer are resharded "
+            "by DCP; the data streams are re-dealt: every stream of the checkpoint is finished (in its old order) "
+            "to the end of the pass it had reached, then the new partition starts the next pass, so no row is "
+            "repeated or skipped; the micro-batch order differs from an uninterrupted run where streams do not "
+            "map one to one. Per kind: %s",
+            ckpt, old_world, old_workers, info.world_size, num_workers, summary,
+        )  # fmt: skip
+    return states[info.rank % old_world]["rng"], loader
 
 
 def _diff_keys(a, b, prefix=""):
@@ -284,8 +257,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     try:
         return _train(cfg, run_dir, info)
     finally:
-        if info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown(info)
 
 
 def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
@@ -297,7 +269,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.yaml").write_text(cfg.to_yaml())
-    _barrier(info)
+    barrier(info)
+    require_shared(run_dir / "run_config.yaml", info, "the run directory (--out)")
     tokenizer = prepare_tokenizer(cfg, run_dir, info)
     mcfg, pretrained = build_model_config(cfg, tokenizer)
     latest = ckpt_mod.latest_checkpoint(run_dir)
@@ -327,13 +300,13 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
 
     step, loader_state = 0, None
     if latest is not None:
-        meta, rank_state = ckpt_mod.load_checkpoint(latest, model, optimizer)
+        meta = ckpt_mod.load_checkpoint(latest, model, optimizer)
         step = int(meta["step"])
         scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-        ckpt_mod.set_rng_state(rank_state["rng"])
-        loader_state = rank_state["loader"]
+        rng, loader_state = resume_rank_state(latest, meta, info, max(1, cfg.data.num_workers))
+        ckpt_mod.set_rng_state(rng)
         log.info("resumed from %s at step %d", latest, step)
 
     specs = build_specs(cfg, mcfg)
@@ -488,7 +461,7 @@ def export_final(model, mcfg: FlavaConfig, run_dir: Path, info: DistInfo) -> Non
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         export_state_dict(sd, mcfg, run_dir / "final", run_dir / "tokenizer")
-    _barrier(info)
+    barrier(info)
 
 
 def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Path | None) -> None:

@@ -1,14 +1,15 @@
 """`pmd build`: sources -> candidates -> images -> dedup -> shuffled shards + failures + manifest.
 
-Stages and their unit of resume (docs/build.md, docs/build-format.md):
+This module schedules and collects; the work is library code (pmd.build: one chunk's images; pmd.final: the final
+phase). Stages and their unit of resume (docs/build.md, docs/build-format.md):
 1. ingest    OUT/work/ingest/SOURCE/ingest.json (reused when inputs and options are unchanged)
-2. images    OUT/work/images/SOURCE/chunk-NNNNN.arrow: one Ray task per chunk of `chunk_rows` candidates (URL
-             download with img2dataset, or archive members), every image decoded once by pmd.images
-3. final     a pure function of the finished chunks, so a killed and resumed build writes the same bytes:
-             dedup (metadata only) -> placement by seeded hash -> shards (one task each, skipped when present)
-             -> failures -> manifest.json, written last.
+2. images    OUT/work/images/SOURCE/chunk-NNNNN.arrow: one Ray task per chunk of `chunk_rows` candidates
+3. final     pmd.final's passes as Ray tasks over groups of chunks and buckets of images (scatter, dedup, write,
+             merge, failures), each with a marker; then manifest.json, written last.
+The driver holds counts, file names and one small summary per group and bucket, never a row per candidate.
 The same code runs on the embedded local Ray and on a cluster (`ray_address`); OUT must then be on storage every
-node sees under the same path.
+node sees under the same path. A task lost with its node is run again by Ray (`TASK_RETRIES`); every task is
+idempotent (outputs renamed into place, markers last), so a retried or resumed task writes the same bytes.
 """
 
 from __future__ import annotations
@@ -27,27 +28,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import schema
-from pmd.images import ImageOptions
-from pmd.eval_screen import EvalScreenOptions
-from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
-from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, FileEntry, accounting_problems,
-                        describe_file, file_sha256, remove_temp_files, shard_name, sum_counts, write_json_atomic,
-                        write_parquet_atomic)
+from pmd import final, schema, urls
+from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.download import DownloadOptions
-from pipelines.images_stage import (DETAIL, REASON, SHUFFLE_HASH, STAGE, TEXT_HASH, ChunkTask,
-                                    chunk_name, read_chunk, run_chunk)
+from pmd.eval_screen import EvalScreenOptions
+from pmd.images import ImageOptions
+from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
+from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, accounting_problems, file_sha256,
+                        remove_temp_files, shard_name, write_json_atomic)
 from pipelines.ray_runtime import ray_session
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "work"
 BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
+# Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
+# running tasks, not the build.
+TASK_RETRIES = 5
 
 
 class BuildError(RuntimeError):
@@ -97,6 +98,7 @@ class BuildConfig:
     ray_address: str | None = None
     num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
+    retry_failures: bool = False  # download again the rows whose last failure is transient (pmd.build.is_transient)
     progress: bool = True
     decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
 
@@ -122,12 +124,13 @@ class BuildConfig:
                          "options": dict(s.options)} for s in self.sources],
             "shard_rows": self.shard_rows, "row_group_rows": self.row_group_rows, "chunk_rows": self.chunk_rows,
             "seed": self.seed, "image": dataclasses.asdict(self.image), "download": dataclasses.asdict(self.download),
-            "executor": self.executor, "task_cpus": self.task_cpus, "decontaminate": self.decontaminate.to_dict(),
+            "executor": self.executor, "task_cpus": self.task_cpus, "retry_failures": self.retry_failures,
+            "decontaminate": self.decontaminate.to_dict(),
         }
 
 
 _TOP_KEYS = {"sources", "out", "shard_rows", "row_group_rows", "chunk_rows", "seed", "image", "download",
-             "executor", "ray_address", "num_cpus", "task_cpus", "decontaminate"}
+             "executor", "ray_address", "num_cpus", "task_cpus", "retry_failures", "decontaminate"}
 _SOURCE_KEYS = {"name", "inputs", "images", "options"}
 
 
@@ -222,6 +225,7 @@ def _fingerprint(config: BuildConfig) -> dict:
     """What the work files depend on. A rerun with a different one must not reuse them."""
     return {
         "schema_version": schema.SCHEMA_VERSION,
+        "work_format": final.WORK_FORMAT,
         "sources": [{"name": s.name, "inputs": input_fingerprint(s.inputs), "options": s.options,
                      "images": input_fingerprint(s.images)} for s in config.sources],
         "chunk_rows": config.chunk_rows, "shard_rows": config.shard_rows, "row_group_rows": config.row_group_rows,
@@ -266,10 +270,43 @@ def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
+def _chunk_done(task: ChunkTask) -> dict | None:
+    """The summary of a chunk already written: a task re-run by Ray after its node died, having finished there."""
+    if not task.path.exists():
+        return None
+    reasons = Counter(r for r in read_chunk(task.path, [schema.REASON]).column(schema.REASON).to_pylist() if r)
+    rows = read_chunk(task.path, [schema.KEY]).num_rows
+    return {"source": task.source, "index": task.index, "rows": rows, "ok": rows - sum(reasons.values()),
+            "failures_by_reason": dict(reasons)}
+
+
 def _run_chunk_with_state(task: ChunkTask, archive_state: object, screens: tuple = (None, None)) -> dict:
+    done = _chunk_done(task)
+    if done is not None:
+        return done
     task.archive_state = archive_state
     task.eval_ids, task.eval_index = screens  # shipped once per build (executor.put), not once per task
     return run_chunk(task)
+
+
+def _run_url_chunk(task: ChunkTask, candidates: str, screens: tuple = (None, None)) -> dict:
+    """A URL chunk: its rows as regrouped by pmd.urls (own rows whose URL it fetches first, and later rows of any
+    source naming those URLs); the input file goes once the chunk's result is durable."""
+    result = _chunk_done(task)
+    if result is None:
+        task.candidates = read_chunk(Path(candidates))
+        task.eval_ids, task.eval_index = screens
+        result = run_chunk(task)
+    Path(candidates).unlink(missing_ok=True)
+    return result
+
+
+def _retry_group_with_state(out: str, source: str, group: int, attempt: int, task: ChunkTask,
+                            layout: final.Layout, source_names: list[str], archive_state: object,
+                            screens: tuple = (None, None)) -> dict:
+    task.archive_state = archive_state
+    task.eval_ids, task.eval_index = screens
+    return final.retry_group(out, source, group, attempt, task, layout, source_names)
 
 
 class _Executor:
@@ -295,15 +332,18 @@ class _Executor:
 
         return ray.put(value)
 
-    def submit(self, fn: Callable, *args: object, on_done: Callable[[Any], None]) -> None:
+    def submit(self, fn: Callable, *args: object, on_done: Callable[[Any], None] = lambda _: None,
+               limit: int | None = None) -> None:
+        """Run fn(*args); `limit` caps the tasks in flight below the executor's own cap (disk-bound passes)."""
         if self.local:
             on_done(fn(*args))
             return
         import ray
 
         if fn not in self._remote:
-            self._remote[fn] = ray.remote(num_cpus=self.task_cpus, max_retries=2)(fn)
-        while len(self.in_flight) >= self.max_in_flight:
+            self._remote[fn] = ray.remote(num_cpus=self.task_cpus, max_retries=TASK_RETRIES)(fn)
+        cap = min(self.max_in_flight, limit) if limit else self.max_in_flight
+        while len(self.in_flight) >= max(1, cap):
             self._wait_one()
         self.in_flight[self._remote[fn].remote(*args)] = on_done
 
@@ -344,158 +384,236 @@ def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
                                    progress=config.progress))
 
 
-def _images(config: BuildConfig, spec: SourceSpec, ingest_summary: dict, executor: _Executor,
-            screens: object = (None, None)) -> None:
-    """Submit every chunk of the source whose result file is absent."""
+@dataclass
+class _Plan:
+    """What the driver knows about the build: a few integers per source, group and bucket."""
+
+    config: BuildConfig
+    summaries: dict[str, dict]
+    layout: final.Layout
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.config.sources]
+
+    def n_chunks(self, spec: SourceSpec) -> int:
+        return -(-self.summaries[spec.name]["counts"]["pairs"] // self.config.chunk_rows)
+
+    def groups(self, spec: SourceSpec) -> list[range]:
+        return final.group_ranges(self.layout, self.n_chunks(spec))
+
+    def chunk_path(self, spec: SourceSpec, index: int) -> Path:
+        return self.config.out / WORK_DIR / "images" / spec.name / chunk_name(index)
+
+    @property
+    def paths(self) -> final.FinalPaths:
+        return final.FinalPaths(self.config.out)
+
+    @property
+    def in_flight_groups(self) -> int:
+        n = sum(len(self.groups(s)) for s in self.config.sources)
+        return max(1, int(final.IN_FLIGHT_SHARE * n))
+
+    @property
+    def in_flight_buckets(self) -> int:
+        return max(1, int(final.IN_FLIGHT_SHARE * self.layout.n_buckets))
+
+
+def _archive_state(spec: SourceSpec, executor: _Executor) -> object:
+    if spec.mode != "archive":
+        return None
+    from pmd.archives import ArchiveIndex
+
+    return executor.put(ArchiveIndex.build(spec.images).to_state())
+
+
+def _url_pass(plan: _Plan, executor: _Executor) -> dict[str, dict[str, int]]:
+    """pmd.urls' three passes over the URL sources; returns {source: {urls, unique_urls}}."""
+    config = plan.config
+    specs = [(i, s) for i, s in enumerate(config.sources) if s.mode == "url"]
+    if not specs:
+        return {}
+    out = str(config.out)
+    n_buckets = urls.n_url_buckets(sum(plan.summaries[s.name]["counts"]["pairs"] for _, s in specs))
+    paths = urls.UrlPaths(config.out)
+    if not all(paths.owners_marker(u).exists() for u in range(n_buckets)):
+        for s_index, spec in specs:
+            pairs = plan.summaries[spec.name]["counts"]["pairs"]
+            cand_dir = str(config.out / WORK_DIR / "ingest" / spec.name / CANDIDATES_DIR)
+            for g, chunks in enumerate(plan.groups(spec)):
+                if not paths.chunks_marker(s_index, g).exists():
+                    executor.submit(urls.split_group, out, cand_dir, s_index, g, chunks.start * config.chunk_rows,
+                                    min(chunks.stop * config.chunk_rows, pairs), n_buckets)
+        executor.drain()
+    counts: dict[str, Counter] = {s.name: Counter() for _, s in specs}
+
+    def add(summary: dict) -> None:
+        for name, c in summary["downloads"].items():
+            counts[name].update(c)
+
+    for u in range(n_buckets):
+        executor.submit(urls.owners_bucket, out, u, config.chunk_rows, plan.layout.chunks_per_group, plan.names,
+                        on_done=add)
+    executor.drain()
+    for s_index, spec in specs:
+        for g, chunks in enumerate(plan.groups(spec)):
+            if not plan.paths.group_marker(spec.name, g).exists():
+                executor.submit(urls.chunks_group, out, spec.name, s_index, g, list(chunks))
+    executor.drain()
+    return {name: dict(c) for name, c in counts.items()}
+
+
+def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, screens: object = (None, None)
+            ) -> None:
+    """Submit every chunk of the source not yet done (its file exists, or its group was already scattered)."""
+    config = plan.config
     source_dir = config.out / WORK_DIR / "ingest" / spec.name
-    chunk_dir = config.out / WORK_DIR / "images" / spec.name
-    total = ingest_summary["counts"]["pairs"]
-    n_chunks = -(-total // config.chunk_rows)
-    done = {i for i in range(n_chunks) if (chunk_dir / chunk_name(i)).exists()}
+    total = plan.summaries[spec.name]["counts"]["pairs"]
+    n_chunks = plan.n_chunks(spec)
+    scattered = {i for g, chunks in enumerate(plan.groups(spec))
+                 if plan.paths.group_marker(spec.name, g).exists() for i in chunks}
+    done = {i for i in range(n_chunks) if i in scattered or plan.chunk_path(spec, i).exists()}
     bar = tqdm(total=total, desc=f"images {spec.name}", unit=" pairs", unit_scale=True,
                disable=not config.progress)
     bar.update(min(total, len(done) * config.chunk_rows))
     if len(done) == n_chunks:
         bar.close()
         return
-    archive_state = None
-    if spec.mode == "archive":
-        from pmd.archives import ArchiveIndex
 
-        archive_state = executor.put(ArchiveIndex.build(spec.images).to_state())
-    options = config.image
+    def task(index: int, table: pa.Table) -> ChunkTask:
+        return ChunkTask(source=spec.name, index=index, candidates=table, path=plan.chunk_path(spec, index),
+                         image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
+                         source_index=s_index, first_candidate=index * config.chunk_rows)
+
     try:
-        for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
-            if index in done:
-                continue
-            task = ChunkTask(source=spec.name, index=index, candidates=table, path=chunk_dir / chunk_name(index),
-                             image_options=options, seed=config.seed, mode=spec.mode, download=config.download)
-            executor.submit(_run_chunk_with_state, task, archive_state, screens,
-                            on_done=lambda r: bar.update(r["rows"]))
+        if spec.mode == "url":
+            url_paths = urls.UrlPaths(config.out)
+            for index in range(n_chunks):
+                if index not in done:
+                    executor.submit(_run_url_chunk, task(index, pa.table({})), str(url_paths.chunk(spec.name, index)),
+                                    screens, on_done=lambda r: bar.update(r["rows"]))
+        else:
+            archive_state = _archive_state(spec, executor)
+            for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
+                if index not in done:
+                    executor.submit(_run_chunk_with_state, task(index, table), archive_state, screens,
+                                    on_done=lambda r: bar.update(r["rows"]))
         executor.drain()
     finally:
         bar.close()
 
 
-_PLAN_COLUMNS = [schema.KEY, schema.SOURCE, schema.IMAGE_URL, schema.IMAGE_REF, schema.IMAGE_SHA256, STAGE, REASON,
-                 DETAIL, SHUFFLE_HASH, TEXT_HASH]
+def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
+    """Pass A over every group; returns the group markers (a few numbers each)."""
+    markers: list[dict] = []
+    for s_index, spec in enumerate(plan.config.sources):
+        for g, chunks in enumerate(plan.groups(spec)):
+            marker = plan.paths.group_marker(spec.name, g)
+            paths = [str(plan.chunk_path(spec, i)) for i in chunks]
+            if not marker.exists():
+                missing = [p for p in paths if not Path(p).exists()]
+                if missing:
+                    raise BuildError(f"{missing[0]}: chunk missing after the image stage")
+            executor.submit(final.scatter_group, str(plan.config.out), spec.name, s_index, g, paths, plan.layout,
+                            plan.names, on_done=markers.append, limit=plan.in_flight_groups)
+    executor.drain()
+    return markers
 
 
-def _read_plan_inputs(config: BuildConfig, summaries: Mapping[str, dict]) -> pl.DataFrame:
-    """Metadata of every candidate after the image stage (never the image bytes), in (source, chunk, row) order."""
-    frames = []
-    for s_index, spec in enumerate(config.sources):
-        chunk_dir = config.out / WORK_DIR / "images" / spec.name
-        total = summaries[spec.name]["counts"]["pairs"]
-        n_chunks = -(-total // config.chunk_rows)
-        rows = 0
-        for c in range(n_chunks):
-            path = chunk_dir / chunk_name(c)
-            if not path.exists():
-                raise BuildError(f"{path}: chunk missing after the image stage")
-            table = read_chunk(path, _PLAN_COLUMNS)
-            rows += table.num_rows
-            frames.append(pl.from_arrow(table).with_columns(
-                pl.lit(s_index, pl.Int32).alias("source_index"), pl.lit(c, pl.Int32).alias("chunk"),
-                pl.int_range(0, pl.len(), dtype=pl.Int32).alias("row")))
-        if rows != total:
-            raise BuildError(f"{spec.name}: chunks hold {rows} rows, ingest produced {total}")
-    if not frames:
-        return pl.DataFrame(schema={c: pl.Utf8 for c in _PLAN_COLUMNS})
-    return pl.concat(frames, how="vertical_relaxed")
+def _dedup(plan: _Plan, executor: _Executor) -> list[dict]:
+    summaries: list[dict] = []
+    for b in range(plan.layout.n_buckets):
+        executor.submit(final.dedup_bucket, str(plan.config.out), b, plan.names, on_done=summaries.append)
+    executor.drain()
+    return sorted(summaries, key=lambda s: s["bucket"])
 
 
-def plan(meta: pl.DataFrame, shard_rows: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(kept rows with their shard and position, failure rows incl. duplicates). Pure: same input, same output.
-
-    Dedup: among rows with an image, the first of each (image_sha256, text) group in (source order, candidate
-    order) is kept; the others are `duplicate` failures naming the kept key. Identical images with different
-    captions are all kept.
-    """
-    ok = meta.filter(pl.col(REASON).is_null()).sort(["source_index", "chunk", "row"])
-    ok = ok.with_columns(pl.col(schema.KEY).first().over([schema.IMAGE_SHA256, TEXT_HASH]).alias("kept_key"))
-    duplicates = ok.filter(pl.col("kept_key") != pl.col(schema.KEY)).with_columns(
-        pl.lit("dedup").alias(STAGE), pl.lit("duplicate").alias(REASON),
-        (pl.lit("same image and text as ") + pl.col("kept_key")).alias(DETAIL))
-    kept = ok.filter(pl.col("kept_key") == pl.col(schema.KEY)).sort([SHUFFLE_HASH, schema.KEY])
-    kept = kept.with_columns(pl.int_range(0, pl.len(), dtype=pl.Int64).alias("position"))
-    kept = kept.with_columns((pl.col("position") // shard_rows).alias("shard"),
-                             (pl.col("position") % shard_rows).alias("shard_row"))
-    failures = pl.concat([meta.filter(pl.col(REASON).is_not_null()), duplicates.drop("kept_key")],
-                         how="vertical_relaxed").sort(["source_index", "chunk", "row"])
-    return kept, failures
+def _offsets(buckets: list[dict]) -> list[int]:
+    offsets, position = [], 0
+    for b in buckets:
+        offsets.append(position)
+        position += b["kept"]
+    return offsets
 
 
-def write_shard(out: str, index: int, pieces: list[tuple[str, list[int], list[int]]], row_group_rows: int) -> dict:
-    """Gather a shard's rows from memory-mapped chunk files and write it atomically.
-
-    `pieces`: (chunk file, rows in it, their positions in the shard). Each chunk file is opened once and only the
-    pages of the rows taken are read; the rows are then put in placement order.
-    """
-    started = time.perf_counter()
-    tables, positions = [], []
-    for chunk_path, rows, where in pieces:
-        tables.append(read_chunk(Path(chunk_path)).take(pa.array(rows, pa.int64())).select(schema.SHARD_COLUMNS))
-        positions.extend(where)
-    if tables:
-        table = pa.concat_tables(tables)
-        order = sorted(range(len(positions)), key=positions.__getitem__)
-        table = table.take(pa.array(order, pa.int64())).combine_chunks()
-    else:
-        table = schema.SHARD_SCHEMA.empty_table()
-    table = table.cast(schema.SHARD_SCHEMA)
-    rel = shard_name(index)
-    write_parquet_atomic(table, Path(out) / rel, row_group_rows)
-    entry = describe_file(Path(out), rel)
-    return {**entry.to_dict(), "seconds": time.perf_counter() - started}
+def _write(plan: _Plan, executor: _Executor, buckets: list[dict]) -> int:
+    """Passes B2 and merge: every shard on disk; returns the number of shards."""
+    out = str(plan.config.out)
+    offsets = _offsets(buckets)
+    total = sum(b["kept"] for b in buckets)
+    n_shards = -(-total // plan.layout.shard_rows)
+    bar = tqdm(total=n_shards, desc="shards", unit=" shards", disable=not plan.config.progress)
+    try:
+        for b, offset in zip(range(plan.layout.n_buckets), offsets):
+            executor.submit(final.write_bucket, out, b, offset, total, plan.layout,
+                            on_done=lambda r: bar.update(len(r["shards"])), limit=plan.in_flight_buckets)
+        executor.drain()
+        for shard in range(n_shards):
+            if not (plan.paths.entry(shard).exists() and (plan.config.out / shard_name(shard)).exists()):
+                executor.submit(final.merge_shard, out, shard, plan.layout.row_group_rows,
+                                on_done=lambda _: bar.update(1))
+        executor.drain()
+    finally:
+        bar.close()
+    return n_shards
 
 
-def _shard_pieces(kept: pl.DataFrame, config: BuildConfig) -> dict[int, list[tuple[str, list[int], list[int]]]]:
-    """shard -> [(chunk file, rows, positions in the shard)], one entry per chunk file the shard draws from."""
-    names = [s.name for s in config.sources]
-    grouped = (kept.group_by("shard", "source_index", "chunk", maintain_order=True)
-               .agg(pl.col("row"), pl.col("shard_row")).sort("shard", "source_index", "chunk"))
-    result: dict[int, list[tuple[str, list[int], list[int]]]] = {}
-    for shard, s_index, chunk, rows, where in grouped.iter_rows():
-        path = str(config.out / WORK_DIR / "images" / names[s_index] / chunk_name(chunk))
-        result.setdefault(shard, []).append((path, rows, where))
-    return result
+def _unbuild(plan: _Plan, executor: _Executor) -> None:
+    """Take a finished final phase back to bucket pieces (before a retry). Resumable: unbuild.json marks it."""
+    paths = plan.paths
+    state = paths.unbuild_state
+    if not state.exists():
+        buckets = _dedup(plan, executor)
+        _write(plan, executor, buckets)  # finish what a killed run left, so every row is in a shard
+        offsets = _offsets(buckets)
+        write_json_atomic({"phase": "shards", "buckets": [[b["bucket"], o, b["kept"]]
+                                                          for b, o in zip(buckets, offsets)]}, state)
+    info = json.loads(state.read_text())
+    spans = info["buckets"]
+    if info["phase"] == "shards":
+        rows = plan.layout.shard_rows
+        total = sum(k for _, _, k in spans)
+        for shard in range(-(-total // rows)):
+            lo, hi = shard * rows, min((shard + 1) * rows, total)
+            mine = [(b, o, k) for b, o, k in spans if k and o < hi and o + k > lo]
+            executor.submit(final.unbuild_shard, str(plan.config.out), shard, plan.layout, plan.config.seed, mine,
+                            limit=plan.in_flight_buckets)
+        executor.drain()
+        write_json_atomic({**info, "phase": "buckets"}, state)
+    for b in range(plan.layout.n_buckets):
+        executor.submit(final.reopen_bucket, str(plan.config.out), b)
+    executor.drain()
+    state.unlink()
 
 
-def _write_failures(config: BuildConfig, failures: pl.DataFrame) -> list[FileEntry]:
-    entries = []
+def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: object) -> list[dict]:
+    """One retry round over every scattered group; returns the updated markers."""
+    config = plan.config
+    if _final_written(plan) or plan.paths.unbuild_state.exists():
+        _unbuild(plan, executor)
+    updated: list[dict] = []
+    states = {}
     for spec in config.sources:
-        rel = f"{FAILURES_DIR}/{spec.name}.parquet"
-        rows = failures.filter(pl.col(schema.SOURCE) == spec.name).select(schema.FAILURE_SCHEMA.names)
-        table = rows.to_arrow().cast(schema.FAILURE_SCHEMA) if rows.height else schema.FAILURE_SCHEMA.empty_table()
-        write_parquet_atomic(table, config.out / rel, row_group_rows=100_000)
-        entries.append(describe_file(config.out, rel))
-    return entries
+        states[spec.name] = _archive_state(spec, executor)
+    for m in markers:
+        spec = config.sources[m["source_index"]]
+        task = ChunkTask(source=spec.name, index=m["group"], candidates=pa.table({}), path=Path(),
+                         image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
+                         source_index=m["source_index"])
+        executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], m["attempts"] + 1, task,
+                        plan.layout, plan.names, states[spec.name], screens, on_done=updated.append)
+    executor.drain()
+    return updated
 
 
-def _accounting(config: BuildConfig, summaries: Mapping[str, dict], kept: pl.DataFrame,
-                failures: pl.DataFrame) -> tuple[dict, dict]:
-    accounting = {}
-    for spec in config.sources:
-        counts = summaries[spec.name]["counts"]
-        mine = kept.filter(pl.col(schema.SOURCE) == spec.name)
-        fails = failures.filter(pl.col(schema.SOURCE) == spec.name)
-        accounting[spec.name] = {
-            "input_rows": counts["pairs"] + counts["rejects"],
-            "pairs": mine.height,
-            "rejects": counts["rejects"],
-            "failures": fails.height,
-            "rejects_by_reason": dict(sorted(counts["rejects_by_reason"].items())),
-            "failures_by_reason": dict(sorted(Counter(fails.get_column(REASON).to_list()).items())),
-            "unique_images": mine.get_column(schema.IMAGE_SHA256).n_unique() if mine.height else 0,
-        }
-    totals = {k: sum(a[k] for a in accounting.values()) for k in ("input_rows", "pairs", "rejects", "failures")}
-    totals["unique_images"] = kept.get_column(schema.IMAGE_SHA256).n_unique() if kept.height else 0
-    totals["failures_by_reason"] = sum_counts(a["failures_by_reason"] for a in accounting.values())
-    return accounting, totals
+def _final_written(plan: _Plan) -> bool:
+    """Whether pass B2 has begun (a retry must then take the shards back to pieces first)."""
+    written = plan.paths.root / "written"
+    shards = plan.config.out / SHARDS_DIR
+    return (written.exists() and any(written.glob("*.json"))) or (shards.exists() and any(shards.glob("*.parquet")))
 
 
-def _source_entry(spec: SourceSpec, summary: dict) -> dict:
+def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
     return {
         "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
                    for p in spec.inputs],
@@ -503,6 +621,7 @@ def _source_entry(spec: SourceSpec, summary: dict) -> dict:
         "archives": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in spec.images],
         "options": dict(spec.options),
         "ingest": summary["counts"],
+        "downloads": downloads,
     }
 
 
@@ -548,69 +667,79 @@ def run_build(config: BuildConfig) -> dict:
 
 
 def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict) -> dict:
-    t = time.perf_counter()
+    chunks = [-(-summaries[s.name]["counts"]["pairs"] // config.chunk_rows) for s in config.sources]
+    candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
+    plan = _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+
     screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
-    for spec in config.sources:
-        _images(config, spec, summaries[spec.name], executor, screens)
+    t = time.perf_counter()
+    url_counts = _url_pass(plan, executor)
+    timings["urls_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for s_index, spec in enumerate(config.sources):
+        _images(plan, s_index, spec, executor, screens)
     timings["images_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    meta = _read_plan_inputs(config, summaries)
-    kept, failures = plan(meta, config.shard_rows)
-    timings["plan_s"] = time.perf_counter() - t
+    markers = _scatter(plan, executor)
+    timings["scatter_s"] = time.perf_counter() - t
+    if config.retry_failures:
+        t = time.perf_counter()
+        markers = _retry(plan, executor, markers, screens)
+        timings["retry_s"] = time.perf_counter() - t
+    rows_by_source: Counter = Counter()
+    for m in markers:
+        rows_by_source.update(m["rows_by_source"])
+    for spec in config.sources:
+        if rows_by_source[spec.name] != summaries[spec.name]["counts"]["pairs"]:
+            raise BuildError(f"{spec.name}: chunks held {rows_by_source[spec.name]} rows, ingest produced "
+                             f"{summaries[spec.name]['counts']['pairs']}")
 
-    accounting, totals = _accounting(config, summaries, kept, failures)
+    t = time.perf_counter()
+    buckets = _dedup(plan, executor)
+    timings["plan_s"] = time.perf_counter() - t
+    accounting, totals, downloads = final.accounting(plan.names, {n: s["counts"] for n, s in summaries.items()},
+                                                     markers, buckets, url_counts)
     problems = accounting_problems(accounting)
     if problems:
         raise BuildError("accounting does not add up: " + "; ".join(problems))
 
     t = time.perf_counter()
-    pieces = _shard_pieces(kept, config)
-    n_shards = -(-kept.height // config.shard_rows)
-    entries: dict[int, dict] = {}
-    written_rows = written_bytes = 0
-    bar = tqdm(total=n_shards, desc="shards", unit=" shards", disable=not config.progress)
-
-    def done(entry: dict) -> None:
-        nonlocal written_rows, written_bytes
-        entries[int(entry["file"].split("-")[-1].split(".")[0])] = entry
-        written_rows += entry["rows"]
-        written_bytes += entry["bytes"]
-        bar.update(1)
-
-    try:
-        for i in range(n_shards):
-            rel = shard_name(i)
-            if (config.out / rel).exists():
-                entries[i] = describe_file(config.out, rel).to_dict()
-                bar.update(1)
-                continue
-            executor.submit(write_shard, str(config.out), i, pieces[i], config.row_group_rows, on_done=done)
-        executor.drain()
-    finally:
-        bar.close()
+    n_shards = _write(plan, executor, buckets)
     shard_s = time.perf_counter() - t
     timings["shards_s"] = shard_s
-    failure_entries = _write_failures(config, failures)
-    planned = dict(kept.group_by("shard").len().iter_rows())
-    for i, entry in entries.items():
-        entry.pop("seconds", None)
-        expected = planned.get(i, 0)
+    failure_entries: dict[str, dict] = {}
+    by_source: dict[str, list[dict]] = {}
+    for m in sorted(markers, key=lambda m: (m["source_index"], m["group"])):
+        by_source.setdefault(m["source"], []).append(m)
+    files = [str(plan.paths.failed(spec.name, m["group"], 0).with_name(m["failed_file"]))
+             for spec in config.sources for m in by_source.get(spec.name, [])]
+    for s_index, spec in enumerate(config.sources):
+        executor.submit(final.write_failures, str(config.out), spec.name, s_index, files, plan.layout.n_buckets,
+                        on_done=lambda e, name=spec.name: failure_entries.__setitem__(name, e))
+    executor.drain()
+
+    entries = [json.loads(plan.paths.entry(i).read_text()) for i in range(n_shards)]
+    written_rows = sum(e["rows"] for e in entries)
+    written_bytes = sum(e["bytes"] for e in entries)
+    for i, entry in enumerate(entries):
+        expected = min(config.shard_rows, totals["pairs"] - i * config.shard_rows)
         if entry["rows"] != expected:
             raise BuildError(f"{entry['file']}: {entry['rows']} rows on disk, the plan places {expected}; it comes "
                              "from another build: delete it and rerun")
-
     return {
         "format": MANIFEST_FORMAT,
         "schema_version": schema.SCHEMA_VERSION,
         "code_version": code_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config.to_dict(),
-        "sources": {spec.name: _source_entry(spec, summaries[spec.name]) for spec in config.sources},
-        "shards": [entries[i] for i in range(n_shards)],
-        "failures": [e.to_dict() for e in failure_entries],
+        "sources": {spec.name: _source_entry(spec, summaries[spec.name], downloads[spec.name])
+                    for spec in config.sources},
+        "shards": entries,
+        "failures": [failure_entries[spec.name] for spec in config.sources],
         "accounting": accounting,
         "totals": totals,
+        "layout": plan.layout.to_dict(),
         "timings": {**{k: round(v, 3) for k, v in timings.items()},
                     "shard_rows_per_s": round(written_rows / shard_s, 1) if written_rows and shard_s else None,
                     "shard_mb_per_s": round(written_bytes / 1e6 / shard_s, 2) if written_bytes and shard_s else None},

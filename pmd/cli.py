@@ -127,7 +127,8 @@ def _build_config(args: argparse.Namespace):
 
     top = {"shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "seed": args.seed,
            "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
-           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows}
+           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows,
+           "retry_failures": args.retry_failures}
     if args.config:
         if args.source or args.inputs or args.images or args.option:
             raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="URL image downloader (default http: keep-alive pools, polite per host)")
     p.add_argument("--max-per-host", type=int, default=None,
                    help="http backend: connections per host and process (default 16)")
+    p.add_argument("--retry-failures", action="store_true", default=None,
+                   help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
     p.add_argument("--executor", choices=("ray", "local"), default=None, help="ray (default) or in-process")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")

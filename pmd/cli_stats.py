@@ -72,6 +72,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
         if failures:
             console.print("failures: " + ", ".join(f"{k} {v:,}" for k, v in failures))
+        console.print(_table("Commercial use (pairs, by licence)", report.COMMERCIAL_HEADER,
+                             report.commercial_rows(result)))
+        console.print(_table("Pairs per licence", report.LICENCE_HEADER, report.licence_rows(result)))
         for source, sets in result.get("eval_overlap", {}).items():
             console.print(f"evaluation images kept out of {source}: "
                           + ", ".join(f"{name} {n:,}" for name, n in sets.items()))

@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 _READ_SIZE = 64 * 1024
 _MAX_REDIRECTS = 10  # urllib's HTTPRedirectHandler.max_redirections, what img2dataset gets
 _ERROR_BODY_DRAIN = 64 * 1024  # an error body up to this size is read so the connection can be reused
-# Statuses worth another attempt (later, and for 429/503 after the host's backoff).
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Statuses worth another attempt within the chunk (later; for 429/503 after the host's backoff). A build-level
+# `--retry-failures` goes by pmd.build.TRANSIENT_REASONS, which also retries `download_error`.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 BACKOFF_STATUSES = frozenset({429, 503})
 TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "truncated_body"})
 

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files, never a window: this runs on headless build machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pmd.catalog import load_catalog  # noqa: E402
+from pmd.catalog import COMMERCIAL, load_catalog  # noqa: E402
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -43,6 +43,8 @@ def table2_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+LICENCE_HEADER = ["licence", "pairs", "share"]
+COMMERCIAL_HEADER = ["source", *(f"commercial use {k}" for k in COMMERCIAL)]
 TABLE2_HEADER = ["source", "paper pairs", "our pairs", "ratio", "paper words", "our words", "ratio"]
 SOURCE_HEADER = ["source", "pairs", "unique images", "mean words", "median words", "image success",
                  "download success", "rejects", "failures", "accounting"]
@@ -139,6 +141,38 @@ def plot_composition(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def licence_rows(result: dict) -> list[list[str]]:
+    """Pairs per licence, most first, with the share of the corpus."""
+    total = result["total"]["pairs"] or 1
+    return [[name, _fmt(n), _pct(n / total)]
+            for name, n in sorted(result["total"].get("licences", {}).items(), key=lambda kv: -kv[1])]
+
+
+def commercial_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, s in [*result["sources"].items(), ("total", result["total"])]:
+        use = s.get("commercial_use", {})
+        rows.append([name, *(_fmt(use.get(k, 0)) for k in COMMERCIAL)])
+    return rows
+
+
+def plot_commercial_use(result: dict, path: Path) -> Path:
+    """Pairs per source whose licence allows commercial use, does not, or is unknown (stacked)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(result["sources"])
+    left = [0] * len(names)
+    colours = {"allowed": "tab:green", "not": "tab:red", "unknown": "tab:gray"}
+    for use in COMMERCIAL:
+        values = [result["sources"][n].get("commercial_use", {}).get(use, 0) for n in names]
+        ax.barh(names, values, left=left, color=colours[use], label=use)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("pairs")
+    ax.set_title("Commercial use allowed by the pairs' licences")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -167,6 +201,7 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
         "image_sizes": plot_image_sizes(result, out_dir / "image_sizes.png"),
         "success_rate": plot_success(result, out_dir / "success_rate.png"),
         "composition": plot_composition(result, out_dir / "composition.png"),
+        "commercial_use": plot_commercial_use(result, out_dir / "commercial_use.png"),
     }
     failures = sorted(result["total"]["failures_by_reason"].items(), key=lambda kv: -kv[1])
     rejects = sorted(((result["total"]["accounting"] or {}).get("rejects_by_reason") or {}).items(),
@@ -178,6 +213,8 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
         ("Failures by reason", ["reason", "count"], [[k, _fmt(v)] for k, v in failures]),
         ("Rejects by reason", ["reason", "count"], [[k, _fmt(v)] for k, v in rejects]),
         ("Duplicates", ["figure", "count"], [[k.replace("_", " "), _fmt(v)] for k, v in dup.items()]),
+        ("Pairs per licence", LICENCE_HEADER, licence_rows(result)),
+        ("Commercial use", COMMERCIAL_HEADER, commercial_rows(result)),
     ]
     if downloads_saved_rows(result):
         sections.append(("Downloads saved by URL dedup", ["source", "downloads saved"], downloads_saved_rows(result)))

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pmd import schema
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 from pmd.decontaminate import eval_overlap_counts
+from pmd.licences import COMMERCIAL_USE, LICENCE, with_licences
 from pmd.spill import HashPartitions, partitions_for
 from pmd.text import word_count_series
 
@@ -42,7 +43,7 @@ WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
 SIDE_BINS = (0, 128, 256, 512, 1024, 2048)  # shorter side of the original image, pixels
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 IMAGE_STAGES = ("read", "download", "decode", "check")
-_STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.LANG, schema.LANG_SCORE,
+_STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.META, schema.LANG, schema.LANG_SCORE,
                  schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
 
 
@@ -324,6 +325,10 @@ class _ShardFigures:
                                                             {schema.SOURCE: pl.String, schema.SPLIT: pl.String}))
     langs: _Merged = field(default_factory=lambda: _Merged([schema.SOURCE, schema.LANG],
                                                            {schema.SOURCE: pl.String, schema.LANG: pl.String}))
+    licences: _Merged = field(default_factory=lambda: _Merged([schema.SOURCE, LICENCE],
+                                                              {schema.SOURCE: pl.String, LICENCE: pl.String}))
+    commercial: _Merged = field(default_factory=lambda: _Merged(
+        [schema.SOURCE, COMMERCIAL_USE], {schema.SOURCE: pl.String, COMMERCIAL_USE: pl.String}))
     score_buckets: _Merged = field(default_factory=lambda: _Merged(
         [schema.SOURCE, "bucket"], {schema.SOURCE: pl.String, "bucket": pl.UInt32}))
     scores: dict[str, _ScoreSums] = field(default_factory=dict)
@@ -375,6 +380,9 @@ def _scan_shards(files: BuildFiles, spill: Path) -> _ShardFigures:
                 (code * (1 << _VALUE_BITS) + (values.cast(pl.Int64) + _VALUE_OFFSET).cast(pl.UInt64)).alias("code")))
         figures.splits.add(frame.group_by(schema.SOURCE, schema.SPLIT).len(_COUNT))
         figures.langs.add(frame.drop_nulls(schema.LANG).group_by(schema.SOURCE, schema.LANG).len(_COUNT))
+        tagged = with_licences(frame.select(schema.SOURCE, schema.META))
+        figures.licences.add(tagged.group_by(schema.SOURCE, LICENCE).len(_COUNT))
+        figures.commercial.add(tagged.group_by(schema.SOURCE, COMMERCIAL_USE).len(_COUNT))
         _add_scores(figures, frame.select(schema.SOURCE, schema.LANG_SCORE).drop_nulls(schema.LANG_SCORE))
         images.write(pl.DataFrame([frame[schema.IMAGE_SHA256], code]))
         keys.write(frame.select(schema.KEY))
@@ -567,6 +575,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
         return {k: int(v) for k, v in table.group_by(column).agg(pl.col(_COUNT).sum()).iter_rows()}
 
     split_counts, lang_counts = figures.splits.result(), figures.langs.result()
+    licence_counts, commercial_counts = figures.licences.result(), figures.commercial.result()
     failures = _failure_counts(files.failures, problems)
     accounting = (files.manifest or {}).get("accounting", {})
     catalog = {e.name: e for e in load_catalog()}
@@ -592,6 +601,8 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
                             if stats["words"]["mean"] is not None else None),
             "apportioned": entry.table2_apportioned,
         }
+        stats["licences"] = dict(sorted(counts(licence_counts, LICENCE, name).items()))
+        stats["commercial_use"] = dict(sorted(counts(commercial_counts, COMMERCIAL_USE, name).items()))
         saved = _downloads_saved(files.manifest, name)
         if saved is not None:  # builds from before URL dedup do not record it: nothing is reported
             stats["downloads_saved_by_url_dedup"] = saved
@@ -609,6 +620,8 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
                        "pairs_ratio": total["pairs"] / PAPER_TOTAL_PAIRS,
                        "words_ratio": total["words"]["mean"] / PAPER_AVG_WORDS if total["pairs"] else None,
                        "apportioned": False}
+    total["licences"] = dict(sorted(counts(licence_counts, LICENCE, None).items()))
+    total["commercial_use"] = dict(sorted(counts(commercial_counts, COMMERCIAL_USE, None).items()))
     saved = [s["downloads_saved_by_url_dedup"] for s in sources.values() if "downloads_saved_by_url_dedup" in s]
     if saved:
         total["downloads_saved_by_url_dedup"] = sum(saved)

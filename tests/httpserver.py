@@ -11,6 +11,7 @@ Routes (all GET):
   /tiny.jpg             a 1x1 JPEG
   /redirect/301/N.jpg   301 to /img/N.jpg (likewise 302)
   /noai.jpg             a good JPEG with `X-Robots-Tag: noai`
+  /flaky/F/N.jpg        503 for the first F requests of this exact URL (query included), then /img/N.jpg
   /huge.jpg             a JPEG padded to `huge_bytes` (declared in Content-Length), streamed
   /huge-chunked.jpg     the same body with no Content-Length (read until the server closes)
   /trickle.jpg          a JPEG sent one byte every `trickle_s` seconds
@@ -205,6 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(429, b"slow down", "text/plain", headers={"Retry-After": seconds})
                 else:
                     self._send(200, jpeg(int(rest.split(".")[0]), w, h))
+            elif path.startswith("/flaky/"):
+                _, _, fails, name = path.split("/", 3)
+                if srv.count_request(self.path) <= int(fails):
+                    self._send(503, b"try again later", "text/plain")
+                else:
+                    self._send(200, jpeg(int(name.split(".")[0]), w, h))
             else:
                 self._send(404, b"unknown", "text/plain")
         except (BrokenPipeError, ConnectionResetError):
@@ -232,6 +239,14 @@ class LoopbackServer(ThreadingHTTPServer):
         self.open_connections = 0
         self.peak_connections = 0  # most open at once
         self._thread: threading.Thread | None = None
+        self._requests: dict[str, int] = {}
+        self._requests_lock = threading.Lock()
+
+    def count_request(self, path: str) -> int:
+        """How many times `path` has been requested, this one included."""
+        with self._requests_lock:
+            self._requests[path] = self._requests.get(path, 0) + 1
+            return self._requests[path]
 
     def process_request_thread(self, request, client_address) -> None:
         with self.lock:

@@ -14,16 +14,20 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.build import BuildConfig, BuildError, load_config, plan, run_build
+from pipelines.build import BuildConfig, BuildError, load_config, run_build
 from pmd import schema
+from pmd.build import read_chunk, write_ipc_atomic
 from pmd.cli import main as pmd_main
+from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import make_cc12m, make_coco
+from tests.pipelines.test_build_retry import image_bytes_in_work
 
 pytestmark = pytest.mark.slow
 
@@ -215,18 +219,34 @@ def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver, raylet, workers
         proc.wait()
     assert not (resumed / "manifest.json").exists()
-    done_before = {p.name for p in (resumed / "work" / "images").glob("*/chunk-*.arrow")}
-    mtimes = {p: p.stat().st_mtime_ns for p in (resumed / "work" / "images").glob("*/chunk-*.arrow")}
+    done_before = sorted((resumed / "work" / "images").glob("*/chunk-*.arrow"))
     assert done_before
+    # Tag a failure in every finished chunk: a chunk that were recomputed would lose its tag, so the resumed
+    # failures prove which chunks were reused.
+    tagged = set()
+    for path in done_before:
+        table = read_chunk(path)
+        details = table.column("detail").to_pylist()
+        i = next(i for i, r in enumerate(table.column("reason").to_pylist()) if r) if any(
+            table.column("reason").to_pylist()) else None
+        if i is not None:
+            details[i] = f"tag {path.name}"
+            tagged.add((table.column("key")[i].as_py(), details[i]))
+            write_ipc_atomic(table.set_column(table.schema.get_field_index("detail"), "detail",
+                                              pa.array(details, pa.string())), path)
+    assert tagged
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # Finished chunks were not recomputed; the shards equal the uninterrupted build's, byte for byte.
-    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    failures = pl.read_parquet(resumed / "failures")
+    assert tagged <= set(zip(failures["key"].to_list(), failures["detail"].to_list()))
+    # The image stage's chunks were consumed by the final phase: no second copy of the images is left.
+    assert image_bytes_in_work(resumed) == 0
     assert [f.name for f in shard_files(resumed)] == [f.name for f in shard_files(out)]
     assert shard_contents(resumed) == shard_contents(out)
     assert [f.read_bytes() for f in shard_files(resumed)] == [f.read_bytes() for f in shard_files(out)]
-    manifest = json.loads((resumed / "manifest.json").read_text())
     assert_accounting(manifest)
     assert verify(resumed) == []
     assert subprocess.run([PMD, "verify", str(resumed)], capture_output=True).returncode == 0
@@ -246,23 +266,15 @@ def test_one_source_command_form(inputs, tmp_path, ray_local):
     assert verify(out) == []
 
 
-def test_plan_dedup_keeps_first_and_is_order_independent():
+def test_dedup_keeps_first_in_source_then_candidate_order_whatever_the_row_order():
     meta = pl.DataFrame({
-        "key": ["a/1", "a/2", "a/3", "b/1"], "source": ["a", "a", "a", "b"],
-        "image_url": [None] * 4, "image_ref": [None] * 4,
-        "image_sha256": ["x", "x", "x", "x"], "stage": [None] * 4, "reason": [None] * 4, "detail": [None] * 4,
-        "shuffle_hash": [5, 3, 9, 1], "text_hash": [1, 1, 2, 1],
-        "source_index": [0, 0, 0, 1], "chunk": [0, 0, 1, 0], "row": [0, 1, 0, 0],
-    }, schema_overrides={"shuffle_hash": pl.UInt64, "text_hash": pl.UInt64, "image_url": pl.Utf8,
-                         "image_ref": pl.Utf8, "stage": pl.Utf8, "reason": pl.Utf8, "detail": pl.Utf8,
-                         "source_index": pl.Int32, "chunk": pl.Int32, "row": pl.Int32})
-    kept, failures = plan(meta, shard_rows=1)
-    assert kept["key"].to_list() == ["a/1", "a/3"]  # sorted by shuffle hash: 5 < 9
-    assert kept["shard"].to_list() == [0, 1]
-    assert sorted(failures["key"].to_list()) == ["a/2", "b/1"]
-    assert set(failures["reason"]) == {"duplicate"}
-    kept2, _ = plan(meta.reverse(), shard_rows=1)
-    assert kept2["key"].to_list() == kept["key"].to_list()
+        "key": ["a/1", "a/2", "a/3", "b/1", "b/2"], "image_sha256": ["x", "x", "x", "x", "y"],
+        "text_hash": [1, 1, 2, 1, 1], "source_index": [0, 0, 0, 1, 1], "candidate_index": [5, 2, 9, 0, 1],
+    }, schema_overrides={"text_hash": pl.UInt64, "source_index": pl.Int32, "candidate_index": pl.Int64})
+    for frame in (meta, meta.reverse(), meta.sample(fraction=1.0, shuffle=True, seed=3)):
+        kept = dict(zip(*dedup(frame).select("key", "kept_key").to_dict(as_series=False).values()))
+        # (x, 1): a/2 (source 0, candidate 2) beats a/1 (candidate 5) and b/1 (source 1, candidate 0).
+        assert kept == {"a/1": "a/2", "a/2": "a/2", "a/3": "a/3", "b/1": "a/2", "b/2": "b/2"}
 
 
 def test_config_file_errors(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
+from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.archives import ArchiveIndex
 from pmd.cli import _apply_decontaminate_flags, build_parser

@@ -9,11 +9,11 @@ import time
 import pyarrow as pa
 import pytest
 
+from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.download import BACKENDS, DownloadOptions, classify_error, download_chunk
 from pmd.http_client import DnsCache, HttpClient, is_disallowed, parse_retry_after
 from pmd.images import ImageOptions
-from pipelines.images_stage import ChunkTask, read_chunk, run_chunk
 from tests.httpserver import (BAD_CASES, GOOD_REDIRECTS, HOSTILE_CASES, LoopbackServer, bomb_png, gzip_zeros,
                               jpeg)
 

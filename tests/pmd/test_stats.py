@@ -168,6 +168,10 @@ def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_r
     pinned = json.loads(PINNED.read_text())
     result = stats.audit(crafted_build(tmp_path / "b"), spill_dir=tmp_path / "spill")
     result["build"] = "BUILD"
+    # Licences came after the pinned in-memory audit: checked against the library on the whole table, then left out.
+    licences = _licences_in_memory(tmp_path / "b")
+    for name, figures in [*result["sources"].items(), (None, result["total"])]:
+        assert (figures.pop("licences"), figures.pop("commercial_use")) == licences.get(name, ({}, {})), name
     assert json.loads(json.dumps(result)) == pinned["audit"]
     assert list(result["sources"]) == list(pinned["audit"]["sources"])  # same order too
     assert not list((tmp_path / "spill").iterdir())  # spill files are gone
@@ -180,6 +184,20 @@ def test_streaming_audit_equals_the_in_memory_one(tmp_path, monkeypatch, batch_r
     lost_keys = expected.pop("lost_keys")
     assert json.loads(json.dumps(compared)) == expected
     assert pq.read_table(tmp_path / "lost.parquet").to_pylist() == lost_keys
+
+
+def _licences_in_memory(build) -> dict:
+    """Pairs per licence and per commercial use, the whole corpus in one frame (source -> figures; None: total)."""
+    import polars as pl
+
+    from pmd.licences import with_licences
+
+    tagged = with_licences(pl.read_parquet(sorted((build / "shards").glob("*.parquet")), columns=["source", "meta"]))
+    out = {}
+    for name in [*tagged["source"].unique().to_list(), None]:
+        part = tagged if name is None else tagged.filter(pl.col("source") == name)
+        out[name] = tuple(dict(sorted(part[c].value_counts().iter_rows())) for c in ("licence", "commercial"))
+    return out
 
 
 def test_exact_float32_quantiles_across_buckets(tmp_path, monkeypatch):

@@ -1,20 +1,31 @@
 """The image stage of one chunk of candidates: fetch (URL download or archive member) -> process_image -> one file.
 
+Library code (no Ray): `pipelines/build.py` decides where `run_chunk` and `retry_rows` run.
+
 A chunk is the unit of work and of resume. Its result is ONE Arrow IPC file, `work/images/SOURCE/chunk-NNNNN.arrow`,
 written to a temp name and renamed, holding every candidate of the chunk in candidate order: the pair columns,
 the processed image (null on failure), its sha256 and sizes, the failure stage/reason/detail (null on success),
-and the placement and dedup hashes. Its existence means the chunk is done; it is never recomputed.
+the placement and dedup hashes, and the row's place in the input order (`source_index`, `candidate_index`: the dedup
+rule's "first in source order, then candidate order"). The chunk's download counts are in the file's schema
+metadata (`pmd.downloads`). Its existence means the chunk is done; it is never recomputed.
 
-Why Arrow IPC and not Parquet: the shard writer gathers rows from many chunks at random; an uncompressed IPC file is
-memory-mapped and `take` touches only the pages of the rows it needs (Parquet would decode whole row groups). It also
-keeps `*.parquet` globs of OUT to the shards and failures.
+Per image, the steps are: fetch (download or archive read) -> crop box -> `process_image` (decode, checks, resize,
+encode) -> sha256. Each step that fails records (stage, reason, detail) and ends the row's pipeline.
+
+Why Arrow IPC and not Parquet: the final phase (pmd.final) reads chunks memory-mapped, selecting columns and rows
+without decoding pages; an uncompressed IPC file gives that for free. It also keeps `*.parquet` globs of OUT to the
+shards and failures.
+
+Transient failures (`TRANSIENT_REASONS`, `is_transient`): a later `--retry-failures` downloads those rows again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,12 +35,12 @@ import pyarrow as pa
 from PIL import Image
 
 from pmd import schema
-from pmd.images import ImageOptions, ImageRejected, process_image
-from pmd.shards import shuffle_hash, text_hash
-from pmd.download import DownloadOptions, download_chunk
 from pmd.decontaminate import EVAL_OVERLAP, screen
 from pmd.decontaminate import STAGE as DECONTAMINATE_STAGE
 from pmd.eval_ids import screen_candidates
+from pmd.images import ImageOptions, ImageRejected, process_image
+from pmd.shards import shuffle_hash, text_hash
+from pmd.download import DownloadOptions, download_chunk
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,22 @@ REASON = schema.REASON
 DETAIL = schema.DETAIL
 SHUFFLE_HASH = "shuffle_hash"
 TEXT_HASH = "text_hash"
+SOURCE_INDEX = "source_index"  # the source's position in the build config
+CANDIDATE_INDEX = "candidate_index"  # the row's position in its source's candidates
+
+# Failure reasons worth a second attempt: the server or the network may answer differently later. Everything else
+# (404/410, opted out, decode errors, checks, archive reads, duplicates) is a property of the image or the URL.
+TRANSIENT_REASONS: frozenset[str] = frozenset({
+    "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
+    "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
+})
+
+
+def is_transient(reason: str | None) -> bool:
+    """Whether a failure reason may go away on a later attempt (any 5xx counts, not only the common ones)."""
+    if reason is None:
+        return False
+    return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and len(reason) == 8)
 
 # Stage of each process_image rejection reason.
 _CHECK_STAGE = {"decode_error": "decode", EVAL_OVERLAP: DECONTAMINATE_STAGE}
@@ -56,6 +83,8 @@ CHUNK_SCHEMA = pa.schema(
         pa.field(DETAIL, pa.string()),
         pa.field(SHUFFLE_HASH, pa.uint64()),
         pa.field(TEXT_HASH, pa.uint64()),
+        pa.field(SOURCE_INDEX, pa.int32()),
+        pa.field(CANDIDATE_INDEX, pa.int64()),
     ]
 )
 METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
@@ -68,7 +97,7 @@ class ChunkTask:
     source: str
     index: int
     candidates: pa.Table
-    path: Path  # the chunk's result file
+    path: Path  # the chunk's result file (for a retry: the scratch space is next to it)
     image_options: ImageOptions
     seed: int
     mode: str  # "url" | "archive"
@@ -76,6 +105,9 @@ class ChunkTask:
     archive_state: object | None = None  # ArchiveIndex.to_state(), for mode "archive"
     eval_ids: dict | None = None  # Flickr photo id -> evaluation image (pmd.eval_ids); None = no id screening
     eval_index: object | None = None  # pmd.decontaminate.EvalHashIndex; None = no pHash screening
+    source_index: int = 0
+    candidate_index: list[int] | None = None  # each row's index in its source; default: consecutive from
+    first_candidate: int = 0  # ... this one
 
 
 def chunk_name(index: int) -> str:
@@ -134,6 +166,15 @@ def _safe_box(meta: str | None) -> tuple[int, int, int, int] | None | str:
         return f"meta.box unreadable: {e}"
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable_detail(detail: str | None) -> str:
+    """A rejection's detail without object addresses (Pillow names `<_io.BytesIO object at 0x7f...>`): the failures
+    files must be the same bytes in every run."""
+    return _ADDRESS.sub("", detail or "")[:500]
+
+
 def _process(data: bytes, options: ImageOptions, box) -> object:
     """ProcessedImage, or the ImageRejected that says why not (returned, so it can be cached per image)."""
     try:
@@ -142,8 +183,12 @@ def _process(data: bytes, options: ImageOptions, box) -> object:
         return e
 
 
-def run_chunk(task: ChunkTask) -> dict:
-    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason}."""
+def _process_rows(task: ChunkTask) -> pa.Table:
+    """The chunk's rows through fetch -> crop box -> process_image -> sha256: the result table in CHUNK_SCHEMA.
+
+    Each distinct locator is fetched once per chunk and each (locator, crop box) processed once, so COCO's five
+    captions of an image cost one decode and a URL named by several rows one download.
+    """
     cand = task.candidates
     keys = cand.column(schema.KEY).to_pylist()
     texts = cand.column(schema.TEXT).to_pylist()
@@ -177,7 +222,6 @@ def run_chunk(task: ChunkTask) -> dict:
     out: dict[str, list] = {c: [None] * n for c in (schema.IMAGE, schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT,
                                                       schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, STAGE, REASON,
                                                       DETAIL)}
-    # COCO has five captions per image: the image is decoded and encoded once per (locator, crop box).
     for i, (locator, box) in enumerate(zip(locators, boxes)):
         if screened[i] is not None:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = screened[i]
@@ -200,7 +244,7 @@ def run_chunk(task: ChunkTask) -> dict:
                                                    ImageRejected)
         if isinstance(result, ImageRejected):
             out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
-            out[REASON][i], out[DETAIL][i] = result.reason, (result.detail or "")[:500]
+            out[REASON][i], out[DETAIL][i] = result.reason, _stable_detail(result.detail)
             continue
         out[schema.IMAGE][i] = result.data
         out[schema.IMAGE_SHA256][i] = result.sha256
@@ -213,25 +257,75 @@ def run_chunk(task: ChunkTask) -> dict:
             arrays.append(pa.array(out[f.name], type=f.type))
     arrays.append(pa.array([shuffle_hash(task.seed, k) for k in keys], type=pa.uint64()))
     arrays.append(pa.array([text_hash(t) for t in texts], type=pa.uint64()))
-    table = pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
+    if SOURCE_INDEX in cand.column_names:  # rows regrouped by URL (pmd.urls) carry their own place
+        arrays.append(cand.column(SOURCE_INDEX).cast(pa.int32()))
+    else:
+        arrays.append(pa.array([task.source_index] * n, type=pa.int32()))
+    if task.candidate_index is not None:
+        arrays.append(pa.array(task.candidate_index, type=pa.int64()))
+    elif CANDIDATE_INDEX in cand.column_names:
+        arrays.append(cand.column(CANDIDATE_INDEX).cast(pa.int64()))
+    else:
+        arrays.append(pa.array(range(task.first_candidate, task.first_candidate + n), type=pa.int64()))
+    return pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
+
+
+def run_chunk(task: ChunkTask) -> dict:
+    """Process one chunk and write its result file atomically. Returns {rows, ok, failures_by_reason}."""
+    table = _process_rows(task)
     write_ipc_atomic(table, task.path)
-    reasons = Counter(r for r in out[REASON] if r is not None)
-    return {"source": task.source, "index": task.index, "rows": n, "ok": n - sum(reasons.values()),
-            "failures_by_reason": dict(reasons)}
+    reasons = Counter(r for r in table.column(REASON).to_pylist() if r is not None)
+    return {"source": task.source, "index": task.index, "rows": table.num_rows,
+            "ok": table.num_rows - sum(reasons.values()), "failures_by_reason": dict(reasons)}
+
+
+def retry_rows(task: ChunkTask) -> pa.Table:
+    """Fetch and process again the rows of `task.candidates` (failed rows; CHUNK_SCHEMA or PAIR_SCHEMA columns).
+
+    Their `candidate_index` must be given in the task: the result (CHUNK_SCHEMA, same row order) replaces the old
+    rows exactly as if the first attempt had given it.
+    """
+    if task.candidate_index is None:
+        raise ValueError("retry_rows needs each row's candidate_index")
+    pair = task.candidates.select(list(schema.PAIR_SCHEMA.names)).cast(schema.PAIR_SCHEMA)
+    if SOURCE_INDEX in task.candidates.column_names:
+        pair = pair.append_column(SOURCE_INDEX, task.candidates.column(SOURCE_INDEX))
+    task = dataclasses.replace(task, candidates=pair)
+    return _process_rows(task)
+
+
+# Work files (chunks, pieces) are Arrow IPC with zstd-compressed buffers: the metadata columns (captions, meta JSON)
+# shrink to about their Parquet size, so the work copy of a row costs no more disk than its shard row; JPEG buffers
+# do not compress and zstd passes over them at GB/s.
+IPC_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def ipc_writer(sink, schema_: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
+    return pa.ipc.new_file(sink, schema_, options=IPC_WRITE_OPTIONS)
 
 
 def write_ipc_atomic(table: pa.Table, path: Path) -> None:
+    """Temp name + fsync + rename, as every output of the build."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        with pa.ipc.new_file(f, table.schema) as writer:
+        with ipc_writer(f, table.schema) as writer:
             writer.write_table(table)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A work file; with `columns`, only those columns' buffers are read and decompressed."""
+    source = pa.memory_map(str(path), "r")
+    if columns is None:
+        return pa.ipc.open_file(source).read_all()
+    names = pa.ipc.open_file(source).schema.names
+    options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
+    return pa.ipc.open_file(source, options=options).read_all().select(columns)
+
+
 def read_chunk(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A chunk file, memory-mapped: selecting columns or taking rows reads only those pages."""
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    return table.select(columns) if columns is not None else table
+    """A chunk file of the image stage (CHUNK_SCHEMA)."""
+    return read_ipc(path, columns)

@@ -1,0 +1,74 @@
+"""Process setup for `flava train`: torchrun's environment -> device, process group and ranks.
+
+Nothing here assumes one node: the device comes from ``LOCAL_RANK`` (the process's index on its machine), data
+sharding and "who writes" from the global ``RANK``; the process group is formed from torchrun's rendezvous
+(``--standalone`` on one node, ``--rdzv_backend c10d --rdzv_endpoint HOST:PORT`` across nodes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .run_config import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int  # global rank: data shard, the one writer (rank 0)
+    world_size: int
+    local_rank: int  # index on this node: the GPU
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str = "auto") -> DistInfo:
+    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if local_world > 1:  # share the cores instead of oversubscribing them N times
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def require_shared(path: Path, info: DistInfo, what: str) -> None:
+    """After rank 0 wrote ``path`` and a barrier: every rank must see it, or the run directory is not on storage
+    all nodes share (DCP checkpoints, the tokenizer and resume all rely on that)."""
+    if not path.exists():
+        raise ConfigError(
+            f"rank {info.rank} (local rank {info.local_rank}) cannot see {path}, written by rank 0: {what} must be "
+            "on storage that every node sees (a shared filesystem), not a node-local disk"
+        )

@@ -1,0 +1,606 @@
+"""The final phase of `pmd build`: finished chunks -> deduplicated, globally shuffled shards, failures, accounting.
+
+Library code, no Ray: every function here is one task's work on files under OUT/work/final; `pipelines/build.py`
+schedules them and holds only counts and small per-group/per-bucket summaries (never a row per candidate).
+
+The corpus order is a total order on kept rows, fixed by the finished chunks and the configuration alone:
+    (bucket, shuffle_hash, key)    bucket = image_bucket(image_sha256, n_buckets), shuffle_hash = blake2b(seed:key)
+cut into runs of `shard_rows`. `bucket` is a range partition of the (uniform) image digest whose boundaries are known
+before any image is fetched, so the work is an external sort in two passes with O(chunks + shards) files:
+
+  A. scatter (one task per group of consecutive chunks of one source): each ok row is appended to its bucket's
+     piece `pieces/bucket-B/group-S-G.arrow` (images included); failed rows go to `failed/SOURCE/group-G...arrow`
+     (metadata). Then the group's marker is written and its chunk files are deleted: no second copy of an image
+     outlives the pass. groups x buckets <= PIECES_PER_INPUT x (chunks + shards).
+  B1. dedup (one task per bucket, metadata columns only, memory-mapped): every (image_sha256, text) group lies in
+     one bucket (same digest, same bucket), so the rule "first in (source order, candidate order)" is decided
+     inside the bucket; the kept count per bucket gives every bucket's global row offset.
+  B2. write (one task per bucket): kept rows sorted by (shuffle_hash, key) at global positions offset.., cut at the
+     global shard boundaries; shards wholly inside the bucket are written, the ends that straddle a neighbour are
+     written as fragments that `merge_shard` joins. Then the bucket's pieces are deleted.
+
+Every image is read from disk twice after the image stage (chunk in A, piece in B2; a straddling shard's rows once
+more from its fragment), every output is written under a temporary name and renamed, and every pass has a marker
+written after its outputs: a killed build resumes at the first unfinished task and writes the same bytes.
+Rows of one image stay in one bucket (about BUCKET_SHARDS shards), which is what lets dedup and unique-image
+counts be local; within that the order is a uniform shuffle of the whole corpus.
+
+`retry_group` (`--retry-failures`) downloads again the transient failures of a scattered group and adds the rows
+that now succeed as extra pieces; a finished build is first taken back to pieces (`unbuild_shard`,
+`reopen_bucket`), so the shards after a retry are exactly those of a build whose first attempt had succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pmd import schema
+from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
+                       ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
+from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"  # under OUT/work
+WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of another format is not reused)
+BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
+PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
+IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
+FAILURE_ROW_GROUP_ROWS = 100_000
+RETRY_SLICE_ROWS = 2_000  # rows a retry task downloads and processes at once (about one chunk)
+FLUSH_BYTES = 1 << 20  # a bucket's buffered rows are appended to its piece past this size...
+BUFFER_BYTES = 256 << 20  # ... and all buffers past this total: scatter memory is bounded, whatever the bucket count
+
+METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
+PIECE_SCHEMA = CHUNK_SCHEMA.remove_metadata()
+FAILED_SCHEMA = pa.schema([PIECE_SCHEMA.field(n) for n in METADATA_COLUMNS])
+KEPT_SCHEMA = pa.schema([pa.field(schema.KEY, pa.string()), pa.field(SOURCE_INDEX, pa.int32()),
+                         pa.field(CANDIDATE_INDEX, pa.int64())])
+DUPLICATE = ("dedup", "duplicate")
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """How the final phase cuts the work: a pure function of the configuration and the ingest counts."""
+
+    n_buckets: int
+    chunks_per_group: int
+    shard_rows: int
+    row_group_rows: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_layout(chunks_per_source: list[int], candidates: int, shard_rows: int, row_group_rows: int) -> Layout:
+    """Buckets of ~BUCKET_SHARDS shards of candidates; groups as large as the piece-file budget requires."""
+    chunks = max(1, sum(chunks_per_source))
+    shards = max(1, -(-candidates // shard_rows))
+    n_buckets = max(1, -(-candidates // (BUCKET_SHARDS * shard_rows)))
+    groups = max(1, min(chunks, PIECES_PER_INPUT * (chunks + shards) // n_buckets))
+    return Layout(n_buckets, -(-chunks // groups), shard_rows, row_group_rows)
+
+
+def group_ranges(layout: Layout, n_chunks: int) -> list[range]:
+    """The chunk indices of each scatter group of a source with `n_chunks` chunks."""
+    k = layout.chunks_per_group
+    return [range(g, min(g + k, n_chunks)) for g in range(0, n_chunks, k)]
+
+
+def image_bucket(sha256_hex: str, n_buckets: int) -> int:
+    """The bucket of an image: a range of its (uniformly distributed) digest, so boundaries are known a priori."""
+    return int(sha256_hex[:16], 16) * n_buckets >> 64
+
+
+@dataclass(frozen=True)
+class FinalPaths:
+    out: Path
+
+    @property
+    def root(self) -> Path:
+        return self.out / "work" / FINAL_DIR
+
+    def bucket_dir(self, b: int) -> Path:
+        return self.root / "pieces" / f"bucket-{b:05d}"
+
+    def group_marker(self, source: str, g: int) -> Path:
+        return self.root / "groups" / source / f"group-{g:05d}.json"
+
+    def failed(self, source: str, g: int, attempt: int) -> Path:
+        return self.root / "failed" / source / f"group-{g:05d}-a{attempt:02d}.arrow"
+
+    def dedup(self, b: int) -> Path:
+        return self.root / "dedup" / f"bucket-{b:05d}.json"
+
+    def duplicates(self, b: int) -> Path:
+        return self.root / "dedup" / f"bucket-{b:05d}-duplicates.arrow"
+
+    def kept(self, b: int) -> Path:
+        return self.root / "kept" / f"bucket-{b:05d}.arrow"
+
+    def written(self, b: int) -> Path:
+        return self.root / "written" / f"bucket-{b:05d}.json"
+
+    def fragment_dir(self, shard: int) -> Path:
+        return self.root / "fragments" / f"shard-{shard:05d}"
+
+    def entry(self, shard: int) -> Path:
+        return self.root / "entries" / f"shard-{shard:05d}.json"
+
+    @property
+    def unbuild_state(self) -> Path:
+        return self.root / "unbuild.json"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _raise_open_files_limit() -> None:
+    """A scatter task keeps one piece open per bucket: thousands at PMD's size, over the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _PieceWriters:
+    """One Arrow IPC file per bucket, appended in record batches; temporary names until `commit`."""
+
+    def __init__(self, paths: FinalPaths, name: str):
+        self.paths, self.name = paths, name
+        self.open: dict[int, tuple[Path, object, pa.ipc.RecordBatchFileWriter]] = {}
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.buffered: dict[int, int] = {}
+        self.total = 0
+        self.rows: Counter = Counter()
+
+    def add(self, bucket: int, table: pa.Table) -> None:
+        self.buffers.setdefault(bucket, []).append(table)
+        size = table.nbytes
+        self.buffered[bucket] = self.buffered.get(bucket, 0) + size
+        self.total += size
+        self.rows[bucket] += table.num_rows
+        if self.buffered[bucket] >= FLUSH_BYTES:
+            self._flush(bucket)
+        if self.total >= BUFFER_BYTES:
+            for b in list(self.buffers):
+                self._flush(b)
+
+    def _flush(self, bucket: int) -> None:
+        tables = self.buffers.pop(bucket, [])
+        self.total -= self.buffered.pop(bucket, 0)
+        if not tables:
+            return
+        if bucket not in self.open:
+            final = self.paths.bucket_dir(bucket) / self.name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            f = open(tmp, "wb")
+            self.open[bucket] = (tmp, f, ipc_writer(f, PIECE_SCHEMA))
+        self.open[bucket][2].write_table(pa.concat_tables(tables).combine_chunks())
+
+    def commit(self) -> dict[int, int]:
+        for b in list(self.buffers):
+            self._flush(b)
+        for b, (tmp, f, writer) in sorted(self.open.items()):
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, self.paths.bucket_dir(b) / self.name)
+        return dict(sorted(self.rows.items()))
+
+
+def _scatter_ok_rows(table: pa.Table, layout: Layout, writers: _PieceWriters) -> None:
+    """Append the table's rows (all with an image) to their buckets' pieces, in their current order per bucket."""
+    if not table.num_rows:
+        return
+    buckets = pa.array([image_bucket(s, layout.n_buckets) for s in table.column(schema.IMAGE_SHA256).to_pylist()],
+                       pa.int32())
+    order = pc.sort_indices(pa.table({"b": buckets, "i": pa.array(range(table.num_rows), pa.int64())}),
+                            sort_keys=[("b", "ascending"), ("i", "ascending")])
+    table = table.take(order)
+    sorted_buckets = buckets.take(order).to_numpy()
+    start = 0
+    n = len(sorted_buckets)
+    while start < n:
+        b = int(sorted_buckets[start])
+        end = start
+        while end < n and sorted_buckets[end] == b:
+            end += 1
+        writers.add(b, table.slice(start, end - start))
+        start = end
+
+
+def _as_piece(table: pa.Table) -> pa.Table:
+    return table.select(PIECE_SCHEMA.names).cast(PIECE_SCHEMA).replace_schema_metadata(None)
+
+
+def _by_source(pairs: Counter, source_names: list[str]) -> dict[str, dict[str, int]]:
+    """{(source_index, reason): n} -> {source: {reason: n}}, sorted."""
+    result: dict[str, dict[str, int]] = {}
+    for (i, reason), n in sorted(pairs.items()):
+        result.setdefault(source_names[i], {})[reason] = n
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ pass A
+def scatter_group(out: str, source: str, source_index: int, group: int, chunk_paths: list[str],
+                  layout: Layout, source_names: list[str]) -> dict:
+    """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
+    paths = FinalPaths(Path(out))
+    marker = paths.group_marker(source, group)
+    if marker.exists():
+        summary = _read_json(marker)
+    else:
+        _raise_open_files_limit()
+        started = time.perf_counter()
+        name = f"group-{source_index:02d}-{group:05d}.arrow"
+        writers = _PieceWriters(paths, name)
+        failed_path = paths.failed(source, group, 1)
+        failed_path.parent.mkdir(parents=True, exist_ok=True)
+        failed_tmp = failed_path.with_name(f".{failed_path.name}.tmp-{os.getpid()}")
+        rows: Counter = Counter()
+        tagged: Counter = Counter()
+        with open(failed_tmp, "wb") as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
+            for chunk in chunk_paths:
+                table = read_chunk(Path(chunk))
+                rows.update(table.column(SOURCE_INDEX).to_pylist())
+                ok = pc.is_null(table.column(REASON))
+                failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
+                if failed.num_rows:
+                    failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
+                    tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
+                _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
+            bucket_rows = writers.commit()
+            failed_writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(failed_tmp, failed_path)
+        summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
+                   "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
+                   "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
+                   "failed_file": failed_path.name, "attempts": 1, "retried_by_source": {},
+                   "buckets": {str(b): n for b, n in bucket_rows.items()},
+                   "seconds": round(time.perf_counter() - started, 3)}
+        write_json_atomic(summary, marker)
+    for chunk in chunk_paths:  # the marker is durable: the chunk's rows live in the pieces now
+        Path(chunk).unlink(missing_ok=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- dedup
+def dedup(meta: pl.DataFrame) -> pl.DataFrame:
+    """`meta` with `kept_key`: the key of the first row of its (image_sha256, text_hash) group in (source_index,
+    candidate_index) order. A row is kept iff kept_key == key. Pure and independent of the row order of `meta`."""
+    ordered = meta.sort([SOURCE_INDEX, CANDIDATE_INDEX])
+    return ordered.with_columns(pl.col(schema.KEY).first().over([schema.IMAGE_SHA256, TEXT_HASH]).alias("kept_key"))
+
+
+def _bucket_pieces(paths: FinalPaths, b: int) -> list[Path]:
+    d = paths.bucket_dir(b)
+    return sorted(d.glob("*.arrow")) if d.exists() else []
+
+
+def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
+    tables = [read_ipc(p, columns) for p in pieces]
+    if not tables:
+        target = pa.schema([PIECE_SCHEMA.field(c) for c in columns]) if columns else PIECE_SCHEMA
+        return target.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _decide(table: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(kept rows sorted in corpus order with their row number in `table`, duplicate rows with kept_key)."""
+    meta = pl.from_arrow(table.select([schema.KEY, schema.IMAGE_SHA256, TEXT_HASH, SHUFFLE_HASH, SOURCE_INDEX,
+                                       CANDIDATE_INDEX])).with_row_index("row")
+    decided = dedup(meta)
+    kept = decided.filter(pl.col("kept_key") == pl.col(schema.KEY)).sort([SHUFFLE_HASH, schema.KEY])
+    duplicates = decided.filter(pl.col("kept_key") != pl.col(schema.KEY))
+    return kept, duplicates
+
+
+def dedup_bucket(out: str, b: int, source_names: list[str]) -> dict:
+    """Pass B1: decide the bucket's duplicates (metadata only); writes and returns the bucket's summary."""
+    paths = FinalPaths(Path(out))
+    if paths.dedup(b).exists():
+        return _read_json(paths.dedup(b))
+    table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
+    kept, duplicates = _decide(table)
+    rows = table.take(pa.array(duplicates.get_column("row").to_numpy(), pa.int64())) if duplicates.height else \
+        FAILED_SCHEMA.empty_table()
+    detail = [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()]
+    rows = rows.set_column(rows.schema.get_field_index(STAGE), STAGE, pa.array([DUPLICATE[0]] * rows.num_rows,
+                                                                                pa.string()))
+    rows = rows.set_column(rows.schema.get_field_index(REASON), REASON, pa.array([DUPLICATE[1]] * rows.num_rows,
+                                                                                  pa.string()))
+    rows = rows.set_column(rows.schema.get_field_index(DETAIL), DETAIL, pa.array(detail, pa.string()))
+    write_ipc_atomic(rows.cast(FAILED_SCHEMA), paths.duplicates(b))  # already in (source_index, candidate_index) order
+    kept_meta = kept.select(SOURCE_INDEX, schema.IMAGE_SHA256)
+    by_source = kept_meta.group_by(SOURCE_INDEX).agg(pl.len().alias("n"), pl.col(schema.IMAGE_SHA256).n_unique()
+                                                     .alias("u"))
+    dup_by_source = duplicates.group_by(SOURCE_INDEX).len()
+    summary = {
+        "bucket": b, "kept": kept.height,
+        "kept_by_source": {source_names[i]: n for i, n, _ in sorted(by_source.iter_rows())},
+        "unique_by_source": {source_names[i]: u for i, _, u in sorted(by_source.iter_rows())},
+        "unique_images": kept_meta.get_column(schema.IMAGE_SHA256).n_unique() if kept.height else 0,
+        "duplicates_by_source": {source_names[i]: n for i, n in sorted(dup_by_source.iter_rows())},
+    }
+    write_json_atomic(summary, paths.dedup(b))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- write
+def bucket_shards(offset: int, kept: int, total: int, shard_rows: int) -> list[tuple[int, int, int, bool]]:
+    """(shard, first row in the bucket, end row in the bucket, whole) for each shard the bucket's rows fall in;
+    `whole`: the shard's rows all come from this bucket."""
+    result = []
+    for s in range(offset // shard_rows, -(-(offset + kept) // shard_rows)) if kept else []:
+        lo, hi = s * shard_rows, min((s + 1) * shard_rows, total)
+        start, end = max(lo, offset), min(hi, offset + kept)
+        result.append((s, start - offset, end - offset, start == lo and end == hi))
+    return result
+
+
+def _shard_table(table: pa.Table) -> pa.Table:
+    return table.select(list(schema.SHARD_COLUMNS)).cast(schema.SHARD_SCHEMA)
+
+
+def _write_shard(out: Path, shard: int, table: pa.Table, row_group_rows: int) -> dict:
+    paths = FinalPaths(out)
+    rel = shard_name(shard)
+    write_parquet_atomic(table, out / rel, row_group_rows)
+    entry = describe_file(out, rel).to_dict()
+    write_json_atomic(entry, paths.entry(shard))
+    return entry
+
+
+def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout) -> dict:
+    """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
+    paths = FinalPaths(Path(out))
+    if paths.written(b).exists():
+        return _read_json(paths.written(b))
+    started = time.perf_counter()
+    pieces = _bucket_pieces(paths, b)
+    table = _bucket_table(pieces, None)
+    kept, _ = _decide(table)
+    order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
+    write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
+    written = []
+    for shard, start, end, whole in bucket_shards(offset, kept.height, total, layout.shard_rows):
+        rows = table.take(order[start:end])
+        if rows.column(schema.IMAGE).null_count:
+            raise RuntimeError(f"bucket {b}: a kept row has no image (a duplicate re-entered without its image)")
+        if whole:
+            if not paths.entry(shard).exists() or not (Path(out) / shard_name(shard)).exists():
+                _write_shard(Path(out), shard, _shard_table(rows), layout.row_group_rows)
+            written.append(shard)
+        else:
+            write_ipc_atomic(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
+    summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
+               "seconds": round(time.perf_counter() - started, 3)}
+    write_json_atomic(summary, paths.written(b))
+    shutil.rmtree(paths.bucket_dir(b), ignore_errors=True)
+    return summary
+
+
+def merge_shard(out: str, shard: int, row_group_rows: int) -> dict:
+    """A shard whose rows straddle buckets: its fragments in bucket order, then the fragments are deleted."""
+    paths = FinalPaths(Path(out))
+    if paths.entry(shard).exists() and (Path(out) / shard_name(shard)).exists():
+        entry = _read_json(paths.entry(shard))
+    else:
+        fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
+        if not fragments:
+            raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
+        table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
+        entry = _write_shard(Path(out), shard, table, row_group_rows)
+    shutil.rmtree(paths.fragment_dir(shard), ignore_errors=True)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+def write_failures(out: str, source: str, source_index: int, failed_files: list[str], n_buckets: int) -> dict:
+    """failures/SOURCE.parquet, streamed: image-stage failures group by group (each in candidate order), then
+    duplicates bucket by bucket (each in candidate order). Returns its manifest entry."""
+    paths = FinalPaths(Path(out))
+    rel = f"failures/{source}.parquet"
+    path = Path(out) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def tables() -> Iterable[pa.Table]:
+        for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
+            failed = read_ipc(Path(f))
+            yield failed.filter(pc.equal(failed.column(SOURCE_INDEX), source_index))
+        for b in range(n_buckets):
+            dups = read_ipc(paths.duplicates(b))
+            yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
+
+    with open(tmp, "wb") as f:
+        with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
+            pending, n, written = [], 0, 0
+            for t in tables():
+                if t.num_rows:
+                    pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
+                    n += t.num_rows
+                if n >= FAILURE_ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
+                    pending, written, n = [], written + n, 0
+            if pending or not written:  # an empty file still has its schema and one (empty) row group
+                writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
+                                   row_group_size=FAILURE_ROW_GROUP_ROWS)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return describe_file(Path(out), rel).to_dict()
+
+
+# ------------------------------------------------------------------------------------------------------- retry
+def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask, layout: Layout,
+                source_names: list[str]) -> dict:
+    """Download attempt number `attempt` of the group's transient failures; rows that now succeed become pieces of
+    their buckets, the others stay failures with their new reason. `task` gives the options (its candidates are
+    ignored). Idempotent: a group whose marker already records `attempt` is left as it is."""
+    paths = FinalPaths(Path(out))
+    marker = paths.group_marker(source, group)
+    summary = _read_json(marker)
+    if summary["attempts"] >= attempt:
+        return summary
+    failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
+    failed = read_ipc(failed_path)
+    transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
+    position = pa.array(range(failed.num_rows), pa.int64())  # rows keep their place in the failures
+    again = failed.append_column("_pos", position).filter(transient)
+    # By URL, so the rows naming one URL are in one slice (one download); a task holds one slice's images.
+    again = again.take(pc.sort_indices(again, sort_keys=[(schema.IMAGE_URL, "ascending"), ("_pos", "ascending")]))
+    writers = _PieceWriters(paths, f"retry-{summary['source_index']:02d}-{group:05d}-a{attempt:02d}.arrow")
+    kept_failed = [failed.filter(pc.invert(transient)).append_column("_pos", position.filter(pc.invert(transient)))]
+    urls = again.column(schema.IMAGE_URL).to_pylist()
+    start = 0
+    while start < again.num_rows:
+        end = min(start + RETRY_SLICE_ROWS, again.num_rows)
+        while end < again.num_rows and urls[end] is not None and urls[end] == urls[end - 1]:
+            end += 1
+        rows = again.slice(start, end - start)
+        result = retry_rows(dataclasses.replace(
+            task, candidates=rows, candidate_index=rows.column(CANDIDATE_INDEX).to_pylist(),
+            path=Path(out) / "work" / "images" / source / f"retry-{group:05d}"))
+        ok = pc.is_null(result.column(REASON))
+        _scatter_ok_rows(_as_piece(result.filter(ok)), layout, writers)
+        kept_failed.append(result.select(METADATA_COLUMNS).append_column("_pos", rows.column("_pos")).filter(
+            pc.invert(ok)))
+        start = end
+    new_buckets = writers.commit()
+    remaining = pa.concat_tables([t.select([*METADATA_COLUMNS, "_pos"]).cast(FAILED_SCHEMA.append(
+        pa.field("_pos", pa.int64()))) for t in kept_failed])
+    remaining = remaining.take(pc.sort_indices(remaining, sort_keys=[("_pos", "ascending")])).drop_columns(["_pos"])
+    new_failed = paths.failed(source, group, attempt)
+    write_ipc_atomic(remaining, new_failed)
+    reasons = Counter(zip(remaining.column(SOURCE_INDEX).to_pylist(), remaining.column(REASON).to_pylist()))
+    buckets = Counter({int(b): n for b, n in summary["buckets"].items()})
+    buckets.update(new_buckets)
+    retried = Counter(summary["retried_by_source"])
+    retried.update(source_names[i] for i in again.column(SOURCE_INDEX).to_pylist())
+    summary = dict(summary, ok=summary["ok"] + sum(new_buckets.values()),
+                   failures_by_source=_by_source(reasons, source_names), failed_file=new_failed.name,
+                   attempts=attempt, retried_by_source=dict(sorted(retried.items())),
+                   buckets={str(b): n for b, n in sorted(buckets.items())})
+    write_json_atomic(summary, marker)
+    if failed_path != new_failed:
+        failed_path.unlink(missing_ok=True)
+    return summary
+
+
+def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list[tuple[int, int, int]]) -> None:
+    """Take a written shard back to pieces of its buckets (before a retry changes the corpus). `buckets`: (bucket,
+    offset, kept) of the buckets whose rows the shard holds. The pieces are durable before the shard is deleted."""
+    paths = FinalPaths(Path(out))
+    path = Path(out) / shard_name(shard)
+    if not path.exists():
+        return
+    table = pq.read_table(path)
+    lo = shard * layout.shard_rows
+    position = lo
+    for b, offset, kept in buckets:
+        start, end = max(position, offset), min(lo + table.num_rows, offset + kept)
+        if end <= start:
+            continue
+        rows = table.slice(start - lo, end - start)
+        order = read_ipc(paths.kept(b)).slice(start - offset, end - start)
+        if order.column(schema.KEY).to_pylist() != rows.column(schema.KEY).to_pylist():
+            raise RuntimeError(f"{path}: rows do not match bucket {b}'s kept index; was the shard replaced?")
+        piece = {name: rows.column(name) for name in schema.SHARD_COLUMNS}
+        piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(rows.num_rows, pa.string())
+        piece[TEXT_HASH] = pa.array([text_hash(t) for t in rows.column(schema.TEXT).to_pylist()], pa.uint64())
+        piece[SOURCE_INDEX] = order.column(SOURCE_INDEX)
+        piece[CANDIDATE_INDEX] = order.column(CANDIDATE_INDEX)
+        piece[SHUFFLE_HASH] = pa.array([shuffle_hash(seed, k) for k in rows.column(schema.KEY).to_pylist()],
+                                       pa.uint64())
+        write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
+                   paths.bucket_dir(b) / f"shard-{shard:05d}.arrow")
+        position = end
+    path.unlink()
+    paths.entry(shard).unlink(missing_ok=True)
+
+
+def reopen_bucket(out: str, b: int) -> None:
+    """After its shards were unbuilt: the bucket's old duplicates become a (metadata-only) piece again, and its
+    decisions are forgotten. A duplicate never wins against its kept row, so it needs no image."""
+    paths = FinalPaths(Path(out))
+    if paths.duplicates(b).exists():
+        dups = read_ipc(paths.duplicates(b))
+        if dups.num_rows:
+            piece = {n: dups.column(n) for n in METADATA_COLUMNS}
+            piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(dups.num_rows, pa.string())
+            piece[schema.IMAGE] = pa.nulls(dups.num_rows, pa.binary())
+            write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
+                       paths.bucket_dir(b) / "duplicates.arrow")
+    for p in (paths.kept(b), paths.written(b), paths.dedup(b), paths.duplicates(b)):
+        p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def accounting(source_names: list[str], ingest_counts: dict[str, dict], groups: Iterable[dict],
+               buckets: Iterable[dict], url_counts: dict[str, dict[str, int]]) -> tuple[dict, dict, dict]:
+    """(accounting per source, totals, downloads per source) from the ingest counts and the pass summaries.
+
+    `url_counts`: per source, URL rows and the distinct URLs first named by it (pmd.urls' owners pass)."""
+    reasons = {s: Counter() for s in source_names}
+    retried = Counter()
+    attempts = {s: 0 for s in source_names}
+    for g in groups:
+        for s, by_reason in g["failures_by_source"].items():
+            reasons[s].update(by_reason)
+        retried.update(g["retried_by_source"])
+        attempts[g["source"]] = max(attempts[g["source"]], g["attempts"])
+    pairs, unique = Counter(), Counter()
+    unique_total = 0
+    for b in buckets:
+        pairs.update(b["kept_by_source"])
+        unique.update(b["unique_by_source"])
+        for s, n in b["duplicates_by_source"].items():
+            reasons[s]["duplicate"] += n
+        unique_total += b["unique_images"]
+    result = {}
+    for s in source_names:
+        counts = ingest_counts[s]
+        result[s] = {
+            "input_rows": counts["pairs"] + counts["rejects"],
+            "pairs": pairs[s],
+            "rejects": counts["rejects"],
+            "failures": sum(reasons[s].values()),
+            "rejects_by_reason": dict(sorted(counts["rejects_by_reason"].items())),
+            "failures_by_reason": dict(sorted((k, v) for k, v in reasons[s].items() if v)),
+            "unique_images": unique[s],
+        }
+    totals = {k: sum(a[k] for a in result.values()) for k in ("input_rows", "pairs", "rejects", "failures")}
+    totals["unique_images"] = unique_total
+    total_reasons: Counter = Counter()
+    for a in result.values():
+        total_reasons.update(a["failures_by_reason"])
+    totals["failures_by_reason"] = dict(sorted(total_reasons.items()))
+    downloads = {}
+    for s in source_names:
+        urls = url_counts.get(s, {}).get("urls", 0)
+        unique_urls = url_counts.get(s, {}).get("unique_urls", 0)
+        downloads[s] = {"attempts": attempts[s], "urls": urls, "unique_urls": unique_urls,
+                        "saved_by_url_dedup": urls - unique_urls, "retried": retried[s]}
+    return result, totals, downloads
