@@ -9,6 +9,10 @@ worker runs at the same time), so a host never sees more than `max_per_host` con
 Retries (`retries` more attempts) only for what may pass later: timeouts, connection errors, truncated bodies, 429
 and 5xx. A retried URL goes to the back of its host's queue. A 429 or 503 also pauses its host for Retry-After
 seconds (bounded by `max_retry_after`), or without one for 1, 2, 4 ... seconds while the host keeps answering so.
+After GIVE_UP_STRIKES refused rounds in a row (a round: the answers that arrive before the pause they caused ends;
+1 + 2 + 4 + 8 s of pauses without Retry-After), the chunk's remaining URLs of that host fail at once with its
+last answer (a transient reason: `pmd build --retry-failures` takes them again later), so a host that refuses
+everything costs a chunk seconds, not an hour of ever longer pauses.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pmd.http_client import BACKOFF_STATUSES, Fetched, HttpClient, client_for
 log = logging.getLogger(__name__)
 
 _FIRST_BACKOFF_S = 1.0
+GIVE_UP_STRIKES = 5  # rounds of 429/503 answers in a row after which a chunk stops asking a host
 
 
 def host_key(url: str) -> str:
@@ -45,6 +50,7 @@ class _HostState:
     active: int = 0
     paused_until: float = 0.0
     strikes: int = 0  # consecutive 429/503 answers
+    last_refusal: tuple[str | None, str | None] = (None, None)  # (reason, detail) of the latest one
 
 
 @dataclass
@@ -66,12 +72,17 @@ class HostGate:
             s = self.state(host)
             s.active -= 1
             if result.status in BACKOFF_STATUSES:
-                s.strikes += 1
+                now = time.monotonic()
+                s.last_refusal = (result.reason, result.detail)
+                # One strike per refused round: answers landing while the host is already paused are the same
+                # burst (requests sent together), they only extend the pause to their Retry-After.
+                if s.paused_until <= now:
+                    s.strikes += 1
                 wait = result.retry_after if result.retry_after is not None \
                     else _FIRST_BACKOFF_S * 2 ** (s.strikes - 1)
                 wait = min(wait, max_retry_after)
-                if wait > 0:
-                    s.paused_until = max(s.paused_until, time.monotonic() + wait)
+                if now + wait > s.paused_until:
+                    s.paused_until = now + wait
                     log.info("host %s answered %s: paused %.1fs", host, result.status, wait)
             elif result.status is not None:
                 s.strikes = 0
@@ -127,6 +138,14 @@ def download(keys: list[str], urls: list[str], options, max_bytes: int,
                     if not queue:
                         continue
                     s = gate.state(host)
+                    if s.strikes >= GIVE_UP_STRIKES:
+                        reason, detail = s.last_refusal
+                        while queue:
+                            item = queue.popleft()
+                            results[item.key] = (None, reason, f"{detail} (host refused {s.strikes} in a row: "
+                                                               "not asked again in this chunk)")
+                            progress["queued"] -= 1
+                        continue
                     if s.paused_until > now:
                         wake = min(wake, s.paused_until)
                         continue

@@ -293,13 +293,19 @@ def test_host_backoff_doubles_without_retry_after_and_is_capped():
     pauses = []
     for status, retry_after in [(503, None), (503, None), (429, None), (429, 100.0), (200, None)]:
         gate.state("h").active += 1
+        gate.state("h").paused_until = 0.0  # the previous pause is over: this answer is a new round
         before = time.monotonic()
         gate.release("h", Fetched(None if status != 200 else b"x", None, None, status, retry_after), 5.0)
         state = gate.hosts.get("h")
         pauses.append(round(state.paused_until - before) if state else None)
-    # 1, 2, 4 s while the host keeps refusing, Retry-After 100 capped at 5; a success resets the strikes (the
-    # pause already running stays).
-    assert pauses[:4] == [1, 2, 4, 5] and gate.hosts["h"].strikes == 0
+    # 1, 2, 4 s while the host keeps refusing, Retry-After 100 capped at 5; a success resets the strikes.
+    assert pauses == [1, 2, 4, 5, None] and "h" not in gate.hosts  # idle, no pause, no strike: forgotten
+    # Answers of one burst (while the pause runs) are one strike.
+    gate = HostGate(max_per_host=4)
+    for _ in range(3):
+        gate.state("h").active += 1
+        gate.release("h", Fetched(None, "http_503", None, 503, None), 5.0)
+    assert gate.hosts["h"].strikes == 1
 
 
 def test_connections_use_the_dns_cache(server):
@@ -334,3 +340,22 @@ def test_a_keep_alive_connection_closed_under_us_is_retried_once(server, monkeyp
     assert client.fetch(server.url("/img/3.jpg"), 2.0, MAX_BYTES, []).data == jpeg(3, 64, 48)
     failures[:] = [1, 1]  # twice in a row: the server really is dropping us
     assert client.fetch(server.url("/img/3.jpg"), 2.0, MAX_BYTES, []).reason == "connection_error"
+
+
+def test_a_host_refusing_everything_is_given_up_in_the_chunk(tmp_path):
+    """60 URLs on a host answering 503 to all, 2 at a time, pauses capped at 0.1 s: after GIVE_UP_STRIKES refused
+    rounds the rest fail at once with http_503 (transient, for --retry-failures), not one round per pause."""
+    from pmd.download_http import GIVE_UP_STRIKES
+
+    srv = LoopbackServer().start()
+    try:
+        got = list(download_chunk([str(i) for i in range(60)], [srv.url(f"/status/503?{i}") for i in range(60)],
+                                  DownloadOptions(timeout=2.0, thread_count=8, max_per_host=2, max_retry_after=0.1),
+                                  tmp_path / "w"))
+        assert [d.reason for d in got] == ["http_503"] * 60
+        asked = sum("not asked again" not in d.detail for d in got)
+        assert GIVE_UP_STRIKES <= asked <= 2 * GIVE_UP_STRIKES  # one or two requests per round
+        assert srv.connections <= 2
+    finally:
+        srv.stop()
+
