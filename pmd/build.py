@@ -41,6 +41,8 @@ from pmd.eval_ids import screen_candidates
 from pmd.images import ImageOptions, ImageRejected, process_image
 from pmd.shards import shuffle_hash, text_hash
 from pmd.download import DownloadOptions, download_chunk
+# One rule for "worth another attempt", shared with the download client's own retries (defined beside it).
+from pmd.http_client import TRANSIENT_REASONS, is_transient  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,6 @@ TEXT_HASH = "text_hash"
 SOURCE_INDEX = "source_index"  # the source's position in the build config
 CANDIDATE_INDEX = "candidate_index"  # the row's position in its source's candidates
 
-# Failure reasons worth a second attempt: the server or the network may answer differently later. Everything else
-# (404/410, opted out, decode errors, checks, archive reads, duplicates) is a property of the image or the URL.
-TRANSIENT_REASONS: frozenset[str] = frozenset({
-    "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
-    "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
-})
-
-
-def is_transient(reason: str | None) -> bool:
-    """Whether a failure reason may go away on a later attempt (any 5xx counts, not only the common ones)."""
-    if reason is None:
-        return False
-    return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and len(reason) == 8)
 
 # Stage of each process_image rejection reason.
 _CHECK_STAGE = {"decode_error": "decode", EVAL_OVERLAP: DECONTAMINATE_STAGE}

@@ -54,11 +54,22 @@ log = logging.getLogger(__name__)
 _READ_SIZE = 64 * 1024
 _MAX_REDIRECTS = 10  # urllib's HTTPRedirectHandler.max_redirections, what img2dataset gets
 _ERROR_BODY_DRAIN = 64 * 1024  # an error body up to this size is read so the connection can be reused
-# Statuses worth another attempt within the chunk (later; for 429/503 after the host's backoff). A build-level
-# `--retry-failures` goes by pmd.build.TRANSIENT_REASONS, which also retries `download_error`.
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 BACKOFF_STATUSES = frozenset({429, 503})
-TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "truncated_body"})
+
+# Failure reasons worth a second attempt: the server or the network may answer differently later. Everything else
+# (404/410, opted out, decode errors, checks, archive reads, duplicates) is a property of the image or the URL.
+TRANSIENT_REASONS: frozenset[str] = frozenset({
+    "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
+    "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
+})
+
+
+def is_transient(reason: str | None) -> bool:
+    """Whether a failure reason may go away on a later attempt (any 5xx counts, not only the common ones)."""
+    if reason is None:
+        return False
+    return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and len(reason) == 8)
+
 
 
 def user_agent(token: str | None) -> str:
@@ -200,7 +211,7 @@ class Fetched:
     @property
     def transient(self) -> bool:
         """Worth another attempt: the same request may well succeed later."""
-        return self.reason in TRANSIENT_REASONS or (self.status in RETRY_STATUSES and self.data is None)
+        return self.data is None and is_transient(self.reason)
 
 
 class _Failure(Exception):
