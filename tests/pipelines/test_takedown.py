@@ -21,15 +21,22 @@ PMD = str(Path(sys.executable).with_name("pmd"))
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("takedown")
-    coco = make_coco(root / "in", n_images=16)
-    out = root / "out"
+def coco_inputs(tmp_path_factory):
+    return make_coco(tmp_path_factory.mktemp("takedown") / "in", n_images=16)
+
+
+def build(coco, out: Path, *extra: str) -> None:
     cmd = [PMD, "build", "coco", str(coco.karpathy), *sum((["--images", str(z)] for z in coco.zips), []),
            "--out", str(out), "--executor", "local", "--shard-rows", "20", "--row-group-rows", "6",
-           "--image-size", "32", "-q"]
+           "--image-size", "32", "-q", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def built(coco_inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("takedown") / "out"
+    build(coco_inputs, out)
     return out
 
 
@@ -186,3 +193,82 @@ def test_killed_after_the_manifest_the_rerun_only_drops_the_journal(built, tmp_p
     assert {k: v for k, v in snapshot(corpus).items() if "pending" not in k} == \
         {k: v for k, v in done.items() if "pending" not in k}
     assert verify(corpus) == []
+
+
+def all_keys(out: Path) -> list[str]:
+    return [r[schema.KEY] for r in rows(out)]
+
+
+def failures(out: Path) -> list[dict]:
+    m = json.loads((out / "manifest.json").read_text())
+    return [r for f in m["failures"] for r in pq.read_table(out / f["file"]).to_pylist()]
+
+
+def test_retry_after_takedowns_never_brings_a_pair_back(coco_inputs, built, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(built, corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    shard0 = pq.read_table(corpus / manifest["shards"][0]["file"], columns=[schema.KEY]).column(0).to_pylist()
+    by_key = {r[schema.KEY]: r for r in rows(corpus)}
+    victims = [shard0[1], shard0[7]]
+    digest = next(r[schema.IMAGE_SHA256] for r in rows(corpus)[30:] if r[schema.KEY] not in victims)
+    image_rows = sorted(k for k, r in by_key.items() if r[schema.IMAGE_SHA256] == digest)
+    assert pmd_main(["takedown", str(corpus), "--keys", str(write_list(tmp_path / "k.txt", victims)),
+                     "--reason", "owner request 42"]) == 0
+    assert pmd_main(["takedown", str(corpus), "--image-sha256", str(write_list(tmp_path / "s.txt", [digest]))]) == 0
+    gone = set(victims) | set(image_rows)
+    assert len(gone) == 2 + 5
+    assert len(list((corpus / "takedowns").glob("*.removed.parquet"))) == 2
+
+    build(coco_inputs, corpus, "--retry-failures")
+    assert verify(corpus) == []
+    keys = all_keys(corpus)
+    assert not gone & set(keys)
+    assert sorted(keys) == sorted(set(by_key) - gone)
+    after = json.loads((corpus / "manifest.json").read_text())
+    acc, old = after["accounting"]["coco"], manifest["accounting"]["coco"]
+    assert acc["input_rows"] == acc["pairs"] + acc["rejects"] + acc["failures"]
+    assert acc["pairs"] == old["pairs"] - 7 and acc["failures_by_reason"]["takedown"] == 7
+    assert acc["unique_images"] == old["unique_images"] - 1
+    assert after["totals"]["failures_by_reason"]["takedown"] == 7
+    assert {f["file"] for f in after["failures"]} == {"failures/coco.parquet"}
+    assert not list((corpus / "failures").glob("takedown-*"))
+    taken = [f for f in failures(corpus) if f["reason"] == "takedown"]
+    assert sorted(f[schema.KEY] for f in taken) == sorted(gone)
+    assert {f["stage"] for f in taken} == {"takedown"}
+    assert all("owner request 42" in f["detail"] for f in taken if f[schema.KEY] in victims)
+    listed = {t["kind"]: t for t in after["takedowns"]}
+    assert sorted(listed) == ["image_sha256", "keys"]
+    assert (listed["keys"]["rows"], listed["image_sha256"]["rows"]) == (2, 5)
+    assert listed["keys"]["reason"] == "owner request 42" and listed["keys"]["rows_by_source"] == {"coco": 2}
+    # The corpus is the one a build whose first attempt already excluded these rows would write: rebuilt from
+    # scratch over the same OUT (recorded requests, no work directory), the shards are identical.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copytree(corpus / "takedowns", fresh / "takedowns")
+    build(coco_inputs, fresh)
+    assert verify(fresh) == []
+    assert [pq.read_table(fresh / s["file"]) for s in json.loads((fresh / "manifest.json").read_text())["shards"]] \
+        == [pq.read_table(corpus / s["file"]) for s in after["shards"]]
+
+    # Applied again, after the retry: nothing changes; a second retry changes nothing either.
+    before = snapshot(corpus)
+    assert apply(corpus, read_request("keys", tmp_path / "k.txt"))["applied"] is False
+    assert apply(corpus, read_request("image_sha256", tmp_path / "s.txt"))["applied"] is False
+    assert snapshot(corpus) == before
+    build(coco_inputs, corpus, "--retry-failures")
+    assert verify(corpus) == [] and sorted(all_keys(corpus)) == sorted(keys)
+    assert {k: v for k, v in snapshot(corpus).items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_a_plain_rebuild_applies_a_takedown_made_after_the_build(coco_inputs, built, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(built, corpus)
+    victims = all_keys(corpus)[::9]
+    assert pmd_main(["takedown", str(corpus), "--keys", str(write_list(tmp_path / "k.txt", victims))]) == 0
+    build(coco_inputs, corpus)  # the same command again, no retry
+    assert verify(corpus) == []
+    assert not set(victims) & set(all_keys(corpus))
+    acc = json.loads((corpus / "manifest.json").read_text())["accounting"]["coco"]
+    assert acc["failures_by_reason"]["takedown"] == len(victims)
