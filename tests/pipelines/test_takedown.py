@@ -272,3 +272,68 @@ def test_a_plain_rebuild_applies_a_takedown_made_after_the_build(coco_inputs, bu
     assert not set(victims) & set(all_keys(corpus))
     acc = json.loads((corpus / "manifest.json").read_text())["accounting"]["coco"]
     assert acc["failures_by_reason"]["takedown"] == len(victims)
+
+
+def test_a_retried_row_comes_back_but_a_pair_taken_down_by_url_does_not(tmp_path):
+    """A URL source: a transient failure succeeds on retry, while a URL named by two rows (downloaded once) is
+    taken down; a mirror URL of the same image is another pair and stays."""
+    from pipelines.build import BuildConfig, SourceSpec, run_build
+    from pmd.download import DownloadOptions
+    from pmd.images import ImageOptions
+    from tests.httpserver import LoopbackServer
+
+    server = LoopbackServer(image_size=(64, 48), sleep_s=2.0).start()
+    try:
+        victim = server.url("/img/950.jpg")
+        lines = [f"{server.url(f'/img/{800 + i}.jpg')}\tgood {i}" for i in range(8)]
+        lines[2:2] = [f"{victim}\tvictim", f"{server.url('/flaky/1/900.jpg?run=takedown')}\tflaky"]
+        lines += [f"{server.url('/img/950.jpg?mirror')}\tmirror", f"{victim}\tvictim again"]
+        tsv = tmp_path / "cc12m.tsv"
+        tsv.write_text("\n".join(lines) + "\n")
+
+        def config(out: Path, retry: bool) -> BuildConfig:
+            return BuildConfig(sources=[SourceSpec("conceptual_12m", [tsv])], out=out, shard_rows=4, chunk_rows=4,
+                               seed=3, image=ImageOptions(image_size=32),
+                               download=DownloadOptions(timeout=2.0, thread_count=4), executor="local",
+                               progress=False, retry_failures=retry)
+
+        out = tmp_path / "out"
+        first = run_build(config(out, retry=False))
+        assert first["accounting"]["conceptual_12m"]["failures_by_reason"] == {"http_503": 1}
+        texts = {r["text"]: r for r in _shard_rows(out)}
+        assert {"victim", "victim again", "mirror"} <= set(texts) and "flaky" not in texts
+        assert texts["victim"][schema.IMAGE_SHA256] == texts["mirror"][schema.IMAGE_SHA256]
+        assert apply(out, read_request("urls", write_list(tmp_path / "u.txt", [victim])))["rows"] == 2
+
+        retried = run_build(config(out, retry=True))
+        assert verify(out) == []
+        texts = {r["text"]: r for r in _shard_rows(out)}
+        assert "flaky" in texts and "mirror" in texts
+        assert not {"victim", "victim again"} & set(texts)
+        assert all(r[schema.IMAGE_URL] != victim for r in texts.values())
+        acc = retried["accounting"]["conceptual_12m"]
+        assert acc["failures_by_reason"] == {"takedown": 2} and acc["pairs"] == len(lines) - 2
+        assert acc["input_rows"] == acc["pairs"] + acc["rejects"] + acc["failures"]
+        [listed] = retried["takedowns"]
+        assert (listed["kind"], listed["rows"]) == ("urls", 2)
+        taken = [f for f in failures(out) if f["reason"] == "takedown"]
+        assert sorted(f[schema.IMAGE_URL] for f in taken) == [victim, victim]
+
+        # The same as a first build that already knew the request (the flaky URL answers at once now).
+        reference = tmp_path / "reference"
+        reference.mkdir()
+        shutil.copytree(out / "takedowns", reference / "takedowns")
+        run_build(config(reference, retry=False))
+        assert [p.read_bytes() for p in sorted((out / "shards").glob("*.parquet"))] == \
+            [p.read_bytes() for p in sorted((reference / "shards").glob("*.parquet"))]
+        assert (out / "failures" / "conceptual_12m.parquet").read_bytes() == \
+            (reference / "failures" / "conceptual_12m.parquet").read_bytes()
+        assert apply(out, read_request("urls", tmp_path / "u.txt"))["applied"] is False
+    finally:
+        server.stop()
+
+
+def _shard_rows(out: Path) -> list[dict]:
+    m = json.loads((out / "manifest.json").read_text())
+    return [r for s in m["shards"] for r in pq.read_table(out / s["file"], columns=[
+        schema.KEY, schema.TEXT, schema.IMAGE_SHA256, schema.IMAGE_URL]).to_pylist()]
