@@ -29,6 +29,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import polars as pl
@@ -263,16 +264,32 @@ class TakedownFilter:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
+    @cached_property
+    def _by_column(self) -> dict[str, dict[str, str]]:
+        """column -> value -> id of the first request naming it: one membership test per column, however many
+        requests."""
+        result: dict[str, dict[str, str]] = {}
+        for request in self.requests:
+            named = result.setdefault(KINDS[request.kind], {})
+            for value in request.values:
+                named.setdefault(value, request.id)
+        return result
+
     def match(self, table: pa.Table) -> list[str | None]:
         """Per row of `table` (which has the KINDS columns), the id of the first request naming it, else None."""
         ids: list[str | None] = [None] * table.num_rows
-        for request in self.requests:
-            column = table.column(KINDS[request.kind])
-            hits = pc.is_in(column, value_set=pa.array(request.values, pa.string())).to_pylist()
-            for i, hit in enumerate(hits):
-                if hit and ids[i] is None:
-                    ids[i] = request.id
+        for column, named in self._by_column.items():
+            values = table.column(column)
+            hits = pc.indices_nonzero(pc.is_in(values, value_set=pa.array(list(named), pa.string())))
+            for i in hits.to_pylist():
+                request = named[values[i].as_py()]
+                if ids[i] is None or self._rank[request] < self._rank[ids[i]]:
+                    ids[i] = request
         return ids
+
+    @cached_property
+    def _rank(self) -> dict[str, int]:
+        return {r.id: i for i, r in enumerate(self.requests)}
 
     def detail(self, request_id: str) -> str:
         return _detail(next(r for r in self.requests if r.id == request_id))

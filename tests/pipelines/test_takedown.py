@@ -337,3 +337,37 @@ def _shard_rows(out: Path) -> list[dict]:
     m = json.loads((out / "manifest.json").read_text())
     return [r for s in m["shards"] for r in pq.read_table(out / s["file"], columns=[
         schema.KEY, schema.TEXT, schema.IMAGE_SHA256, schema.IMAGE_URL]).to_pylist()]
+
+
+def test_the_filter_charges_a_row_to_the_first_request_received(tmp_path):
+    import pyarrow as pa
+
+    from pmd.takedown import TakedownRequest, load_filter
+
+    (tmp_path / "takedowns").mkdir()
+    later = TakedownRequest("keys", ("k1", "k2"), "a" * 64, "later")
+    earlier = TakedownRequest("urls", ("http://x/1.jpg",), "b" * 64)
+    for request, at in ((later, "2026-02-01T00:00:00Z"), (earlier, "2026-01-01T00:00:00Z")):
+        (tmp_path / "takedowns" / f"{request.id}.json").write_text(json.dumps({**request.to_dict(),
+                                                                                "received_at": at}))
+    takedowns = load_filter(tmp_path)
+    assert [r.id for r in takedowns.requests] == [earlier.id, later.id]
+    table = pa.table({schema.KEY: ["k1", "k2", "k3", "k4"],
+                      schema.IMAGE_URL: ["http://x/1.jpg", "http://x/2.jpg", None, "http://x/1.jpg"],
+                      schema.IMAGE_SHA256: ["0" * 64] * 4})
+    assert takedowns.match(table) == [earlier.id, later.id, None, earlier.id]
+    assert "later" in takedowns.detail(later.id)
+    assert not load_filter(tmp_path / "nowhere")
+
+
+def test_a_shard_shortened_other_than_by_a_takedown_is_still_refused(coco_inputs, built, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(built, corpus)
+    shard = corpus / json.loads((corpus / "manifest.json").read_text())["shards"][0]["file"]
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(1), shard)  # a row vanished, no takedown recorded it
+    r = subprocess.run([PMD, "build", "coco", str(coco_inputs.karpathy),
+                        *sum((["--images", str(z)] for z in coco_inputs.zips), []), "--out", str(corpus),
+                        "--executor", "local", "--shard-rows", "20", "--row-group-rows", "6", "--image-size", "32",
+                        "-q", "--retry-failures"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "kept index; was the shard replaced?" in r.stderr
