@@ -14,6 +14,7 @@ import pytest
 from pmd import schema, shards
 from pmd.cli import main as pmd_main
 from pmd.shards import verify
+from pmd.stats import locate_build
 from pmd.takedown import TakedownError, apply, read_request
 from tests.pipelines.build_fixtures import make_coco
 
@@ -211,6 +212,8 @@ def test_retry_after_takedowns_never_brings_a_pair_back(coco_inputs, built, tmp_
     shard0 = pq.read_table(corpus / manifest["shards"][0]["file"], columns=[schema.KEY]).column(0).to_pylist()
     by_key = {r[schema.KEY]: r for r in rows(corpus)}
     victims = [shard0[1], shard0[7]]
+    texts = {r[schema.KEY]: r[schema.TEXT] for s in manifest["shards"]
+             for r in pq.read_table(corpus / s["file"], columns=[schema.KEY, schema.TEXT]).to_pylist()}
     digest = next(r[schema.IMAGE_SHA256] for r in rows(corpus)[30:] if r[schema.KEY] not in victims)
     image_rows = sorted(k for k, r in by_key.items() if r[schema.IMAGE_SHA256] == digest)
     assert pmd_main(["takedown", str(corpus), "--keys", str(write_list(tmp_path / "k.txt", victims)),
@@ -219,6 +222,11 @@ def test_retry_after_takedowns_never_brings_a_pair_back(coco_inputs, built, tmp_
     gone = set(victims) | set(image_rows)
     assert len(gone) == 2 + 5
     assert len(list((corpus / "takedowns").glob("*.removed.parquet"))) == 2
+    removed = [r for p in sorted((corpus / "takedowns").glob("*.removed.parquet"))
+               for r in pq.read_table(p).to_pylist()]
+    assert sorted(r[schema.KEY] for r in removed) == sorted(gone)
+    assert "image" not in removed[0] and all(r[schema.TEXT] == texts[r[schema.KEY]] for r in removed)
+    assert locate_build(corpus).problems == []  # the takedown records are not taken for shards
 
     build(coco_inputs, corpus, "--retry-failures")
     assert verify(corpus) == []
