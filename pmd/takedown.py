@@ -3,7 +3,7 @@
 A request is a list of image URLs, pair keys or image sha256 digests (one per line; blank lines and `#` comments
 ignored). Applying it:
 1. records the request as received: OUT/takedowns/ID.json (ID = sha256 of the list file), so that later builds
-   apply it again (`reapply`) and an auditor sees what was asked and when;
+   apply it again (`load_filter`) and an auditor sees what was asked and when;
 2. finds the matching pairs with a metadata-only scan of the shards, into a journal (OUT/takedowns/ID.pending.parquet);
 3. rewrites only the shards that hold a match: the other rows in the same order, each row group kept as a row group
    (minus its removed rows);
@@ -178,8 +178,10 @@ def apply(out: Path, request: TakedownRequest) -> dict:
     if journal.exists():
         found = pq.read_table(journal)
         application = int(found.schema.metadata[_APPLICATION])
-        if len(applied) > application and applied[application]["list_sha256"] == request.id:
-            journal.unlink()  # killed after the manifest was written: only the journal was left
+        if any(t["list_sha256"] == request.id for t in applied[application:]):
+            # Killed after the manifest was written (only the journal was left), or a build applied the recorded
+            # request since (a build lists every recorded request): nothing left to do.
+            journal.unlink()
             return {"rows": 0, "shards": 0, "applied": False}
     else:
         application = len(applied)
@@ -238,14 +240,6 @@ def apply(out: Path, request: TakedownRequest) -> dict:
     journal.unlink(missing_ok=True)
     log.info("takedown %s: %d pairs removed from %d shards", request.id[:12], found.num_rows, len(shards))
     return {"rows": found.num_rows, "shards": len(shards), "applied": True}
-
-
-def reapply(out: Path) -> list[dict]:
-    """Every request recorded in OUT/takedowns again (after a build or a retry that may have brought pairs back)."""
-    results = []
-    for path in sorted((Path(out) / TAKEDOWN_DIR).glob("*.json")):
-        results.append(apply(out, TakedownRequest.from_dict(json.loads(path.read_text()))))
-    return results
 
 
 def recorded(out: Path) -> list[TakedownRequest]:

@@ -379,3 +379,35 @@ def test_a_shard_shortened_other_than_by_a_takedown_is_still_refused(coco_inputs
                         "--executor", "local", "--shard-rows", "20", "--row-group-rows", "6", "--image-size", "32",
                         "-q", "--retry-failures"], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "kept index; was the shard replaced?" in r.stderr
+
+
+def test_a_takedown_killed_midway_then_a_retry_then_the_rerun_is_consistent(coco_inputs, built, tmp_path,
+                                                                             monkeypatch):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(built, corpus)
+    keys = all_keys(corpus)
+    victims = [keys[0], keys[25], keys[-1]]  # three shards
+    victims_file = write_list(tmp_path / "k.txt", victims)
+    real_replace, calls = shards.os.replace, []
+
+    def dying_replace(src, dst):  # dies after the record, the journal, the removed rows and one shard are written
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        apply(corpus, read_request("keys", victims_file))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    assert Path(calls[-1]).parent.name == "shards"
+
+    build(coco_inputs, corpus, "--retry-failures")  # the recorded request is applied by the build
+    assert verify(corpus) == [] and not set(victims) & set(all_keys(corpus))
+    done = snapshot(corpus)
+    assert apply(corpus, read_request("keys", victims_file))["applied"] is False  # only the journal is dropped
+    assert not list((corpus / "takedowns").glob("*.pending.parquet"))
+    assert {k: v for k, v in snapshot(corpus).items() if "pending" not in k} == \
+        {k: v for k, v in done.items() if "pending" not in k}
+    acc = json.loads((corpus / "manifest.json").read_text())["accounting"]["coco"]
+    assert acc["failures_by_reason"]["takedown"] == 3
