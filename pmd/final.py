@@ -25,6 +25,10 @@ written after its outputs: a killed build resumes at the first unfinished task a
 Rows of one image stay in one bucket (about BUCKET_SHARDS shards), which is what lets dedup and unique-image
 counts be local; within that the order is a uniform shuffle of the whole corpus.
 
+Takedown requests recorded in OUT/takedowns (`pmd.takedown.TakedownFilter`) are decided in B1 and B2 after dedup:
+a kept row a request names becomes a failure with stage and reason `takedown` (in the bucket's duplicates file),
+so no build, rebuild or retry ever writes it to a shard.
+
 `retry_group` (`--retry-failures`) downloads again the transient failures of a scattered group and adds the rows
 that now succeed as extra pieces; a finished build is first taken back to pieces (`unbuild_shard`,
 `reopen_bucket`), so the shards after a retry are exactly those of a build whose first attempt had succeeded.

@@ -130,7 +130,7 @@ def test_an_image_digest_removes_every_pair_of_that_image(corpus, tmp_path):
     assert new["totals"]["unique_images"] == manifest["totals"]["unique_images"] - 1
 
 
-@pytest.mark.parametrize("crash_after", range(0, 7))
+@pytest.mark.parametrize("crash_after", range(0, 8))  # every rename, the manifest last
 def test_killed_at_any_point_the_rerun_gives_the_uninterrupted_result(built, tmp_path, monkeypatch, crash_after):
     victims_file = tmp_path / "k.txt"
     keys = [r[schema.KEY] for r in rows(built)]
