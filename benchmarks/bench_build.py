@@ -6,10 +6,19 @@ A loopback server (tests/httpserver.py, its own process) serves N generated JPEG
 processes with the same settings (2 processes/tasks, the same threads per process, timeout, shorter side resized to
 --image-size without upscaling, JPEG quality 95, Parquet output), and each is timed from start to exit:
 - img2dataset.download(...) on a Parquet URL list, multiprocessing distributor;
-- `pmd build conceptual_12m cc12m.tsv`: ingest + Ray start + download (img2dataset's downloader per chunk) + decode
+- `pmd build conceptual_12m cc12m.tsv`: ingest + Ray start + download (per chunk, each `--backends` in turn) + decode
   and checks + resize/encode + dedup + shards + failures + manifest.
 Peak memory is the largest summed RSS of each child's whole process tree (sampled every 0.1 s: Ray workers and
 img2dataset's pool processes included; Ray's object store shared memory counted per process that maps it).
+
+Latency mode (issue 18): each new connection costs a delay, a stand-in for the TCP/TLS handshakes to a remote CDN,
+and the URLs are spread over several hosts the way PMD's are (one host serving ~half, a long tail):
+
+    python benchmarks/bench_build.py --images 2000 --connect-delay-ms 50 --hosts 8 --rounds 3
+
+Each host is its own server process on its own loopback port. Every round runs img2dataset alone, then `pmd build`
+with each download backend (`--backends`), the order rotated round to round, then the download alone with each
+backend (`download_chunk` in this process, threads x procs threads, no decode); medians over rounds are reported.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import shutil
 import subprocess
 import sys
@@ -85,6 +96,72 @@ if __name__ == "__main__":
 """
 
 
+# Share of the URLs per host, largest first: roughly PMD's (YFCC on Flickr's CDN ~half, WIT, Open Images, a tail).
+HOST_WEIGHTS = (0.45, 0.2, 0.12, 0.08, 0.06, 0.04, 0.03, 0.02)
+
+
+def host_mix(n_images: int, ports: list[int], seed: int = 0) -> list[str]:
+    """n URLs over the hosts (ports) by HOST_WEIGHTS (cycled and renormalised past 8 hosts), shuffled."""
+    weights = [HOST_WEIGHTS[i % len(HOST_WEIGHTS)] for i in range(len(ports))]
+    rng = random.Random(seed)
+    picks = rng.choices(range(len(ports)), weights=weights, k=n_images)
+    return [f"http://127.0.0.1:{ports[h]}/img/{i}.jpg" for i, h in enumerate(picks)]
+
+
+def run_img2dataset(args, work: Path, env: dict, tag: str) -> dict:
+    out = work / f"i2d-{tag}"
+    wall, peak, _ = run_measured(
+        [PYTHON, str(work / "i2d.py"), str(work / "urls.parquet"), str(out), str(args.image_size),
+         str(args.threads), str(args.procs), str(args.timeout)], env)
+    ok = sum(pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success")
+             for p in out.glob("*.parquet"))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": round(peak / 2**20)}
+
+
+def run_pmd(args, work: Path, env: dict, backend: str, tag: str) -> dict:
+    out = work / f"pmd-{backend}-{tag}"
+    wall, peak, _ = run_measured(
+        [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(out),
+         "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
+         "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--download-backend", backend,
+         "--json", "-q"], env)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    pairs = manifest["totals"]["pairs"]
+    return {"wall_s": round(wall, 2), "ok": pairs, "images_per_s": round(pairs / wall, 1),
+            "peak_rss_mb": round(peak / 2**20), "stages_s": manifest["timings"],
+            "shard_bytes": sum(s["bytes"] for s in manifest["shards"]), "shards": len(manifest["shards"])}
+
+
+def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
+    """The download alone, in this process: `download_chunk` over every URL, threads x procs threads, no decode."""
+    sys.path.insert(0, str(ROOT))
+    from pmd.download import DownloadOptions, download_chunk
+
+    options = DownloadOptions(timeout=args.timeout, thread_count=args.threads * args.procs, backend=backend)
+    if backend == "img2dataset":
+        import img2dataset.downloader  # noqa: F401 - its imports (cv2, albumentations) take seconds: not timed
+    from pmd.http_client import close_clients
+
+    close_clients()  # every round starts without open connections, as a fresh `pmd build` process does
+    started = time.perf_counter()
+    ok = sum(d.reason is None for d in download_chunk(urls, urls, options, work / f"dl-{backend}"))
+    wall = time.perf_counter() - started
+    return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": 0}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The figures of each key as the median over rounds (images/s, wall, RSS), plus every round's rate."""
+    mid = sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
+    return {**({"median_round_stages_s": mid["stages_s"]} if "stages_s" in mid else {}),
+            "images_per_s": round(statistics.median(r["images_per_s"] for r in runs), 1),
+            "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
+            "ok": min(r["ok"] for r in runs),
+            "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs)),
+            "rounds_images_per_s": [r["images_per_s"] for r in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
@@ -94,61 +171,78 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="img2dataset processes = Ray CPUs for pmd")
     parser.add_argument("--chunk-rows", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--connect-delay-ms", type=float, default=0.0, help="server delay per new connection")
+    parser.add_argument("--hosts", type=int, default=1, help="loopback hosts (ports) the URLs are spread over")
+    parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds (order rotated), medians reported")
+    parser.add_argument("--download-only", action="store_true", help="only the download-alone figures")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pmd-bench-build-"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([PYTHON, str(ROOT / "tests" / "httpserver.py"), "--size", args.size], env=env,
-                              stdout=subprocess.PIPE, text=True)
+    servers = [subprocess.Popen([PYTHON, str(ROOT / "tests" / "httpserver.py"), "--size", args.size,
+                                 "--connect-delay", str(args.connect_delay_ms / 1000)], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(args.hosts)]
+    runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}": [] for b in backends}}
+    downloads: dict[str, list[dict]] = {f"download_only_{b}": [] for b in ("http", "img2dataset")}
     try:
-        port = int(server.stdout.readline())
-        urls = [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(args.images)]
+        ports = [int(server.stdout.readline()) for server in servers]
+        urls = host_mix(args.images, ports)
         captions = [f"generated image number {i}" for i in range(args.images)]
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
         (work / "cc12m.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
         (work / "i2d.py").write_text(I2D_SCRIPT)
-
-        i2d_wall, i2d_peak, _ = run_measured(
-            [PYTHON, str(work / "i2d.py"), str(work / "urls.parquet"), str(work / "i2d"), str(args.image_size),
-             str(args.threads), str(args.procs), str(args.timeout)], env)
-        i2d_ok = sum(pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success")
-                     for p in (work / "i2d").glob("*.parquet"))
-
-        pmd_wall, pmd_peak, _ = run_measured(
-            [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(work / "pmd"),
-             "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
-             "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--json", "-q"], env)
-        manifest = json.loads((work / "pmd" / "manifest.json").read_text())
+        if args.download_only:
+            runs = {}
+        names = list(runs)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)] if names else []
+            for name in order:
+                if name == "img2dataset":
+                    result = run_img2dataset(args, work, env, str(r))
+                else:
+                    result = run_pmd(args, work, env, name.removeprefix("pmd_build_"), str(r))
+                runs[name].append(result)
+                print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "
+                      f"{result['images_per_s']} img/s", file=sys.stderr, flush=True)
+            for name in (list(downloads) if r % 2 == 0 else list(downloads)[::-1]):
+                result = run_download_only(args, urls, work, name.removeprefix("download_only_"))
+                downloads[name].append(result)
+                print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "
+                      f"{result['images_per_s']} img/s", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait()
+        for server in servers:
+            server.terminate()
+            server.wait()
 
-    pairs = manifest["totals"]["pairs"]
-    t = manifest["timings"]
-    shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     figures = {
         "images": args.images, "served_size": args.size, "image_size": args.image_size, "threads": args.threads,
-        "procs": args.procs, "chunk_rows": args.chunk_rows,
-        "img2dataset": {"wall_s": round(i2d_wall, 2), "ok": i2d_ok, "images_per_s": round(i2d_ok / i2d_wall, 1),
-                        "peak_rss_mb": round(i2d_peak / 2**20)},
-        "pmd_build": {"wall_s": round(pmd_wall, 2), "ok": pairs, "images_per_s": round(pairs / pmd_wall, 1),
-                      "peak_rss_mb": round(pmd_peak / 2**20), "stages_s": t,
-                      "shard_bytes": shard_bytes, "shards": len(manifest["shards"])},
+        "procs": args.procs, "chunk_rows": args.chunk_rows, "connect_delay_ms": args.connect_delay_ms,
+        "hosts": args.hosts, "rounds": args.rounds,
+        **{name: median_run(rs) for name, rs in runs.items()},
     }
-    figures["ratio"] = round(figures["pmd_build"]["images_per_s"] / figures["img2dataset"]["images_per_s"], 3)
+    figures.update({name: median_run(rs) for name, rs in downloads.items()})
+    if args.rounds == 1:
+        for name, rs in runs.items():
+            figures[name] = rs[0] | {"rounds_images_per_s": [rs[0]["images_per_s"]]}
+    figures["ratio"] = {name: round(figures[name]["images_per_s"] / figures["img2dataset"]["images_per_s"], 3)
+                        for name in runs if name != "img2dataset"}
     print(json.dumps(figures, indent=2))
-    print(f"\nimg2dataset alone : {i2d_ok} images in {i2d_wall:.1f}s = {i2d_ok / i2d_wall:.0f} img/s, "
-          f"peak RSS {i2d_peak / 2**20:.0f} MiB")
-    print(f"pmd build         : {pairs} images in {pmd_wall:.1f}s = {pairs / pmd_wall:.0f} img/s, "
-          f"peak RSS {pmd_peak / 2**20:.0f} MiB")
-    print(f"ratio pmd/img2dataset: {figures['ratio']:.2f} (target >= 0.80)")
-    print(f"shard writing: {t.get('shard_rows_per_s')} rows/s, {t.get('shard_mb_per_s')} MB/s "
-          f"({len(manifest['shards'])} shards, {shard_bytes / 1e6:.1f} MB)")
+    print(f"\n{args.images} images, {args.hosts} host(s), {args.connect_delay_ms:g} ms per new connection, "
+          f"medians of {args.rounds} round(s):")
+    figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
+                                           / figures["download_only_img2dataset"]["images_per_s"], 3)
+    for name in [*runs, *downloads]:
+        f = figures[name]
+        ratio = f"  ratio {figures['ratio'][name]:.2f}" if name in figures["ratio"] else ""
+        print(f"{name:22s}: {f['ok']} images in {f['wall_s']:.1f}s = {f['images_per_s']:.0f} img/s, "
+              f"peak RSS {f['peak_rss_mb']} MiB{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

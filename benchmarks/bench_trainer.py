@@ -6,6 +6,14 @@ median over the logged steps after a warm-up, from RUN/metrics.jsonl.
 
     python benchmarks/bench_trainer.py --nproc 1 2 --steps 30
     python benchmarks/bench_trainer.py --full --steps 30 --micro 32   # on a GPU machine
+
+A/B of two override sets in alternating rounds (medians per side), e.g. padding to the batch's longest text
+against padding to the maximum length, at the paper's text lengths (77 for pairs, 512 for MLM):
+
+    python benchmarks/bench_trainer.py --ab data.pad_to_longest=false data.pad_to_longest=true --rounds 3 \
+        --steps 15 --lengths --threads 1
+    python benchmarks/bench_trainer.py --ab run.contrastive_gradient_cache=false run.contrastive_gradient_cache=true \
+        --batch 32 --micro 8 --rounds 3 --steps 15 --threads 1
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ sys.path.insert(0, ROOT)
 
 from tests.flava.shards import make_build  # noqa: E402
 
+THREADS = 0  # --threads
+
 
 def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "flava.cli", "train", "--config", config, "--data", str(data), "--out", str(out),
@@ -34,7 +44,10 @@ def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if THREADS:  # torch's default (all cores) oversubscribes badly on a loaded machine
+        env["OMP_NUM_THREADS"] = str(THREADS)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(r.stderr[-4000:])
@@ -42,6 +55,8 @@ def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[
     warm = rows[min(5, len(rows) // 3):]
     sps = statistics.median(r["samples_per_s"] for r in warm)
     res = {"nproc": nproc, "steps": steps, "samples_per_s": sps, "wall_s": wall}
+    for kind in sorted({r["kind"] for r in warm}):  # mixed-kind runs: each kind's steps on their own
+        res[f"samples_per_s_{kind}"] = statistics.median(r["samples_per_s"] for r in warm if r["kind"] == kind)
     mfu = [r["mfu"] for r in warm if r.get("mfu") is not None]
     if mfu:
         res["mfu"] = statistics.median(mfu)
@@ -55,7 +70,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="global batch (tiny)")
     ap.add_argument("--full", action="store_true", help="flava_full on GPU")
     ap.add_argument("--micro", type=int, default=32, help="per-GPU micro batch (flava_full)")
+    ap.add_argument("--ab", nargs=2, metavar=("A", "B"), help="two override sets (comma-separated key=value)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (with --ab)")
+    ap.add_argument("--lengths", action="store_true", help="tiny at the paper's text lengths: 77 pairs, 512 text")
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    if args.ab:
+        return ab(args)
     results = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -76,6 +99,30 @@ def main() -> None:
                 results.append({"config": "tiny", "global_batch": args.batch, **r})
     for r in results:
         print(json.dumps(r))
+
+
+def ab(args) -> None:
+    """Alternating rounds A, B, A, B, ... on the same data; prints every run and the median samples/s per side."""
+    micro = min(args.micro, args.batch)  # < --batch: gradient accumulation
+    extra = [f"run.global_batch_size={args.batch}", f"run.micro_batch_size={micro}", "data.num_workers=1"]
+    if args.lengths:  # pairs + MLM text as in the paper; the tiny model gets 512 positions for it
+        extra += ["model.overrides.text.max_position_embeddings=512", "data.text_max_length=77",
+                  "data.text_only_max_length=512", "data.ratios={pairs: 0.5, text: 0.5}"]  # fmt: skip
+    sides = {"A": args.ab[0].split(","), "B": args.ab[1].split(",")}
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        data = make_build(d / "data", n=512, size=48, shards=2, row_group_size=64)
+        for i in range(args.rounds):
+            for side, over in sides.items():
+                r = run(data, d / f"{side}{i}", "tiny", args.steps, 1, [*extra, *over])
+                runs[side].append(r)
+                print(json.dumps({"round": i, "side": side, "overrides": over, **r}), flush=True)
+    keys = [k for k in runs["A"][0] if k.startswith("samples_per_s")]
+    for key in keys:
+        med = {side: statistics.median(r[key] for r in rs) for side, rs in runs.items()}
+        print(json.dumps({"metric": key, "median": med, "B_over_A": med["B"] / med["A"], "A": sides["A"],
+                          "B": sides["B"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class FlavaConfig:
     ce_ignore_index: int = -100
     initializer_range: float = 0.02
     global_backprop_contrastive: bool = True  # gather embeddings WITH gradients across ranks
+    # drop ITM-negative rows' captions (duplicates of another row's caption) from the contrastive columns;
+    # transformers keeps them (set false for parity with it)
+    contrastive_exclude_itm_negatives: bool = True
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing per transformer layer
 
     def __post_init__(self) -> None:

@@ -334,6 +334,7 @@ class DataSpec:
     mask_patches: int | None = None
     mask_min_block: int | None = None
     ignore_index: int = -100
+    pad_to_longest: bool = True
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -519,6 +520,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 idx, itm = itm_negatives(len(samples), spec.itm_probability, g)
                 ids, attn, masked, labels = ids[idx], attn[idx], masked[idx], labels[idx]
                 batch["itm_labels"] = itm
+            if spec.pad_to_longest:  # after masking, so every random draw is that of the full-length batch
+                n = int(attn.sum(1).max())
+                ids, masked, attn, labels = ids[:, :n], masked[:, :n], attn[:, :n], labels[:, :n]
             batch.update(input_ids=ids, input_ids_masked=masked, attention_mask=attn, mlm_labels=labels)
         return batch
 
@@ -716,7 +720,7 @@ def build_specs(run_cfg, model_cfg, seed: int | None = None) -> dict[str, DataSp
         seed=run_cfg.run.seed if seed is None else seed, shuffle_buffer=d.shuffle_buffer,
         crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), itm_probability=d.itm_probability,
         mlm_probability=d.mlm_probability, mask_patches=d.mask_patches, mask_min_block=d.mask_min_block,
-        ignore_index=model_cfg.ce_ignore_index,
+        ignore_index=model_cfg.ce_ignore_index, pad_to_longest=d.pad_to_longest,
     )  # fmt: skip
     return {
         kind: DataSpec(kind=kind, text_max_length=d.text_only_max_length if kind == "text" else d.text_max_length,

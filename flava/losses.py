@@ -62,6 +62,16 @@ def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
     return _AllGatherWithGrad.apply(x, group)
 
 
+def all_gather_no_grad(x: Tensor, group=None) -> Tensor:
+    """``[B, ...]`` on each of W ranks -> ``[W*B, ...]``, no gradient (masks, labels)."""
+    world, _ = _world(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def all_gather_local_grad(x: Tensor, group=None) -> Tensor:
     """Gather without cross-rank gradient; the local shard is re-inserted so gradient flows through it (open_clip /
     torchmultimodal ``BackpropType.LOCAL``)."""
@@ -93,14 +103,17 @@ def global_contrastive_loss(
     pos_mask: Tensor | None = None,
     *,
     global_backprop: bool = True,
+    exclude_negative_texts: bool = False,
     group=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CLIP-style loss of local rows against the global batch.
 
     ``image_embedding``/``text_embedding``: projected (not yet normalised) CLS embeddings ``[B, D]``.
     ``logit_scale``: log temperature (already clamped by the caller). ``pos_mask``: ``[B]`` bool rows that count
-    (ITM negatives excluded); the gathered columns keep every row as a negative.
-    Returns ``(loss, logits_per_image [B, W*B], logits_per_text [B, W*B])``.
+    (ITM negatives excluded). With ``exclude_negative_texts`` the text columns of non-positive rows are removed
+    from every other row's softmax too: an in-batch ITM negative carries another row's caption, so its column
+    would be an exact duplicate of that row's positive (an identical "negative" logit). Image columns all stay.
+    Returns ``(loss, logits_per_image [B, W*B], logits_per_text [B, W*B])``; excluded entries are ``-inf``.
     """
     u = F.normalize(image_embedding.float(), dim=-1)
     v = F.normalize(text_embedding.float(), dim=-1)
@@ -112,6 +125,12 @@ def global_contrastive_loss(
     logits_per_image = torch.matmul(u, all_v.t()) * scale
     logits_per_text = torch.matmul(v, all_u.t()) * scale
     labels = torch.arange(batch, device=u.device) + rank * batch
+    if pos_mask is not None and exclude_negative_texts:
+        all_pos = all_gather_no_grad(pos_mask.to(torch.uint8), group).bool()
+        columns = torch.arange(all_pos.shape[0], device=u.device)
+        # a row's own column is never excluded (a negative row's loss is dropped below; -inf there would be NaN)
+        drop = ~all_pos[None, :] & columns[None, :].ne(labels[:, None])
+        logits_per_image = logits_per_image.masked_fill(drop, float("-inf"))
     if pos_mask is None:
         loss_i = F.cross_entropy(logits_per_image, labels)
         loss_t = F.cross_entropy(logits_per_text, labels)

@@ -281,6 +281,7 @@ class FlavaPretrainingOutput:
     itm_logits: Tensor | None = None
     logits_per_image: Tensor | None = None
     logits_per_text: Tensor | None = None
+    logit_scale: Tensor | None = None  # the clamped log temperature used (pair batches), fp32 under FSDP too
 
 
 class _ClampSTE(torch.autograd.Function):
@@ -372,6 +373,14 @@ class FlavaForPretraining(nn.Module):
     def encoders(self) -> list[TransformerStack]:
         return [self.image_encoder, self.text_encoder, self.multimodal_encoder]
 
+    def heads(self) -> list[nn.Module]:
+        """Everything outside the encoders except ``logit_scale``: their own FSDP2 units, so the root can keep
+        ``logit_scale`` in fp32 while these compute in bf16."""
+        return [
+            self.image_projection, self.text_projection, self.image_to_mm, self.text_to_mm,
+            self.mim_head, self.mlm_head, self.mmm_image_head, self.mmm_text_head, self.itm_head,
+        ]  # fmt: skip
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamp the parameter in place (call after ``optimizer.step()``; works on an FSDP2-sharded parameter)."""
@@ -413,6 +422,8 @@ class FlavaForPretraining(nn.Module):
         image_token_ids: Tensor | None = None,
         mlm_labels: Tensor | None = None,
         itm_labels: Tensor | None = None,
+        embeddings_only: bool = False,
+        global_contrastive: bool = True,
     ) -> FlavaPretrainingOutput:
         """One pretraining step's forward; the batch kind follows from the inputs (as in transformers):
 
@@ -424,7 +435,17 @@ class FlavaForPretraining(nn.Module):
           Rows with ``itm_labels == 0`` are excluded from contrastive and MMM (all rows if none is positive).
 
         ``attention_mask`` is the text padding mask (1 keep, 0 pad); it also masks text padding in the fusion.
+
+        Gradient caching (``flava.train``) calls a pair batch twice: ``embeddings_only`` runs only the unmasked
+        encoders and projections (``image_embedding``, ``text_embedding``, ``logit_scale``; no loss), and
+        ``global_contrastive=False`` runs everything but the contrastive loss, whose gradient the caller supplies.
+        Both go through ``forward`` so that FSDP2's hooks gather the parameters.
         """
+        if embeddings_only:
+            out = FlavaPretrainingOutput(loss=None, losses=FlavaLosses(), logit_scale=self.clamped_logit_scale())
+            out.image_embedding = self.encode_image(pixel_values)
+            out.text_embedding = self.encode_text(input_ids, attention_mask, token_type_ids, position_ids)
+            return out
         cfg, w = self.config, self.config.loss_weights
         ignore = cfg.ce_ignore_index
         has_image = pixel_values is not None
@@ -461,7 +482,7 @@ class FlavaForPretraining(nn.Module):
         elif has_image and has_text:
             self._pair_forward(
                 out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
-                patch_mask, mim_labels, mlm_labels, itm_labels,
+                patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive,
             )  # fmt: skip
         else:
             raise ValueError("FlavaForPretraining.forward needs pixel_values and/or input_ids")
@@ -476,7 +497,7 @@ class FlavaForPretraining(nn.Module):
 
     def _pair_forward(
         self, out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
-        patch_mask, mim_labels, mlm_labels, itm_labels,
+        patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive=True,
     ) -> None:  # fmt: skip
         cfg, w, losses = self.config, self.config.loss_weights, out.losses
         ignore = cfg.ce_ignore_index
@@ -523,13 +544,15 @@ class FlavaForPretraining(nn.Module):
         if out.text is None:
             return
         out.text_embedding = self.text_projection(out.text.last_hidden_state[:, 0])
-        if w.global_contrastive > 0:
+        out.logit_scale = self.clamped_logit_scale()
+        if w.global_contrastive > 0 and global_contrastive:
             gc, out.logits_per_image, out.logits_per_text = global_contrastive_loss(
                 out.image_embedding,
                 out.text_embedding,
-                self.clamped_logit_scale(),
+                out.logit_scale,
                 pos,
                 global_backprop=cfg.global_backprop_contrastive,
+                exclude_negative_texts=cfg.contrastive_exclude_itm_negatives,
             )
             losses.global_contrastive = gc * w.global_contrastive
 

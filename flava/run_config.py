@@ -89,6 +89,7 @@ class DataSection:
     mlm_probability: float = 0.15
     mask_patches: int | None = None  # masked patches per image; None: 75/196 of the grid (BEiT)
     mask_min_block: int | None = None  # smallest masking block; None: 16/196 of the grid, at least 1
+    pad_to_longest: bool = True  # text tensors padded to the batch's longest sequence, not to *_max_length
 
     def active_kinds(self) -> list[str]:
         return [k for k in KINDS if float(self.ratios.get(k, 0.0)) > 0]
@@ -123,6 +124,9 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = True
     progress: bool = True
+    # The contrastive softmax spans the whole global batch (all micro-batches of all ranks) through gradient
+    # caching, as the paper's 8192-way loss; false: per micro-batch (global_batch / accumulation columns).
+    contrastive_gradient_cache: bool = False
 
 
 @dataclass
@@ -217,6 +221,14 @@ class RunConfig:
             )
         if self.model.pretrained and (self.model.image_encoder_init or self.model.text_encoder_init):
             raise ConfigError("model.pretrained and model.image/text_encoder_init exclude each other: choose one start")
+        if r.contrastive_gradient_cache and any(
+            getattr(mcfg, e).hidden_dropout > 0 or getattr(mcfg, e).attention_dropout > 0
+            for e in ("image", "text", "multimodal")
+        ):
+            raise ConfigError(
+                "run.contrastive_gradient_cache needs dropout 0 (the embedding pass and the backward pass must see "
+                "the same network); FLAVA trains without dropout"
+            )
         if self.model.pretrained is None and self.model.preset not in ("tiny", "flava_full"):
             raise ConfigError(f"model.preset must be tiny or flava_full, got {self.model.preset!r}")
 

@@ -18,10 +18,12 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from . import checkpoint as ckpt_mod
 from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
@@ -29,9 +31,10 @@ from .config import FlavaConfig
 from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
 )  # fmt: skip
-from .distributed import DistInfo, barrier, require_shared, setup_distributed, teardown
+from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, teardown
 from .init_weights import apply_init_configs, load_encoder_init
-from .model import FlavaForPretraining
+from .losses import global_contrastive_loss, positive_pair_mask
+from .model import FlavaForPretraining, FlavaPretrainingOutput
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
 from .tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer, train_wordpiece
@@ -105,8 +108,10 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
 
 
 def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
-    """FSDP2: every transformer layer, then every encoder (its embeddings and final norm), then the root (heads,
-    projections, temperature). The codebook is not part of the model, so never sharded or optimised."""
+    """FSDP2: every transformer layer, every encoder (its embeddings and final norm), every head and projection,
+    then the root. Under bf16 the root keeps fp32 parameters: all it still holds is ``logit_scale``, whose bf16
+    value moves in steps of 1.5-3% of the temperature (the other units compute in bf16, see docs/pretrain.md).
+    The codebook is not part of the model, so never sharded or optimised."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
@@ -115,7 +120,10 @@ def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
         fully_shard(layer, **kw)
     for enc in model.encoders():
         fully_shard(enc, **kw)
-    fully_shard(model, **kw)
+    for head in model.heads():
+        fully_shard(head, **kw)
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model, mp_policy=root_mp)
 
 
 def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
@@ -131,6 +139,88 @@ def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
         if k in batch:
             out[k] = batch[k].to(device, non_blocking=nb)
     return out
+
+
+def micro_batches(loader, kind: str, n: int, device, codebook, text_lengths: list[int]):
+    """The step's ``n`` micro-batches, prepared one at a time; records each one's text length (for FLOPs)."""
+    for _ in range(n):
+        inputs = prepare_batch(loader.next(kind), device, codebook)
+        ids = inputs.get("input_ids", inputs.get("input_ids_masked"))
+        text_lengths.append(0 if ids is None else int(ids.shape[1]))
+        yield inputs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one optimizer step's forward and backward
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ContrastiveCache:
+    """The contrastive loss of a whole global batch and its gradient w.r.t. each micro-batch's embeddings."""
+
+    loss: Tensor  # weighted, detached
+    image_grads: list[Tensor]
+    text_grads: list[Tensor]
+    scale_grad: Tensor
+
+    def surrogate(self, out: FlavaPretrainingOutput, micro: int) -> Tensor:
+        """A term whose gradient w.r.t. the model equals the cached loss's for this micro-batch: the embeddings
+        dotted with their cached gradients (and the temperature's, counted once per step)."""
+        term = (out.image_embedding.float() * self.image_grads[micro]).sum()
+        term = term + (out.text_embedding.float() * self.text_grads[micro]).sum()
+        if micro == 0:
+            term = term + (out.logit_scale.float() * self.scale_grad).sum()
+        return term
+
+
+def cache_contrastive(model: FlavaForPretraining, batches: list[dict], autocast) -> ContrastiveCache:
+    """Gradient caching (Gao et al. 2021): embed every micro-batch without a graph, compute the contrastive loss
+    over all of them (gathered over ranks), and keep its gradient w.r.t. each embedding."""
+    cfg = model.config
+    with torch.no_grad(), autocast:
+        outs = [model(**inputs, embeddings_only=True) for inputs in batches]
+    images = torch.cat([o.image_embedding.float() for o in outs]).requires_grad_()
+    texts = torch.cat([o.text_embedding.float() for o in outs]).requires_grad_()
+    scale = outs[0].logit_scale.detach().float().clone().requires_grad_()
+    itm = [b.get("itm_labels") for b in batches]
+    pos = None if any(x is None for x in itm) else positive_pair_mask(torch.cat(itm), len(images), images.device)
+    loss, _, _ = global_contrastive_loss(
+        images, texts, scale, pos, global_backprop=cfg.global_backprop_contrastive,
+        exclude_negative_texts=cfg.contrastive_exclude_itm_negatives,
+    )  # fmt: skip
+    loss = loss * cfg.loss_weights.global_contrastive
+    loss.backward()
+    sizes = [len(o.image_embedding) for o in outs]
+    return ContrastiveCache(loss.detach(), images.grad.split(sizes), texts.grad.split(sizes), scale.grad)
+
+
+def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool) -> dict[str, Tensor]:
+    """Forward and backward of the ``accum`` micro-batches of one step; returns the step's (detached) losses.
+
+    The gradient is that of the mean loss over the micro-batches. With ``cached`` (pair steps) the contrastive
+    loss is instead one loss over the whole global batch (``cache_contrastive``) and each micro-batch backpropagates
+    its share of it through the cached embedding gradients. ``sync``: FSDP reduce-scatters only on the last one.
+    """
+    cache = None
+    if cached:
+        batches = list(batches)
+        cache = cache_contrastive(model, batches, autocast)
+    losses: dict[str, Tensor] = {}
+    for micro, inputs in enumerate(batches):
+        if sync:
+            model.set_requires_gradient_sync(micro == accum - 1)
+        with autocast:
+            out = model(**inputs, global_contrastive=cache is None)
+        loss = out.loss / accum if out.loss is not None else 0.0
+        if cache is not None:
+            loss = loss + cache.surrogate(out, micro)
+        loss.backward()
+        for name, v in (("loss", out.loss), *out.losses.as_dict().items()):
+            if v is not None:
+                losses[name] = losses.get(name, 0.0) + v.detach().float() / accum
+    if cache is not None:
+        losses["global_contrastive"] = cache.loss.float()
+        losses["loss"] = losses.get("loss", 0.0) + cache.loss.float()
+    return losses
 
 
 def _layer_flops(n: int, d: int, mlp: int) -> float:
@@ -294,6 +384,9 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
         if (dtype != torch.float32 and not info.distributed)
         else contextlib.nullcontext()
     )
+    sync = info.distributed and accum > 1  # reduce-scatter gradients only on the last micro-batch
+    # one global batch per contrastive softmax; with a single micro-batch per rank that is already the case
+    gradient_cache = cfg.run.contrastive_gradient_cache and accum > 1 and mcfg.loss_weights.global_contrastive > 0
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     ckpt_mod.init_optimizer_state(optimizer)
@@ -347,16 +440,10 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     try:
         while step < stop_at:
             kind = kind_for_step(cfg.run.seed, step, cfg.data.ratios)
-            step_losses: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                inputs = prepare_batch(loader.next(kind), device, codebook)
-                if info.distributed and accum > 1:  # reduce-scatter gradients only on the last micro-batch
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                with autocast:
-                    out = model(**inputs)
-                (out.loss / accum).backward()
-                for name, v in (("loss", out.loss), *out.losses.as_dict().items()):
-                    step_losses[name] = step_losses.get(name, 0.0) + v.detach().float() / accum
+            text_lengths: list[int] = []
+            batches = micro_batches(loader, kind, accum, device, codebook, text_lengths)
+            cached = gradient_cache and kind == "pairs"
+            step_losses = forward_backward(model, batches, accum, autocast, sync, cached)
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -368,19 +455,16 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
             step += 1
             summary["steps"] += 1
             samples_since += cfg.run.global_batch_size
-            flops_since += cfg.run.global_batch_size * flops_per_sample(
-                mcfg, kind, specs[kind].text_max_length
-            )
+            per_micro = cfg.run.global_batch_size / accum  # FLOPs at this rank's (padded-to-longest) text length
+            flops_since += sum(per_micro * flops_per_sample(mcfg, kind, n) for n in text_lengths)
             sums = step_losses  # the logged values are those of the logged step (not averaged over log_every)
-            if info.distributed:
-                flag = torch.tensor([1.0 if stop_requested["flag"] else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_requested["flag"] = bool(flag.item())
+            stop_requested["flag"] = any_rank(stop_requested["flag"], info)
             last = step == stop_at or stop_requested["flag"]
             if step % cfg.run.log_every == 0 or last:
                 rec = _log_record(step, kind, sums, lr, grad_norm, info, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 dt = time.perf_counter() - t_log
                 rec["samples_per_s"] = samples_since / dt if dt > 0 else None
                 if peak:

@@ -156,13 +156,14 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     if evaluation.returncode != 0:
         raise RuntimeError(f"flava eval failed ({evaluation.returncode}):\n{evaluation.stderr[-4000:]}")
     retrieval = json.loads(evaluation.stdout.strip().splitlines()[-1])
-    n = retrieval["n"]
-    table = Table(title=f"zero-shot retrieval on {n} held-out pairs (COCO test split)")
+    table = Table(title=f"zero-shot retrieval on {retrieval['n_images']} held-out images and "
+                        f"{retrieval['n_texts']} captions (COCO test split, the standard protocol)")
     for col in ("", "R@1", "R@5", "R@10"):
         table.add_column(col, justify="right")
     table.add_row("image -> text", *(f"{retrieval[f'i2t_r{k}']:.2f}" for k in (1, 5, 10)))
+    table.add_row("  chance", *(f"{min(k * retrieval['chance_i2t_r1'], 1.0):.2f}" for k in (1, 5, 10)))
     table.add_row("text -> image", *(f"{retrieval[f't2i_r{k}']:.2f}" for k in (1, 5, 10)))
-    table.add_row("chance", *(f"{min(k / n, 1.0):.2f}" for k in (1, 5, 10)))
+    table.add_row("  chance", *(f"{min(k * retrieval['chance_t2i_r1'], 1.0):.2f}" for k in (1, 5, 10)))
     console.print(table)
     summary.update(train={"steps": last["step"], "first_loss": first["loss"], "last_loss": last["loss"]},
                    retrieval=retrieval, heldout_pairs=heldout_n, timings=timings)

@@ -130,8 +130,9 @@ def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str,
     work = task.path.parent.parent.parent / "tmp" / task.source / f"chunk-{task.index:05d}"
     fetched: dict = {}
     if distinct:
-        # img2dataset keys rows by its own ids; ours go through as the `pmd_key` column (here: the URL itself).
-        for d in download_chunk(distinct, distinct, task.download, work, transform):
+        # Keys go through to the backend as given (here: the URL itself); each URL is fetched once per chunk.
+        for d in download_chunk(distinct, distinct, task.download, work, transform,
+                                max_bytes=task.image_options.max_image_bytes):
             fetched[d.key] = (d.data, "download", d.reason, d.detail)
     return fetched
 

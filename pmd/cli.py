@@ -145,6 +145,8 @@ def _build_config(args: argparse.Namespace):
         config.image = dataclasses.replace(config.image, **image)
     download = {k: v for k, v in {"timeout": args.timeout, "retries": args.retries, "thread_count": args.threads,
                                   "user_agent_token": args.user_agent_token}.items() if v is not None}
+    download.update({k: v for k, v in {"backend": args.download_backend,
+                                       "max_per_host": args.max_per_host}.items() if v is not None})
     if args.ignore_robots:
         download["disallowed_header_directives"] = []
     if download:
@@ -329,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
     p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent (default pmd)")
     p.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag noai/noindex")
+    p.add_argument("--download-backend", choices=("http", "img2dataset"), default=None,
+                   help="URL image downloader (default http: keep-alive pools, polite per host)")
+    p.add_argument("--max-per-host", type=int, default=None,
+                   help="http backend: connections per host and process (default 16)")
     p.add_argument("--retry-failures", action="store_true", default=None,
                    help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
     p.add_argument("--executor", choices=("ray", "local"), default=None, help="ray (default) or in-process")

@@ -1,49 +1,47 @@
-"""URL images of one chunk of candidates, fetched with img2dataset's downloader.
+"""URL images of one chunk of candidates: the download entry point, its options and failure reasons.
 
-Why not `img2dataset.download(...)` itself: it starts a spawned logger process and a spawned multiprocessing pool on
-every call (each re-imports cv2, albumentations and wandb: seconds per call), keeps its resume state in `_stats.json`
-files, and its own distributors would fight Ray for the CPUs. Our unit of work is already a chunk run as a Ray task,
-so a task runs img2dataset's `Downloader` on the chunk in-process, exactly as img2dataset's own Ray distributor does
-(`ray_download(downloader, shard)`): same HTTP client, retries, timeout, user agent, X-Robots-Tag opt-out, sha256 and
-parquet output with `status`/`error_message` per row. This relies on img2dataset 1.47.0's `Downloader` signature,
-which pyproject pins exactly.
-
-img2dataset is told not to decode or re-encode at all (`disable_all_reencoding=True`): it hands back the bytes as
-downloaded, and `pmd.images.process_image` decodes each image exactly once (checks, resize, JPEG encode). Instead
-of img2dataset's Parquet writer, a collecting writer hands each image to the caller's `transform` as it arrives, so
-processing overlaps the chunk's remaining downloads; the status/error of every row is kept as img2dataset reports
-it (`classify_error` maps it to a failure reason).
+`download_chunk` fetches a chunk's URLs into memory with one of two backends (`DownloadOptions.backend`):
+- `http` (default): pmd's own client (pmd.http_client, pmd.download_http): keep-alive connection pools per host,
+  a DNS cache, at most `max_per_host` connections per host and process, backoff on 429/503 honouring Retry-After,
+  hosts interleaved, each image read with a byte cap and an overall deadline;
+- `img2dataset`: img2dataset's downloader run in-process (pmd.download_img2dataset): a new connection per image,
+  whole bodies read; kept for comparison and as a fallback.
+Both report the same failure reasons (docs/build-format.md) for the same server behaviour, except where
+img2dataset cannot bound a download (see pmd.download_img2dataset and docs/build.md). The measured speeds are in
+docs/benchmarks.md (`benchmarks/bench_build.py --connect-delay-ms`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
 # X-Robots-Tag directives that opt an image out of AI training: img2dataset's default list, spelled out so the
 # manifest records what was respected.
 DEFAULT_DISALLOWED_DIRECTIVES: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
-
-_KEY_COLUMN = "pmd_key"  # img2dataset reserves `key` for its own sample ids
+BACKENDS: tuple[str, ...] = ("http", "img2dataset")
+# Connections one process keeps to one host. PMD's images sit on few hosts (Flickr's CDN serves half of them); 16
+# keep-alive connections fetch a few hundred images/s from a CDN, and a cluster of N download processes still
+# opens at most 16 N connections to a host, where img2dataset opens one per image in flight.
+DEFAULT_MAX_PER_HOST = 16
 
 
 @dataclass
 class DownloadOptions:
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds per attempt: the whole download with `http`, each socket read with img2dataset
     retries: int = 0
     thread_count: int = 64
     user_agent_token: str | None = "pmd"
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES))
+    backend: str = "http"  # one of BACKENDS
+    max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: concurrent connections per host and process
+    max_retry_after: float = 30.0  # `http`: longest pause of a host that answered 429/503 (Retry-After capped)
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -52,6 +50,12 @@ class DownloadOptions:
             raise ValueError("download retries must be >= 0")
         if self.thread_count < 1:
             raise ValueError("download thread_count must be positive")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"download backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if not isinstance(self.max_per_host, int) or isinstance(self.max_per_host, bool) or self.max_per_host < 1:
+            raise ValueError(f"download max_per_host must be a positive int, got {self.max_per_host!r}")
+        if not self.max_retry_after >= 0:
+            raise ValueError(f"download max_retry_after must be >= 0, got {self.max_retry_after!r}")
         self.disallowed_header_directives = [str(d) for d in self.disallowed_header_directives]
 
 
@@ -61,32 +65,6 @@ class Downloaded:
     data: Any  # the downloaded bytes, or what `transform` made of them; None on failure
     reason: str | None  # None on success
     detail: str | None
-
-
-def _collecting_writer(results: dict, transform: Callable[[bytes], Any] | None) -> type:
-    """A stand-in for img2dataset's sample writer that keeps (or transforms) each image as it arrives.
-
-    img2dataset calls `write` from its download loop while its threads keep fetching, so a `transform` (decode,
-    check, resize, encode) overlaps the downloads of the rest of the chunk, and no image is written to disk and
-    read back in img2dataset's own format.
-    """
-
-    class CollectingWriter:
-        def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-            pass
-
-        def write(self, img_str, key, caption, meta):
-            pmd_key = meta[_KEY_COLUMN]
-            if meta.get("status") == "success" and img_str is not None:
-                results[pmd_key] = Downloaded(pmd_key, transform(img_str) if transform else img_str, None, None)
-            else:
-                message = meta.get("error_message") or meta.get("status") or "unknown"
-                results[pmd_key] = Downloaded(pmd_key, None, classify_error(message), message[:500])
-
-        def close(self):
-            pass
-
-    return CollectingWriter
 
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -113,49 +91,29 @@ def classify_error(message: str) -> str:
 
 
 def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, work_dir: Path,
-                   transform: Callable[[bytes], Any] | None = None) -> Iterator[Downloaded]:
+                   transform: Callable[[bytes], Any] | None = None,
+                   max_bytes: int | None = None) -> Iterator[Downloaded]:
     """Download `urls` (one per key) into memory; yields one `Downloaded` per key, in input order.
 
     `transform`, if given, is applied to each image's bytes as soon as it arrives (it must not raise); its result
-    is the `data` of that key. `work_dir` is scratch space for img2dataset's input file; it is removed at the end.
+    is the `data` of that key. `max_bytes` caps one image's body (default: `ImageOptions().max_image_bytes`):
+    past it the key fails with `too_large`. `work_dir` is scratch space for the img2dataset backend's input
+    file; it is removed at the end.
     """
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
+    if max_bytes is None:
+        from pmd.images import ImageOptions
 
-    by_key: dict[str, Downloaded] = {}
-    if work_dir.exists():
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    try:
-        table = pa.table({_KEY_COLUMN: pa.array(keys, pa.string()), "url": pa.array(urls, pa.string())})
-        # img2dataset's downloader reads its shard as an Arrow IPC file (what its Reader writes to `_tmp`).
-        shard_path = work_dir / "input.feather"
-        with pa.OSFile(str(shard_path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
-        downloader = Downloader(
-            sample_writer_class=_collecting_writer(by_key, transform),
-            resizer=resizer,
-            thread_count=options.thread_count,
-            save_caption=False,
-            extract_exif=False,
-            output_folder=str(work_dir),
-            column_list=[_KEY_COLUMN, "url"],
-            timeout=options.timeout,
-            number_sample_per_shard=max(len(keys), 1),
-            oom_shard_count=5,
-            compute_hash="sha256",
-            verify_hash_type=None,
-            encode_format="jpg",
-            retries=options.retries,
-            user_agent_token=options.user_agent_token,
-            disallowed_header_directives=list(options.disallowed_header_directives),
-        )
-        # download_shard raises on a broken shard (the Downloader.__call__ wrapper would only print it).
-        downloader.download_shard((0, str(shard_path)))
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        max_bytes = ImageOptions().max_image_bytes
+    if options.backend == "img2dataset":
+        from pmd import download_img2dataset
+
+        by_key = download_img2dataset.download(keys, urls, options, work_dir, max_bytes, transform, classify_error)
+    else:
+        from pmd import download_http
+
+        by_key = download_http.download(keys, urls, options, max_bytes, transform)
     for key in keys:
-        # A row img2dataset did not report is a failure with a reason, never a silent loss.
-        yield by_key.get(key) or Downloaded(key, None, "download_error", "img2dataset returned no row")
+        got = by_key.get(key)
+        # A row the backend did not report is a failure with a reason, never a silent loss.
+        yield Downloaded(key, *got) if got is not None else \
+            Downloaded(key, None, "download_error", f"the {options.backend} backend returned no row")

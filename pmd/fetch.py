@@ -11,7 +11,6 @@ file's URL, size and sha256, so a rerun skips what is done and a user can check 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os

@@ -12,6 +12,16 @@ Routes (all GET):
   /redirect/301/N.jpg   301 to /img/N.jpg (likewise 302)
   /noai.jpg             a good JPEG with `X-Robots-Tag: noai`
   /flaky/F/N.jpg        503 for the first F requests of this exact URL (query included), then /img/N.jpg
+  /huge.jpg             a JPEG padded to `huge_bytes` (declared in Content-Length), streamed
+  /huge-chunked.jpg     the same body with no Content-Length (read until the server closes)
+  /trickle.jpg          a JPEG sent one byte every `trickle_s` seconds
+  /lying-length.jpg     a JPEG whose Content-Length claims 10x its size; the server then stalls `sleep_s`
+  /gzip-bomb.jpg        `Content-Encoding: gzip` of `bomb_bytes` zero bytes (1 GiB inflates from ~1 MB)
+  /gzip.jpg             a good JPEG sent with `Content-Encoding: gzip`
+  /retry-after/N/S/K.jpg  the first N requests of this path answer 429 with `Retry-After: S`, then /img/K.jpg
+
+Every server counts its connections (`connections`, `peak_connections`: open at once, idle keep-alive included)
+and can charge `connect_delay_s` per new connection (a stand-in for the TCP/TLS handshakes of a remote host).
 
 Run as a script (`python tests/httpserver.py --port 0 --size 64x48`) it prints its port and serves until killed: the
 benchmark runs it in its own process so that serving does not compete with the measured process for the GIL.
@@ -20,7 +30,9 @@ benchmark runs it in its own process so that serving does not compete with the m
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
+import zlib
 import sys
 import threading
 import time
@@ -43,6 +55,14 @@ BAD_CASES: dict[str, tuple[str, str]] = {
     "/noai.jpg": ("download", "opted_out"),
 }
 GOOD_REDIRECTS = ("/redirect/301/7.jpg", "/redirect/302/8.jpg")
+# Hostile-server cases (issue 14 item 2), bounded by the downloader: path -> (stage, reason) through `pmd build`.
+HOSTILE_CASES: dict[str, tuple[str, str]] = {
+    "/huge.jpg": ("download", "too_large"),
+    "/huge-chunked.jpg": ("download", "too_large"),
+    "/trickle.jpg": ("download", "timeout"),
+    "/lying-length.jpg": ("download", "timeout"),
+    "/gzip-bomb.jpg": ("download", "too_large"),
+}
 
 
 @lru_cache(maxsize=None)
@@ -65,8 +85,22 @@ def bomb_png() -> bytes:
     return out.getvalue()
 
 
+@lru_cache(maxsize=4)
+def gzip_zeros(n: int) -> bytes:
+    """gzip of n zero bytes, compressed piecewise (1 GiB -> ~1 MB without ever holding 1 GiB)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [z.compress(block) for _ in range(n >> 20)]
+    parts.append(z.compress(bytes(n & ((1 << 20) - 1))))
+    parts.append(z.flush())
+    return b"".join(parts)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes: with Nagle on, a kept-alive connection's body would wait for the
+    # client's delayed ACK (40 ms), an artefact of this server that real servers (writev, corking) do not have.
+    disable_nagle_algorithm = True
     server: LoopbackServer  # type: ignore[assignment]
 
     def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
@@ -81,9 +115,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_huge(self, head: bytes, size: int, declared: bool) -> None:
+        """`head` padded with zeros to `size` bytes, streamed; without a declared length the server closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if declared:
+            self.send_header("Content-Length", str(size))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(head)
+        block = bytes(1 << 16)
+        left = size - len(head)
+        while left > 0:
+            self.wfile.write(block[:left])
+            left -= len(block)
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         srv = self.server
         path = self.path.split("?")[0]
+        srv.user_agents.add(self.headers.get("User-Agent", ""))
         w, h = srv.image_size
         try:
             if path.startswith("/img/"):
@@ -120,6 +172,40 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
             elif path == "/noai.jpg":
                 self._send(200, jpeg(5, w, h), headers={"X-Robots-Tag": "noai"})
+            elif path in ("/huge.jpg", "/huge-chunked.jpg"):
+                self._send_huge(jpeg(6, w, h), srv.huge_bytes, declared=path == "/huge.jpg")
+            elif path == "/trickle.jpg":
+                body = jpeg(9, w, h)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(srv.trickle_s)
+            elif path == "/lying-length.jpg":
+                body = jpeg(10, w, h)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(10 * len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                time.sleep(srv.sleep_s)
+                self.close_connection = True
+            elif path == "/gzip-bomb.jpg":
+                self._send(200, gzip_zeros(srv.bomb_bytes), headers={"Content-Encoding": "gzip"})
+            elif path == "/gzip.jpg":
+                self._send(200, gzip.compress(jpeg(11, w, h)), headers={"Content-Encoding": "gzip"})
+            elif path.startswith("/retry-after/"):
+                _, _, n, seconds, rest = path.split("/", 4)
+                with srv.lock:
+                    seen = srv.hits[path] = srv.hits.get(path, 0) + 1
+                if seen <= int(n):
+                    self._send(429, b"slow down", "text/plain", headers={"Retry-After": seconds})
+                else:
+                    self._send(200, jpeg(int(rest.split(".")[0]), w, h))
             elif path.startswith("/flaky/"):
                 _, _, fails, name = path.split("/", 3)
                 if srv.count_request(self.path) <= int(fails):
@@ -136,10 +222,22 @@ class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, image_size: tuple[int, int] = (64, 48), sleep_s: float = 3.0, port: int = 0):
+    def __init__(self, image_size: tuple[int, int] = (64, 48), sleep_s: float = 3.0, port: int = 0,
+                 connect_delay_s: float = 0.0, huge_bytes: int = 64 * 2**20, bomb_bytes: int = 2**30,
+                 trickle_s: float = 1.0):
         super().__init__(("127.0.0.1", port), _Handler)
         self.image_size = image_size
         self.sleep_s = sleep_s
+        self.connect_delay_s = connect_delay_s
+        self.huge_bytes = huge_bytes
+        self.bomb_bytes = bomb_bytes
+        self.trickle_s = trickle_s
+        self.lock = threading.Lock()
+        self.hits: dict[str, int] = {}  # path -> requests seen (/retry-after/)
+        self.user_agents: set[str] = set()  # every User-Agent seen
+        self.connections = 0  # opened so far
+        self.open_connections = 0
+        self.peak_connections = 0  # most open at once
         self._thread: threading.Thread | None = None
         self._requests: dict[str, int] = {}
         self._requests_lock = threading.Lock()
@@ -149,6 +247,19 @@ class LoopbackServer(ThreadingHTTPServer):
         with self._requests_lock:
             self._requests[path] = self._requests.get(path, 0) + 1
             return self._requests[path]
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self.lock:
+            self.connections += 1
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
+        try:
+            if self.connect_delay_s:
+                time.sleep(self.connect_delay_s)
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.open_connections -= 1
 
     @property
     def base_url(self) -> str:
@@ -172,9 +283,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--size", default="64x48")
     parser.add_argument("--sleep", type=float, default=3.0)
+    parser.add_argument("--connect-delay", type=float, default=0.0, help="seconds charged per new connection")
     args = parser.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
-    server = LoopbackServer((w, h), args.sleep, args.port)
+    server = LoopbackServer((w, h), args.sleep, args.port, connect_delay_s=args.connect_delay)
     print(server.server_address[1], flush=True)
     sys.stdout.close()
     server.serve_forever()

@@ -104,7 +104,8 @@ def test_bad_rows_are_skipped_and_counted(build, tok):
     for _ in range(16):  # > one pass (116 good rows)
         b = next(loader)
         assert b["pixels"].shape == (8, 3, 32, 32) and b["pixels"].dtype == torch.uint8
-        assert b["input_ids"].shape == (8, 16) and b["patch_mask"].shape == (8, 16)
+        assert b["input_ids"].shape[0] == 8 and b["input_ids"].shape[1] <= 16  # padded to the longest caption
+        assert b["patch_mask"].shape == (8, 16)
     assert loader.bad["decode_error"] >= 2 and loader.bad["empty_text"] >= 2
 
 
@@ -148,7 +149,7 @@ def test_image_folder_and_text_file_sources(tmp_path, tok):
     txt = tmp_path / "corpus.txt"
     txt.write_text("a red circle\n\nthe blue square is big\n" * 5)
     t = next(iter(StreamingDataset(Source("text", [str(txt)]), _spec(kind="text", batch_size=4), tok, 0, 1, 0)))
-    assert t["input_ids"].shape == (4, 16)
+    assert t["input_ids"].shape[0] == 4 and t["input_ids"].shape[1] <= 16  # padded to the longest line
 
 
 def test_kind_for_step_is_a_pure_function_with_the_ratios():

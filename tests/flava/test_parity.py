@@ -22,6 +22,12 @@ def close(a, b, atol=ATOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
 
 
+def transformers_like(model):
+    """transformers keeps ITM negatives' (duplicated) captions among the contrastive columns; we drop them."""
+    model.config.contrastive_exclude_itm_negatives = False
+    return model
+
+
 def hf_losses(out) -> dict:
     return {k: v for k, v in out.loss_info.items() if v is not None}
 
@@ -46,7 +52,7 @@ def test_state_dict_round_trip(hf_model):
 
 
 def test_pair_batch_hidden_states_embeddings_and_losses(hf_model):
-    ours = from_transformers(hf_model).train()
+    ours = transformers_like(from_transformers(hf_model).train())
     batch = make_batch(ours.config)
     out = ours(**batch)
     ref = hf_model(**hf_kwargs(batch))
@@ -73,7 +79,7 @@ def test_pair_batch_hidden_states_embeddings_and_losses(hf_model):
 
 
 def test_pair_batch_gradients(hf_model):
-    ours = from_transformers(hf_model).train()
+    ours = transformers_like(from_transformers(hf_model).train())
     batch = make_batch(ours.config)
     ours(**batch).loss.backward()
     hf_model(**hf_kwargs(batch)).loss.backward()
@@ -132,7 +138,7 @@ def test_to_transformers_gives_the_same_model():
     torch.manual_seed(3)
     from flava.config import tiny
 
-    ours = FlavaForPretraining(tiny())
+    ours = transformers_like(FlavaForPretraining(tiny()))
     perturb_(ours, seed=3)
     hf = to_transformers(ours).train()
     batch = make_batch(ours.config, seed=5)

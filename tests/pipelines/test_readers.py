@@ -7,7 +7,6 @@ a new interpreter, and every reader must give the same rows, keys and image byte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess

@@ -1,0 +1,197 @@
+"""The `http` download backend: one chunk's URLs over the process's pooled client, polite per host.
+
+Scheduling: the chunk's URLs are queued per host (scheme, host, port); `thread_count` threads each take the next URL
+from the next host, round robin, that has a free slot: fewer than `max_per_host` requests of this process in flight
+to it and no backoff running. So one slow or rate-limiting host holds at most `max_per_host` threads, and the others
+keep fetching from the other hosts. The slots and backoffs are the process's (`HostGate`, shared by every chunk a
+worker runs at the same time), so a host never sees more than `max_per_host` connections from one process.
+
+Retries (`retries` more attempts) only for what may pass later: timeouts, connection errors, truncated bodies, 429
+and 5xx. A retried URL goes to the back of its host's queue. A 429 or 503 also pauses its host for Retry-After
+seconds (bounded by `max_retry_after`), or without one for 1, 2, 4 ... seconds while the host keeps answering so.
+After GIVE_UP_STRIKES refused rounds in a row (a round: the answers that arrive before the pause they caused ends;
+1 + 2 + 4 + 8 s of pauses without Retry-After), the chunk's remaining URLs of that host fail at once with its
+last answer (a transient reason: `pmd build --retry-failures` takes them again later), so a host that refuses
+everything costs a chunk seconds, not an hour of ever longer pauses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from urllib3.util import parse_url
+
+from pmd.http_client import BACKOFF_STATUSES, Fetched, HttpClient, client_for
+
+log = logging.getLogger(__name__)
+
+_FIRST_BACKOFF_S = 1.0
+GIVE_UP_STRIKES = 5  # rounds of 429/503 answers in a row after which a chunk stops asking a host
+
+
+def host_key(url: str) -> str:
+    """The politeness unit of a URL: scheme://host:port (what urllib3 keeps one pool for)."""
+    try:
+        u = parse_url(url)
+    except Exception:  # noqa: BLE001 - an unparseable URL fails in fetch with its own reason; any bucket will do
+        return ""
+    scheme = (u.scheme or "http").lower()
+    return f"{scheme}://{(u.host or '').lower()}:{u.port or (443 if scheme == 'https' else 80)}"
+
+
+@dataclass
+class _HostState:
+    active: int = 0
+    paused_until: float = 0.0
+    strikes: int = 0  # consecutive 429/503 answers
+    last_refusal: tuple[str | None, str | None] = (None, None)  # (reason, detail) of the latest one
+
+
+@dataclass
+class HostGate:
+    """Per-process slots and backoff of every host; one Condition guards it and wakes waiting workers."""
+
+    max_per_host: int
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    hosts: dict[str, _HostState] = field(default_factory=dict)
+
+    def state(self, host: str) -> _HostState:
+        s = self.hosts.get(host)
+        if s is None:
+            s = self.hosts[host] = _HostState()
+        return s
+
+    def release(self, host: str, result: Fetched, max_retry_after: float) -> None:
+        with self.cond:
+            s = self.state(host)
+            s.active -= 1
+            if result.status in BACKOFF_STATUSES:
+                now = time.monotonic()
+                s.last_refusal = (result.reason, result.detail)
+                # One strike per refused round: answers landing while the host is already paused are the same
+                # burst (requests sent together), they only extend the pause to their Retry-After.
+                if s.paused_until <= now:
+                    s.strikes += 1
+                wait = result.retry_after if result.retry_after is not None \
+                    else _FIRST_BACKOFF_S * 2 ** (s.strikes - 1)
+                wait = min(wait, max_retry_after)
+                if now + wait > s.paused_until:
+                    s.paused_until = now + wait
+                    log.info("host %s answered %s: paused %.1fs", host, result.status, wait)
+            elif result.status is not None:
+                s.strikes = 0
+            if s.active == 0 and s.strikes == 0 and s.paused_until <= time.monotonic():
+                del self.hosts[host]  # keep the table to the hosts in use
+            self.cond.notify_all()
+
+
+_GATES: dict[int, HostGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def gate_for(max_per_host: int) -> HostGate:
+    with _GATES_LOCK:
+        gate = _GATES.get(max_per_host)
+        if gate is None:
+            gate = _GATES[max_per_host] = HostGate(max_per_host)
+        return gate
+
+
+@dataclass
+class _Item:
+    key: str
+    url: str
+    attempts: int = 0
+
+
+def download(keys: list[str], urls: list[str], options, max_bytes: int,
+             transform: Callable[[bytes], Any] | None) -> dict[str, tuple[Any, str | None, str | None]]:
+    """key -> (data or transform(data), reason, detail) for every key. `options` is a pmd.download.DownloadOptions."""
+    client = client_for(options.user_agent_token, options.max_per_host)
+    gate = gate_for(options.max_per_host)
+    queues: dict[str, deque[_Item]] = {}
+    for key, url in zip(keys, urls):
+        queues.setdefault(host_key(url), deque()).append(_Item(key, url))
+    order = list(queues)
+    results: dict[str, tuple[Any, str | None, str | None]] = {}
+    progress = {"queued": len(keys), "in_flight": 0, "next": 0}
+    errors: list[BaseException] = []
+
+    def take() -> tuple[str, _Item] | None:
+        """The next URL of the next host with a free slot; waits while every queued host is full or paused."""
+        with gate.cond:
+            while True:
+                if progress["queued"] == 0 and progress["in_flight"] == 0 or errors:
+                    return None
+                now = time.monotonic()
+                wake = now + 1.0
+                n = len(order)
+                for i in range(n):
+                    host = order[(progress["next"] + i) % n]
+                    queue = queues[host]
+                    if not queue:
+                        continue
+                    s = gate.state(host)
+                    if s.strikes >= GIVE_UP_STRIKES:
+                        reason, detail = s.last_refusal
+                        while queue:
+                            item = queue.popleft()
+                            results[item.key] = (None, reason, f"{detail} (host refused {s.strikes} in a row: "
+                                                               "not asked again in this chunk)")
+                            progress["queued"] -= 1
+                        continue
+                    if s.paused_until > now:
+                        wake = min(wake, s.paused_until)
+                        continue
+                    if s.active >= gate.max_per_host:
+                        continue
+                    s.active += 1
+                    progress["next"] = (progress["next"] + i + 1) % n
+                    progress["queued"] -= 1
+                    progress["in_flight"] += 1
+                    return host, queue.popleft()
+                gate.cond.wait(max(0.0, wake - now))
+
+    def work() -> None:
+        try:
+            while (job := take()) is not None:
+                host, item = job
+                result = Fetched(None, "download_error", "not fetched")
+                try:
+                    item.attempts += 1
+                    result = client.fetch(item.url, options.timeout, max_bytes,
+                                          options.disallowed_header_directives)
+                    retry = result.data is None and result.transient and item.attempts <= options.retries
+                    if not retry:
+                        data = result.data
+                        if data is not None and transform is not None:
+                            data = transform(data)
+                        results[item.key] = (data, result.reason, result.detail)
+                finally:
+                    gate.release(host, result, options.max_retry_after)
+                    with gate.cond:
+                        progress["in_flight"] -= 1
+                        if item.key not in results:
+                            queues[host].append(item)
+                            progress["queued"] += 1
+                        gate.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - a bug in a worker must fail the chunk, not lose its rows
+            with gate.cond:
+                errors.append(e)
+                gate.cond.notify_all()
+
+    threads = [threading.Thread(target=work, name=f"pmd-download-{i}", daemon=True)
+               for i in range(max(1, min(options.thread_count, len(keys))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -1,0 +1,439 @@
+"""The pooled HTTP client of the download stage: keep-alive per host, a DNS cache, bounded reads of one image.
+
+PMD's URL images sit on few hosts (Flickr's CDN, Wikimedia, one Open Images bucket, a handful of RedCaps hosts), so
+reusing connections saves a TCP (and TLS) handshake per image. urllib3 does the protocol work: one connection pool
+per (scheme, host, port), each holding at most `max_per_host` connections (`block=True`: a request waits for a free
+one rather than opening more), redirects followed across hosts (at most 10, as urllib does for img2dataset).
+
+What one `fetch` bounds, whatever the server does:
+- time: one deadline per attempt (`timeout` seconds from the first byte sent, connect + headers + body), not only a
+  per-read socket timeout: before every read the socket timeout is set to the time left, so a body that trickles a
+  byte a second ends as `timeout` at the deadline;
+- memory: a declared Content-Length above `max_bytes` is `too_large` before any body byte is read; the body is read
+  in pieces and given up past `max_bytes` on the wire AND past `max_bytes` decoded: a `Content-Encoding: gzip`
+  body is inflated here with zlib's `max_length`, so a gzip bomb costs at most `max_bytes` + one read's inflation.
+  The request asks for `Accept-Encoding: identity` (images are compressed already); gzip/deflate are decoded when a
+  server sends them anyway, any other coding is a `download_error`.
+- a Content-Length larger than the body: the read waits for the missing bytes until the deadline (`timeout`), or
+  the server closes (`truncated_body`).
+
+Failure reasons are the download reasons of docs/build-format.md. The User-Agent and the X-Robots-Tag opt-out rules
+are img2dataset's (same string, same directive parsing), so both download backends identify and opt out alike.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import socket
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    EmptyPoolError,
+    HTTPError,
+    LocationValueError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ResponseError,
+    SSLError,
+)
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 64 * 1024
+_MAX_REDIRECTS = 10  # urllib's HTTPRedirectHandler.max_redirections, what img2dataset gets
+_ERROR_BODY_DRAIN = 64 * 1024  # an error body up to this size is read so the connection can be reused
+# Statuses worth another attempt within the chunk (later; for 429/503 after the host's backoff). A build-level
+# `--retry-failures` goes by pmd.build.TRANSIENT_REASONS, which also retries `download_error`.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+BACKOFF_STATUSES = frozenset({429, 503})
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "truncated_body"})
+
+
+def user_agent(token: str | None) -> str:
+    """img2dataset's User-Agent, with its `compatible; TOKEN` part when a token is given."""
+    agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+    if token:
+        agent += f" (compatible; {token}; +https://github.com/rom1504/img2dataset)"
+    return agent
+
+
+def is_disallowed(values: list[str], token: str | None, directives: list[str]) -> bool:
+    """Whether X-Robots-Tag header `values` opt out: img2dataset's rule (`[ua:] d1, d2`; ua = ours or absent)."""
+    for value in values:
+        ua_directives = value.split(":", 1)
+        found = [x.strip().lower() for x in ua_directives[-1].split(",")]
+        ua = ua_directives[0].lower() if len(ua_directives) == 2 else None
+        if (ua is None or ua == token) and any(x in directives for x in found):
+            return True
+    return False
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class DnsCache:
+    """host -> resolved addresses for `ttl` seconds (failures for `negative_ttl`), at most `max_entries` hosts.
+
+    New connections are rare with keep-alive, but a build of 70M URLs still opens many (each task, each host,
+    reconnects after idle closes); the system resolver is often not caching at all inside containers.
+    """
+
+    def __init__(self, ttl: float = 300.0, negative_ttl: float = 30.0, max_entries: int = 4096):
+        self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
+        self._entries: OrderedDict[tuple[str, int], tuple[float, object]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.lookups = 0  # resolver calls made (a test checks the cache is used)
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        key = (host, port)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                self._entries.move_to_end(key)
+                cached = entry[1]
+                if isinstance(cached, OSError):
+                    raise cached
+                return cached  # type: ignore[return-value]
+        try:
+            self.lookups += 1
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            result: object = list(dict.fromkeys(info[4][0] for info in infos))
+            ttl = self.ttl
+        except OSError as e:
+            result, ttl = e, self.negative_ttl
+        with self._lock:
+            self._entries[key] = (now + ttl, result)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        if isinstance(result, OSError):
+            raise result
+        return result  # type: ignore[return-value]
+
+
+DNS = DnsCache()  # one per process: every client and pool shares it
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class _CachedDnsMixin:
+    """Connect to the cached addresses of the host; `host` (Host header, TLS SNI and certificate) stays the name."""
+
+    def _new_conn(self):  # type: ignore[no-untyped-def]
+        name = self._dns_host  # type: ignore[attr-defined]
+        if _is_ip(name):
+            return super()._new_conn()  # type: ignore[misc]
+        try:
+            addresses = DNS.resolve(name.rstrip("."), self.port)  # type: ignore[attr-defined]
+        except socket.gaierror as e:
+            raise NameResolutionError(self.host, self, e) from e  # type: ignore[attr-defined, arg-type]
+        last: Exception | None = None
+        for address in addresses:
+            self._dns_host = address
+            try:
+                return super()._new_conn()  # type: ignore[misc]
+            except NameResolutionError:
+                raise
+            except NewConnectionError as e:  # refused/unreachable: the next address (a timeout is not retried)
+                last = e
+            finally:
+                self._dns_host = name
+        raise last or NewConnectionError(self, f"no address for {name}")  # type: ignore[arg-type]
+
+
+class _HTTPConnection(_CachedDnsMixin, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_CachedDnsMixin, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    data: bytes | None  # the decoded body; None on failure
+    reason: str | None  # None on success
+    detail: str | None
+    status: int | None = None  # the final HTTP status, when one was received
+    retry_after: float | None = None  # seconds, from a 429/503 answer's Retry-After
+
+    @property
+    def transient(self) -> bool:
+        """Worth another attempt: the same request may well succeed later."""
+        return self.reason in TRANSIENT_REASONS or (self.status in RETRY_STATUSES and self.data is None)
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class _Decoder:
+    """Content-Encoding gzip/deflate inflated with a cap on the output (zlib max_length, never a whole chunk)."""
+
+    def __init__(self, encoding: str, max_bytes: int):
+        self.encoding = encoding
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._parts: list[bytes] = []
+        self._z = zlib.decompressobj(self._wbits(encoding))
+        self._first = True
+
+    @staticmethod
+    def _wbits(encoding: str) -> int:
+        return 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            room = self.max_bytes + 1 - self.size
+            try:
+                out = self._z.decompress(data, room)
+            except zlib.error as e:
+                if self._first and self.encoding == "deflate":
+                    # "deflate" is meant as zlib-wrapped, but some servers send raw deflate.
+                    self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+                    self._first = False
+                    continue
+                raise _Failure("download_error", f"bad {self.encoding} body: {e}") from None
+            self._first = False
+            self._take(out)
+            data = self._z.unconsumed_tail
+            if self._z.eof:
+                if self._z.unused_data and self.encoding in ("gzip", "x-gzip"):  # concatenated gzip members
+                    data = self._z.unused_data
+                    self._z = zlib.decompressobj(self._wbits(self.encoding))
+                else:
+                    return
+
+    def finish(self) -> bytes:
+        if not self._z.eof:
+            raise _Failure("truncated_body", f"{self.encoding} body ends before its end marker")
+        return b"".join(self._parts)
+
+    def _take(self, out: bytes) -> None:
+        self.size += len(out)
+        if self.size > self.max_bytes:
+            raise _Failure("too_large", f"{self.encoding} body inflates past {self.max_bytes} bytes")
+        if out:
+            self._parts.append(out)
+
+
+class HttpClient:
+    """Keep-alive pools for every host this process downloads from; thread-safe, meant to be shared.
+
+    `max_per_host` bounds the connections of each pool (urllib3 blocks for a free one instead of opening more);
+    `num_pools` bounds how many hosts keep open pools (least recently used closed first).
+    """
+
+    def __init__(self, user_agent_token: str | None = "pmd", max_per_host: int = 16, num_pools: int = 512):
+        self.user_agent_token = user_agent_token
+        self.max_per_host = max_per_host
+        self._manager = urllib3.PoolManager(num_pools=num_pools, maxsize=max_per_host, block=True,
+                                            headers={"User-Agent": user_agent(user_agent_token),
+                                                     "Accept-Encoding": "identity"})
+        self._manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        # Redirects only: every other retry is the caller's (it requeues, honouring the host's backoff).
+        self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=_MAX_REDIRECTS, status=0, other=0,
+                                      raise_on_redirect=True, raise_on_status=False)
+
+    def fetch(self, url: str, timeout: float, max_bytes: int, disallowed_directives: list[str]) -> Fetched:
+        """GET `url` within `timeout` seconds, at most `max_bytes` (on the wire and decoded) held."""
+        deadline = time.monotonic() + timeout
+        try:
+            return self._fetch(url, deadline, max_bytes, disallowed_directives)
+        except _Failure as e:
+            return Fetched(None, e.reason, e.detail[:500])
+
+    def _open(self, url: str, deadline: float):  # type: ignore[no-untyped-def]
+        for attempt in (0, 1):
+            left = _time_left(deadline)
+            try:
+                return self._manager.urlopen("GET", url, preload_content=False, decode_content=False,
+                                             retries=self._retries, pool_timeout=left,
+                                             timeout=urllib3.Timeout(connect=left, read=left))
+            except (MaxRetryError, ProtocolError) as e:
+                reason = (e.reason or e) if isinstance(e, MaxRetryError) else e
+                # A kept-alive connection the server closed as we sent (idle timeout): once more, on a fresh one.
+                if attempt == 0 and isinstance(reason, ProtocolError) and not _is_timeout(reason):
+                    continue
+                raise _Failure(*_classify(reason, body=False)) from None
+            except (HTTPError, OSError, ValueError) as e:
+                raise _Failure(*_classify(e, body=False)) from None
+        raise AssertionError("unreachable")
+
+    def _fetch(self, url: str, deadline: float, max_bytes: int, directives: list[str]) -> Fetched:
+        resp = self._open(url, deadline)
+        reusable = False
+        try:
+            status = resp.status
+            if not 200 <= status < 300:
+                retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in BACKOFF_STATUSES \
+                    else None
+                reusable = _drain_small(resp, deadline)
+                return Fetched(None, f"http_{status}", f"HTTP Error {status}: {resp.reason or ''}".strip(),
+                               status, retry_after)
+            if directives and is_disallowed(resp.headers.getlist("X-Robots-Tag"), self.user_agent_token,
+                                            directives):
+                return Fetched(None, "opted_out", "Use of image disallowed by X-Robots-Tag directive", status)
+            encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
+                return Fetched(None, "download_error", f"unsupported Content-Encoding {encoding!r}", status)
+            declared = _content_length(resp)
+            if declared is not None and declared > max_bytes:
+                return Fetched(None, "too_large", f"Content-Length {declared} > {max_bytes} bytes", status)
+            data = _read_body(resp, deadline, max_bytes, declared,
+                              None if encoding == "identity" else _Decoder(encoding, max_bytes))
+            reusable = True
+            return Fetched(data, None, None, status)
+        finally:
+            if not reusable:
+                resp.close()  # closes the connection: unread bytes must not reach the next request
+            resp.release_conn()  # always: a pool with block=True loses the slot of a connection never returned
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Failure("timeout", "deadline passed")
+    return left
+
+
+def _content_length(resp) -> int | None:  # type: ignore[no-untyped-def]
+    value = resp.headers.get("Content-Length")
+    if value is None or resp.headers.get("Transfer-Encoding"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
+def _set_read_timeout(resp, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    conn = resp.connection
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _read_body(resp, deadline: float, max_bytes: int, declared: int | None, decoder: _Decoder | None) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        _set_read_timeout(resp, _time_left(deadline))
+        try:
+            piece = resp.read1(_READ_SIZE, decode_content=False)
+        except (HTTPError, OSError) as e:
+            raise _Failure(*_classify(e, body=True)) from None
+        if not piece:
+            break
+        size += len(piece)
+        if size > max_bytes:
+            raise _Failure("too_large", f"body larger than {max_bytes} bytes")
+        if decoder is not None:
+            decoder.feed(piece)
+        else:
+            parts.append(piece)
+    if declared is not None and size < declared:
+        raise _Failure("truncated_body", f"IncompleteRead({size} bytes read, {declared - size} more expected)")
+    return decoder.finish() if decoder is not None else b"".join(parts)
+
+
+def _drain_small(resp, deadline: float) -> bool:  # type: ignore[no-untyped-def]
+    """Read a short error body so its connection can serve the next request; False if it was not read whole."""
+    declared = _content_length(resp)
+    if declared is None or declared > _ERROR_BODY_DRAIN:
+        return False
+    try:
+        _read_body(resp, min(deadline, time.monotonic() + 1.0), _ERROR_BODY_DRAIN, declared, None)
+    except _Failure:
+        return False
+    return True
+
+
+def _is_timeout(error: ProtocolError) -> bool:
+    inner = error.args[1] if len(error.args) > 1 else None
+    return isinstance(inner, (socket.timeout, TimeoutError))
+
+
+def _classify(error: BaseException, body: bool) -> tuple[str, str]:
+    """An exception of urllib3 or the socket layer -> (reason, detail)."""
+    detail = f"{type(error).__name__}: {error}"[:500]
+    if isinstance(error, ResponseError) and "redirect" in str(error):
+        return "redirect_error", detail
+    if isinstance(error, (NewConnectionError, NameResolutionError, SSLError)):
+        return "connection_error", detail
+    if isinstance(error, (Urllib3Timeout, socket.timeout, TimeoutError, EmptyPoolError)):
+        return "timeout", detail
+    if isinstance(error, ProtocolError):
+        if _is_timeout(error):
+            return "timeout", detail
+        return ("truncated_body" if body else "connection_error"), detail
+    if isinstance(error, (LocationValueError, ValueError)):
+        return "download_error", detail
+    if isinstance(error, (ConnectionError, OSError)):
+        return ("truncated_body" if body else "connection_error"), detail
+    return "download_error", detail
+
+
+_CLIENTS: dict[tuple, HttpClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def client_for(user_agent_token: str | None, max_per_host: int) -> HttpClient:
+    """The process's client for these settings: connections kept alive across the chunks a worker runs."""
+    key = (user_agent_token, max_per_host)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = HttpClient(user_agent_token, max_per_host)
+        return client
+
+
+def close_clients() -> None:
+    """Close every kept-alive connection of this process (the next download opens new ones)."""
+    with _CLIENTS_LOCK:
+        for client in _CLIENTS.values():
+            client._manager.clear()
+        _CLIENTS.clear()
