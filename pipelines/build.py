@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import final, schema, urls
+from pmd import final, schema, takedown, urls
 from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
@@ -391,6 +391,8 @@ class _Plan:
     config: BuildConfig
     summaries: dict[str, dict]
     layout: final.Layout
+    takedowns: takedown.TakedownFilter = field(default_factory=takedown.TakedownFilter)  # recorded requests
+    takedowns_ref: object = None  # the same, as the executor passes it to tasks
 
     @property
     def names(self) -> list[str]:
@@ -523,7 +525,8 @@ def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
 def _dedup(plan: _Plan, executor: _Executor) -> list[dict]:
     summaries: list[dict] = []
     for b in range(plan.layout.n_buckets):
-        executor.submit(final.dedup_bucket, str(plan.config.out), b, plan.names, on_done=summaries.append)
+        executor.submit(final.dedup_bucket, str(plan.config.out), b, plan.names, plan.takedowns_ref,
+                        on_done=summaries.append)
     executor.drain()
     return sorted(summaries, key=lambda s: s["bucket"])
 
@@ -545,7 +548,7 @@ def _write(plan: _Plan, executor: _Executor, buckets: list[dict]) -> int:
     bar = tqdm(total=n_shards, desc="shards", unit=" shards", disable=not plan.config.progress)
     try:
         for b, offset in zip(range(plan.layout.n_buckets), offsets):
-            executor.submit(final.write_bucket, out, b, offset, total, plan.layout,
+            executor.submit(final.write_bucket, out, b, offset, total, plan.layout, plan.takedowns_ref,
                             on_done=lambda r: bar.update(len(r["shards"])), limit=plan.in_flight_buckets)
         executor.drain()
         for shard in range(n_shards):
@@ -604,6 +607,16 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: objec
                         plan.layout, plan.names, states[spec.name], screens, on_done=updated.append)
     executor.drain()
     return updated
+
+
+def _takedowns_changed(plan: _Plan) -> bool:
+    """Whether a bucket was decided without a takedown request recorded since (`pmd takedown` on the finished
+    build): the shards must then be taken back to pieces and decided again, as for a retry."""
+    ids = [r.id for r in plan.takedowns.requests]
+    for path in sorted((plan.paths.root / "dedup").glob("bucket-*[0-9].json")):
+        if json.loads(path.read_text()).get("takedown_requests", []) != ids:
+            return True
+    return False
 
 
 def _final_written(plan: _Plan) -> bool:
@@ -670,6 +683,8 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     chunks = [-(-summaries[s.name]["counts"]["pairs"] // config.chunk_rows) for s in config.sources]
     candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
     plan = _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+    plan.takedowns = takedown.load_filter(config.out)
+    plan.takedowns_ref = executor.put(plan.takedowns)
 
     screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
     t = time.perf_counter()
@@ -687,6 +702,8 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
         t = time.perf_counter()
         markers = _retry(plan, executor, markers, screens)
         timings["retry_s"] = time.perf_counter() - t
+    elif plan.paths.unbuild_state.exists() or (_final_written(plan) and _takedowns_changed(plan)):
+        _unbuild(plan, executor)
     rows_by_source: Counter = Counter()
     for m in markers:
         rows_by_source.update(m["rows_by_source"])
@@ -718,6 +735,13 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
         executor.submit(final.write_failures, str(config.out), spec.name, s_index, files, plan.layout.n_buckets,
                         on_done=lambda e, name=spec.name: failure_entries.__setitem__(name, e))
     executor.drain()
+    # The rows of in-place takedowns are in failures/SOURCE.parquet now (durable: written and renamed above).
+    for path in sorted((config.out / FAILURES_DIR).glob(f"{takedown.TAKEDOWN}-*.parquet")):
+        path.unlink()
+    rows_by_request: dict[str, Counter] = {}
+    for b in buckets:
+        for request, by_source in b.get("takedowns_by_request", {}).items():
+            rows_by_request.setdefault(request, Counter()).update(by_source)
 
     entries = [json.loads(plan.paths.entry(i).read_text()) for i in range(n_shards)]
     written_rows = sum(e["rows"] for e in entries)
@@ -740,6 +764,7 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
         "accounting": accounting,
         "totals": totals,
         "layout": plan.layout.to_dict(),
+        "takedowns": takedown.manifest_entries(plan.takedowns, rows_by_request),
         "timings": {**{k: round(v, 3) for k, v in timings.items()},
                     "shard_rows_per_s": round(written_rows / shard_s, 1) if written_rows and shard_s else None,
                     "shard_mb_per_s": round(written_bytes / 1e6 / shard_s, 2) if written_bytes and shard_s else None},

@@ -25,6 +25,10 @@ written after its outputs: a killed build resumes at the first unfinished task a
 Rows of one image stay in one bucket (about BUCKET_SHARDS shards), which is what lets dedup and unique-image
 counts be local; within that the order is a uniform shuffle of the whole corpus.
 
+Takedown requests recorded in OUT/takedowns (`pmd.takedown.TakedownFilter`) are decided in B1 and B2 after dedup:
+a kept row a request names becomes a failure with stage and reason `takedown` (in the bucket's duplicates file),
+so no build, rebuild or retry ever writes it to a shard.
+
 `retry_group` (`--retry-failures`) downloads again the transient failures of a scattered group and adds the rows
 that now succeed as extra pieces; a finished build is first taken back to pieces (`unbuild_shard`,
 `reopen_bucket`), so the shards after a retry are exactly those of a build whose first attempt had succeeded.
@@ -50,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pmd import schema
+from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
                        ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
@@ -306,32 +311,51 @@ def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _decide(table: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(kept rows sorted in corpus order with their row number in `table`, duplicate rows with kept_key)."""
+def _decide(table: pa.Table, takedowns: TakedownFilter | None = None
+            ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(kept rows sorted in corpus order with their row number in `table`, duplicate rows with kept_key, rows
+    taken down with the id of the request naming them in `request`).
+
+    Takedowns come after dedup: a row that would be kept but that a recorded request names is taken down, and its
+    duplicates stay duplicates (the pair is gone, not replaced by a copy of it)."""
     meta = pl.from_arrow(table.select([schema.KEY, schema.IMAGE_SHA256, TEXT_HASH, SHUFFLE_HASH, SOURCE_INDEX,
                                        CANDIDATE_INDEX])).with_row_index("row")
+    requests = takedowns.match(table) if takedowns else [None] * table.num_rows
+    meta = meta.with_columns(pl.Series("request", requests, dtype=pl.String))
     decided = dedup(meta)
-    kept = decided.filter(pl.col("kept_key") == pl.col(schema.KEY)).sort([SHUFFLE_HASH, schema.KEY])
+    first = decided.filter(pl.col("kept_key") == pl.col(schema.KEY))
+    kept = first.filter(pl.col("request").is_null()).sort([SHUFFLE_HASH, schema.KEY])
+    taken = first.filter(pl.col("request").is_not_null())
     duplicates = decided.filter(pl.col("kept_key") != pl.col(schema.KEY))
-    return kept, duplicates
+    return kept, duplicates, taken
 
 
-def dedup_bucket(out: str, b: int, source_names: list[str]) -> dict:
-    """Pass B1: decide the bucket's duplicates (metadata only); writes and returns the bucket's summary."""
+def _failure_rows(table: pa.Table, rows: pl.DataFrame, stage: str, reason: str, details: list[str]) -> pa.Table:
+    """`table`'s rows numbered in `rows` as failures (metadata columns) with this stage, reason and details."""
+    out = table.take(pa.array(rows.get_column("row").to_numpy(), pa.int64())) if rows.height else \
+        FAILED_SCHEMA.empty_table()
+    for name, values in ((STAGE, [stage] * out.num_rows), (REASON, [reason] * out.num_rows), (DETAIL, details)):
+        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return out.select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)
+
+
+def dedup_bucket(out: str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None) -> dict:
+    """Pass B1: decide the bucket's duplicates and takedowns (metadata only); writes and returns the bucket's
+    summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b)."""
     paths = FinalPaths(Path(out))
     if paths.dedup(b).exists():
         return _read_json(paths.dedup(b))
     table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
-    kept, duplicates = _decide(table)
-    rows = table.take(pa.array(duplicates.get_column("row").to_numpy(), pa.int64())) if duplicates.height else \
-        FAILED_SCHEMA.empty_table()
-    detail = [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()]
-    rows = rows.set_column(rows.schema.get_field_index(STAGE), STAGE, pa.array([DUPLICATE[0]] * rows.num_rows,
-                                                                                pa.string()))
-    rows = rows.set_column(rows.schema.get_field_index(REASON), REASON, pa.array([DUPLICATE[1]] * rows.num_rows,
-                                                                                  pa.string()))
-    rows = rows.set_column(rows.schema.get_field_index(DETAIL), DETAIL, pa.array(detail, pa.string()))
-    write_ipc_atomic(rows.cast(FAILED_SCHEMA), paths.duplicates(b))  # already in (source_index, candidate_index) order
+    kept, duplicates, taken = _decide(table, takedowns)
+    rows = _failure_rows(table, duplicates, *DUPLICATE,
+                         [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()])
+    if taken.height:
+        gone = _failure_rows(table, taken, TAKEDOWN, TAKEDOWN,
+                             [takedowns.detail(r) for r in taken.get_column("request").to_list()])
+        rows = pa.concat_tables([rows, gone])
+        rows = rows.take(pc.sort_indices(rows, sort_keys=[(SOURCE_INDEX, "ascending"),
+                                                          (CANDIDATE_INDEX, "ascending")]))
+    write_ipc_atomic(rows, paths.duplicates(b))  # in (source_index, candidate_index) order
     kept_meta = kept.select(SOURCE_INDEX, schema.IMAGE_SHA256)
     by_source = kept_meta.group_by(SOURCE_INDEX).agg(pl.len().alias("n"), pl.col(schema.IMAGE_SHA256).n_unique()
                                                      .alias("u"))
@@ -342,9 +366,19 @@ def dedup_bucket(out: str, b: int, source_names: list[str]) -> dict:
         "unique_by_source": {source_names[i]: u for i, _, u in sorted(by_source.iter_rows())},
         "unique_images": kept_meta.get_column(schema.IMAGE_SHA256).n_unique() if kept.height else 0,
         "duplicates_by_source": {source_names[i]: n for i, n in sorted(dup_by_source.iter_rows())},
+        "takedowns_by_source": {source_names[i]: n for i, n in sorted(taken.group_by(SOURCE_INDEX).len().iter_rows())},
+        "takedowns_by_request": _by_request(taken, source_names),
+        "takedown_requests": [r.id for r in takedowns.requests] if takedowns else [],
     }
     write_json_atomic(summary, paths.dedup(b))
     return summary
+
+
+def _by_request(taken: pl.DataFrame, source_names: list[str]) -> dict[str, dict[str, int]]:
+    result: dict[str, dict[str, int]] = {}
+    for request, i, n in sorted(taken.group_by(["request", SOURCE_INDEX]).len().iter_rows()):
+        result.setdefault(request, {})[source_names[i]] = n
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------- write
@@ -372,7 +406,8 @@ def _write_shard(out: Path, shard: int, table: pa.Table, row_group_rows: int) ->
     return entry
 
 
-def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout) -> dict:
+def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout,
+                 takedowns: TakedownFilter | None = None) -> dict:
     """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
     paths = FinalPaths(Path(out))
     if paths.written(b).exists():
@@ -380,7 +415,7 @@ def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout) -> d
     started = time.perf_counter()
     pieces = _bucket_pieces(paths, b)
     table = _bucket_table(pieces, None)
-    kept, _ = _decide(table)
+    kept, _, _ = _decide(table, takedowns)  # the decisions dedup_bucket made, with the same takedowns
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
     written = []
@@ -511,39 +546,64 @@ def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask
 
 def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list[tuple[int, int, int]]) -> None:
     """Take a written shard back to pieces of its buckets (before a retry changes the corpus). `buckets`: (bucket,
-    offset, kept) of the buckets whose rows the shard holds. The pieces are durable before the shard is deleted."""
+    offset, kept) of the buckets whose rows the shard holds. The pieces are durable before the shard is deleted.
+
+    Rows are matched to the buckets' kept indexes by key. A kept row missing from the shard must be one that
+    `pmd takedown` removed in place (its metadata is in OUT/takedowns/*.removed.parquet): it re-enters its bucket
+    without its image, so that dedup_bucket decides it again, and takes it down again. Anything else means the
+    shard is not the one this build wrote."""
     paths = FinalPaths(Path(out))
     path = Path(out) / shard_name(shard)
     if not path.exists():
         return
     table = pq.read_table(path)
     lo = shard * layout.shard_rows
-    position = lo
+    hi = min(lo + layout.shard_rows, max((o + k for _, o, k in buckets), default=lo))
+    where = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
+    seen: list[int] = []
     for b, offset, kept in buckets:
-        start, end = max(position, offset), min(lo + table.num_rows, offset + kept)
+        start, end = max(lo, offset), min(hi, offset + kept)
         if end <= start:
             continue
-        rows = table.slice(start - lo, end - start)
         order = read_ipc(paths.kept(b)).slice(start - offset, end - start)
-        if order.column(schema.KEY).to_pylist() != rows.column(schema.KEY).to_pylist():
-            raise RuntimeError(f"{path}: rows do not match bucket {b}'s kept index; was the shard replaced?")
-        piece = {name: rows.column(name) for name in schema.SHARD_COLUMNS}
-        piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(rows.num_rows, pa.string())
-        piece[TEXT_HASH] = pa.array([text_hash(t) for t in rows.column(schema.TEXT).to_pylist()], pa.uint64())
-        piece[SOURCE_INDEX] = order.column(SOURCE_INDEX)
-        piece[CANDIDATE_INDEX] = order.column(CANDIDATE_INDEX)
-        piece[SHUFFLE_HASH] = pa.array([shuffle_hash(seed, k) for k in rows.column(schema.KEY).to_pylist()],
-                                       pa.uint64())
-        write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
-                   paths.bucket_dir(b) / f"shard-{shard:05d}.arrow")
-        position = end
+        keys = order.column(schema.KEY).to_pylist()
+        present = pa.array([k in where for k in keys], pa.bool_())
+        at = [where[k] for k in keys if k in where]
+        seen += at
+        parts = [_unbuilt_piece(table.take(pa.array(at, pa.int64())), order.filter(present), seed)]
+        missing = order.filter(pc.invert(present))
+        if missing.num_rows:
+            names = missing.column(schema.KEY).to_pylist()
+            removed = removed_rows(Path(out), names)
+            if removed.num_rows != len(names):
+                raise RuntimeError(f"{path}: rows do not match bucket {b}'s kept index; was the shard replaced?")
+            position = {k: i for i, k in enumerate(removed.column(schema.KEY).to_pylist())}
+            removed = removed.take(pa.array([position[k] for k in names], pa.int64()))
+            removed = removed.append_column(schema.IMAGE, pa.nulls(removed.num_rows, pa.binary()))
+            parts.append(_unbuilt_piece(removed, missing, seed))
+        write_ipc_atomic(pa.concat_tables(parts), paths.bucket_dir(b) / f"shard-{shard:05d}.arrow")
+    if seen != list(range(table.num_rows)):  # every row, in the order written, once
+        raise RuntimeError(f"{path}: rows do not match the buckets' kept indexes; was the shard replaced?")
     path.unlink()
     paths.entry(shard).unlink(missing_ok=True)
 
 
+def _unbuilt_piece(rows: pa.Table, order: pa.Table, seed: int) -> pa.Table:
+    """Shard rows (or removed rows, image null) as a bucket piece; `order`: their kept-index rows, aligned."""
+    piece = {name: rows.column(name) for name in schema.SHARD_COLUMNS}
+    piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(rows.num_rows, pa.string())
+    piece[TEXT_HASH] = pa.array([text_hash(t) for t in rows.column(schema.TEXT).to_pylist()], pa.uint64())
+    piece[SOURCE_INDEX] = order.column(SOURCE_INDEX)
+    piece[CANDIDATE_INDEX] = order.column(CANDIDATE_INDEX)
+    piece[SHUFFLE_HASH] = pa.array([shuffle_hash(seed, k) for k in rows.column(schema.KEY).to_pylist()],
+                                   pa.uint64())
+    return pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA)
+
+
 def reopen_bucket(out: str, b: int) -> None:
     """After its shards were unbuilt: the bucket's old duplicates become a (metadata-only) piece again, and its
-    decisions are forgotten. A duplicate never wins against its kept row, so it needs no image."""
+    decisions are forgotten. A duplicate never wins against its kept row, so it needs no image; a row taken down
+    (in the same file) is taken down again, so it needs none either."""
     paths = FinalPaths(Path(out))
     if paths.duplicates(b).exists():
         dups = read_ipc(paths.duplicates(b))
@@ -578,6 +638,8 @@ def accounting(source_names: list[str], ingest_counts: dict[str, dict], groups: 
         unique.update(b["unique_by_source"])
         for s, n in b["duplicates_by_source"].items():
             reasons[s]["duplicate"] += n
+        for s, n in b.get("takedowns_by_source", {}).items():
+            reasons[s][TAKEDOWN] += n
         unique_total += b["unique_images"]
     result = {}
     for s in source_names:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FAILURES_DIR = "failures"
 # Ingest and work folders hold candidates, not shards.
-_NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work"}
+_NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work", "takedowns"}  # takedowns: pmd.takedown records
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
 SIDE_BINS = (0, 128, 256, 512, 1024, 2048)  # shorter side of the original image, pixels
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

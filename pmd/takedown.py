@@ -3,15 +3,22 @@
 A request is a list of image URLs, pair keys or image sha256 digests (one per line; blank lines and `#` comments
 ignored). Applying it:
 1. records the request as received: OUT/takedowns/ID.json (ID = sha256 of the list file), so that later builds
-   apply it again (`reapply`) and an auditor sees what was asked and when;
+   apply it again (`load_filter`) and an auditor sees what was asked and when;
 2. finds the matching pairs with a metadata-only scan of the shards, into a journal (OUT/takedowns/ID.pending.parquet);
 3. rewrites only the shards that hold a match: the other rows in the same order, each row group kept as a row group
    (minus its removed rows);
-4. writes the removed pairs as failures with stage and reason `takedown` (failures/takedown-ID12.parquet);
+4. writes the removed pairs as failures with stage and reason `takedown` (failures/takedown-ID12-NNN.parquet)
+   and keeps their full metadata, every shard column but the image, in OUT/takedowns/ID-NNN.removed.parquet: the
+   permanent record of what was removed, and what a later `pmd build --retry-failures` needs to take the shortened
+   shards back to pieces (pmd.final.unbuild_shard);
 5. updates the manifest last (shard digests, the accounting, unique images, and the request under `takedowns`),
    then drops the journal.
 Every file is replaced atomically and the journal makes a rerun after kill -9 finish the same request with the
 same result; a request already applied changes nothing.
+
+The build applies every recorded request too (`load_filter`): the final phase turns the kept rows a request names
+into failures with stage and reason `takedown`, so a retry or a rebuild never brings a removed pair back, and the
+manifest it writes lists the requests again (`manifest_entries`) with their rows in failures/SOURCE.parquet.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,7 +48,8 @@ TAKEDOWN = "takedown"  # the failure stage and reason of a removed pair
 KINDS: dict[str, str] = {"urls": schema.IMAGE_URL, "keys": schema.KEY, "image_sha256": schema.IMAGE_SHA256}
 _SHA256_HEX = frozenset("0123456789abcdef")
 _APPLICATION = b"pmd.takedown.application"  # journal metadata: len(manifest["takedowns"]) when it was made
-_JOURNAL_COLUMNS = [schema.KEY, schema.SOURCE, schema.IMAGE_URL, schema.IMAGE_REF, schema.IMAGE_SHA256]
+_JOURNAL_COLUMNS = list(schema.SHARD_METADATA_COLUMNS)  # every shard column but the image
+REMOVED_SUFFIX = ".removed.parquet"
 
 
 class TakedownError(ValueError):
@@ -97,6 +107,10 @@ def _manifest(out: Path) -> dict:
 
 def _failures_name(request: TakedownRequest, application: int) -> str:
     return f"{FAILURES_DIR}/{TAKEDOWN}-{request.id[:12]}-{application:03d}.parquet"
+
+
+def _removed_name(request: TakedownRequest, application: int) -> str:
+    return f"{TAKEDOWN_DIR}/{request.id}-{application:03d}{REMOVED_SUFFIX}"
 
 
 def _find(out: Path, manifest: dict, request: TakedownRequest) -> pa.Table:
@@ -164,8 +178,10 @@ def apply(out: Path, request: TakedownRequest) -> dict:
     if journal.exists():
         found = pq.read_table(journal)
         application = int(found.schema.metadata[_APPLICATION])
-        if len(applied) > application and applied[application]["list_sha256"] == request.id:
-            journal.unlink()  # killed after the manifest was written: only the journal was left
+        if any(t["list_sha256"] == request.id for t in applied[application:]):
+            # Killed after the manifest was written (only the journal was left), or a build applied the recorded
+            # request since (a build lists every recorded request): nothing left to do.
+            journal.unlink()
             return {"rows": 0, "shards": 0, "applied": False}
     else:
         application = len(applied)
@@ -174,6 +190,9 @@ def apply(out: Path, request: TakedownRequest) -> dict:
             return {"rows": 0, "shards": 0, "applied": False}
         found = found.replace_schema_metadata({_APPLICATION: str(application)})
         write_parquet_atomic(found, journal)
+    removed_rel = _removed_name(request, application)
+    if found.num_rows and not (out / removed_rel).exists():  # durable before any shard loses a row
+        write_parquet_atomic(found.replace_schema_metadata(None), out / removed_rel)
 
     keys = pc.unique(found.column(schema.KEY))
     shards = sorted(set(found.column("shard").to_pylist()))
@@ -223,12 +242,83 @@ def apply(out: Path, request: TakedownRequest) -> dict:
     return {"rows": found.num_rows, "shards": len(shards), "applied": True}
 
 
-def reapply(out: Path) -> list[dict]:
-    """Every request recorded in OUT/takedowns again (after a build or a retry that may have brought pairs back)."""
-    results = []
-    for path in sorted((Path(out) / TAKEDOWN_DIR).glob("*.json")):
-        results.append(apply(out, TakedownRequest.from_dict(json.loads(path.read_text()))))
-    return results
+def recorded(out: Path) -> list[TakedownRequest]:
+    """The requests recorded in OUT/takedowns, in the order they were received."""
+    records = [json.loads(p.read_text()) for p in sorted((Path(out) / TAKEDOWN_DIR).glob("*.json"))]
+    records.sort(key=lambda d: (d.get("received_at", ""), d["list_sha256"]))
+    return [TakedownRequest.from_dict(d) for d in records]
+
+
+@dataclass(frozen=True)
+class TakedownFilter:
+    """Every recorded request, as the build's final phase applies it (small: the lists as given; picklable)."""
+
+    requests: tuple[TakedownRequest, ...] = ()  # in received order: a row named by several is charged to the first
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    @cached_property
+    def _by_column(self) -> dict[str, dict[str, str]]:
+        """column -> value -> id of the first request naming it: one membership test per column, however many
+        requests."""
+        result: dict[str, dict[str, str]] = {}
+        for request in self.requests:
+            named = result.setdefault(KINDS[request.kind], {})
+            for value in request.values:
+                named.setdefault(value, request.id)
+        return result
+
+    def match(self, table: pa.Table) -> list[str | None]:
+        """Per row of `table` (which has the KINDS columns), the id of the first request naming it, else None."""
+        ids: list[str | None] = [None] * table.num_rows
+        for column, named in self._by_column.items():
+            values = table.column(column)
+            hits = pc.indices_nonzero(pc.is_in(values, value_set=pa.array(list(named), pa.string())))
+            for i in hits.to_pylist():
+                request = named[values[i].as_py()]
+                if ids[i] is None or self._rank[request] < self._rank[ids[i]]:
+                    ids[i] = request
+        return ids
+
+    @cached_property
+    def _rank(self) -> dict[str, int]:
+        return {r.id: i for i, r in enumerate(self.requests)}
+
+    def detail(self, request_id: str) -> str:
+        return _detail(next(r for r in self.requests if r.id == request_id))
+
+
+def load_filter(out: Path) -> TakedownFilter:
+    """What the build must keep out of the corpus: every request recorded in OUT/takedowns."""
+    return TakedownFilter(tuple(recorded(out)))
+
+
+def manifest_entries(takedown_filter: TakedownFilter, rows_by_request: dict[str, dict[str, int]]) -> list[dict]:
+    """The manifest's `takedowns` as a build writes them: each recorded request with the rows the build took out
+    (`rows_by_request`: request id -> source -> rows), which are in failures/SOURCE.parquet, not a file of their
+    own; a build rewrites every shard, so none counts as rewritten by the request."""
+    entries = []
+    for request in takedown_filter.requests:
+        by_source = dict(sorted(rows_by_request.get(request.id, {}).items()))
+        entries.append({"list_sha256": request.id, "kind": request.kind, "reason": request.reason,
+                        "listed": len(request.values), "rows": sum(by_source.values()), "rows_by_source": by_source,
+                        "shards_rewritten": 0, "failures_file": None, "applied_at": _now()})
+    return entries
+
+
+def removed_rows(out: Path, keys: list[str]) -> pa.Table:
+    """The saved metadata (OUT/takedowns/*.removed.parquet) of the removed rows with these keys, one row per key."""
+    target = pa.schema([schema.SHARD_SCHEMA.field(c) for c in _JOURNAL_COLUMNS])
+    files = sorted((Path(out) / TAKEDOWN_DIR).glob(f"*{REMOVED_SUFFIX}"))
+    wanted = pa.array(keys, pa.string())
+    found = [t.filter(pc.is_in(t.column(schema.KEY), value_set=wanted)).select(_JOURNAL_COLUMNS).cast(target)
+             for t in (pq.read_table(f, columns=_JOURNAL_COLUMNS) for f in files)]
+    table = pa.concat_tables(found) if found else target.empty_table()
+    if table.num_rows:  # a key removed twice (two requests) is one row
+        first = pl.from_arrow(table).with_row_index("_i").group_by(schema.KEY).agg(pl.col("_i").min())
+        table = table.take(pa.array(sorted(first.get_column("_i").to_list()), pa.int64()))
+    return table
 
 
 def _detail(request: TakedownRequest) -> str:
