@@ -239,5 +239,8 @@ def main() -> None:
     for case in cases:
         result = run_case(case)
         print(json.dumps({"id": case["id"], **result}), flush=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over an exec from the forked parent (a pytest
+    # process that has loaded torch reads >1 GB before this runner does anything).
+    status = Path("/proc/self/status").read_text()
+    peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     print(json.dumps({"id": "peak_rss_bytes", "value": peak_kib * 1024}), flush=True)
