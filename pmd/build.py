@@ -126,22 +126,44 @@ def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str,
     return fetched
 
 
-def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[bytes | None, str, str, str]]:
+# Per worker process. Building an ArchiveIndex from its state (every member name and path suffix) and opening its
+# zips (the central directory) costs seconds for archives of 10^5-10^6 members: measured ~3.5 s of a 4 s chunk task
+# at 800,000 members. Ray reuses worker processes, so each process builds it once and its chunk tasks share it.
+_ARCHIVE_INDEXES: dict[tuple, object] = {}
+
+
+def _archive_index(state: dict):
     from pmd.archives import ArchiveIndex
 
-    index = ArchiveIndex.from_state(task.archive_state)
+    key = (os.getpid(), tuple((s["kind"], s["path"], s.get("size"), len(s["members"]), _mtime(s["path"]))
+                              for s in state["sources"]))
+    index = _ARCHIVE_INDEXES.get(key)
+    if index is None:
+        for old in _ARCHIVE_INDEXES.values():
+            old.close()
+        _ARCHIVE_INDEXES.clear()
+        index = _ARCHIVE_INDEXES[key] = ArchiveIndex.from_state(state)
+    return index
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None  # read_many reports the missing archive for its refs
+
+
+def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[bytes | None, str, str, str]]:
+    index = _archive_index(task.archive_state)
     distinct = sorted({r for r in refs if r})
     fetched: dict = {}
-    try:
-        for ref, data, error in index.read_many(distinct):
-            if data is None:
-                # pmd.archives errors read "reason" or "reason: detail" (missing_member, archive_error).
-                reason, _, detail = str(error).partition(":")
-                fetched[ref] = (None, "read", reason.strip() or "archive_error", detail.strip()[:500])
-            else:
-                fetched[ref] = (data, "read", None, None)
-    finally:
-        index.close()
+    for ref, data, error in index.read_many(distinct, max_bytes=task.image_options.max_image_bytes):
+        if data is None:
+            # pmd.archives errors read "reason" or "reason: detail" (missing_member, archive_error, too_large).
+            reason, _, detail = str(error).partition(":")
+            fetched[ref] = (None, "read", reason.strip() or "archive_error", detail.strip()[:500])
+        else:
+            fetched[ref] = (data, "read", None, None)
     for ref in distinct:
         fetched.setdefault(ref, (None, "read", "archive_error", "the archive reader returned nothing"))
     return fetched
