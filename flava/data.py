@@ -445,33 +445,34 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             first_key = None
             if segments:
                 i = nxt % len(segments)
-                for cur, row, key in seg_rows[i]:
+                for cur, key in self._fill(samples, seg_rows[i], spec.batch_size, bad):
                     segments[i][3:6] = cur
-                    sample = self._sample(row, key, bad)
-                    if sample is not None:
-                        first_key = key if first_key is None else first_key
-                        samples.append(sample)
-                        if len(samples) == spec.batch_size:
-                            break
+                    first_key = key if first_key is None else first_key
                 if len(samples) < spec.batch_size:  # the segment reached the end of its pass
                     del segments[i], seg_rows[i]
                     nxt = i
                 else:
                     nxt = i + 1
             if len(samples) < spec.batch_size:
-                for cur, row, key in main:
+                for cur, key in self._fill(samples, main, spec.batch_size, bad):
                     cursor = cur
-                    sample = self._sample(row, key, bad)
-                    if sample is not None:
-                        first_key = key if first_key is None else first_key
-                        samples.append(sample)
-                        if len(samples) == spec.batch_size:
-                            break
+                    first_key = key if first_key is None else first_key
             batch = self._collate(samples, _rng(*first_key, 7))
             pos = dump_position(cursor, segments, nxt % len(segments) if segments else 0)
             batch["_meta"] = {"worker": logical, "cursor": pos, "bad": bad, "kind": kind}
             yield batch
             bad = {}
+
+    def _fill(self, samples: list[dict], rows: Iterator, batch_size: int, bad: dict) -> Iterator[tuple]:
+        """Take rows into `samples` until it holds `batch_size`; yields (cursor, key) per row read, key None for a
+        row that gave no sample, so the caller can record its position after every row."""
+        for cur, row, key in rows:
+            sample = self._sample(row, key, bad)
+            if sample is not None:
+                samples.append(sample)
+            yield cur, key if sample is not None else None
+            if len(samples) == batch_size:
+                return
 
     def _sample(self, row: dict, key: tuple, bad: dict) -> dict | None:
         spec, kind = self.spec, self.source.kind

@@ -75,6 +75,23 @@ def write_list(path: Path, values: list[str]) -> Path:
     return path
 
 
+def apply_killed_after(renames: int, corpus: Path, victims_file: Path, monkeypatch) -> list:
+    """`pmd takedown` as a process killed right after its N-th atomic rename; returns the renamed paths."""
+    real_replace, calls = shards.os.replace, []
+
+    def dying_replace(src, dst):
+        if len(calls) == renames:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        apply(corpus, read_request("keys", victims_file))
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    return calls
+
+
 def test_keys_removed_only_affected_shards_rewritten_and_verify_passes(corpus, tmp_path):
     before_rows = rows(corpus)
     manifest = json.loads((corpus / "manifest.json").read_text())
@@ -141,18 +158,7 @@ def test_killed_at_any_point_the_rerun_gives_the_uninterrupted_result(built, tmp
 
     corpus = tmp_path / "killed"
     shutil.copytree(built, corpus)
-    real_replace, calls = shards.os.replace, []
-
-    def dying_replace(src, dst):  # the process dies right after its N-th atomic rename
-        if len(calls) == crash_after:
-            raise KeyboardInterrupt("killed")
-        calls.append(dst)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(shards.os, "replace", dying_replace)
-    with pytest.raises(KeyboardInterrupt):
-        apply(corpus, read_request("keys", victims_file))
-    monkeypatch.setattr(shards.os, "replace", real_replace)
+    apply_killed_after(crash_after, corpus, victims_file, monkeypatch)
     apply(corpus, read_request("keys", victims_file))
     assert snapshot(corpus) == snapshot(reference)
     assert verify(corpus) == []
@@ -388,18 +394,8 @@ def test_a_takedown_killed_midway_then_a_retry_then_the_rerun_is_consistent(coco
     keys = all_keys(corpus)
     victims = [keys[0], keys[25], keys[-1]]  # three shards
     victims_file = write_list(tmp_path / "k.txt", victims)
-    real_replace, calls = shards.os.replace, []
-
-    def dying_replace(src, dst):  # dies after the record, the journal, the removed rows and one shard are written
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed")
-        calls.append(dst)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(shards.os, "replace", dying_replace)
-    with pytest.raises(KeyboardInterrupt):
-        apply(corpus, read_request("keys", victims_file))
-    monkeypatch.setattr(shards.os, "replace", real_replace)
+    # dies after the record, the journal, the removed rows and one shard are written
+    calls = apply_killed_after(4, corpus, victims_file, monkeypatch)
     assert Path(calls[-1]).parent.name == "shards"
 
     build(coco_inputs, corpus, "--retry-failures")  # the recorded request is applied by the build
