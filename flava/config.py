@@ -1,7 +1,7 @@
 """Typed, YAML-friendly configuration of the FLAVA model.
 
-``FlavaConfig.from_dict`` / ``to_dict`` round-trip plain dictionaries (as read from YAML) and reject unknown keys
-with an error that names the offending key and the accepted ones, so that a typo in a config file fails loudly.
+``FlavaConfig.from_dict`` / ``to_dict`` round-trip plain dictionaries (as read from YAML); ``from_dict`` is the
+project's one config loader (``pmd.config_loader``), so a typo or a wrong type in a config file fails loudly.
 """
 
 from __future__ import annotations
@@ -9,30 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-
-
-def _from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
-    """Build dataclass ``cls`` from ``data``; nested dataclass fields are built recursively."""
-    if data is None:
-        return cls()
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls.__name__, name))
-        kwargs[name] = _from_dict(sub, value, f"{where}.{name}") if sub is not None else value
-    return cls(**kwargs)
+from pmd.config_loader import from_dict
 
 
 @dataclass
@@ -149,7 +128,7 @@ class FlavaConfig:
     # -- dict / YAML -------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "FlavaConfig":
-        return _from_dict(cls, data, "FlavaConfig")
+        return from_dict(cls, data, "FlavaConfig")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,15 +140,6 @@ class FlavaConfig:
             return PRESETS[name]()
         except KeyError:
             raise ValueError(f"unknown FLAVA preset {name!r}; known: {sorted(PRESETS)}") from None
-
-
-_NESTED: dict[tuple[str, str], type] = {
-    ("FlavaConfig", "image"): ImageEncoderConfig,
-    ("FlavaConfig", "text"): TextEncoderConfig,
-    ("FlavaConfig", "multimodal"): MultimodalEncoderConfig,
-    ("FlavaConfig", "codebook"): CodebookConfig,
-    ("FlavaConfig", "loss_weights"): LossWeights,
-}
 
 
 def flava_full() -> FlavaConfig:

@@ -17,23 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from pmd.config_loader import ConfigError, Where, apply_overrides, from_dict, merge
+
 from .config import FlavaConfig
 
 KINDS = ("pairs", "images", "text")
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; raised before anything is built or trained."""
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 @dataclass
@@ -64,7 +52,7 @@ class ModelSection:
             patch = img.get("patch_size", base["image"]["patch_size"])
             over.setdefault("codebook", {})["image_size"] = 8 * (size // patch)
         try:
-            return FlavaConfig.from_dict(_merge(base, over))
+            return FlavaConfig.from_dict(merge(base, over))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -139,13 +127,7 @@ class RunConfig:
     # -- dict / YAML -----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None) -> "RunConfig":
-        data = data or {}
-        sections = _checked_fields(cls, data, "run config")
-        kw = {}
-        for name, f in sections.items():
-            sec_cls = f.default_factory  # type: ignore[misc]
-            kw[name] = _section(sec_cls, data.get(name), name)
-        cfg = cls(**kw)
+        cfg = from_dict(cls, data, Where("run config"))
         cfg.validate()
         return cfg
 
@@ -254,72 +236,6 @@ class RunConfig:
         return self.run.global_batch_size // (self.run.micro_batch_size * world_size)
 
 
-def _checked_fields(cls, data, where: str) -> dict[str, dataclasses.Field]:
-    """The dataclass's fields, once `data` is known to be a mapping naming only them."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(fields)}")
-    return fields
-
-
-def _section(cls, data, where: str):
-    if data is None:
-        return cls()
-    fields = _checked_fields(cls, data, where)
-    out = cls(**data)
-    for name, f in fields.items():  # light type check: a string where a number belongs fails here, not mid-run
-        v = getattr(out, name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if v is None or default is None:
-            continue
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{where}.{name}: expected true/false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, str):  # PyYAML reads 2e-4 (no dot) as a string
-                try:
-                    v = float(v)
-                    setattr(out, name, v)
-                except ValueError:
-                    pass
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{where}.{name}: expected a number, got {v!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float):
-                if not v.is_integer():
-                    raise ConfigError(f"{where}.{name}: expected an integer, got {v!r}")
-                setattr(out, name, int(v))
-        if isinstance(default, (list, dict, str)) and not isinstance(v, type(default)):
-            if isinstance(default, list) and isinstance(v, str):  # data.pairs=path -> [path]
-                setattr(out, name, [v])
-                continue
-            raise ConfigError(f"{where}.{name}: expected a {type(default).__name__}, got {v!r}")
-    return out
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``["optim.lr=1e-4", "data.ratios={pairs: 1.0}"]`` onto a config dict; values parse as YAML."""
-    data = copy.deepcopy(data or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = data
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise ConfigError(f"override {item!r}: {p} is not a mapping")
-            node = node[p]
-        node[parts[-1]] = value
-    return data
-
-
 def builtin_config_path(name: str) -> Path:
     """``tiny`` / ``flava_full`` -> the packaged configs/<name>.yaml."""
     return Path(str(importlib.resources.files("configs") / f"{name}.yaml"))
@@ -343,3 +259,14 @@ def read_config_dict(path: str | Path) -> dict:
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     data = read_config_dict(path) if path is not None else {}
     return RunConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def load_train_config(path: str | Path, overrides: list[str], pairs: list[str] | None = None,
+                      images: list[str] | None = None, text: list[str] | None = None,
+                      steps: int | None = None) -> RunConfig:
+    """`flava train`'s configuration: the file, its ``key=value`` overrides, then ``--data`` / ``--images`` /
+    ``--text`` / ``--steps`` (each, when given, replacing its key); every active kind must have data."""
+    flags = {"data.pairs": pairs, "data.images": images, "data.text": text, "run.steps": steps}
+    cfg = RunConfig.from_dict(apply_overrides(apply_overrides(read_config_dict(path), overrides), flags))
+    cfg.validate_sources()
+    return cfg

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pmd import final, schema, takedown, urls
 from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
+from pmd.config_loader import ConfigError, Where, apply_overrides, from_dict
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
@@ -63,7 +64,7 @@ class SourceSpec:
     name: str
     inputs: list[Path]
     images: list[Path] = field(default_factory=list)
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str | int | float | bool] = field(default_factory=dict)  # strings once built
 
     def __post_init__(self) -> None:
         from pmd.sources import adapter_class
@@ -129,77 +130,58 @@ class BuildConfig:
         }
 
 
-_TOP_KEYS = {"sources", "out", "shard_rows", "row_group_rows", "chunk_rows", "seed", "image", "download",
-             "executor", "ray_address", "num_cpus", "task_cpus", "retry_failures", "decontaminate"}
-_SOURCE_KEYS = {"name", "inputs", "images", "options"}
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> BuildConfig:
+    """A build configuration file (TOML, or YAML by extension) with `overrides` laid on it (pmd.config_loader).
 
-
-def _typed(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
-def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> BuildConfig:
-    """A build configuration file (TOML, or YAML by extension). Relative paths are relative to the file.
-
-    Unknown keys are errors at every level: a misspelt option must never be silently ignored.
-    `overrides` (from the command line) replace top-level keys.
+    Relative paths in the file are relative to the file; `overrides` come from the command line (dotted keys:
+    `shard_rows`, `image.image_size`, `decontaminate.against`; None = not given) and their paths stay as given.
+    Without a file the overrides are the whole configuration (`pmd build SOURCE INPUT...`). Unknown keys are
+    errors at every level: a misspelt option must never be silently ignored.
     """
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        raw = yaml.safe_load(text) or {}
-    elif path.suffix.lower() == ".toml":
-        raw = tomllib.loads(text)
-    else:
-        raise ValueError(f"{path}: config must be .toml, .yaml or .yml")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
-    base = path.parent
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".toml":
+            raw = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{path}: config must be .toml, .yaml or .yml")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        _resolve_paths(raw, path.parent)
+    raw = apply_overrides(raw, overrides)
+    return from_dict(BuildConfig, raw, Where("command line" if path is None else str(path)))
 
-    def resolve(p: str | Path) -> Path:
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """The file's input, image and evaluation paths made relative to the file (in place, before validation)."""
+    def resolve(p):
+        if not isinstance(p, (str, Path)):
+            return p  # left for the loader to refuse
         p = Path(os.path.expanduser(str(p)))
         return p if p.is_absolute() else base / p
 
-    sources = []
-    for i, s in enumerate(raw.get("sources") or []):
-        if not isinstance(s, dict):
-            raise ValueError(f"{path}: sources[{i}] must be a mapping")
-        bad = sorted(set(s) - _SOURCE_KEYS)
-        if bad:
-            raise ValueError(f"{path}: sources[{i}]: unknown key(s) {', '.join(bad)}; known: "
-                             f"{', '.join(sorted(_SOURCE_KEYS))}")
-        if "name" not in s or "inputs" not in s:
-            raise ValueError(f"{path}: sources[{i}] needs `name` and `inputs`")
-        inputs = s["inputs"] if isinstance(s["inputs"], list) else [s["inputs"]]
-        images = s.get("images") or []
-        images = images if isinstance(images, list) else [images]
-        sources.append(SourceSpec(s["name"], [resolve(p) for p in inputs], [resolve(p) for p in images],
-                                  dict(s.get("options") or {})))
-    if "out" not in raw:
-        raise ValueError(f"{path}: no output directory (give --out)")
-    kwargs = {k: v for k, v in raw.items() if k not in ("sources", "image", "download", "out", "decontaminate")}
-    decontaminate = dict(raw.get("decontaminate") or {})
-    for key in ("against", "flickr_ids"):
-        if key in decontaminate:
-            value = decontaminate[key]
-            decontaminate[key] = [resolve(p) for p in (value if isinstance(value, list) else [value])]
-    return BuildConfig(
-        sources=sources, out=Path(raw["out"]),
-        image=_typed(ImageOptions, raw.get("image") or {}, f"{path}: [image]"),
-        download=_typed(DownloadOptions, raw.get("download") or {}, f"{path}: [download]"),
-        decontaminate=_typed(EvalScreenOptions, decontaminate, f"{path}: [decontaminate]"),
-        **kwargs,
-    )
+    def each(value):
+        return [resolve(p) for p in value] if isinstance(value, list) else resolve(value)
+
+    sources = raw.get("sources")
+    for s in sources if isinstance(sources, list) else []:
+        if isinstance(s, dict):
+            for key in ("images", "options"):  # an empty YAML key: none
+                if key in s and s[key] is None:
+                    del s[key]
+            for key in ("inputs", "images"):
+                if key in s:
+                    s[key] = each(s[key])
+    decontaminate = raw.get("decontaminate")
+    if isinstance(decontaminate, dict):
+        for key in ("against", "flickr_ids"):
+            if key in decontaminate:
+                decontaminate[key] = each(decontaminate[key])
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

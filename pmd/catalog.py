@@ -7,8 +7,10 @@ import tomllib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+from pmd.config_loader import ConfigError, Where, from_dict
 from pmd.schema import SOURCE_NAMES
 
+CATALOG_FILE = "manifests/sources.toml"
 # Table 2 of the FLAVA paper, totals row.
 PAPER_TOTAL_PAIRS = 70_000_000
 PAPER_AVG_WORDS = 12.1
@@ -36,6 +38,12 @@ class CatalogEntry:
     pair_licence: str = ""
     commercial: str = "unknown"
 
+    def __post_init__(self) -> None:
+        if self.commercial not in COMMERCIAL:
+            raise ValueError(f"{self.name}: commercial must be one of {COMMERCIAL}, not {self.commercial!r}")
+        if self.images not in ("url", "archive"):
+            raise ValueError(f"{self.name}: images must be 'url' or 'archive', not {self.images!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["metadata"] = list(self.metadata)
@@ -47,26 +55,20 @@ class CatalogError(ValueError):
     pass
 
 
+def _rows(raw: dict, table: str, cls: type) -> list:
+    """Each ``[[table]]`` of the catalog as a ``cls``; a bad row is a CatalogError naming it."""
+    try:
+        return [from_dict(cls, row, Where(CATALOG_FILE, f"{table}[{i}]")) for i, row in enumerate(raw.get(table, []))]
+    except ConfigError as e:
+        raise CatalogError(str(e)) from None
+
+
 def _parse(raw: dict) -> tuple[CatalogEntry, ...]:
-    entries = []
-    fields = set(CatalogEntry.__dataclass_fields__)
-    for row in raw.get("source", []):
-        unknown = set(row) - fields
-        if unknown:
-            raise CatalogError(f"catalog entry {row.get('name')!r} has unknown fields {sorted(unknown)}")
-        row = dict(row)
-        row["metadata"] = tuple(row["metadata"])
-        row["image_archives"] = tuple(row["image_archives"])
-        entry = CatalogEntry(**row)
-        if entry.commercial not in COMMERCIAL:
-            raise CatalogError(f"{entry.name}: commercial must be one of {COMMERCIAL}, not {entry.commercial!r}")
-        if entry.images not in ("url", "archive"):
-            raise CatalogError(f"{entry.name}: images must be 'url' or 'archive', not {entry.images!r}")
-        entries.append(entry)
+    entries = tuple(_rows(raw, "source", CatalogEntry))
     names = tuple(e.name for e in entries)
     if names != SOURCE_NAMES:
         raise CatalogError(f"catalog sources {names} differ from the schema's {SOURCE_NAMES}")
-    return tuple(entries)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class ManualStep:
 
 @lru_cache(maxsize=1)
 def _raw_catalog() -> dict:
-    return tomllib.loads((importlib.resources.files("manifests") / "sources.toml").read_text())
+    package, name = CATALOG_FILE.split("/")
+    return tomllib.loads((importlib.resources.files(package) / name).read_text())
 
 
 @lru_cache(maxsize=1)
@@ -94,13 +97,11 @@ def load_catalog() -> tuple[CatalogEntry, ...]:
 
 @lru_cache(maxsize=1)
 def manual_steps() -> tuple[ManualStep, ...]:
-    steps = []
-    for row in _raw_catalog().get("manual", []):
-        step = ManualStep(**{**row, "sources": tuple(row["sources"])})
+    steps = _rows(_raw_catalog(), "manual", ManualStep)
+    for step in steps:
         unknown = set(step.sources) - set(SOURCE_NAMES)
         if unknown:
             raise CatalogError(f"manual step {step.what!r} names unknown sources {sorted(unknown)}")
-        steps.append(step)
     return tuple(steps)
 
 

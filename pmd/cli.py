@@ -11,28 +11,41 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pmd.sources.base import InputError
+from pmd.config_loader import Extend, parse_assignments
 
 log = logging.getLogger("pmd")
+
+# The errors a user can cause, each with the exit code of the command it ends: printed as one line, without a
+# traceback; anything else is a bug and keeps its traceback. The first match wins. Classes are named by module and
+# looked up only once their module is loaded, so mapping an error never imports Ray or the build.
+USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
+    # (module, class, only for this command, exit code)
+    ("pipelines.build", "BuildError", None, 1),
+    ("builtins", "RuntimeError", "demo", 1),  # a demo stage that failed
+    ("pmd.fetch", "FetchError", None, 2),
+    ("pmd.sources.base", "InputError", None, 2),
+    ("builtins", "FileNotFoundError", None, 2),  # a build or input directory that is not there
+    ("builtins", "ValueError", None, 2),  # pmd.config_loader.ConfigError among them
+    ("builtins", "KeyError", None, 2),
+)
+
+
+def exit_code(command: str, exc: BaseException) -> int | None:
+    """The exit code for ``exc`` raised by ``command`` (USER_ERRORS); None for a bug."""
+    for module, name, only, code in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls) and only in (None, command):
+            return code
+    return None
 
 
 def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
-def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    options = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"option {item!r} is not KEY=VALUE")
-        options[key.strip()] = value
-    return options
-
-
 # ---------------------------------------------------------------------------------------------------- sources
 def cmd_sources(args: argparse.Namespace) -> int:
-    from pmd.catalog import PAPER_TOTAL_PAIRS, load_catalog
+    from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 
     catalog = load_catalog()
     if args.json:
@@ -47,7 +60,7 @@ def cmd_sources(args: argparse.Namespace) -> int:
         table.add_row(e.name, e.images, pairs, f"{e.table2_avg_words:.1f}", "yes" if e.manual else "",
                       e.licence)
     total = sum(e.table2_pairs for e in catalog)
-    table.add_row("total", "", f"{total / 1e6:.1f}M", "12.1", "", "", end_section=True)
+    table.add_row("total", "", f"{total / 1e6:.1f}M", f"{PAPER_AVG_WORDS:.1f}", "", "", end_section=True)
     console = _console()
     console.print(table)
     console.print("* Localized Narratives' 1.9M apportioned over its sub-sources by narrative count "
@@ -79,7 +92,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import IngestConfig, run_ingest
 
     config = IngestConfig(
-        source=args.source, inputs=args.inputs, out=args.out, options=_parse_options(args.option),
+        source=args.source, inputs=args.inputs, out=args.out, options=parse_assignments(args.option),
         chunk_records=args.chunk_records, executor=args.executor, ray_address=args.ray_address,
         progress=not args.quiet,
     )
@@ -119,64 +132,39 @@ def print_build_summary(manifest: dict, console: Console) -> None:
 
 
 def _build_config(args: argparse.Namespace):
-    import dataclasses
+    """The build configuration: --config FILE, or the one-source form, with the flags laid on it."""
+    from pipelines.build import load_config
 
-    from pipelines.build import BuildConfig, SourceSpec, load_config
-    from pmd.download import DownloadOptions
-    from pmd.images import ImageOptions
-
-    top = {"shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "seed": args.seed,
-           "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
-           "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows,
-           "retry_failures": args.retry_failures}
-    if args.config:
-        if args.source or args.inputs or args.images or args.option:
-            raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
-        config = load_config(args.config, {**top, "out": args.out})
-    else:
-        if not args.source or not args.inputs:
-            raise ValueError("give SOURCE INPUT... (or --config FILE)")
-        spec = SourceSpec(args.source, args.inputs, args.images or [], _parse_options(args.option))
-        config = BuildConfig(sources=[spec], out=args.out, **{k: v for k, v in top.items() if v is not None})
-    image = {k: v for k, v in {"image_size": args.image_size, "jpeg_quality": args.jpeg_quality,
-                               "max_image_bytes": args.max_image_bytes}.items()
-             if v is not None}
-    if image:
-        config.image = dataclasses.replace(config.image, **image)
-    download = {k: v for k, v in {"timeout": args.timeout, "retries": args.retries, "thread_count": args.threads,
-                                  "user_agent_token": args.user_agent_token}.items() if v is not None}
-    download.update({k: v for k, v in {"backend": args.download_backend,
-                                       "max_per_host": args.max_per_host}.items() if v is not None})
-    if args.ignore_robots:
-        download["disallowed_header_directives"] = []
-    if download:
-        config.download = DownloadOptions(**{**dataclasses.asdict(config.download), **download})
-    config.progress = not args.quiet
-    _apply_decontaminate_flags(config, args)
-    assert isinstance(config.image, ImageOptions)
-    return config
-
-
-def _apply_decontaminate_flags(config, args: argparse.Namespace) -> None:
-    """--decontaminate-against / --eval-flickr-ids / --eval-hash-threshold add to (or set) the config's values."""
-    from pmd.eval_screen import EvalScreenOptions
-
-    current = config.decontaminate
-    config.decontaminate = EvalScreenOptions(
-        against=[*current.against, *args.decontaminate_against],
-        flickr_ids=[*current.flickr_ids, *args.eval_flickr_ids],
-        threshold=current.threshold if args.eval_hash_threshold is None else args.eval_hash_threshold)
+    if args.config and (args.source or args.inputs or args.images or args.option):
+        raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
+    if not args.config and (not args.source or not args.inputs):
+        raise ValueError("give SOURCE INPUT... (or --config FILE)")
+    one_source = None if args.config else [{"name": args.source, "inputs": args.inputs, "images": args.images,
+                                            "options": parse_assignments(args.option)}]
+    flags = {
+        "sources": one_source, "out": args.out, "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows,
+        "seed": args.seed, "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
+        "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows, "retry_failures": args.retry_failures,
+        "progress": not args.quiet,
+        "image.image_size": args.image_size, "image.jpeg_quality": args.jpeg_quality,
+        "image.max_image_bytes": args.max_image_bytes,
+        "download.timeout": args.timeout, "download.retries": args.retries, "download.thread_count": args.threads,
+        "download.user_agent_token": args.user_agent_token, "download.backend": args.download_backend,
+        "download.max_per_host": args.max_per_host,
+        "download.disallowed_header_directives": [] if args.ignore_robots else None,
+        # these add to the file's lists
+        "decontaminate.against": Extend(args.decontaminate_against),
+        "decontaminate.flickr_ids": Extend(args.eval_flickr_ids),
+        "decontaminate.threshold": args.eval_hash_threshold,
+    }
+    return load_config(args.config, flags)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pipelines.build import BuildError, run_build
+    from pipelines.build import run_build
 
     config = _build_config(args)
-    try:
-        manifest = run_build(config)
-    except BuildError as exc:
-        print(f"pmd build: error: {exc}", file=sys.stderr)
-        return 1
+    manifest = run_build(config)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
     else:
@@ -232,14 +220,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_fetch_metadata(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pmd.fetch import FetchError, describe_manual, fetch
+    from pmd.fetch import describe_manual, fetch
 
-    try:
-        summary = fetch(Path(args.to), args.sources, mirror=args.mirror, attempts=args.attempts,
-                        timeout=args.timeout, progress=not args.quiet)
-    except FetchError as exc:
-        print(f"pmd fetch-metadata: error: {exc}", file=sys.stderr)
-        return 2
+    summary = fetch(Path(args.to), args.sources, mirror=args.mirror, attempts=args.attempts,
+                    timeout=args.timeout, progress=not args.quiet)
     console = _console()
     table = Table(title=f"pmd fetch-metadata -> {args.to}")
     for col in ("file", "status", "bytes", "sha256"):
@@ -267,11 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = DemoConfig.quick(Path(args.out)) if args.quick else DemoConfig(out=Path(args.out))
     if args.steps is not None:
         config.train_steps = args.steps
-    try:
-        run_demo(config, _console())
-    except RuntimeError as exc:
-        print(f"pmd demo: error: {exc}", file=sys.stderr)
-        return 1
+    run_demo(config, _console())
     return 0
 
 
@@ -394,16 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except FileNotFoundError as exc:  # a build or input directory that is not there
+    except Exception as exc:
+        code = exit_code(args.command, exc)
+        if code is None:
+            raise
         print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except InputError as exc:
-        print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-    except (ValueError, KeyError) as exc:
-        print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import types
-import typing
 from collections.abc import Mapping
 
+from pmd.config_loader import ConfigError, Where, from_dict
 from pmd.schema import SOURCE_NAMES
 from pmd.sources.base import SourceAdapter
 
@@ -45,41 +43,17 @@ def adapter_class(name: str) -> type[SourceAdapter]:
 def create_adapter(name: str, options: Mapping[str, str] | None = None) -> SourceAdapter:
     """An adapter instance. `options` (strings, from `-o key=value`) fill the adapter's `Options` dataclass, if any.
 
-    Unknown option names and values that do not convert are a clear ValueError, never silently ignored.
+    Unknown option names and values that do not convert are a ConfigError (a ValueError) naming the option and
+    what it takes (pmd.config_loader), never silently ignored.
     """
     cls = adapter_class(name)
     options = dict(options or {})
     options_cls = getattr(cls, "Options", None)
     if options_cls is None:
         if options:
-            raise ValueError(f"source {name!r} takes no options (got {', '.join(sorted(options))})")
+            raise ConfigError(f"source {name!r} takes no options (got {', '.join(sorted(options))})")
         return cls()
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown option(s) for {name!r}: {', '.join(unknown)}; known: {', '.join(fields)}")
-    hints = typing.get_type_hints(options_cls)
-    values = {}
-    for key, raw in options.items():
-        kind = hints[key]
-        if isinstance(kind, types.UnionType):  # `float | None` -> float
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        values[key] = _convert_option(name, key, raw, kind)
-    return cls(options_cls(**values))
-
-
-def _convert_option(source: str, key: str, raw: str, kind: type) -> object:
-    try:
-        if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"option {key}={raw!r} for {source!r} is not a valid {kind.__name__}") from None
+    return cls(from_dict(options_cls, options, Where(f"source {name!r}", "options")))
 
 
 __all__ = ["SOURCE_NAMES", "UnknownSourceError", "adapter_class", "create_adapter"]

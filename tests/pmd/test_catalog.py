@@ -37,9 +37,15 @@ def test_localized_narratives_apportioned_by_narrative_counts():
 
 
 def test_catalog_rejects_unknown_fields_and_wrong_sources():
-    with pytest.raises(CatalogError, match="unknown fields"):
+    with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[0\]: unknown key\(s\) \['colour'\]; "):
         _parse({"source": [{"name": "coco", "colour": "blue"}]})
     rows = [e.to_dict() for e in load_catalog()][:3]
+    with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[1\]: missing key\(s\) \['licence'\]$"):
+        _parse({"source": [rows[0], {k: v for k, v in rows[1].items() if k != "licence"}]})
+    with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[0\].table2_pairs: expected an integer, got 'many'$"):
+        _parse({"source": [{**rows[0], "table2_pairs": "many"}]})
+    with pytest.raises(CatalogError, match=r"source\[0\]: coco: images must be 'url' or 'archive', not 'ftp'"):
+        _parse({"source": [{**rows[0], "images": "ftp"}]})
     with pytest.raises(CatalogError, match="differ"):
         _parse({"source": rows})
 

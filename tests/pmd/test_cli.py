@@ -26,7 +26,7 @@ def test_errors_name_the_problem_and_exit_nonzero(tmp_path, capsys):
     assert "unknown source 'nope'" in capsys.readouterr().err
     assert main(["ingest", "yfcc100m", str(REAL / "yfcc100m_sample.tsv"), "--out", str(tmp_path),
                  "-o", "lang_threshold=high"]) == 2
-    assert "not a valid float" in capsys.readouterr().err
+    assert "source 'yfcc100m': options.lang_threshold: expected a number, got 'high'" in capsys.readouterr().err
     assert main(["ingest", "yfcc100m", str(REAL / "yfcc100m_sample.tsv"), "--out", str(tmp_path), "-o", "x"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     truncated = tmp_path / "cut.tsv.gz"

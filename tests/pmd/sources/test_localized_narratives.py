@@ -331,5 +331,5 @@ def test_registry_builds_the_four_adapters() -> None:
     assert create_adapter("localized_narratives__coco").options.decontaminate is True
     with pytest.raises(ValueError, match="takes no options"):
         create_adapter("localized_narratives__openimages", {"decontaminate": "false"})
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"localized_narratives__coco': options: unknown key\(s\) \['decontam'\]"):
         create_adapter("localized_narratives__coco", {"decontam": "false"})

@@ -142,7 +142,7 @@ def test_threshold_option(tmp_path):
     assert dropped.reason == "not_english" and dropped.lang == "en"
     with pytest.raises(ValueError, match="lang_threshold"):
         create_adapter("yfcc100m", {"lang_threshold": "1.5"})
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"source 'yfcc100m': options: unknown key\(s\) \['threshold'\]"):
         create_adapter("yfcc100m", {"threshold": "0.5"})
 
 
