@@ -231,3 +231,13 @@ def verify_assets(directory: str | os.PathLike) -> list[str]:
             if not p.is_file() or _sha256(p) != f["sha256"]:
                 bad.append(str(p))
     return bad
+
+
+def check_model_arg(value: str, flag: str = "--checkpoint") -> None:
+    """A ``--checkpoint`` that is no local path is a hub model: it must be cached or reachable."""
+    if os.path.exists(value):
+        return
+    fetch = fetch_command("tiny", [f"model.pretrained={value}"]) + f" (then {flag} ASSETS_DIR/pretrained)"
+    if not is_hub_id(value):
+        raise AssetError("model", flag, value, "no such file or directory", fetch)
+    ensure_asset(Asset("model", flag, value, "model"), fetch)

@@ -15,8 +15,8 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
+
 
 def _user_errors():
     from .assets import AssetError, FetchError
@@ -86,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _spawn(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with ``nproc`` local processes (minus ``--nproc``)."""
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N``: what each spawned process runs."""
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -99,24 +99,21 @@ def _spawn(argv: list[str], nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "flava.cli", *rest]  # fmt: skip
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    return rest
 
 
 def _cmd_train(args, argv) -> int:
-    from .run_config import load_run_config
-
     from .assets import check_assets
+    from .run_config import load_train_config
 
+    cfg = load_train_config(args.config, args.overrides, args.data, args.images, args.text, args.steps)
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # validate here first, so a bad config fails once and clearly instead of in every child
-        cfg = _load_train_config(args, load_run_config)
+        # validated here first, so a bad config fails once and clearly instead of in every child
+        from .distributed import launch_local
+
         cfg.validate(args.nproc)
         check_assets(cfg, args.config, args.overrides)
-        return _spawn(argv, args.nproc)
-    cfg = _load_train_config(args, load_run_config)
+        return launch_local(["-m", "flava.cli", *_without_nproc(argv)], args.nproc)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; the other ranks read the cache
         check_assets(cfg, args.config, args.overrides)
     from .train import train
@@ -128,21 +125,6 @@ def _cmd_train(args, argv) -> int:
     return 0
 
 
-def _load_train_config(args, load_run_config):
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.pairs={json.dumps(args.data)}")
-    if args.images is not None:
-        overrides.append(f"data.images={json.dumps(args.images)}")
-    if args.text is not None:
-        overrides.append(f"data.text={json.dumps(args.text)}")
-    if args.steps is not None:
-        overrides.append(f"run.steps={args.steps}")
-    cfg = load_run_config(args.config, overrides)
-    cfg.validate_sources()
-    return cfg
-
-
 def _print_result(res: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(res))
@@ -151,24 +133,11 @@ def _print_result(res: dict, as_json: bool) -> None:
         print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
 
 
-def _check_model_arg(value: str, flag: str = "--checkpoint") -> None:
-    """A ``--checkpoint`` that is no local path is a hub model: it must be cached or reachable."""
-    from .assets import Asset, ensure_asset, fetch_command, is_hub_id
-
-    if os.path.exists(value):
-        return
-    fetch = fetch_command("tiny", [f"model.pretrained={value}"]) + f" (then {flag} ASSETS_DIR/pretrained)"
-    if not is_hub_id(value):
-        from .assets import AssetError
-
-        raise AssetError("model", flag, value, "no such file or directory", fetch)
-    ensure_asset(Asset("model", flag, value, "model"), fetch)
-
-
 def _cmd_eval(args) -> int:
     from . import evaluate
+    from .assets import check_model_arg
 
-    _check_model_arg(args.checkpoint)
+    check_model_arg(args.checkpoint)
     limit = args.limit or None
     if args.eval_command == "retrieval":
         res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device,
@@ -201,22 +170,11 @@ def _cmd_tokenizer(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pathlib import Path
+    from .assets import check_model_arg
+    from .convert import export_checkpoint
 
-    from . import checkpoint as ckpt_mod
-    from .config import FlavaConfig
-    from .model import FlavaForPretraining
-    from .train import export_state_dict
-
-    _check_model_arg(args.checkpoint)
-    p = Path(args.checkpoint)
-    ckpt = p if (p / "meta.json").is_file() else ckpt_mod.latest_checkpoint(p)
-    if ckpt is None:
-        raise ckpt_mod.CheckpointError(f"{p}: no complete checkpoint")
-    meta = ckpt_mod.read_meta(ckpt)
-    model = FlavaForPretraining(FlavaConfig.from_dict(meta["model_config"]))
-    ckpt_mod.load_model_weights(ckpt, model)
-    export_state_dict(model.state_dict(), model.config, Path(args.out), ckpt.parent.parent / "tokenizer")
+    check_model_arg(args.checkpoint)
+    ckpt = export_checkpoint(args.checkpoint, args.out)
     print(json.dumps({"out": args.out, "from": str(ckpt)}))
     return 0
 

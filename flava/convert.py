@@ -10,7 +10,8 @@ and hand results back::
     hf = flava.convert.to_transformers(model)          # FlavaForPreTraining, codebook not attached by default
     hf.save_pretrained("out/")
 
-State-dict level functions (``hf_to_ours_state_dict`` / ``ours_to_hf_state_dict``) work without model objects, e.g.
+A run's weights go out the same way: ``export_final`` (the end of ``flava train``: RUN/final) and
+``export_checkpoint`` (``flava export``). State-dict level functions (``hf_to_ours_state_dict`` / ``ours_to_hf_state_dict``) work without model objects, e.g.
 on a consolidated FSDP / DCP checkpoint. Our fused ``qkv`` weight is the row-wise concatenation of transformers'
 ``query``, ``key``, ``value``; ``logit_scale`` is shape (1,) here and 0-dim there; the masked-prediction heads' tied
 ``bias`` is written under both transformers names.
@@ -19,11 +20,15 @@ on a consolidated FSDP / DCP checkpoint. Our fused ``qkv`` weight is the row-wis
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import checkpoint as ckpt_mod
 from .config import (
     CodebookConfig,
     FlavaConfig,
@@ -32,6 +37,7 @@ from .config import (
     MultimodalEncoderConfig,
     TextEncoderConfig,
 )
+from .distributed import DistInfo, barrier
 from .model import FlavaForPretraining
 
 log = logging.getLogger(__name__)
@@ -339,3 +345,47 @@ def from_pretrained(name_or_path: str = "facebook/flava-full", **kwargs) -> Flav
 
     hf = FlavaForPreTraining.from_pretrained(name_or_path, **kwargs)
     return from_transformers(hf)
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def export_final(model, mcfg: FlavaConfig, run_dir: Path, info: DistInfo) -> None:
+    """The trained model in transformers format (safetensors) + the run's tokenizer, in RUN/final."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        export_state_dict(sd, mcfg, run_dir / "final", run_dir / "tokenizer")
+    barrier(info)
+
+
+def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Path | None) -> None:
+    """A full state dict -> transformers ``FlavaForPreTraining`` directory (without the codebook: it is not
+    trained, load it separately) plus the tokenizer files."""
+    plain = FlavaForPretraining(mcfg)
+    plain.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
+    hf = to_transformers(plain, image_codebook=None)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    hf.save_pretrained(str(tmp))
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s", out)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """``flava export``: a run's latest checkpoint (or the checkpoint directory given) in transformers format, with
+    the run's tokenizer, in ``out``. Returns the checkpoint exported."""
+    p = Path(checkpoint)
+    ckpt = p if (p / "meta.json").is_file() else ckpt_mod.latest_checkpoint(p)
+    if ckpt is None:
+        raise ckpt_mod.CheckpointError(f"{p}: no complete checkpoint")
+    meta = ckpt_mod.read_meta(ckpt)
+    model = FlavaForPretraining(FlavaConfig.from_dict(meta["model_config"]))
+    ckpt_mod.load_model_weights(ckpt, model)
+    export_state_dict(model.state_dict(), model.config, Path(out), ckpt.parent.parent / "tokenizer")
+    return ckpt

@@ -8,6 +8,9 @@ chosen by ``flava.data.kind_for_step(seed, step)`` identically on every rank, in
 Exact resume: model init, data order and every random choice on the data side are pure functions of the seed and
 the position; a checkpoint holds the model, AdamW state, scheduler, step, RNG states and the loader cursors, so
 stopping after step k and resuming reproduces steps k+1.. of an uninterrupted run.
+
+This file keeps the loop; process setup and FSDP2 sharding are in ``flava.distributed``, what a step reports in
+``flava.metrics`` and the export to transformers format in ``flava.convert``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import checkpoint as ckpt_mod
@@ -31,9 +33,11 @@ from .config import FlavaConfig
 from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
 )  # fmt: skip
-from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, teardown
+from .convert import export_final
+from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, shard_model, teardown
 from .init_weights import apply_init_configs, load_encoder_init
 from .losses import global_contrastive_loss, positive_pair_mask
+from .metrics import MetricsWriter, flops_per_sample, log_record, peak_flops
 from .model import FlavaForPretraining, FlavaPretrainingOutput
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
@@ -41,8 +45,6 @@ from .tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer, train_word
 
 log = logging.getLogger(__name__)
 
-PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -105,25 +107,6 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     if p == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if p == "bf16" else torch.float32
-
-
-def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
-    """FSDP2: every transformer layer, every encoder (its embeddings and final norm), every head and projection,
-    then the root. Under bf16 the root keeps fp32 parameters: all it still holds is ``logit_scale``, whose bf16
-    value moves in steps of 1.5-3% of the temperature (the other units compute in bf16, see docs/pretrain.md).
-    The codebook is not part of the model, so never sharded or optimised."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-    kw = {"mp_policy": mp} if mp is not None else {}
-    for layer in model.transformer_layers():
-        fully_shard(layer, **kw)
-    for enc in model.encoders():
-        fully_shard(enc, **kw)
-    for head in model.heads():
-        fully_shard(head, **kw)
-    root_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    fully_shard(model, mp_policy=root_mp)
 
 
 def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
@@ -221,77 +204,6 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
         losses["global_contrastive"] = cache.loss.float()
         losses["loss"] = losses.get("loss", 0.0) + cache.loss.float()
     return losses
-
-
-def _layer_flops(n: int, d: int, mlp: int) -> float:
-    return 2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d
-
-
-def flops_per_sample(mcfg: FlavaConfig, kind: str, text_len: int) -> float:
-    """Model FLOPs of one training sample (forward + backward = 3x forward; recomputation not counted)."""
-    ic, tc, mc = mcfg.image, mcfg.text, mcfg.multimodal
-    n_img = ic.num_patches + 1
-    img = ic.num_layers * _layer_flops(n_img, ic.hidden_size, ic.mlp_dim)
-    txt = tc.num_layers * _layer_flops(text_len, tc.hidden_size, tc.mlp_dim)
-    if kind == "images":
-        fwd = img
-    elif kind == "text":
-        fwd = txt
-    else:  # unmasked + masked copies of each modality, fusion once over [CLS_M, image, text]
-        fwd = 2 * img + 2 * txt + mc.num_layers * _layer_flops(1 + n_img + text_len, mc.hidden_size, mc.mlp_dim)
-    return 3.0 * fwd
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, v in PEAK_FLOPS_BF16.items():
-        if key in name:
-            return v
-    return None
-
-
-class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard, on rank 0."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():  # a run killed after its last checkpoint logged steps that will be redone
-            keep = []
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-            self.path.write_text("".join(x + "\n" for x in keep))
-        self.f = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
-            except ImportError:  # tensorboard is optional at run time
-                log.warning("tensorboard is not installed: logging to metrics.jsonl only")
-
-    def write(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k if k in ("loss", "lr") or k in LOSS_NAMES else f"perf/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -461,7 +373,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
             stop_requested["flag"] = any_rank(stop_requested["flag"], info)
             last = step == stop_at or stop_requested["flag"]
             if step % cfg.run.log_every == 0 or last:
-                rec = _log_record(step, kind, sums, lr, grad_norm, info, device)
+                rec = log_record(step, kind, sums, lr, grad_norm, info, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -500,26 +412,6 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     return summary
 
 
-def _log_record(step, kind, sums, lr, grad_norm, info, device) -> dict:
-    names = ["loss", *LOSS_NAMES]
-    vec = torch.stack([sums[n] if n in sums else torch.zeros((), device=device) for n in names]).float()
-    present = [n in sums for n in names]
-    if info.distributed:  # mean over ranks; every rank had the same kind, so the same losses present
-        vec = vec.clone()
-        dist.all_reduce(vec)
-        vec /= info.world_size
-    vals = vec.cpu().tolist()
-    rec = {"step": step, "kind": kind}
-    for n, p, v in zip(names, present, vals):
-        if p:
-            rec[n] = v
-    rec["lr"] = lr
-    if grad_norm is not None:
-        g = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        rec["grad_norm"] = float(g)
-    return rec
-
-
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items() if _is_plain(v)}
@@ -536,37 +428,3 @@ def _is_plain(v) -> bool:
     if isinstance(v, dict):
         return all(_is_plain(x) for x in v.values())
     return False
-
-
-def export_final(model, mcfg: FlavaConfig, run_dir: Path, info: DistInfo) -> None:
-    """The trained model in transformers format (safetensors) + the run's tokenizer, in RUN/final."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if info.is_main:
-        export_state_dict(sd, mcfg, run_dir / "final", run_dir / "tokenizer")
-    barrier(info)
-
-
-def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Path | None) -> None:
-    """A full state dict -> transformers ``FlavaForPreTraining`` directory (without the codebook: it is not
-    trained, load it separately) plus the tokenizer files."""
-    import shutil
-
-    from .convert import to_transformers
-
-    plain = FlavaForPretraining(mcfg)
-    plain.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
-    hf = to_transformers(plain, image_codebook=None)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf.save_pretrained(str(tmp))
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info("exported %s", out)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -33,10 +34,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.compare:
-        from pathlib import Path
-
-        lost_keys_to = Path(args.report) / "lost_keys.parquet" if args.report else None
-        result = stats.compare(args.out, args.compare, lost_keys_to=lost_keys_to)
+        result = stats.compare(args.out, args.compare, report_dir=args.report)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -54,7 +52,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     result = stats.audit(args.out)
     if args.report:
-        written = report.write_report(result, __import__("pathlib").Path(args.report))
+        written = report.write_report(result, Path(args.report))
         if not args.json:
             console.print(f"report: {written['html']} and {written['markdown']}")
     if args.json:

@@ -694,12 +694,18 @@ def _success(stats: dict) -> dict:
     }
 
 
+LOST_KEYS = "lost_keys.parquet"  # beside the report of a comparison
+
+
 def compare(root: Path, other: Path, examples: int = 20, lost_keys_to: Path | None = None,
-            spill_dir: Path | None = None) -> dict:
+            spill_dir: Path | None = None, report_dir: Path | None = None) -> dict:
     """What changed from build `other` (before) to build `root` (after): keys gained and lost per source.
 
     Both builds' (key, source) go to disk partitioned by a hash of the key, so each anti-join runs on one
-    partition at a time. `lost_keys_to` receives every lost (key, source), sorted by key, as Parquet."""
+    partition at a time. `lost_keys_to` receives every lost (key, source), sorted by key, as Parquet; with
+    `report_dir` (`pmd stats --compare --report DIR`) that file is DIR/lost_keys.parquet."""
+    if lost_keys_to is None and report_dir is not None:
+        lost_keys_to = Path(report_dir) / LOST_KEYS
     before_files, after_files = locate_build(Path(other)), locate_build(Path(root))
     problems = [*(f"before: {p}" for p in before_files.problems), *(f"after: {p}" for p in after_files.problems)]
     columns = {schema.KEY: pl.String, schema.SOURCE: pl.String}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from flava import checkpoint as ckpt_mod
-from flava.train import LOSS_NAMES
+from flava.metrics import LOSS_NAMES
 
 from .shards import make_build
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flava.tokenizer import SPECIAL_TOKENS, count_words, learn_wordpiece_vocab
-from flava.train import LOSS_NAMES
+from flava.metrics import LOSS_NAMES
 
 from .shards import make_build
 
