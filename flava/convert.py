@@ -11,7 +11,9 @@ and hand results back::
     hf.save_pretrained("out/")
 
 A run's weights go out the same way: ``export_final`` (the end of ``flava train``: RUN/final) and
-``export_checkpoint`` (``flava export``). State-dict level functions (``hf_to_ours_state_dict`` / ``ours_to_hf_state_dict``) work without model objects, e.g.
+``export_checkpoint`` (``flava export``).
+
+State-dict level functions (``hf_to_ours_state_dict`` / ``ours_to_hf_state_dict``) work without model objects, e.g.
 on a consolidated FSDP / DCP checkpoint. Our fused ``qkv`` weight is the row-wise concatenation of transformers'
 ``query``, ``key``, ``value``; ``logit_scale`` is shape (1,) here and 0-dim there; the masked-prediction heads' tied
 ``bias`` is written under both transformers names.

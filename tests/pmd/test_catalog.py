@@ -42,7 +42,7 @@ def test_catalog_rejects_unknown_fields_and_wrong_sources():
     rows = [e.to_dict() for e in load_catalog()][:3]
     with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[1\]: missing key\(s\) \['licence'\]$"):
         _parse({"source": [rows[0], {k: v for k, v in rows[1].items() if k != "licence"}]})
-    with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[0\].table2_pairs: expected an integer, got 'many'$"):
+    with pytest.raises(CatalogError, match=r"^manifests/sources.toml: source\[0\].table2_pairs: expected an integer"):
         _parse({"source": [{**rows[0], "table2_pairs": "many"}]})
     with pytest.raises(CatalogError, match=r"source\[0\]: coco: images must be 'url' or 'archive', not 'ftp'"):
         _parse({"source": [{**rows[0], "images": "ftp"}]})
