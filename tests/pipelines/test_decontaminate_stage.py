@@ -10,7 +10,7 @@ from PIL import Image
 from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.archives import ArchiveIndex
-from pmd.cli import _apply_decontaminate_flags, build_parser
+from pmd.cli import _build_config, build_parser
 from pmd.decontaminate import EVAL_OVERLAP, STAGE, EvalHashIndex
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
@@ -63,15 +63,22 @@ def test_build_flags_and_config(tmp_path):
     args = build_parser().parse_args(["build", "--config", str(tmp_path / "build.toml"), "--out", "o",
                                       "--eval-flickr-ids", str(tmp_path / "dataset_flickr30k.json")])
     assert (args.decontaminate_against, args.eval_hash_threshold) == ([], None)
-    _apply_decontaminate_flags(config, args)
+    config = _build_config(args)
     assert config.decontaminate.flickr_ids == [tmp_path / "dataset_flickr30k.json"]
     assert config.decontaminate.threshold == 8 and config.to_dict()["decontaminate"]["against"] == [
         str(tmp_path / "evals")]
-    args = build_parser().parse_args(["build", "cc", "x", "--out", "o", "--decontaminate-against", "a",
-                                      "--decontaminate-against", "b", "--eval-hash-threshold", "6"])
-    _apply_decontaminate_flags(config, args)
+    args = build_parser().parse_args(["build", "--config", str(tmp_path / "build.toml"), "--out", "o",
+                                      "--decontaminate-against", "a", "--decontaminate-against", "b",
+                                      "--eval-hash-threshold", "6"])
+    config = _build_config(args)
+    # the flags add to the file's list; the file's paths are relative to the file, the flags' to the directory
     assert config.decontaminate.against == [tmp_path / "evals", Path("a"), Path("b")]
     assert config.decontaminate.threshold == 6
+    args = build_parser().parse_args(["build", "conceptual_captions", "x", "--out", "o", "--decontaminate-against",
+                                      "a", "--eval-hash-threshold", "6"])
+    config = _build_config(args)
+    assert config.decontaminate == EvalScreenOptions(against=[Path("a")], threshold=6)
+    assert config.sources[0].inputs == [Path("x")]
     plain = BuildConfig(sources=[SourceSpec("conceptual_captions", [tmp_path / "meta.tsv"])], out=tmp_path / "p")
     assert plain.decontaminate.load() == (None, None)
 
