@@ -33,3 +33,29 @@ def test_errors_name_the_problem_and_exit_nonzero(tmp_path, capsys):
     truncated.write_bytes(b"\x1f\x8b\x08\x00garbage")
     assert main(["ingest", "conceptual_12m", str(truncated), "--out", str(tmp_path)]) == 2
     assert "cut.tsv.gz" in capsys.readouterr().err
+
+
+def test_build_config_errors_and_the_one_exit_code_table(tmp_path, capsys):
+    from pmd.cli import exit_code
+
+    bad = tmp_path / "b.toml"
+    bad.write_text('shard_rowz = 5\n[[sources]]\nname = "coco"\ninputs = ["x"]\n')
+    assert main(["build", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"pmd build: error: {bad}: unknown key(s) ['shard_rowz']; accepted keys are ['chunk_rows', ")
+    assert main(["build", "--config", str(bad), "coco", "x", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("pmd build: error: give either --config FILE or SOURCE INPUT... "
+                                       "[--images PATH], not both\n")
+    assert main(["build", "coco", "x", "--out", str(tmp_path / "o"), "--jpeg-quality", "101"]) == 2
+    assert capsys.readouterr().err == ("pmd build: error: command line: image: ImageOptions.jpeg_quality must be "
+                                       "in 1..100, got 101\n")
+
+    from pipelines.build import BuildError
+    from pmd.fetch import FetchError
+
+    assert exit_code("build", BuildError("x")) == exit_code("demo", BuildError("x")) == 1
+    assert exit_code("demo", RuntimeError("a stage failed")) == 1
+    assert exit_code("build", RuntimeError("a bug")) is None  # keeps its traceback
+    assert exit_code("fetch-metadata", FetchError("x")) == 2
+    assert exit_code("stats", KeyError("k")) == exit_code("verify", FileNotFoundError("f")) == 2
+    assert exit_code("stats", ZeroDivisionError()) is None
