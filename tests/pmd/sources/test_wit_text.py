@@ -97,12 +97,12 @@ def test_choose_text_order_and_floors():
     assert (doubled.field, doubled.text) == (ALT_TEXT, "Bridge night")
     short = choose_text("", "English: Bridge", "Bridge.jpg")
     assert (short.field, short.reason, short.detail) == (
-        None, Reason.TOO_SHORT, "caption_reference_description: empty; caption_attribution_description: 1 words < 3; "
-                                "caption_alt_text_description: 1 words < 3")
+        None, Reason.TOO_SHORT, ("caption_reference_description: empty; caption_attribution_description: 1 words < 3; "
+                                 "caption_alt_text_description: 1 words < 3"))
     empty = choose_text("", "Deutsch: Eine Brücke", "")
     assert (empty.field, empty.reason, empty.detail) == (
-        None, Reason.EMPTY_TEXT, "caption_reference_description: empty; caption_attribution_description: no English "
-                                 "part; caption_alt_text_description: empty")
+        None, Reason.EMPTY_TEXT, ("caption_reference_description: empty; caption_attribution_description: no English "
+                                  "part; caption_alt_text_description: empty"))
 
 
 def test_non_ascii_dropped_after_the_choice():
@@ -114,8 +114,8 @@ def test_non_ascii_dropped_after_the_choice():
     # left: the row gives no pair (PMD would emit the one remaining space).
     cyrillic = choose_text("Юбилейная монета", "English: Jubilee coin of Ukraine", "")
     assert (cyrillic.field, cyrillic.reason, cyrillic.detail) == (
-        None, Reason.EMPTY_TEXT, "caption_reference_description: chosen (2 words), blank once non-ASCII characters "
-                                 "dropped and whitespace collapsed")
+        None, Reason.EMPTY_TEXT, ("caption_reference_description: chosen (2 words), blank once non-ASCII characters "
+                                  "dropped and whitespace collapsed"))
     assert choose_text("Юбилейная монета", "", "", TextRule(ascii_only=False)).text == "Юбилейная монета"
     blank = choose_text("  ", "English: A bridge over the Thames", "", TextRule(ascii_only=False))
     assert (blank.reason, blank.detail) == (
