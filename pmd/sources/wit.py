@@ -195,6 +195,10 @@ class WitAdapter(SourceAdapter):
             raise ValueError(f"word-count floors must be at least 1, got {floors}")
         self._floors = TextFloors(*floors)
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         shards: dict[str, Path] = {}
         for path in map(Path, inputs):
@@ -222,7 +226,7 @@ class WitAdapter(SourceAdapter):
         if not headers_seen:
             raise InputError(path, "empty file: no WIT header row")
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         line = decode_line(record)
         if isinstance(line, Reject):
             yield line
