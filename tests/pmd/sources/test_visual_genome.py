@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.pmd.sources._karpathy_fixtures import REAL_COCOID, document, image, w
 from pmd.sources import create_adapter
 from pmd.sources.base import Crop, InputError, Pair, Reason, Record, Reject, meta_json
 from pmd.sources.karpathy import DecontaminationOptions
-from pmd.sources.visual_genome import VisualGenomeAdapter, crop_box
+from pmd.sources.visual_genome import VisualGenomeAdapter, crop_box, pixel_crop
 
 VG = "https://cs.stanford.edu/people/rak248"
 SOURCE = "visual_genome"
@@ -173,6 +174,22 @@ def test_crop_box_rule() -> None:
     assert crop_box(100, 0, 10, 10, 100, 100) == "box (100, 0, 10, 10) lies outside the 100x100 image"
     assert crop_box(5, 5, 0, 10, 100, 100) == "non-positive box size 0x10"
     assert crop_box(500, 500, 10, 10, None, None) == (500, 500, 10, 10)  # image size unknown: kept as published
+    # The JSON reader refuses 1e400; a caller passing floats gets a reason, never an OverflowError later.
+    assert crop_box(0, 0, math.inf, 10, None, None) == "non-finite box (0, 0, inf, 10)"
+
+
+def test_pixel_crop_rounds_like_the_image_stage_and_fits_int32() -> None:
+    assert pixel_crop((0.5, 1.5, 2.5, 10.49)) == Crop(0, 2, 2, 10)  # half to even, each value on its own
+    # Width unknown (no image size): capped, and the image stage clamps it to the image as before.
+    assert pixel_crop((3, 4, 1e12, 5)) == Crop(3, 4, 2**31 - 1, 5)
+
+
+def test_a_huge_box_on_an_image_of_unknown_size_is_capped(tmp_path: Path) -> None:
+    regions = [{"id": 4, "regions": [region(3, 4, "huge, on an image of unknown size", 0, 0, 1e12, 5)]}]
+    image_data = IMAGE_DATA + [{"image_id": 4, "url": f"{VG}/VG_100K/4.jpg"}]
+    [out] = run(inputs(tmp_path, regions=regions, image_data=image_data))
+    assert out.crop == Crop(0, 0, 2**31 - 1, 5)
+    assert json.loads(out.meta)["box"] == {"x": 0, "y": 0, "width": 1e12, "height": 5}
 
 
 def test_bad_rows_are_rejected_with_reasons(tmp_path: Path) -> None:
