@@ -68,8 +68,8 @@ ImageInfo = tuple[str | None, int | None, int | None, int | None, int | None]
 
 @dataclass(frozen=True)
 class VisualGenomeContext:
-    """What converting a region needs besides the region: about 9 MB in memory and 4 MB pickled for v1.2's 108,077
-    images (docs/sources.md), shipped once per ingest."""
+    """What converting a region needs besides the region: for v1.2's 108,077 images about 36 MB of Python heap and
+    4.3 MB pickled (benchmarks/bench_context_size.py), put in Ray's object store once per ingest."""
 
     images: dict[int, ImageInfo]
     #: Cocoids of Karpathy's val/test images (empty when not decontaminating).
