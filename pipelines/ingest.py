@@ -67,7 +67,8 @@ def run_ingest(config: IngestConfig) -> dict:
     adapter = create_adapter(config.source, config.options)
     for path in config.inputs:
         require_file(path)
-    # Before any output is cleared: an input that is missing or unreadable fails here, leaving the old run intact.
+    # Before any output is cleared: loading the lookups (Visual Genome's image data, the Karpathy ids) fails on an
+    # unreadable input, and the earlier run is then left intact.
     context = adapter.prepare(config.inputs)
     prepare_output(config.source_dir)
     executor = config.choose_executor()

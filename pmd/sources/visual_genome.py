@@ -126,7 +126,7 @@ def pixel_crop(box: tuple[float, float, float, float]) -> Crop:
     """A `crop_box` result in whole pixels, each value rounded on its own as the image stage always has (Python's
     round, half to even). Capped to int32: no image is 2^31 pixels wide, so the cap never changes the region the
     image stage clamps it to. A box that rounds to nothing is left for the image stage to call `bad_box`."""
-    x, y, width, height = (min(int(round(value)), _INT32_MAX) for value in box)
+    x, y, width, height = (min(round(value), _INT32_MAX) for value in box)
     return Crop(x, y, width, height)
 
 
