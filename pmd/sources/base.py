@@ -1,8 +1,8 @@
 """The adapter protocol: upstream files -> records -> pairs or rejections.
 
 An adapter is split in three so the expensive part can run anywhere (in-process or as Ray tasks):
-- `prepare(inputs) -> context` checks the inputs and loads what converting a record needs besides the record
-  itself (Visual Genome's image data, the Karpathy decontamination ids), once, on the driver. The context is a
+- `prepare(inputs) -> context` loads what converting a record needs besides the record itself (Visual Genome's
+  image data, the Karpathy decontamination ids), once, on the driver, checking the inputs it reads. The context is a
   plain picklable value, small enough to ship to every worker once (docs/sources.md lists each adapter's); None
   for adapters that need nothing.
 - `records(inputs)` streams raw records out of the upstream files, in order, each with its position, in constant
@@ -290,8 +290,8 @@ class SourceAdapter(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, inputs: Sequence[Path]) -> Context:
-        """Check the inputs and load what `convert` needs besides the record (None when nothing). Runs once, before
-        any record is read; raises `InputError` for an input that is missing or cannot be read."""
+        """Load what `convert` needs besides the record (None when nothing). Runs once, before any record is read;
+        raises `InputError` for an input it needs that is missing or cannot be read."""
 
     @abc.abstractmethod
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
