@@ -194,6 +194,10 @@ class WitAdapter(SourceAdapter):
         self._rule = TextRule(self.options.min_reference_words, self.options.min_attribution_words,
                               self.options.min_alt_text_words, self.options.text_fallback, self.options.ascii_only)
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         shards: dict[str, Path] = {}
         for path in map(Path, inputs):
@@ -221,7 +225,7 @@ class WitAdapter(SourceAdapter):
         if not headers_seen:
             raise InputError(path, "empty file: no WIT header row")
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         line = decode_line(record)
         if isinstance(line, Reject):
             yield line

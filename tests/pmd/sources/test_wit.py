@@ -314,4 +314,4 @@ def test_registry_and_pickling(tmp_path: Path) -> None:
     path = write_shard(tmp_path / TRAIN, tsv([MULTILINE, row(language="de")]))
     records = pickle.loads(pickle.dumps(list(adapter.records([path]))))
     clone = pickle.loads(pickle.dumps(adapter))
-    assert [x for r in records for x in clone.convert(r)] == run([path])
+    assert [x for r in records for x in clone.convert(r, None)] == run([path])
