@@ -127,7 +127,8 @@ def main() -> None:
         adapter = YfccAdapter()
         records = [Record(str(yfcc_lines), i + 1, line.rstrip(b"\n"))
                    for i, line in enumerate(yfcc_lines.read_bytes().splitlines(keepends=True))]
-        adapter.convert_tables(records[:100])  # load fastText outside the timings
+        context = adapter.prepare([yfcc_lines])
+        adapter.convert_tables(records[:100], context)  # load fastText outside the timings
         print(f"| input ({args.mb:g} MB) | unbounded s | bounded s | bounded / unbounded | bounded MB/s |")
         print("|---|---:|---:|---:|---:|")
         for label, path, prefix in cases:
@@ -148,7 +149,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for kind, fn in (("unbounded", adapter.convert_tables), ("bounded", adapter.convert_tables_limited)):
                 start = time.perf_counter()
-                pairs, rejects = fn(records)
+                pairs, rejects = fn(records, context)
                 runs[kind].append(time.perf_counter() - start)
                 assert pairs.num_rows + rejects.num_rows == len(records)
         base, ours = statistics.median(runs["unbounded"]), statistics.median(runs["bounded"])

@@ -357,7 +357,8 @@ def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
     source_dir = config.out / WORK_DIR / "ingest" / spec.name
     summary = read_summary(source_dir)
     if (summary is not None and summary.get("inputs") == input_fingerprint(spec.inputs)
-            and summary.get("options") == spec.options and summary.get("schema_version") == schema.SCHEMA_VERSION):
+            and summary.get("options") == spec.options and summary.get("schema_version") == schema.SCHEMA_VERSION
+            and summary.get("candidate_columns") == list(schema.CANDIDATE_SCHEMA.names)):
         log.info("reusing the ingest of %s in %s", spec.name, source_dir)
         return summary
     return run_ingest(IngestConfig(source=spec.name, inputs=spec.inputs, out=source_dir.parent,

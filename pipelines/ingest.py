@@ -8,7 +8,6 @@ the same parts.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -68,6 +67,9 @@ def run_ingest(config: IngestConfig) -> dict:
     adapter = create_adapter(config.source, config.options)
     for path in config.inputs:
         require_file(path)
+    # Before any output is cleared: loading the lookups (Visual Genome's image data, the Karpathy ids) fails on an
+    # unreadable input, and the earlier run is then left intact.
+    context = adapter.prepare(config.inputs)
     prepare_output(config.source_dir)
     executor = config.choose_executor()
     started = time.perf_counter()
@@ -78,11 +80,11 @@ def run_ingest(config: IngestConfig) -> dict:
         if executor == "local":
             parts = 0
             for index, chunk in enumerate(chunks):
-                counts.add(process_chunk(adapter, chunk, index, config.source_dir))
+                counts.add(process_chunk(adapter, context, chunk, index, config.source_dir))
                 parts = index + 1
                 bar.update(chunk_size(chunk))
         else:
-            parts = _run_on_ray(config, adapter, chunks, counts, bar)
+            parts = _run_on_ray(config, adapter, context, chunks, counts, bar)
     finally:
         bar.close()
     summary = write_summary(config.source_dir, config.source, config.inputs, config.options, counts, parts,
@@ -92,16 +94,14 @@ def run_ingest(config: IngestConfig) -> dict:
     return summary
 
 
-def _run_on_ray(config: IngestConfig, adapter, chunks, counts: IngestCounts, bar) -> int:
+def _run_on_ray(config: IngestConfig, adapter, context, chunks, counts: IngestCounts, bar) -> int:
     import ray
 
     with ray_session(config.ray_address, config.num_cpus):
         remote_chunk = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
-        # Pull the first chunk before shipping the adapter: adapters load their lookup tables (Karpathy
-        # decontamination ids, Visual Genome image data) when `records()` starts, and workers need them.
-        first = next(chunks, None)
-        chunks = itertools.chain([first] if first is not None else [], chunks)
-        adapter_ref = ray.put(adapter)
+        # Put once in the object store: every task gets a reference, not its own copy of the context (a few MB for
+        # Visual Genome's image data, docs/sources.md).
+        adapter_ref, context_ref = ray.put(adapter), ray.put(context)
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         in_flight: dict = {}
         parts = 0
@@ -116,7 +116,7 @@ def _run_on_ray(config: IngestConfig, adapter, chunks, counts: IngestCounts, bar
                 if len(in_flight) >= max_in_flight:
                     ready, _ = ray.wait(list(in_flight), num_returns=1)
                     collect(ready)
-                ref = remote_chunk.remote(adapter_ref, chunk, index, config.source_dir)
+                ref = remote_chunk.remote(adapter_ref, context_ref, chunk, index, config.source_dir)
                 in_flight[ref] = chunk_size(chunk)
                 parts = index + 1
             while in_flight:

@@ -22,7 +22,6 @@ Transient failures (`TRANSIENT_REASONS`, `is_transient`): a later `--retry-failu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -81,7 +80,8 @@ METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
 
 @dataclass
 class ChunkTask:
-    """What a worker needs for one chunk. `candidates` holds the chunk's rows (PAIR_SCHEMA)."""
+    """What a worker needs for one chunk. `candidates` holds the chunk's rows (CANDIDATE_SCHEMA: its `crop` column
+    says which region of each image to keep)."""
 
     source: str
     index: int
@@ -101,16 +101,6 @@ class ChunkTask:
 
 def chunk_name(index: int) -> str:
     return f"chunk-{index:05d}.arrow"
-
-
-def _crop_box(meta: str | None) -> tuple[int, int, int, int] | None:
-    """Visual Genome's region box `meta.box` = {x, y, width, height}; None for every other source."""
-    if not meta or '"box"' not in meta:
-        return None
-    box = json.loads(meta).get("box")
-    if not isinstance(box, dict):
-        return None
-    return (box["x"], box["y"], box["width"], box["height"])
 
 
 def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str, tuple[object, str, str, str]]:
@@ -169,12 +159,13 @@ def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[b
     return fetched
 
 
-def _safe_box(meta: str | None) -> tuple[int, int, int, int] | None | str:
-    """The crop box, None, or (a str) why meta.box cannot be read."""
-    try:
-        return _crop_box(meta)
-    except (ValueError, KeyError, TypeError) as e:
-        return f"meta.box unreadable: {e}"
+def _crop_boxes(cand: pa.Table) -> list[tuple[int, int, int, int] | None]:
+    """Each row's crop (x, y, width, height) from the candidates' `crop` column, None for the whole image. Tables
+    without the column (pair columns only) crop nothing."""
+    if schema.CROP not in cand.column_names:
+        return [None] * cand.num_rows
+    return [None if c is None else (c["x"], c["y"], c["width"], c["height"])
+            for c in cand.column(schema.CROP).to_pylist()]
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -203,10 +194,9 @@ def _process_rows(task: ChunkTask) -> pa.Table:
     cand = task.candidates
     keys = cand.column(schema.KEY).to_pylist()
     texts = cand.column(schema.TEXT).to_pylist()
-    metas = cand.column(schema.META).to_pylist()
     # Pillow warns on images over its pixel limit before process_image rejects them as too_many_pixels: noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    boxes = [_safe_box(m) for m in metas]
+    boxes = _crop_boxes(cand)
     # Evaluation photos by Flickr id: failed before any download (pmd.eval_ids).
     screened = screen_candidates(task.eval_ids, cand)
     processed: dict[tuple, object] = {}
@@ -243,9 +233,6 @@ def _process_rows(task: ChunkTask) -> pa.Table:
         data, stage, reason, detail = fetched[locator]
         if data is None:
             out[STAGE][i], out[REASON][i], out[DETAIL][i] = stage, reason, detail
-            continue
-        if isinstance(box, str):
-            out[STAGE][i], out[REASON][i], out[DETAIL][i] = "check", "bad_box", box
             continue
         cache_key = (locator, box)
         result = processed.get(cache_key)
@@ -294,7 +281,8 @@ def retry_rows(task: ChunkTask) -> pa.Table:
     """Fetch and process again the rows of `task.candidates` (failed rows; CHUNK_SCHEMA or PAIR_SCHEMA columns).
 
     Their `candidate_index` must be given in the task: the result (CHUNK_SCHEMA, same row order) replaces the old
-    rows exactly as if the first attempt had given it.
+    rows exactly as if the first attempt had given it. Only download failures are retried, and no URL source has
+    a crop (Visual Genome, the one source that crops, reads archives), so the rows are processed whole.
     """
     if task.candidate_index is None:
         raise ValueError("retry_rows needs each row's candidate_index")

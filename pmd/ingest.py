@@ -4,7 +4,7 @@
 produces, so both paths write byte-for-byte the same rows.
 
 Layout of one source's output:
-    DIR/SOURCE/candidates/part-00000.parquet ...   pairs (PAIR_SCHEMA), one part per chunk of records
+    DIR/SOURCE/candidates/part-00000.parquet ...   pairs (CANDIDATE_SCHEMA), one part per chunk of records
     DIR/SOURCE/rejects/part-00000.parquet ...      rejected rows (REJECT_SCHEMA) with their reason
     DIR/SOURCE/ingest.json                         inputs, options, counts; written last: its presence = done
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pmd import schema
 from pmd.shards import write_json_atomic, write_parquet_atomic
-from pmd.sources.base import Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
+from pmd.sources.base import Context, Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
 from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
 from pmd.sources.limits import CHUNK_BYTES
 
@@ -100,11 +100,13 @@ def chunk_size(chunk: Sequence[Record] | LineBlock | LineRange) -> int:
     return chunk.lines if isinstance(chunk, (LineBlock, LineRange)) else len(chunk)
 
 
-def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa.Table, pa.Table, IngestCounts]:
+def convert_chunk(adapter: SourceAdapter, context: Context, records: Sequence[Record]
+                  ) -> tuple[pa.Table, pa.Table, IngestCounts]:
     """(pairs, rejects, counts) of one chunk, inside the limits every source shares (over-long lines and captions
-    are rejections). Adapters with a columnar path (`convert_tables`, YFCC) use it."""
+    are rejections). `context` is what `adapter.prepare` returned. Adapters with a columnar path
+    (`convert_tables`, YFCC) use it."""
     if getattr(adapter, "convert_tables", None) is not None:
-        pairs_t, rejects_t = adapter.convert_tables_limited(records)
+        pairs_t, rejects_t = adapter.convert_tables_limited(records, context)
         if pairs_t.num_rows + rejects_t.num_rows != len(records):
             raise RuntimeError(f"{adapter.name}: {len(records)} records gave {pairs_t.num_rows} pairs and "
                                f"{rejects_t.num_rows} rejects; a columnar adapter must give one row per record")
@@ -118,7 +120,7 @@ def convert_chunk(adapter: SourceAdapter, records: Sequence[Record]) -> tuple[pa
     rejects: list[Reject] = []
     for record in records:
         produced = 0
-        for out in adapter.convert_limited(record):
+        for out in adapter.convert_limited(record, context):
             produced += 1
             (pairs if isinstance(out, Pair) else rejects).append(out)
         if produced == 0:
@@ -141,12 +143,13 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def process_chunk(adapter: SourceAdapter, records: Sequence[Record] | LineBlock | LineRange, index: int,
-                  source_dir: Path) -> IngestCounts:
-    """Convert one chunk and write its two parts. The unit of work of both the local and the Ray path."""
+def process_chunk(adapter: SourceAdapter, context: Context, records: Sequence[Record] | LineBlock | LineRange,
+                  index: int, source_dir: Path) -> IngestCounts:
+    """Convert one chunk and write its two parts. The unit of work of both the local and the Ray path: everything
+    it needs is in its arguments (the adapter holds only its options, the context what `prepare` loaded)."""
     if isinstance(records, (LineBlock, LineRange)):
         records = records.records()
-    pairs, rejects, counts = convert_chunk(adapter, records)
+    pairs, rejects, counts = convert_chunk(adapter, context, records)
     write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index), _PART_ROW_GROUP)
     write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index), _PART_ROW_GROUP)
     return counts
@@ -179,6 +182,7 @@ def write_summary(source_dir: Path, source: str, inputs: Sequence[Path], options
     summary = {
         "source": source,
         "schema_version": schema.SCHEMA_VERSION,
+        "candidate_columns": list(schema.CANDIDATE_SCHEMA.names),
         "inputs": input_fingerprint(inputs),
         "options": dict(options),
         "parts": parts,

@@ -78,6 +78,16 @@ REJECT_SCHEMA = pa.schema(
     metadata={b"pmd.schema": b"reject", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
+# A candidate (what ingest writes and the image stage reads) is a pair plus what only the image stage needs: the
+# region to crop the image to (Visual Genome), in pixels of the upright full-size image; null = the whole image.
+# Shards keep PAIR_SCHEMA: the crop is spent making the image (the adapter's `meta` also records it).
+CROP = "crop"
+CROP_TYPE = pa.struct([pa.field(name, pa.int32()) for name in ("x", "y", "width", "height")])
+CANDIDATE_SCHEMA = pa.schema(
+    [*PAIR_SCHEMA, pa.field(CROP, CROP_TYPE)],
+    metadata={b"pmd.schema": b"candidate", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
 PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
 REJECT_COLUMNS: tuple[str, ...] = tuple(REJECT_SCHEMA.names)
 

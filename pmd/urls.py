@@ -31,7 +31,7 @@ from pmd.shards import write_json_atomic
 
 URLS_DIR = "urls"  # under OUT/work
 URL_BUCKET_ROWS = 500_000  # rows per URL bucket: the owners pass holds one bucket's metadata
-ROW_SCHEMA = pa.schema([*schema.PAIR_SCHEMA.remove_metadata(), pa.field(SOURCE_INDEX, pa.int32()),
+ROW_SCHEMA = pa.schema([*schema.CANDIDATE_SCHEMA.remove_metadata(), pa.field(SOURCE_INDEX, pa.int32()),
                         pa.field(CANDIDATE_INDEX, pa.int64())])
 
 
@@ -82,8 +82,8 @@ def read_candidates(candidates_dir: Path, start: int, stop: int) -> pa.Table:
         if offset >= stop:
             break
     if not tables:
-        return schema.PAIR_SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(schema.PAIR_SCHEMA) for t in tables])
+        return schema.CANDIDATE_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(schema.CANDIDATE_SCHEMA) for t in tables])
 
 
 def split_group(out: str, candidates_dir: str, source_index: int, group: int, start: int, stop: int,

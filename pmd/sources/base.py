@@ -1,15 +1,22 @@
 """The adapter protocol: upstream files -> records -> pairs or rejections.
 
-An adapter is split in two so the expensive half can run anywhere (in-process or as Ray tasks):
+An adapter is split in three so the expensive part can run anywhere (in-process or as Ray tasks):
+- `prepare(inputs) -> context` loads what converting a record needs besides the record itself (Visual Genome's
+  image data, the Karpathy decontamination ids), once, on the driver, checking the inputs it reads. The context is a
+  plain picklable value, small enough to ship to every worker once (docs/sources.md lists each adapter's); None
+  for adapters that need nothing.
 - `records(inputs)` streams raw records out of the upstream files, in order, each with its position, in constant
   memory. It raises `InputError` for what cannot be read at all (missing file, wrong format, truncated archive).
-- `convert(record)` turns one record into zero or more `Pair`s and/or `Reject`s. It is pure and picklable, and it
-  never raises for a bad row: a bad row is a `Reject` with a reason.
-Adapters never write files: the ingest stage does.
+- `convert(record, context)` turns one record into zero or more `Pair`s and/or `Reject`s. It is a pure function
+  of its arguments and the adapter's options (never of what `prepare` or `records` did on this instance), so a
+  fresh instance in another process given the same context gives the same rows; it never raises for a bad row:
+  a bad row is a `Reject` with a reason.
+Adapters hold nothing but their options, and never write files: the ingest stage does.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pmd import schema
+
+#: What `prepare` returns and `convert` takes: any picklable value (None when the adapter needs nothing).
+Context = Any
 
 
 class Reason:
@@ -83,6 +93,16 @@ class OversizedLine:
 
 
 @dataclass(frozen=True, slots=True)
+class Crop:
+    """The region of the image a pair is about, in pixels of the upright full-size image (the `crop` column)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class Pair:
     key: str
     text: str
@@ -92,6 +112,8 @@ class Pair:
     image_ref: str | None = None
     lang: str | None = None
     lang_score: float | None = None
+    #: Set by adapters whose text describes a region (Visual Genome); the image stage crops to it.
+    crop: Crop | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +192,7 @@ def _table(columns: dict[str, list], table_schema: pa.Schema) -> pa.Table:
 
 
 def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
+    """Candidates in CANDIDATE_SCHEMA: the pair columns and the crop."""
     columns = {
         schema.KEY: [p.key for p in pairs],
         schema.SOURCE: [source] * len(pairs),
@@ -180,8 +203,9 @@ def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
         schema.META: [p.meta for p in pairs],
         schema.LANG: [p.lang for p in pairs],
         schema.LANG_SCORE: [p.lang_score for p in pairs],
+        schema.CROP: [None if p.crop is None else (p.crop.x, p.crop.y, p.crop.width, p.crop.height) for p in pairs],
     }
-    return _table(columns, schema.PAIR_SCHEMA)
+    return _table(columns, schema.CANDIDATE_SCHEMA)
 
 
 def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
@@ -253,8 +277,9 @@ def _too_long(record: Record, pair: Pair, problem: str) -> Reject:
     return reject(record, Reason.TOO_LONG, problem, key=pair.key, lang=pair.lang, lang_score=pair.lang_score)
 
 
-class SourceAdapter:
-    """Base class of the twelve source adapters. Subclasses set `name` and implement `records` and `convert`."""
+class SourceAdapter(abc.ABC):
+    """Base class of the twelve source adapters. Subclasses set `name` and implement `prepare`, `records` and
+    `convert`; an instance holds its options only."""
 
     name: ClassVar[str]
     #: One line saying which upstream files the adapter takes, shown in errors and `pmd sources`.
@@ -263,13 +288,20 @@ class SourceAdapter:
     #: then read and ship lines in blocks (`iter_line_blocks`), much cheaper than one object per line.
     line_records: ClassVar[bool] = False
 
-    def records(self, inputs: Sequence[Path]) -> Iterator[Record]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def prepare(self, inputs: Sequence[Path]) -> Context:
+        """Load what `convert` needs besides the record (None when nothing). Runs once, before any record is read;
+        raises `InputError` for an input it needs that is missing or cannot be read."""
 
-    def convert(self, record: Record) -> Iterable[Pair | Reject]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
+        """The raw records of the inputs, in order, in constant memory."""
 
-    def convert_limited(self, record: Record) -> Iterator[Pair | Reject]:
+    @abc.abstractmethod
+    def convert(self, record: Record, context: Context) -> Iterable[Pair | Reject]:
+        """One record's pairs and rejections; depends only on (record, context, options)."""
+
+    def convert_limited(self, record: Record, context: Context) -> Iterator[Pair | Reject]:
         """`convert` inside the limits every source shares, the path the ingest stage takes: an over-long line is
         rejected before the adapter sees it, and a pair whose caption is over the source's limits becomes a
         `too_long` rejection (never truncated)."""
@@ -278,27 +310,28 @@ class SourceAdapter:
             yield oversized
             return
         limits = caption_limits(self.name)
-        for out in self.convert(record):
+        for out in self.convert(record, context):
             problem = limits.problem(out.text) if isinstance(out, Pair) else None
             yield out if problem is None else _too_long(record, out, problem)
 
-    def convert_tables_limited(self, records: Sequence[Record]) -> tuple[pa.Table, pa.Table]:
+    def convert_tables_limited(self, records: Sequence[Record], context: Context) -> tuple[pa.Table, pa.Table]:
         """The same limits around a columnar adapter's `convert_tables` (one output row per record)."""
         oversized = [(r, oversized_reject(r)) for r in records]
         rejected = [rej for _, rej in oversized if rej is not None]
         kept = [r for r, rej in oversized if rej is None] if rejected else records
-        pairs, rejects = self.convert_tables(kept)  # type: ignore[attr-defined]
+        pairs, rejects = self.convert_tables(kept, context)  # type: ignore[attr-defined]
         limits = caption_limits(self.name)
         mask = limits.too_long_mask(pairs.column(schema.TEXT)) if pairs.num_rows else None
         if mask is not None and pc.any(mask).as_py():
             too_long = pairs.filter(mask)
             pairs = pairs.filter(pc.invert(mask))
-            rejected.extend(self._locate_too_long(kept, too_long, limits))
+            rejected.extend(self._locate_too_long(kept, context, too_long, limits))
         if rejected:
             rejects = pa.concat_tables([rejects_table(rejected, self.name), rejects])
         return pairs, rejects
 
-    def _locate_too_long(self, records: Sequence[Record], too_long: pa.Table, limits: CaptionLimits) -> list[Reject]:
+    def _locate_too_long(self, records: Sequence[Record], context: Context, too_long: pa.Table,
+                         limits: CaptionLimits) -> list[Reject]:
         """Rejections for over-long pairs of the columnar path, with the record each came from. Rare (a few per
         million rows), so the records that could have produced them are converted again one by one to find it:
         a cleaned caption is never longer than its raw record, which rules out the short records."""
@@ -311,7 +344,7 @@ class SourceAdapter:
             raw = record.raw
             if isinstance(raw, (bytes, str)) and len(raw) <= shortest:
                 continue
-            for out in self.convert(record):
+            for out in self.convert(record, context):
                 if isinstance(out, Pair) and out.key in wanted:
                     problem = limits.problem(out.text)
                     if problem is not None:
@@ -322,6 +355,8 @@ class SourceAdapter:
         return found
 
     def iter_converted(self, inputs: Sequence[Path]) -> Iterator[Pair | Reject]:
-        """Both halves in-process, inside the shared limits: the simplest way to read a source (tests, small inputs)."""
+        """All three steps in-process, inside the shared limits: the simplest way to read a source (tests, small
+        inputs)."""
+        context = self.prepare(inputs)
         for record in self.records(inputs):
-            yield from self.convert_limited(record)
+            yield from self.convert_limited(record, context)

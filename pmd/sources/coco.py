@@ -44,13 +44,17 @@ class CocoAdapter(SourceAdapter):
     name = "coco"
     inputs_help = f"{KARPATHY_HELP}; images: train2014.zip, val2014.zip"
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         karpathy, others = partition_inputs(inputs)
         if others:
             raise InputError(others[0], f"not an input of {self.name}; expected {self.inputs_help}")
         yield from iter_karpathy_images(require_karpathy(karpathy, self.name, purpose="captions"))
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         item = record.raw
         problem = _image_problem(item)
         if problem is not None:

@@ -38,11 +38,15 @@ class _TwoColumnTsv(SourceAdapter):
     #: Whether the key carries the file name (CC3M has two files whose line numbers overlap).
     key_has_file: ClassVar[bool]
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         for path in inputs:
             yield from iter_lines(path)
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         line = decode_line(record)
         if isinstance(line, Reject):
             yield line

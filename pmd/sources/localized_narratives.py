@@ -96,10 +96,8 @@ class _LocalizedNarratives(SourceAdapter):
         if parsed is None or parsed[0] != self.file_prefix:
             raise InputError(path, f"not an input of {self.name}; expected {self.inputs_help}")
 
-    def _prepare(self, karpathy: Path | None) -> None:
-        """Load what `convert` needs before the first record (only LN-COCO needs anything)."""
-
-    def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
+    def _identify(self, inputs: Sequence[Path]) -> tuple[Path | None, list[Path]]:
+        """(the Karpathy input or None, the caption files), or the `InputError` naming the input that is wrong."""
         karpathy, captions = partition_inputs(inputs)
         for path in captions:
             self._check_caption_file(path)
@@ -108,7 +106,15 @@ class _LocalizedNarratives(SourceAdapter):
         if not captions:
             raise InputError(self._expected(), f"no caption file among the inputs of {self.name}; "
                                                f"expected {self.inputs_help}")
-        self._prepare(karpathy)
+        return karpathy, captions
+
+    def prepare(self, inputs: Sequence[Path]) -> frozenset[int] | None:
+        """The decontamination ids (LN-COCO; None for the other three, which need nothing)."""
+        self._identify(inputs)
+        return None
+
+    def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
+        _, captions = self._identify(inputs)
         for path in captions:
             # In a zip read only the caption file itself, whatever else the archive holds.
             yield from iter_lines(path, member_pattern=f"*{strip_compression_suffix(path.name)}")
@@ -119,12 +125,13 @@ class _LocalizedNarratives(SourceAdapter):
         """(image_url, image_ref) for an image of this dataset, or a string saying why there is none."""
         raise NotImplementedError
 
-    def decontamination_reject(self, record: Record, image_id: str, key: str) -> Reject | None:
+    def decontamination_reject(self, record: Record, image_id: str, key: str, context: frozenset[int] | None
+                               ) -> Reject | None:
         return None
 
     # -- conversion -----------------------------------------------------------------------------------------------
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: frozenset[int] | None) -> Iterator[Pair | Reject]:
         parsed = _parse_file_name(record.input_file)
         if parsed is None:  # records() only reads LN caption files; this is a record from somewhere else
             yield reject(record, Reason.MALFORMED, "not from a Localized Narratives caption file")
@@ -156,7 +163,7 @@ class _LocalizedNarratives(SourceAdapter):
         if isinstance(image, str):
             yield reject(record, Reason.MALFORMED, image, key=narrative_key)
             return
-        contaminated = self.decontamination_reject(record, image_id, narrative_key)
+        contaminated = self.decontamination_reject(record, image_id, narrative_key, context)
         if contaminated is not None:
             yield contaminated
             return
@@ -191,12 +198,12 @@ class LocalizedNarrativesCoco(_LocalizedNarratives):
 
     def __init__(self, options: DecontaminationOptions | None = None):
         super().__init__(options if options is not None else DecontaminationOptions())
-        # Set by records() before its first record; convert() refuses to run without it when decontaminating.
-        self.eval_cocoids: frozenset[int] | None = None
 
-    def _prepare(self, karpathy: Path | None) -> None:
-        if self.options.decontaminate:
-            self.eval_cocoids = eval_cocoids(require_karpathy(karpathy, self.name))
+    def prepare(self, inputs: Sequence[Path]) -> frozenset[int] | None:
+        """Cocoids of Karpathy's val/test images (10,000 ints: about 0.9 MB of heap, 50 kB pickled, measured by
+        benchmarks/bench_context_size.py); None with `decontaminate=false`."""
+        karpathy, _ = self._identify(inputs)
+        return eval_cocoids(require_karpathy(karpathy, self.name)) if self.options.decontaminate else None
 
     def image(self, image_id: str, split: str) -> tuple[str | None, str | None] | str:
         if not (image_id.isascii() and image_id.isdigit()):
@@ -204,13 +211,15 @@ class LocalizedNarrativesCoco(_LocalizedNarratives):
         folder = "train2017" if split == "train" else "val2017"
         return None, f"{folder}/{int(image_id):012d}.jpg"
 
-    def decontamination_reject(self, record: Record, image_id: str, key: str) -> Reject | None:
+    def decontamination_reject(self, record: Record, image_id: str, key: str, context: frozenset[int] | None
+                               ) -> Reject | None:
         if not self.options.decontaminate:
             return None
-        if self.eval_cocoids is None:
+        if not isinstance(context, frozenset):
             # Not a bad row but a misuse: converting without the decontamination set would leak test images.
-            raise RuntimeError(f"{self.name}: records() must load the Karpathy split before convert() runs")
-        if int(image_id) in self.eval_cocoids:
+            raise TypeError(f"{self.name}: convert() needs the Karpathy val/test ids prepare() returns, "
+                            f"not {type(context).__name__}")
+        if int(image_id) in context:
             return reject(record, Reason.DECONTAMINATED, "COCO image in Karpathy val/test", key=key)
         return None
 

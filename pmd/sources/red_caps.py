@@ -52,6 +52,10 @@ class RedCapsAdapter(SourceAdapter):
     inputs_help = ("redcaps_v1.0_annotations.zip, annotations/{subreddit}_{year}.json files, "
                    "or a directory of them")
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         files: list[Path] = []
         seen: dict[str, Path] = {}
@@ -68,7 +72,7 @@ class RedCapsAdapter(SourceAdapter):
         for file in files:
             yield from iter_json_items(file, "annotations.item", member_pattern=ZIP_MEMBERS)
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         annotation = record.raw
         if not isinstance(annotation, dict):
             yield reject(record, Reason.MALFORMED, f"annotation is a {type(annotation).__name__}, not an object")

@@ -74,6 +74,10 @@ class SbuAdapter(SourceAdapter):
     inputs_help = ("sbu-captions-all.tar.gz or sbu-captions-all.json, or the pair SBU_captioned_photo_dataset_urls.txt "
                    "+ SBU_captioned_photo_dataset_captions.txt")
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         by_kind: dict[str, list[Path]] = {"json": [], "urls": [], "captions": []}
         for path in map(Path, inputs):
@@ -133,7 +137,7 @@ class SbuAdapter(SourceAdapter):
             urls.close()
             captions.close()
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         raw = record.raw
         if isinstance(raw, tuple):  # the text layout: (url line, caption line) as bytes, position = 1-based line
             index = record.position - 1

@@ -6,19 +6,23 @@ each possibly zipped as published (`region_descriptions.json.zip`, `image_data.j
 `dataset_coco.json` / `caption_datasets.zip` for decontamination (images whose `coco_id` is in Karpathy val/test
 are dropped, like HF M4's build).
 
-`image_data.json` (108k entries) is loaded into a dict up front; the regions are streamed one image at a time.
-Images are members of `images.zip` / `images2.zip`: `image_ref` is the last two components of the image URL
-(`VG_100K_2/1.jpg`); `meta.box` is the crop `{x, y, width, height}` in pixels. Everything is split `train`.
+`prepare` loads `image_data.json` (108k entries) and the decontamination ids into the context that travels with
+the work (`VisualGenomeContext`); the regions are streamed one image at a time. Images are members of `images.zip`
+/ `images2.zip`: `image_ref` is the last two components of the image URL (`VG_100K_2/1.jpg`). The pair's `crop` is
+the region in whole pixels, which the image stage crops to; `meta.box` records the same box as computed (before
+rounding). Everything is split `train`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pmd.sources import limits
-from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
+from pmd.sources.base import Crop, InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
 from pmd.sources.inputs import iter_json_items, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
@@ -32,6 +36,7 @@ from pmd.text import clean_caption
 
 REGIONS_JSON = "region_descriptions.json"
 IMAGE_DATA_JSON = "image_data.json"
+_INT32_MAX = 2**31 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -57,8 +62,18 @@ def _image_ref(url: Any) -> str | None:
 
 
 # image_id -> (image_ref or None, width or None, height or None, coco_id or None, flickr_id or None): a tuple, to keep the 108k
-# entries small in memory and when the adapter is pickled to workers.
+# entries small in memory and when the context is pickled to workers.
 ImageInfo = tuple[str | None, int | None, int | None, int | None, int | None]
+
+
+@dataclass(frozen=True)
+class VisualGenomeContext:
+    """What converting a region needs besides the region: for v1.2's 108,077 images about 36 MB of Python heap and
+    4.3 MB pickled (benchmarks/bench_context_size.py), put in Ray's object store once per ingest."""
+
+    images: dict[int, ImageInfo]
+    #: Cocoids of Karpathy's val/test images (empty when not decontaminating).
+    eval_cocoids: frozenset[int]
 
 
 def load_image_data(path: Path) -> dict[int, ImageInfo]:
@@ -93,6 +108,8 @@ def crop_box(x: float, y: float, width: float, height: float, image_width: int |
     the image rather than rejected; only a box with no area, or none left after clamping (entirely outside the
     image), is `bad_box`. When the image size is unknown the box is kept as published.
     """
+    if not all(math.isfinite(v) for v in (x, y, width, height)):
+        return f"non-finite box ({x}, {y}, {width}, {height})"
     if width <= 0 or height <= 0:
         return f"non-positive box size {width}x{height}"
     left, top, right, bottom = max(x, 0), max(y, 0), x + width, y + height
@@ -105,6 +122,14 @@ def crop_box(x: float, y: float, width: float, height: float, image_width: int |
     return left, top, right - left, bottom - top
 
 
+def pixel_crop(box: tuple[float, float, float, float]) -> Crop:
+    """A `crop_box` result in whole pixels, each value rounded on its own as the image stage always has (Python's
+    round, half to even). Capped to int32: no image is 2^31 pixels wide, so the cap never changes the region the
+    image stage clamps it to. A box that rounds to nothing is left for the image stage to call `bad_box`."""
+    x, y, width, height = (min(round(value), _INT32_MAX) for value in box)
+    return Crop(x, y, width, height)
+
+
 class VisualGenomeAdapter(SourceAdapter):
     name = "visual_genome"
     inputs_help = (f"{REGIONS_JSON}(.zip) v1.2 and {IMAGE_DATA_JSON}(.zip), plus {KARPATHY_HELP} for "
@@ -113,9 +138,6 @@ class VisualGenomeAdapter(SourceAdapter):
 
     def __init__(self, options: DecontaminationOptions | None = None):
         self.options = options if options is not None else DecontaminationOptions()
-        # Both set by records() before its first record; convert() needs them.
-        self.images: dict[int, ImageInfo] | None = None
-        self.eval_cocoids: frozenset[int] = frozenset()
 
     def _identify(self, inputs: Sequence[Path]) -> tuple[Path, Path, Path | None]:
         karpathy, others = partition_inputs(inputs)
@@ -132,26 +154,32 @@ class VisualGenomeAdapter(SourceAdapter):
                 raise InputError(base, f"missing input for {self.name}: add {base} (or {base}.zip) to the inputs")
         return found[REGIONS_JSON], found[IMAGE_DATA_JSON], karpathy
 
+    def prepare(self, inputs: Sequence[Path]) -> VisualGenomeContext:
+        _, image_data, karpathy = self._identify(inputs)
+        ids = eval_cocoids(require_karpathy(karpathy, self.name)) if self.options.decontaminate else frozenset()
+        return VisualGenomeContext(load_image_data(image_data), ids)
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
-        regions, image_data, karpathy = self._identify(inputs)
-        if self.options.decontaminate:
-            self.eval_cocoids = eval_cocoids(require_karpathy(karpathy, self.name))
-        self.images = load_image_data(image_data)
+        regions, _, _ = self._identify(inputs)
         yield from iter_json_items(regions, "item", member_pattern=f"*{REGIONS_JSON}")
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
-        if self.images is None:
-            raise RuntimeError(f"{self.name}: records() must load image_data.json before convert() runs")
+    def convert(self, record: Record, context: VisualGenomeContext) -> Iterator[Pair | Reject]:
+        if not isinstance(context, VisualGenomeContext):
+            # A misuse, not a bad row: without image_data.json no region can be converted.
+            raise TypeError(f"{self.name}: convert() needs the VisualGenomeContext prepare() returns, "
+                            f"not {type(context).__name__}")
         item = record.raw
         if not isinstance(item, dict) or not _is_int(item.get("id")) or not isinstance(item.get("regions"), list):
             yield reject(record, Reason.MALFORMED, "image entry without an integer 'id' and a 'regions' list")
             return
         image_id = item["id"]
-        info = self.images.get(image_id)
+        info = context.images.get(image_id)
         for index, region in enumerate(item["regions"]):
-            yield self._convert_region(Record(record.input_file, record.position, region), index, image_id, info)
+            yield self._convert_region(Record(record.input_file, record.position, region), index, image_id, info,
+                                       context.eval_cocoids)
 
-    def _convert_region(self, record: Record, index: int, image_id: int, info: ImageInfo | None) -> Pair | Reject:
+    def _convert_region(self, record: Record, index: int, image_id: int, info: ImageInfo | None,
+                        eval_ids: frozenset[int]) -> Pair | Reject:
         region = record.raw
         if not isinstance(region, dict) or not _is_int(region.get("region_id")):
             return reject(record, Reason.MALFORMED, f"region {index} of image {image_id}: no integer 'region_id'")
@@ -170,7 +198,7 @@ class VisualGenomeAdapter(SourceAdapter):
         image_ref, image_width, image_height, coco_id, flickr_id = info
         if image_ref is None:
             return reject(record, Reason.NO_IMAGE_METADATA, f"image {image_id} has no usable url", key=key)
-        if coco_id is not None and coco_id in self.eval_cocoids:
+        if coco_id is not None and coco_id in eval_ids:
             return reject(record, Reason.DECONTAMINATED, f"COCO image {coco_id} in Karpathy val/test", key=key)
         text = clean_caption(phrase)
         if not text:
@@ -189,4 +217,5 @@ class VisualGenomeAdapter(SourceAdapter):
         }
         if list(crop) != box:
             meta["upstream_box"] = dict(zip(("x", "y", "width", "height"), box))
-        return Pair(key=key, text=text, split="train", meta=meta_json(meta), image_ref=image_ref)
+        return Pair(key=key, text=text, split="train", meta=meta_json(meta), image_ref=image_ref,
+                    crop=pixel_crop(crop))

@@ -15,8 +15,9 @@ one row, not the rest of the shard.
 
 Keys are `wit/{shard}/{line}`, the 1-based line where the row starts (the header is line 1).
 
-Text: the reference description, else the English part of the attribution description, else the alt text, each
-above its word floor (`pmd/sources/wit_text.py`, options in `WitOptions`); `meta.text_field` names the column used.
+Text: PMD's rule (`pmd/sources/wit_text.py`, settings in `WitOptions`): the reference description, else the English
+part of the attribution description, else the alt text, each above PMD's word floor, non-ASCII characters dropped;
+`meta.text_field` names the column used.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 from pmd.sources.base import (InputError, OversizedLine, Pair, Reason, Record, Reject, SourceAdapter, decode_line,
                               meta_json, reject)
 from pmd.sources.inputs import decode_utf8, iter_lines, require_file, strip_compression_suffix
-from pmd.sources.wit_text import TextFloors, choose_text
+from pmd.sources.wit_text import TextRule, choose_text
 
 COLUMNS: tuple[str, ...] = (
     "language",
@@ -171,14 +172,15 @@ def _meta_value(column: str, value: str) -> Any:
 
 @dataclass(frozen=True)
 class WitOptions:
-    # PMD's text rule: the reference description, else the English part of the attribution description, else the
-    # alt text (pmd/sources/wit_text.py). False keeps the reference description only.
+    # PMD's text rule (pmd/sources/wit_text.py): the reference description, else the English part of the attribution
+    # description, else the alt text. False keeps the reference description only.
     text_fallback: bool = True
-    # Word-count floors per field. The reference description is kept whenever it is not empty; the fallbacks
-    # need PMD's ">2 words" (the one floor the paper publishes), which passes over file names and one-word alt texts.
-    min_reference_words: int = 1
+    # Word-count floors per field, in PMD's count (pieces between single spaces); the defaults are PMD's.
+    min_reference_words: int = 2
     min_attribution_words: int = 3
     min_alt_text_words: int = 3
+    # PMD drops every non-ASCII character from the caption ("Café" -> "Caf"); False keeps them.
+    ascii_only: bool = True
 
 
 class WitAdapter(SourceAdapter):
@@ -189,11 +191,12 @@ class WitAdapter(SourceAdapter):
 
     def __init__(self, options: WitOptions | None = None):
         self.options = options or WitOptions()
-        floors = (self.options.min_reference_words, self.options.min_attribution_words,
-                  self.options.min_alt_text_words)
-        if min(floors) < 1:
-            raise ValueError(f"word-count floors must be at least 1, got {floors}")
-        self._floors = TextFloors(*floors)
+        self._rule = TextRule(self.options.min_reference_words, self.options.min_attribution_words,
+                              self.options.min_alt_text_words, self.options.text_fallback, self.options.ascii_only)
+
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load: a record converts from itself and the options."""
+        return None
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         shards: dict[str, Path] = {}
@@ -222,7 +225,7 @@ class WitAdapter(SourceAdapter):
         if not headers_seen:
             raise InputError(path, "empty file: no WIT header row")
 
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
         line = decode_line(record)
         if isinstance(line, Reject):
             yield line
@@ -248,8 +251,7 @@ class WitAdapter(SourceAdapter):
         if not url.lower().startswith(("http://", "https://")):
             yield reject(record, Reason.NO_URL, f"not an http(s) URL: {url[:100]!r}", key=key)
             return
-        choice = choose_text(fields[_TEXT], fields[_ATTRIBUTION], fields[_ALT_TEXT], self._floors,
-                             self.options.text_fallback)
+        choice = choose_text(fields[_TEXT], fields[_ATTRIBUTION], fields[_ALT_TEXT], self._rule)
         if choice.field is None:
             yield reject(record, choice.reason, choice.detail, key=key)
             return

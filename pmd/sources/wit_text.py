@@ -1,78 +1,114 @@
-"""Which text a WIT row gives: the reference description, else the English part of the attribution description,
-else the alt text, each kept only above its word-count floor (docs/sources.md, "WIT text rule").
+"""Which text an English WIT row gives, by the rule of the PMD-lineage WIT loader (HuggingFace M4's PMD rebuild,
+cited in docs/sources.md, "WIT text rule"):
 
-The attribution description is the Commons file description as rendered, one language after another, each behind
-its label: `English: Coin of Ukraine Русский: Юбилейная монета Украины` (a row of the TFDS WIT test shard). The
-English part runs from `English:` to the next language label. A label is recognised as a known language name
-(`Deutsch:`, `Italiano:`, ...) or as one word with a non-ASCII letter (`Русский:`, `Français :`), so an English
-sentence holding `Note:` keeps it.
+1. `caption_reference_description` if it has at least 2 words;
+2. else the English part of `caption_attribution_description` if it has at least 3 words;
+3. else `caption_alt_text_description` if it has at least 3 words;
+then every non-ASCII character is dropped from the chosen text. No field passing: no pair.
+
+Words are counted as PMD counts them: the pieces of the raw field split on single spaces (`len(text.split(" "))`),
+so an empty field counts 1 and a run of two spaces adds an empty piece. This is deliberately not
+`pmd.text.word_count`: the floors only reproduce PMD's decisions with PMD's count.
+
+The English part is found as PMD finds it. Commons renders a file description one language after another, each
+behind its label: `English: Coin of Ukraine Русский: Юбилейная монета Украины` (a row of the TFDS WIT test shard).
+When the lower-cased attribution contains `english:`, it is cut at every `": "`; a piece that starts or ends with
+`english` (case-insensitive) is a label and the piece after it is the English text. That piece runs on into the
+next label (`Coin of Ukraine Русский`) whenever another piece follows, so its last space-separated word is dropped.
+A later label match overrides an earlier one. The known blind spots are PMD's and are kept: `English :` (space
+before the colon) is not found, a two-word next label (`Bahasa Indonesia:`) leaves its first word behind, and an
+English sentence holding `Note: ` is cut there.
+
+A chosen text that is empty or blank once non-ASCII characters are dropped and whitespace is collapsed (the
+cleaning every source gets) is `empty_text`. PMD drops the empty ones too and emits the blank ones as they are; it
+never falls back to the next field for either, and neither does this rule.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pmd.sources.base import Reason
-from pmd.text import clean_caption, word_count
+from pmd.text import clean_caption
 
 REFERENCE = "caption_reference_description"
 ATTRIBUTION = "caption_attribution_description"
 ALT_TEXT = "caption_alt_text_description"
 
-# Language names Commons writes with ASCII letters only (the others are caught by their non-ASCII letters).
-_ASCII_LABELS = (
-    "Afrikaans", "Alemannisch", "Asturianu", "Bahasa Indonesia", "Bahasa Melayu", "Bosanski", "Brezhoneg", "Cymraeg",
-    "Dansk", "Deutsch", "Eesti", "Esperanto", "Euskara", "Frysk", "Gaeilge", "Galego", "Hrvatski", "Ido",
-    "Interlingua", "Italiano", "Kiswahili", "Latina", "Magyar", "Malti", "Nederlands", "Norsk", "Occitan", "Polski",
-    "Rumantsch", "Shqip", "Srpski", "Suomi", "Svenska", "Tagalog", "Walon", "Zazaki",
-)
-_LABEL = re.compile(
-    r"(?:^|(?<=\s))(?:" + "|".join(re.escape(n) for n in _ASCII_LABELS) + r"|[^\W\d_]*[^\x00-\x7f][^\W\d_]*)"
-    r"(?:\s*[(（][^()（）]{1,40}[)）])?\s?:(?=\s|$)")
-_ENGLISH = re.compile(r"(?:^|(?<=\s))English\s?:")
+
+def pmd_words(text: str) -> int:
+    """PMD's word count of a raw WIT field: its pieces between single spaces."""
+    return len(text.split(" "))
 
 
-def english_attribution(attribution: str) -> str:
-    """The English part of a WIT attribution description (cleaned), or "" when it has none."""
-    match = _ENGLISH.search(attribution)
-    if match is None:
-        return ""
-    rest = attribution[match.end():]
-    following = _LABEL.search(rest)
-    return clean_caption(rest[:following.start()] if following else rest)
+def english_attribution(attribution: str) -> str | None:
+    """The English part of a WIT attribution description as PMD extracts it (raw, uncleaned); None when it finds
+    none (no `english:` in the text, or a label with nothing after it)."""
+    if "english:" not in attribution.lower():
+        return None
+    pieces = attribution.split(": ")
+    english = None
+    for i, piece in enumerate(pieces):
+        label = piece.strip().lower()
+        if not (label.startswith("english") or label.endswith("english")) or i + 1 >= len(pieces):
+            continue
+        english = pieces[i + 1].strip()
+        if i + 2 < len(pieces):  # the piece ends with the next piece's language label
+            english = " ".join(english.split(" ")[:-1]).strip()
+    return english
+
+
+def ascii_only(text: str) -> str:
+    """The text without its non-ASCII characters, as PMD keeps captions."""
+    return text.encode("ascii", "ignore").decode("ascii")
 
 
 @dataclass(frozen=True)
-class TextFloors:
-    """Minimum word counts per field; a field below its floor is passed over for the next one."""
+class TextRule:
+    """PMD's rule by default; every setting is a `WitOptions` option."""
 
-    reference: int
-    attribution: int
-    alt_text: int
+    min_reference_words: int = 2
+    min_attribution_words: int = 3
+    min_alt_text_words: int = 3
+    fallback: bool = True  # False: the reference description only
+    ascii_only: bool = True  # False: non-ASCII characters are kept (not PMD's text)
+
+    def __post_init__(self) -> None:
+        floors = (self.min_reference_words, self.min_attribution_words, self.min_alt_text_words)
+        if min(floors) < 1:
+            raise ValueError(f"word-count floors must be at least 1, got {floors}")
 
 
 @dataclass(frozen=True)
 class TextChoice:
-    field: str | None  # the column the text came from; None when no field passed
+    field: str | None  # the column the text came from; None when the row gives no pair
     text: str
-    reason: str | None  # Reason.EMPTY_TEXT or Reason.TOO_SHORT when no field passed
-    detail: str  # one verdict per field tried, for the rejection
+    reason: str | None  # Reason.EMPTY_TEXT or Reason.TOO_SHORT when the row gives no pair
+    detail: str  # why the row gives no pair: one verdict per field tried, or the chosen field's
 
 
-def choose_text(reference: str, attribution: str, alt_text: str, floors: TextFloors,
-                fallback: bool = True) -> TextChoice:
-    """The first field whose cleaned text meets its floor, in PMD's order; without `fallback`, the reference only."""
-    candidates = [(REFERENCE, clean_caption(reference), floors.reference)]
-    if fallback:
-        candidates += [(ATTRIBUTION, english_attribution(attribution), floors.attribution),
-                       (ALT_TEXT, clean_caption(alt_text), floors.alt_text)]
+def choose_text(reference: str, attribution: str, alt_text: str, rule: TextRule = TextRule()) -> TextChoice:
+    """The text of an English WIT row under `rule` (fields raw, as parsed from the TSV)."""
+    candidates = [(REFERENCE, lambda: reference, rule.min_reference_words)]
+    if rule.fallback:
+        candidates += [(ATTRIBUTION, lambda: english_attribution(attribution), rule.min_attribution_words),
+                       (ALT_TEXT, lambda: alt_text, rule.min_alt_text_words)]
     verdicts = []
     any_text = False
-    for field, text, floor in candidates:
-        words = word_count(text)
-        if text and words >= floor:
-            return TextChoice(field, text, None, "")
-        any_text = any_text or bool(text)
-        verdicts.append(f"{field}: {'empty' if not text else f'{words} words < {floor}'}")
+    for field, read, floor in candidates:
+        raw = read()  # the attribution is parsed only when the reference fails, as in PMD
+        if raw is None:
+            verdicts.append(f"{field}: no English part")
+            continue
+        words = pmd_words(raw)
+        if words >= floor:
+            text = clean_caption(ascii_only(raw) if rule.ascii_only else raw)
+            if text:
+                return TextChoice(field, text, None, "")
+            dropped = "non-ASCII characters dropped and " if rule.ascii_only else ""
+            return TextChoice(None, "", Reason.EMPTY_TEXT,
+                              f"{field}: chosen ({words} words), blank once {dropped}whitespace collapsed")
+        blank = not raw.strip()
+        any_text = any_text or not blank
+        verdicts.append(f"{field}: {'empty' if blank else f'{words} words < {floor}'}")
     return TextChoice(None, "", Reason.TOO_SHORT if any_text else Reason.EMPTY_TEXT, "; ".join(verdicts))

@@ -75,6 +75,11 @@ class YfccAdapter(SourceAdapter):
         if self.options.min_words < 1:
             raise ValueError(f"min_words must be at least 1, got {self.options.min_words}")
 
+    def prepare(self, inputs: Sequence[Path]) -> None:
+        """Nothing to load here: the fastText model is named by the options (`lid_model`) and each process opens
+        its own (`_lid`), so the context is empty."""
+        return None
+
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         for path in inputs:
             yield from iter_lines(path)
@@ -85,8 +90,8 @@ class YfccAdapter(SourceAdapter):
         return language_identifier(self.options.lid_model or None)
 
     # ------------------------------------------------------------------------------------------ one record
-    def convert(self, record: Record) -> Iterator[Pair | Reject]:
-        pairs, rejects = self.convert_tables([record])
+    def convert(self, record: Record, context: None) -> Iterator[Pair | Reject]:
+        pairs, rejects = self.convert_tables([record], context)
         for row in pairs.to_pylist():
             yield Pair(key=row["key"], text=row["text"], split=row["split"], meta=row["meta"],
                        image_url=row["image_url"], image_ref=row["image_ref"], lang=row["lang"],
@@ -97,7 +102,7 @@ class YfccAdapter(SourceAdapter):
                          lang_score=row["lang_score"])
 
     # ---------------------------------------------------------------------------------------- a whole chunk
-    def convert_tables(self, records: Sequence[Record]) -> tuple[pa.Table, pa.Table]:
+    def convert_tables(self, records: Sequence[Record], context: None) -> tuple[pa.Table, pa.Table]:
         """(pairs, rejects) for a chunk of records: exactly one output row per record."""
         pairs: list[pa.Table] = []
         python_rows: list[Pair | Reject] = []
@@ -197,7 +202,10 @@ class YfccAdapter(SourceAdapter):
         )
 
         failed = df.filter(~(pl.col("d_pass") | pl.col("t_pass")))
-        return pairs.to_arrow().cast(schema.PAIR_SCHEMA), self._rejects(failed, group)
+        pairs_t = pairs.to_arrow().cast(schema.PAIR_SCHEMA)
+        crop = pa.nulls(pairs_t.num_rows, schema.CROP_TYPE)  # a photo is kept whole
+        return (pa.Table.from_arrays([*pairs_t.columns, crop], schema=schema.CANDIDATE_SCHEMA),
+                self._rejects(failed, group))
 
     def _text_verdict(self, prefix: str, text: str) -> tuple[pl.Expr, pl.Expr]:
         """(reason, "reason (lang score)") of one candidate text that failed, as expressions."""

@@ -56,7 +56,7 @@ def test_counts_add_up_and_outputs_follow_the_schema(tmp_path):
     assert sorted(p.name for p in (source_dir / "candidates").iterdir()) == [
         f"part-0000{i}.parquet" for i in range(4)]
     for part in (source_dir / "candidates").iterdir():
-        assert pq.read_schema(part).equals(schema.PAIR_SCHEMA, check_metadata=True)
+        assert pq.read_schema(part).equals(schema.CANDIDATE_SCHEMA, check_metadata=True)
     for part in (source_dir / "rejects").iterdir():
         assert pq.read_schema(part).equals(schema.REJECT_SCHEMA, check_metadata=True)
     pairs, rejects = read_dir(source_dir / "candidates"), read_dir(source_dir / "rejects")
@@ -93,6 +93,26 @@ def test_ray_path_writes_the_same_parts_as_local(tmp_path, ray_local):
         a = read_dir(tmp_path / "local" / "yfcc100m" / sub)
         b = read_dir(tmp_path / "ray" / "yfcc100m" / sub)
         assert a.equals(b)
+
+
+def test_ray_path_ships_the_context_prepare_returned(tmp_path, ray_local):
+    """Visual Genome's workers convert with the image data and decontamination ids `prepare` loaded on the driver:
+    the same parts as the local path, crops included."""
+    from tests.pmd.sources import test_visual_genome as vg
+
+    paths = vg.inputs(tmp_path / "in")
+    local = run_ingest(IngestConfig("visual_genome", paths, tmp_path / "local", executor="local", chunk_records=1,
+                                    progress=False))
+    ray_ = run_ingest(IngestConfig("visual_genome", paths, tmp_path / "ray", executor="ray", chunk_records=1,
+                                   progress=False))
+    assert ray_["counts"] == local["counts"] and ray_["parts"] == local["parts"] == 3
+    assert local["counts"]["rejects_by_reason"] == {"decontaminated": 2}
+    for sub in ("candidates", "rejects"):
+        assert read_dir(tmp_path / "local" / "visual_genome" / sub).equals(
+            read_dir(tmp_path / "ray" / "visual_genome" / sub))
+    crops = read_dir(tmp_path / "ray" / "visual_genome" / "candidates")["crop"].to_list()
+    assert crops == [{"x": 421, "y": 57, "width": 82, "height": 139}, {"x": 0, "y": 388, "width": 119, "height": 209},
+                     {"x": 100, "y": 50, "width": 40, "height": 60}]
 
 
 def test_rerun_replaces_previous_output(tmp_path):

@@ -14,6 +14,15 @@ def test_pair_schema_has_the_published_loader_fields_and_a_version():
     assert schema.PAIR_SCHEMA.field("lang_score").type == pa.float32()
 
 
+def test_a_candidate_is_a_pair_plus_its_crop():
+    assert schema.CANDIDATE_SCHEMA.names == [*schema.PAIR_COLUMNS, "crop"]
+    crop = schema.CANDIDATE_SCHEMA.field("crop")
+    assert crop.nullable and crop.type == pa.struct([("x", pa.int32()), ("y", pa.int32()), ("width", pa.int32()),
+                                                     ("height", pa.int32())])
+    assert schema.SHARD_SCHEMA.names[:len(schema.PAIR_COLUMNS)] == list(schema.PAIR_COLUMNS)
+    assert "crop" not in schema.SHARD_SCHEMA.names
+
+
 def test_source_names_match_the_published_loader():
     assert len(schema.SOURCE_NAMES) == 12 and len(set(schema.SOURCE_NAMES)) == 12
     assert "localized_narratives__ADE20k" in schema.SOURCE_NAMES and "red_caps" in schema.SOURCE_NAMES

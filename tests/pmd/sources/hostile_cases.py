@@ -214,9 +214,11 @@ def run_case(case: dict) -> dict:
     try:
         adapter = create_adapter(case["source"], case["options"])
         counts = IngestCounts()
-        for chunk in iter_chunks(adapter, [Path(p) for p in case["inputs"]], 1000):
+        inputs = [Path(p) for p in case["inputs"]]
+        context = adapter.prepare(inputs)
+        for chunk in iter_chunks(adapter, inputs, 1000):
             records = chunk.records() if isinstance(chunk, (LineBlock, LineRange)) else chunk
-            pairs, rejects, chunk_counts = convert_chunk(adapter, records)
+            pairs, rejects, chunk_counts = convert_chunk(adapter, context, records)
             assert pairs.num_rows == chunk_counts.pairs and rejects.num_rows == chunk_counts.rejects
             counts.add(chunk_counts)
         return {"outcome": "rows", "records": counts.records, "pairs": counts.pairs,

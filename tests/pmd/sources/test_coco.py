@@ -133,7 +133,7 @@ def test_empty_caption_is_rejected_with_its_key(tmp_path: Path) -> None:
 )
 def test_malformed_image_record_is_one_reject(item: object, detail: str) -> None:
     record = Record("dataset_coco.json", 4, item)
-    out = list(CocoAdapter().convert(record))
+    out = list(CocoAdapter().convert(record, None))
     assert len(out) == 1 and isinstance(out[0], Reject)
     assert out[0].reason == Reason.MALFORMED and detail in out[0].detail
     assert (out[0].input_file, out[0].position, out[0].key) == ("dataset_coco.json", 4, None)
@@ -162,7 +162,7 @@ def test_keys_unique_and_convert_is_picklable(tmp_path: Path) -> None:
     adapter = CocoAdapter()
     records = list(adapter.records([path]))
     clone = pickle.loads(pickle.dumps(adapter))
-    out = [x for r in records for x in clone.convert(pickle.loads(pickle.dumps(r)))]
+    out = [x for r in records for x in clone.convert(pickle.loads(pickle.dumps(r)), None)]
     assert len(out) == 105 and all(isinstance(x, Pair) for x in out)
     assert len({x.key for x in out}) == 105
 

@@ -188,4 +188,4 @@ def test_registry_and_pickling() -> None:
         assert isinstance(adapter, cls) and adapter.name == name and adapter.inputs_help
     adapter = pickle.loads(pickle.dumps(ConceptualCaptionsAdapter()))
     records = pickle.loads(pickle.dumps(list(adapter.records([REAL_CC3M]))))
-    assert [x for r in records for x in adapter.convert(r)] == cc3m([REAL_CC3M])
+    assert [x for r in records for x in adapter.convert(r, None)] == cc3m([REAL_CC3M])

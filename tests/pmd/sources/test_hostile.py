@@ -166,7 +166,7 @@ def _check_outputs(source: str, record: Record, outputs: list) -> None:
 def test_line_adapters_turn_any_line_into_rows(source: str, file_name: str, raw: bytes) -> None:
     adapter = create_adapter(source)
     record = Record(file_name, 7, raw.replace(b"\n", b""))
-    _check_outputs(source, record, list(adapter.convert_limited(record)))
+    _check_outputs(source, record, list(adapter.convert_limited(record, None)))
 
 
 @PROPERTY
@@ -174,7 +174,7 @@ def test_line_adapters_turn_any_line_into_rows(source: str, file_name: str, raw:
 def test_yfcc_columnar_path_gives_one_row_per_line(raws: list[bytes]) -> None:
     adapter = create_adapter("yfcc100m")
     records = [Record("yfcc100m_dataset-0", i + 1, raw.replace(b"\n", b"")) for i, raw in enumerate(raws)]
-    pairs, rejects = adapter.convert_tables_limited(records)
+    pairs, rejects = adapter.convert_tables_limited(records, None)
     assert pairs.num_rows + rejects.num_rows == len(records)
     assert set(rejects.column("reason").to_pylist()) <= _REASONS
     assert sorted(rejects.column("position").to_pylist()) == sorted(set(rejects.column("position").to_pylist()))

@@ -217,7 +217,7 @@ def _rows(adapter, chunk):
 
     records = chunk.records() if isinstance(chunk, (LineBlock, LineRange)) else chunk
     for record in records:
-        yield from adapter.convert_limited(record)
+        yield from adapter.convert_limited(record, None)
 
 
 def test_chunks_of_records_are_cut_by_bytes() -> None:
@@ -255,7 +255,7 @@ def test_too_long_caption_is_rejected_not_truncated(tmp_path: Path) -> None:
     path = tmp_path / "Train_GCC-training.tsv"
     path.write_text(f"{long_chars}\thttp://x/1.jpg\n{many_words}\thttp://x/2.jpg\n{just_fits}\thttp://x/3.jpg\n")
     adapter = create_adapter("conceptual_captions")
-    pairs, rejects, counts = convert_chunk(adapter, list(adapter.records([path])))
+    pairs, rejects, counts = convert_chunk(adapter, adapter.prepare([path]), list(adapter.records([path])))
     assert pairs.column(schema.TEXT).to_pylist() == [just_fits]
     assert rejects.column(schema.REASON).to_pylist() == [Reason.TOO_LONG] * 2
     assert rejects.column(schema.POSITION).to_pylist() == [1, 2]
@@ -283,7 +283,7 @@ def test_too_long_on_the_columnar_path_keeps_the_record_position(tmp_path: Path)
     path.write_text("\n".join([row(1, short), row(2, english), row(3, short)]) + "\n")
     adapter = create_adapter("yfcc100m")
     records = list(adapter.records([path]))
-    pairs, rejects = adapter.convert_tables_limited(records)
+    pairs, rejects = adapter.convert_tables_limited(records, adapter.prepare([path]))
     assert pairs.column(schema.KEY).to_pylist() == ["yfcc100m/1", "yfcc100m/3"]
     rejected = rejects.to_pylist()
     assert [(r["key"], r["reason"], r["position"]) for r in rejected] == [("yfcc100m/2", Reason.TOO_LONG, 2)]
@@ -302,7 +302,7 @@ def test_real_captions_sit_well_inside_their_limits(tmp_path: Path, source: str,
     path = tmp_path / name
     path.write_bytes((REAL / fixture).read_bytes())
     adapter = create_adapter(source)
-    pairs, rejects, _ = convert_chunk(adapter, list(adapter.records([path])))
+    pairs, rejects, _ = convert_chunk(adapter, adapter.prepare([path]), list(adapter.records([path])))
     assert Reason.TOO_LONG not in rejects.column(schema.REASON).to_pylist()
     assert pairs.num_rows > 0
     limits = caption_limits(source)

@@ -200,19 +200,21 @@ def test_coco_decontamination_opt_out(tmp_path: Path) -> None:
 
 def test_coco_convert_refuses_to_run_without_the_decontamination_set() -> None:
     line = json.dumps(narrative("mscoco_val2017", "9", 1, "A.")).encode()
-    with pytest.raises(RuntimeError, match="records"):
-        list(LocalizedNarrativesCoco().convert(Record("coco_val_captions.jsonl", 1, line)))
+    with pytest.raises(TypeError, match="Karpathy val/test ids"):
+        list(LocalizedNarrativesCoco().convert(Record("coco_val_captions.jsonl", 1, line), None))
 
 
-def test_coco_adapter_pickles_with_its_decontamination_set(tmp_path: Path) -> None:
+def test_coco_convert_needs_the_context_and_nothing_else(tmp_path: Path) -> None:
     karpathy = write_karpathy(tmp_path, document())
     items = [narrative("mscoco_val2017", str(i), 1, "A. B.") for i in (REAL_COCOID, 5)]
-    adapter = LocalizedNarrativesCoco()
-    records = list(adapter.records([karpathy, write(tmp_path, "coco_val_captions.jsonl", items)]))
-    clone = pickle.loads(pickle.dumps(adapter))
-    assert clone.eval_cocoids == frozenset({REAL_COCOID})
-    out = [x for r in records for x in clone.convert(r)]
+    paths = [karpathy, write(tmp_path, "coco_val_captions.jsonl", items)]
+    context = pickle.loads(pickle.dumps(LocalizedNarrativesCoco().prepare(paths)))
+    assert context == frozenset({REAL_COCOID})
+    records = list(LocalizedNarrativesCoco().records(paths))
+    # A fresh instance that never saw the inputs: the rows come from (record, context) alone.
+    out = [x for r in records for x in LocalizedNarrativesCoco().convert(r, context)]
     assert [type(x).__name__ for x in out] == ["Reject", "Pair", "Pair"]
+    assert out == list(LocalizedNarrativesCoco().iter_converted(paths))
 
 
 # -- bad rows -----------------------------------------------------------------------------------------------------

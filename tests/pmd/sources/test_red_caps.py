@@ -166,13 +166,13 @@ def test_unknown_and_missing_inputs(tmp_path: Path) -> None:
 
 def test_odd_records() -> None:
     adapter = RedCapsAdapter()
-    [not_object] = adapter.convert(Record("f.json", 0, "a string"))
+    [not_object] = adapter.convert(Record("f.json", 0, "a string"), None)
     assert (not_object.reason, not_object.detail) == (Reason.MALFORMED, "annotation is a str, not an object")
-    [no_id] = adapter.convert(Record("f.json", 1, {"url": "https://i.redd.it/x.jpg", "raw_caption": "x"}))
+    [no_id] = adapter.convert(Record("f.json", 1, {"url": "https://i.redd.it/x.jpg", "raw_caption": "x"}), None)
     assert (no_id.reason, no_id.key) == (Reason.MALFORMED, None)
-    [no_caption] = adapter.convert(Record("f.json", 2, {"image_id": "abc", "url": "https://i.redd.it/x.jpg"}))
+    [no_caption] = adapter.convert(Record("f.json", 2, {"image_id": "abc", "url": "https://i.redd.it/x.jpg"}), None)
     assert (no_caption.reason, no_caption.key) == (Reason.EMPTY_TEXT, "red_caps/abc")
-    [url_number] = adapter.convert(Record("f.json", 3, {"image_id": "abd", "url": 5, "raw_caption": "x"}))
+    [url_number] = adapter.convert(Record("f.json", 3, {"image_id": "abd", "url": 5, "raw_caption": "x"}), None)
     assert url_number.reason == Reason.NO_URL
 
 
@@ -182,4 +182,4 @@ def test_registry_and_pickling(tmp_path: Path) -> None:
     path = write_file(tmp_path / "itookapicture_2020.json")
     records = pickle.loads(pickle.dumps(list(adapter.records([path]))))
     clone = pickle.loads(pickle.dumps(adapter))
-    assert [x for r in records for x in clone.convert(r)] == expected(str(path))
+    assert [x for r in records for x in clone.convert(r, None)] == expected(str(path))

@@ -168,7 +168,7 @@ def test_text_files_of_different_lengths(tmp_path: Path) -> None:
 def test_json_invalid_utf8_surrogate() -> None:
     # yajl replaces a lone \ud83d escape, but the pure-Python ijson backend keeps it: such a str cannot be written.
     record = Record("sbu-captions-all.json", 7, {"image_url": URLS[0], "caption": "smile \ud83d", "user_id": "1@N00"})
-    assert list(SbuAdapter().convert(record)) == [
+    assert list(SbuAdapter().convert(record, None)) == [
         Reject(reason=Reason.INVALID_UTF8, input_file="sbu-captions-all.json", position=7, key="sbu_captions/7",
                detail="unpaired surrogate in caption",
                record=json.dumps({"image_url": URLS[0], "caption": "smile \\ud83d", "user_id": "1@N00"},
@@ -178,13 +178,13 @@ def test_json_invalid_utf8_surrogate() -> None:
 
 def test_json_odd_values() -> None:
     adapter = SbuAdapter()
-    [no_url] = adapter.convert(Record("f", 0, {"image_url": None, "caption": "x", "user_id": "1@N00"}))
+    [no_url] = adapter.convert(Record("f", 0, {"image_url": None, "caption": "x", "user_id": "1@N00"}), None)
     assert (no_url.reason, no_url.key) == (Reason.NO_URL, "sbu_captions/0")
-    [null_caption] = adapter.convert(Record("f", 1, {"image_url": URLS[0], "caption": None, "user_id": None}))
+    [null_caption] = adapter.convert(Record("f", 1, {"image_url": URLS[0], "caption": None, "user_id": None}), None)
     assert (null_caption.reason, null_caption.key) == (Reason.EMPTY_TEXT, "sbu_captions/1")
-    [number] = adapter.convert(Record("f", 2, {"image_url": URLS[0], "caption": 3, "user_id": None}))
+    [number] = adapter.convert(Record("f", 2, {"image_url": URLS[0], "caption": 3, "user_id": None}), None)
     assert number.reason == Reason.MALFORMED
-    [not_a_row] = adapter.convert(Record("f", 3, ["a", "b"]))
+    [not_a_row] = adapter.convert(Record("f", 3, ["a", "b"]), None)
     assert not_a_row.reason == Reason.MALFORMED
 
 
@@ -232,5 +232,5 @@ def test_registry_and_pickling(tmp_path: Path) -> None:
     path = write_json(tmp_path / "sbu-captions-all.json")
     records = list(adapter.records([path]))
     clone = pickle.loads(pickle.dumps(adapter))
-    converted = [item for record in pickle.loads(pickle.dumps(records)) for item in clone.convert(record)]
+    converted = [item for record in pickle.loads(pickle.dumps(records)) for item in clone.convert(record, None)]
     assert converted == expected_json(str(path))

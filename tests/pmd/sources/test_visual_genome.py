@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 
 from tests.pmd.sources._karpathy_fixtures import REAL_COCOID, document, image, write_karpathy
 from pmd.sources import create_adapter
-from pmd.sources.base import InputError, Pair, Reason, Record, Reject, meta_json
+from pmd.sources.base import Crop, InputError, Pair, Reason, Record, Reject, meta_json
 from pmd.sources.karpathy import DecontaminationOptions
-from pmd.sources.visual_genome import VisualGenomeAdapter, crop_box
+from pmd.sources.visual_genome import VisualGenomeAdapter, crop_box, pixel_crop
 
 VG = "https://cs.stanford.edu/people/rak248"
 SOURCE = "visual_genome"
@@ -71,14 +72,18 @@ def inputs(tmp_path: Path, regions: list[Any] = REGIONS, image_data: list[Any] =
 
 
 def pair(region_id: int, text: str, image_ref: str, box: tuple, image_id: int, size: tuple[int, int],
-         coco_id: int | None = None, flickr_id: int | None = None, upstream_box: tuple | None = None) -> Pair:
+         coco_id: int | None = None, flickr_id: int | None = None, upstream_box: tuple | None = None,
+         crop: Crop | None = None) -> Pair:
     meta: dict[str, Any] = {
         "region_id": region_id, "image_id": image_id, "coco_id": coco_id, "flickr_id": flickr_id,
         "image_width": size[0], "image_height": size[1], "box": dict(zip(("x", "y", "width", "height"), box)),
     }
     if upstream_box is not None:
         meta["upstream_box"] = dict(zip(("x", "y", "width", "height"), upstream_box))
-    return Pair(key=f"{SOURCE}/{region_id}", text=text, split="train", meta=meta_json(meta), image_ref=image_ref)
+    # The crop is the box in whole pixels: the box itself when it is whole already.
+    crop = crop if crop is not None else Crop(*box)
+    return Pair(key=f"{SOURCE}/{region_id}", text=text, split="train", meta=meta_json(meta), image_ref=image_ref,
+                crop=crop)
 
 
 KEPT = [
@@ -154,7 +159,8 @@ def test_box_clamping_and_bad_boxes(tmp_path: Path) -> None:
     assert [x for x in out if isinstance(x, Pair)] == [
         pair(1, "overshoots by two", ref, (700, 500, 100, 100), 1, size, upstream_box=(700, 500, 102, 102)),
         pair(2, "starts at minus one", ref, (0, 0, 50, 30), 1, size, upstream_box=(-1, -1, 51, 31)),
-        pair(7, "float box", ref, (1.5, 2.5, 10.0, 20.0), 1, size),
+        # Rounded half to even, each value on its own, as the image stage always rounded meta.box.
+        pair(7, "float box", ref, (1.5, 2.5, 10.0, 20.0), 1, size, crop=Crop(2, 2, 10, 20)),
     ]
     bad = [(r.reason, r.key) for r in out if isinstance(r, Reject)]
     assert bad == [(Reason.BAD_BOX, f"{SOURCE}/{i}") for i in (3, 4, 5, 6)]
@@ -168,6 +174,22 @@ def test_crop_box_rule() -> None:
     assert crop_box(100, 0, 10, 10, 100, 100) == "box (100, 0, 10, 10) lies outside the 100x100 image"
     assert crop_box(5, 5, 0, 10, 100, 100) == "non-positive box size 0x10"
     assert crop_box(500, 500, 10, 10, None, None) == (500, 500, 10, 10)  # image size unknown: kept as published
+    # The JSON reader refuses 1e400; a caller passing floats gets a reason, never an OverflowError later.
+    assert crop_box(0, 0, math.inf, 10, None, None) == "non-finite box (0, 0, inf, 10)"
+
+
+def test_pixel_crop_rounds_like_the_image_stage_and_fits_int32() -> None:
+    assert pixel_crop((0.5, 1.5, 2.5, 10.49)) == Crop(0, 2, 2, 10)  # half to even, each value on its own
+    # Width unknown (no image size): capped, and the image stage clamps it to the image as before.
+    assert pixel_crop((3, 4, 1e12, 5)) == Crop(3, 4, 2**31 - 1, 5)
+
+
+def test_a_huge_box_on_an_image_of_unknown_size_is_capped(tmp_path: Path) -> None:
+    regions = [{"id": 4, "regions": [region(3, 4, "huge, on an image of unknown size", 0, 0, 1e12, 5)]}]
+    image_data = IMAGE_DATA + [{"image_id": 4, "url": f"{VG}/VG_100K/4.jpg"}]
+    [out] = run(inputs(tmp_path, regions=regions, image_data=image_data))
+    assert out.crop == Crop(0, 0, 2**31 - 1, 5)
+    assert json.loads(out.meta)["box"] == {"x": 0, "y": 0, "width": 1e12, "height": 5}
 
 
 def test_bad_rows_are_rejected_with_reasons(tmp_path: Path) -> None:
@@ -226,14 +248,15 @@ def test_truncated_zip_is_an_input_error_naming_it(tmp_path: Path) -> None:
     assert str(paths[1]) in str(info.value)
 
 
-def test_convert_needs_records_first_and_pickles_after(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="records"):
-        list(VisualGenomeAdapter().convert(Record("region_descriptions.json", 0, REGIONS[0])))
-    adapter = VisualGenomeAdapter()
-    records = list(adapter.records(inputs(tmp_path)))
-    clone = pickle.loads(pickle.dumps(adapter))
-    assert clone.eval_cocoids == frozenset({REAL_COCOID}) and set(clone.images) == {1, 2, 3}
-    assert [x for r in records for x in clone.convert(r) if isinstance(x, Pair)] == KEPT
+def test_convert_needs_the_context_and_nothing_else(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="VisualGenomeContext"):
+        list(VisualGenomeAdapter().convert(Record("region_descriptions.json", 0, REGIONS[0]), None))
+    paths = inputs(tmp_path)
+    context = pickle.loads(pickle.dumps(VisualGenomeAdapter().prepare(paths)))
+    assert context.eval_cocoids == frozenset({REAL_COCOID}) and set(context.images) == {1, 2, 3}
+    records = pickle.loads(pickle.dumps(list(VisualGenomeAdapter().records(paths))))
+    # A third instance, which never saw the inputs: the rows come from (record, context) alone.
+    assert [x for r in records for x in VisualGenomeAdapter().convert(r, context) if isinstance(x, Pair)] == KEPT
 
 
 def test_keys_unique(tmp_path: Path) -> None:
