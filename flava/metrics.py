@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +50,33 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return v
     return None
+
+
+class Throughput:
+    """Samples per second and MFU since the last logged step, and the device's peak memory."""
+
+    def __init__(self, device: torch.device, world_size: int, clock=time.perf_counter) -> None:
+        self.device, self.world_size, self.clock = device, world_size, clock
+        self.peak = peak_flops(device)
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.samples, self.flops = self.clock(), 0, 0.0
+
+    def add(self, samples: int, flops: float) -> None:
+        self.samples += samples
+        self.flops += flops
+
+    def record(self) -> dict:
+        rec = {}
+        if self.device.type == "cuda":  # the step's kernels finish before the clock is read
+            torch.cuda.synchronize(self.device)
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        dt = self.clock() - self.start
+        rec["samples_per_s"] = self.samples / dt if dt > 0 else None
+        if self.peak:
+            rec["mfu"] = self.flops / dt / (self.peak * self.world_size)
+        return rec
 
 
 class MetricsWriter:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from .convert import export_final
 from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, shard_model, teardown
 from .init_weights import apply_init_configs, load_encoder_init
 from .losses import global_contrastive_loss, positive_pair_mask
-from .metrics import MetricsWriter, flops_per_sample, log_record, peak_flops
+from .metrics import MetricsWriter, Throughput, flops_per_sample, log_record
 from .model import FlavaForPretraining, FlavaPretrainingOutput
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
@@ -321,7 +320,6 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     )  # fmt: skip
     metrics = MetricsWriter(run_dir, info.is_main, cfg.run.tensorboard, step)
     stop_at = cfg.run.steps
-    peak = peak_flops(device)
     meta_common = {
         "model_config": mcfg.to_dict(), "world_size": info.world_size, "num_workers": max(1, cfg.data.num_workers),
         "tokenizer_vocab_size": len(tokenizer), "run_config": cfg.to_dict(),
@@ -346,7 +344,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
         progress = tqdm(total=stop_at, initial=step, desc="flava train", unit="step", dynamic_ncols=True)
 
     summary = {"start_step": step, "steps": 0}
-    t_log, samples_since, flops_since = time.perf_counter(), 0, 0.0
+    throughput = Throughput(device, info.world_size)
     sums: dict[str, torch.Tensor] = {}
     last_saved = step
     try:
@@ -366,28 +364,21 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
             model.clamp_logit_scale_()
             step += 1
             summary["steps"] += 1
-            samples_since += cfg.run.global_batch_size
             per_micro = cfg.run.global_batch_size / accum  # FLOPs at this rank's (padded-to-longest) text length
-            flops_since += sum(per_micro * flops_per_sample(mcfg, kind, n) for n in text_lengths)
+            throughput.add(cfg.run.global_batch_size, sum(per_micro * flops_per_sample(mcfg, kind, n)
+                                                          for n in text_lengths))
             sums = step_losses  # the logged values are those of the logged step (not averaged over log_every)
             stop_requested["flag"] = any_rank(stop_requested["flag"], info)
             last = step == stop_at or stop_requested["flag"]
             if step % cfg.run.log_every == 0 or last:
-                rec = log_record(step, kind, sums, lr, grad_norm, info, device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                dt = time.perf_counter() - t_log
-                rec["samples_per_s"] = samples_since / dt if dt > 0 else None
-                if peak:
-                    rec["mfu"] = flops_since / dt / (peak * info.world_size)
+                rec = {**log_record(step, kind, sums, lr, grad_norm, info, device), **throughput.record()}
                 bad = loader.bad_rows()
                 if bad:
                     rec["bad_rows"] = bad
                 metrics.write(rec)
                 if progress is not None:
                     progress.set_postfix(loss=f"{rec['loss']:.4f}", kind=kind, refresh=False)
-                t_log, samples_since, flops_since = time.perf_counter(), 0, 0.0
+                throughput.restart()
                 summary["last"] = rec
             if progress is not None:
                 progress.update(1)

@@ -162,3 +162,17 @@ def test_training_learns_retrieval_above_chance(tmp_path):
     chance = 1 / 60
     assert res["i2t_r1"] > 3 * chance and res["t2i_r1"] > 3 * chance, res
     assert res["i2t_r10"] > 10 / 60 * 2
+
+
+def test_throughput_samples_per_second_and_mfu_since_the_last_log():
+    from flava.metrics import Throughput
+
+    clock = iter([10.0, 12.0, 20.0, 24.0])
+    t = Throughput(torch.device("cpu"), world_size=2, clock=lambda: next(clock))  # starts at 10 s
+    assert t.peak is None and t.record() == {"samples_per_s": 0.0}  # CPU: no peak, no MFU (read at 12 s)
+    t.peak = 1e12
+    t.restart()  # 20 s
+    t.add(64, 1e12)
+    t.add(64, 3e12)
+    # at 24 s: 128 samples in 4 s; 4e12 FLOPs in 4 s over 2 devices of 1e12 FLOP/s peak each
+    assert t.record() == {"samples_per_s": 32.0, "mfu": 0.5}
