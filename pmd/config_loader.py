@@ -58,10 +58,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: Where | str =
 
     Conversions are the ones a config file or a command line needs and no more: a number or true/false written as
     a string (``-o lang_threshold=0.6``; PyYAML reads ``2e-4`` as a string) is parsed; an integral float is an int
-    where an int belongs (an int stays as written where a float does);
-    one string where a list belongs is a one-item list (``data.pairs=DIR``); a nested dataclass is built from its
-    mapping, or from its defaults when the section is empty. ``__post_init__`` errors are re-raised as
-    ConfigError naming the section.
+    where an int belongs (an int stays as written where a float does); one string where a list belongs is a
+    one-item list (``data.pairs=DIR``); a nested dataclass is built from its mapping, or from its defaults when the
+    section is empty. ``__post_init__`` errors are re-raised as ConfigError naming the section.
     """
     where = where if isinstance(where, Where) else Where(path=where)
     if data is None:
@@ -114,7 +113,7 @@ def convert(value: Any, kind: Any, where: Where) -> Any:
             return value.strip().lower() in _TRUE
     elif kind is int:
         number = _number(value)
-        if number is not None and float(number).is_integer():
+        if isinstance(number, int) or (number is not None and number.is_integer()):
             return int(number)
     elif kind is float:
         number = _number(value)
