@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.demo import DemoConfig
+from pmd_demo.demo import DemoConfig
 from pmd.cli import main
 
 
