@@ -184,6 +184,41 @@ def _resolve_paths(raw: dict, base: Path) -> None:
                 decontaminate[key] = each(decontaminate[key])
 
 
+def config_to_toml(config: BuildConfig) -> str:
+    """The configuration as a TOML file that `load_config` reads back to an equal BuildConfig (paths absolute).
+
+    Only the keys a config file may hold are written (`progress` belongs to the command line). TOML has no null:
+    a field left None is left out, which is its default for every field whose default is None; any other None
+    cannot be written and is an error.
+    """
+    import tomli_w
+
+    def plain(value: Any, where: str) -> Any:
+        if dataclasses.is_dataclass(value):
+            out = {}
+            for f in dataclasses.fields(value):
+                v = getattr(value, f.name)
+                if v is None:
+                    if f.default is not None:
+                        raise ValueError(f"{where}{f.name} is None, which a TOML build config cannot express")
+                    continue
+                out[f.name] = plain(v, f"{where}{f.name}.")
+            return out
+        if isinstance(value, Path):
+            return str(value.absolute())
+        if isinstance(value, (list, tuple)):
+            return [plain(v, where) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v, where) for k, v in value.items()}
+        return value
+
+    table = plain(config, "")
+    for source in table["sources"]:
+        if not source["options"]:
+            del source["options"]
+    return tomli_w.dumps({k: v for k, v in table.items() if k in _TOP_KEYS})
+
+
 # ------------------------------------------------------------------------------------------------------ helpers
 def code_version() -> str:
     from importlib.metadata import PackageNotFoundError, version

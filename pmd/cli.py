@@ -246,7 +246,7 @@ def cmd_fetch_metadata(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipelines.demo import DemoConfig, run_demo
+    from pmd_demo.demo import DemoConfig, run_demo
 
     config = DemoConfig.quick(Path(args.out)) if args.quick else DemoConfig(out=Path(args.out))
     if args.steps is not None:

@@ -18,8 +18,8 @@ as little as possible and the output is a pure function of (input bytes, options
 Throughput (one core of this repo's shared 2-core dev machine, Pillow 13.0 with libjpeg-turbo, a 640x480 q90
 photo-like JPEG of ~150 KB to 341x256 q95): about 220 images/s, ~4.5 ms each (~2.0 ms decode, ~2 ms BICUBIC
 resize, ~0.3 ms encode); LANCZOS measured ~185 images/s. A 4000x3000 JPEG (2 MB) takes ~32 ms with the 1/4-scale
-draft decode instead of ~83 ms without. ``tests/pmd/test_images.py::test_throughput_figure`` is a smoke check of
-the same path, not a benchmark.
+draft decode instead of ~83 ms without. ``benchmarks/bench_images.py`` measures this path beside img2dataset's
+resizer (docs/benchmarks.md).
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.

@@ -41,6 +41,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
+# Every route's image: deterministic, its bytes differ for every n (tests compare bodies with it).
+from pmd_demo.drawings import numbered_jpeg as jpeg
+
 BAD_CASES: dict[str, tuple[str, str]] = {
     # path -> (expected stage, expected reason) once it goes through `pmd build`
     "/status/404": ("download", "http_404"),
@@ -63,19 +66,6 @@ HOSTILE_CASES: dict[str, tuple[str, str]] = {
     "/lying-length.jpg": ("download", "timeout"),
     "/gzip-bomb.jpg": ("download", "too_large"),
 }
-
-
-@lru_cache(maxsize=None)
-def jpeg(n: int, width: int, height: int) -> bytes:
-    """A deterministic JPEG whose pixels depend on n (so different n give different sha256)."""
-    image = Image.new("RGB", (width, height), ((n * 37) % 256, (n * 91) % 256, (n * 13) % 256))
-    # A few pixels set from n's bits, so even colour collisions (n mod 256 cycles) give distinct images.
-    for bit in range(24):
-        if n >> bit & 1:
-            image.putpixel((bit % width, (bit // width) % height), (255, 255, 255))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
-    return out.getvalue()
 
 
 @lru_cache(maxsize=None)

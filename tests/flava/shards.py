@@ -4,39 +4,17 @@ them ("a red circle"), written as a build directory (manifest.json + shards/*.pa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from pmd.schema import SHARD_SCHEMA
+from pmd_demo.drawings import SHAPES, Drawing, draw, jpeg
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
-SHAPES = ("circle", "square", "triangle")
-CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-
-
-def draw(colour: str, shape: str, size: int, rng: random.Random) -> bytes:
-    bg = tuple(rng.randint(200, 255) for _ in range(3))
-    im = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(im)
-    r = rng.uniform(0.28, 0.4) * size
-    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
-    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
-    fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[colour])
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+CLASSES = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in SHAPES]
 
 
 def make_rows(n: int, seed: int = 0, size: int = 48, split: str = "train", bad: int = 0) -> list[dict]:
@@ -45,7 +23,7 @@ def make_rows(n: int, seed: int = 0, size: int = 48, split: str = "train", bad: 
     rows = []
     for i in range(n):
         colour, shape = CLASSES[i % len(CLASSES)].split()
-        img = draw(colour, shape, size, rng)
+        img = jpeg(draw(Drawing(colour, shape, rng.getrandbits(32)), size))
         text = rng.choice(["a {} {}", "a photo of a {} {}", "{} {} on a plain background"]).format(colour, shape)
         if i < bad:
             if i % 2 == 0:

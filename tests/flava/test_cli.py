@@ -42,8 +42,7 @@ def test_eval_retrieval_json(built):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n_images", "n_texts"} <= set(res)
-    assert res["n_images"] == res["n_texts"] == 24
-    assert 0 <= res["i2t_r1"] <= res["i2t_r5"] <= res["i2t_r10"] <= 1
+    assert res["n_images"] == res["n_texts"] == 24  # the figures themselves: tests/flava/test_retrieval.py
 
 
 def test_eval_zeroshot_and_export(built, capsys, tmp_path):
@@ -51,7 +50,7 @@ def test_eval_zeroshot_and_export(built, capsys, tmp_path):
     assert main(["eval", "zeroshot", "--checkpoint", str(run), "--data", str(held), "--classes", ",".join(CLASSES),
                  "--json"]) == 0  # fmt: skip
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 24 and res["classes"] == 12 and 0 <= res["top1"] <= res["top5"] <= 1
+    assert res["n"] == 24 and res["classes"] == 12  # the figures themselves: tests/flava/test_retrieval.py
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "vocab.txt").is_file()
     assert main(["tokenizer", "train", "--data", str(held), "--out", str(tmp_path / "tok"), "--vocab-size", "100"]) == 0

@@ -125,10 +125,9 @@ def test_batch_contents(build, tok):
 
 
 def test_two_way_crop_is_the_same_crop():
-    from .shards import draw
-    import random
+    from pmd_demo.drawings import Drawing, draw, jpeg
 
-    data = draw("red", "circle", 200, random.Random(0))
+    data = jpeg(draw(Drawing("red", "circle", 0), 200))
     rng = np.random.default_rng(0)
     enc, cb = decode_train(data, 64, 32, rng, (0.9, 1.0), (0.75, 4 / 3))
     assert enc.shape == (64, 64, 3) and cb.shape == (32, 32, 3)

@@ -5,14 +5,12 @@ Both are small (a few hundred pairs), deterministic, and contain every case the 
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from pmd_demo.drawings import numbered_jpeg
 from tests.httpserver import BAD_CASES, GOOD_REDIRECTS, LoopbackServer
 
 
@@ -57,16 +55,6 @@ def make_cc12m(directory: Path, server: LoopbackServer, n_good: int = 150, slow_
     return UrlFixture(tsv, len(lines), failures, 2)
 
 
-def _jpeg(n: int, size: tuple[int, int]) -> bytes:
-    image = Image.new("RGB", size, ((n * 53) % 256, (n * 17) % 256, (n * 199) % 256))
-    for bit in range(16):
-        if n >> bit & 1:
-            image.putpixel((bit, 0), (255, 255, 255))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
 @dataclass
 class CocoFixture:
     karpathy: Path
@@ -102,7 +90,7 @@ def make_coco(directory: Path, n_images: int = 40) -> CocoFixture:
                        "imgid": n, "split": split, "sentences": sentences, "cocoid": cocoid})
         if n == 3:
             continue  # missing member
-        data = b"\xff\xd8 garbage, not a jpeg" if n == 5 else _jpeg(n, (16, 16) if n == 6 else (80, 60))
+        data = b"\xff\xd8 garbage, not a jpeg" if n == 5 else numbered_jpeg(n, *((16, 16) if n == 6 else (80, 60)))
         members[folder][f"{folder}/{filename}"] = data
     karpathy = directory / "dataset_coco.json"
     karpathy.write_text(json.dumps({"images": images, "dataset": "coco"}))

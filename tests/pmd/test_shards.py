@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,9 +24,10 @@ def _rows(keys: list[str], source: str = "coco") -> pa.Table:
 
 def test_shuffle_hash_is_stable():
     # Fixed values: the placement of every shard row depends on them; changing the function changes every build.
-    assert shuffle_hash(0, "coco/1") == int.from_bytes(__import__("hashlib").blake2b(b"0:coco/1", digest_size=8)
-                                                       .digest(), "big")
-    assert shuffle_hash(0, "a") != shuffle_hash(1, "a")
+    assert shuffle_hash(0, "coco/1") == 12267673572178782781
+    assert shuffle_hash(1, "coco/1") == 11461378730438240191
+    assert shuffle_hash(0, "a") == 13682308312085749477
+    assert shuffle_hash(7, "yfcc100m/5000000") == 5570883472462237189
 
 
 def _build(tmp_path, tables):
@@ -72,8 +71,7 @@ def test_verify_without_manifest(tmp_path):
     assert "missing" in verify(tmp_path)[0]
     (tmp_path / "manifest.json").write_text("{")
     assert "not valid JSON" in verify(tmp_path)[0]
-    assert file_sha256(tmp_path / "manifest.json") == __import__("hashlib").sha256(b"{").hexdigest()
-    json.loads('{"ok": 1}')
+    assert file_sha256(tmp_path / "manifest.json") == "021fb596db81e6d02bf3d2586ee3981fe519f275c0ac9ca76bbcf2ebb4097d96"
 
 
 @pytest.mark.parametrize("partition_rows", [1 << 19, 2])

@@ -1,5 +1,7 @@
 import hashlib
 
+import pytest
+
 from pmd.text import (LanguageIdentifier, bundled_lid_model_path, clean_caption, clean_flickr_text,
                       collapse_whitespace, word_count)
 
@@ -18,8 +20,9 @@ def test_language_identifier():
     assert lid.identify("A dog\nplaying in\nthe snow").lang == "en"
     # Mostly upper-case text is lower-cased before prediction.
     assert lid.identify("SUNSET OVER THE HARBOUR TONIGHT").lang == "en"
+    # Empty text gets fastText's prior: English, with a confidence far below YFCC's default threshold (0.5).
     result = lid.identify("")
-    assert 0.0 <= result.score <= 1.0
+    assert result.lang == "en" and result.score == pytest.approx(0.1245, abs=1e-3)
 
 
 def test_cleaning():

@@ -25,9 +25,13 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from pmd import report, schema, stats, synthetic
-from pmd.serve import serve_directory
+from pmd import report, schema, stats
+from pmd.download import DownloadOptions
+from pmd.images import ImageOptions
 from pmd.shards import verify
+from pmd_demo import synthetic
+from pmd_demo.serve import serve_directory
+from pipelines.build import BuildConfig, SourceSpec, config_to_toml, load_config, run_build
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,12 @@ class DemoConfig:
             raise ValueError("train_steps and nproc must be positive")
 
 
-def _build_config_text(corpus: synthetic.SyntheticCorpus, config: DemoConfig) -> str:
-    """The build as a config file a user can rerun with `pmd build --config`."""
-    lines = [f"shard_rows = {250}", "row_group_rows = 50", "chunk_rows = 100", f"seed = {config.seed}",
-             "num_cpus = 2", "task_cpus = 0.5", "", "[image]", f"image_size = {config.image_size}", "min_side = 16",
-             "", "[download]", "timeout = 5.0", "retries = 0", "thread_count = 16", ""]
-    for name, inputs in corpus.inputs.items():
-        lines += ["[[sources]]", f'name = "{name}"', "inputs = [" + ", ".join(f'"{p}"' for p in inputs) + "]"]
-        if name in corpus.archives:
-            lines.append("images = [" + ", ".join(f'"{p}"' for p in corpus.archives[name]) + "]")
-        lines.append("")
-    return "\n".join(lines)
+def _build_config(corpus: synthetic.SyntheticCorpus, config: DemoConfig, out: Path) -> BuildConfig:
+    """The build: small shards and chunks so that even the demo has several of each; 2 CPUs."""
+    sources = [SourceSpec(name, inputs, corpus.archives.get(name, [])) for name, inputs in corpus.inputs.items()]
+    return BuildConfig(sources=sources, out=out, shard_rows=250, row_group_rows=50, chunk_rows=100, seed=config.seed,
+                       num_cpus=2, task_cpus=0.5, image=ImageOptions(image_size=config.image_size, min_side=16),
+                       download=DownloadOptions(timeout=5.0, retries=0, thread_count=16))
 
 
 def _heldout(build: Path, out: Path) -> int:
@@ -87,7 +86,6 @@ def _flava(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns the summary (also written to OUT/demo.json)."""
-    from pipelines.build import load_config, run_build
 
     console = console or Console(highlight=False)
     out = config.out.resolve()
@@ -110,10 +108,11 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
                       f"serving URL images at {base_url} ({len(corpus.broken_urls)} broken on purpose)")
 
         console.rule("[bold]2. pmd build (embedded Ray)")
+        # Written first and read back: the build that runs is the file a user can rerun with `pmd build --config`.
         config_path = out / "build.toml"
-        config_path.write_text(_build_config_text(corpus, config))
+        config_path.write_text(config_to_toml(_build_config(corpus, config, build)))
         t = time.perf_counter()
-        manifest = run_build(load_config(config_path, {"out": str(build)}))
+        manifest = run_build(load_config(config_path))
         timings["build_s"] = time.perf_counter() - t
     summary["totals"] = manifest["totals"]
 

@@ -4,13 +4,12 @@ Images are coloured shapes (a red circle, a blue square ...) on plain background
 the pairing in minutes on a CPU. The metadata files are written exactly as the upstream publishers do (Karpathy
 COCO JSON with its images in train2014/val2014 zips, Conceptual Captions TSV, the 25-field YFCC100M TSV with
 URL-encoded English and non-English text, RedCaps annotation JSON), so the whole real pipeline runs on them.
-URL-based images are written to a folder that `pmd.serve` serves on 127.0.0.1; a few URLs are broken on purpose
+URL-based images are written to a folder that `pmd_demo.serve` serves on 127.0.0.1; a few URLs are broken on purpose
 (missing, truncated, too small, not an image) to show the failure accounting.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import urllib.parse
@@ -18,53 +17,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from pmd_demo.drawings import COLOURS, SHAPES, Drawing, draw, jpeg
 
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-    "yellow": (240, 210, 20), "purple": (140, 40, 170), "orange": (245, 130, 20),
-}
-SHAPES = ("circle", "square", "triangle")
 GERMAN = {"red": "roter", "green": "grüner", "blue": "blauer", "yellow": "gelber", "purple": "lila",
           "orange": "oranger"}
 GERMAN_SHAPES = {"circle": "Kreis", "square": "Würfel", "triangle": "Keil"}
-TEMPLATES = ("a {c} {s}", "a photo of a {c} {s}", "a {c} {s} on a plain background", "there is a {c} {s} here",
-             "a simple drawing of a {c} {s}", "the {s} is {c}")
 BROKEN_KINDS = ("missing", "truncated", "tiny", "html")
-
-
-@dataclass(frozen=True)
-class Drawing:
-    colour: str
-    shape: str
-    seed: int
-
-    def caption(self, variant: int = 0) -> str:
-        return TEMPLATES[variant % len(TEMPLATES)].format(c=self.colour, s=self.shape)
-
-
-def draw(d: Drawing, size: int = 96) -> Image.Image:
-    """The image a caption describes: one shape, random place and size, light random background."""
-    rng = random.Random(d.seed)
-    background = tuple(rng.randint(200, 255) for _ in range(3))
-    img = Image.new("RGB", (size, size), background)
-    pen = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    colour = COLOURS[d.colour]
-    if d.shape == "circle":
-        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif d.shape == "square":
-        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    else:
-        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    return img
-
-
-def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 @dataclass
@@ -117,7 +75,7 @@ def generate(root: Path, base_url: str, images: int = 120, seed: int = 0, size: 
             if kind == "truncated":
                 (http / name).write_bytes(data[: len(data) // 3])
             elif kind == "tiny":
-                (http / name).write_bytes(jpeg(Image.new("RGB", (1, 1), (255, 0, 0))))
+                (http / name).write_bytes(jpeg(draw(d, 1)))
             elif kind == "html":
                 (http / name).write_bytes(b"<html><body>Not an image</body></html>")
             # "missing": no file, the server answers 404
