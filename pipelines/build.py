@@ -216,7 +216,7 @@ def config_to_toml(config: BuildConfig) -> str:
     for source in table["sources"]:
         if not source["options"]:
             del source["options"]
-    return tomli_w.dumps({k: v for k, v in table.items() if k in _TOP_KEYS})
+    return tomli_w.dumps({k: v for k, v in table.items() if k != "progress"})
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
