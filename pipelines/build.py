@@ -32,14 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import final, schema, takedown, urls
+from pmd import atomic, final, schema, takedown, urls
 from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, accounting_problems, file_sha256,
-                        remove_temp_files, shard_name, write_json_atomic)
+                        shard_name)
 from pipelines.ray_runtime import ray_session
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _check_state(config: BuildConfig) -> None:
     else:
         if (config.out / MANIFEST_FILE).exists() or any((config.out / SHARDS_DIR).glob("*.parquet")):
             raise BuildError(f"{config.out} holds shards without {WORK_DIR}/{BUILD_STATE}; refusing to mix builds")
-        write_json_atomic(fp, state_path)
+        atomic.write_json(fp, state_path)
 
 
 def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
@@ -569,7 +569,7 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
         buckets = _dedup(plan, executor)
         _write(plan, executor, buckets)  # finish what a killed run left, so every row is in a shard
         offsets = _offsets(buckets)
-        write_json_atomic({"phase": "shards", "buckets": [[b["bucket"], o, b["kept"]]
+        atomic.write_json({"phase": "shards", "buckets": [[b["bucket"], o, b["kept"]]
                                                           for b, o in zip(buckets, offsets)]}, state)
     info = json.loads(state.read_text())
     spans = info["buckets"]
@@ -582,7 +582,7 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
             executor.submit(final.unbuild_shard, str(plan.config.out), shard, plan.layout, plan.config.seed, mine,
                             limit=plan.in_flight_buckets)
         executor.drain()
-        write_json_atomic({**info, "phase": "buckets"}, state)
+        atomic.write_json({**info, "phase": "buckets"}, state)
     for b in range(plan.layout.n_buckets):
         executor.submit(final.reopen_bucket, str(plan.config.out), b)
     executor.drain()
@@ -653,7 +653,7 @@ def run_build(config: BuildConfig) -> dict:
             raise BuildError(f"decontamination input {p} does not exist")
     _check_state(config)
     for d in (SHARDS_DIR, FAILURES_DIR, WORK_DIR):
-        remove_temp_files(out / d)
+        atomic.remove_temp_files(out / d)
     shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # present only once this run has finished
 
@@ -674,7 +674,7 @@ def run_build(config: BuildConfig) -> dict:
                 raise
     shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(manifest, out / MANIFEST_FILE)  # last: its presence means the build is complete
+    atomic.write_json(manifest, out / MANIFEST_FILE)  # last: its presence means the build is complete
     log.info("built %s: %d pairs in %d shards", out, manifest["totals"]["pairs"], len(manifest["shards"]))
     return manifest
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import resource
 import shutil
 import time
@@ -53,11 +52,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema
 from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
                        ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
-from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
+from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class _PieceWriters:
 
     def __init__(self, paths: FinalPaths, name: str):
         self.paths, self.name = paths, name
-        self.open: dict[int, tuple[Path, object, pa.ipc.RecordBatchFileWriter]] = {}
+        self.open: dict[int, tuple[atomic.AtomicFile, pa.ipc.RecordBatchFileWriter]] = {}
         self.buffers: dict[int, list[pa.Table]] = {}
         self.buffered: dict[int, int] = {}
         self.total = 0
@@ -193,22 +192,16 @@ class _PieceWriters:
         if not tables:
             return
         if bucket not in self.open:
-            final = self.paths.bucket_dir(bucket) / self.name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            f = open(tmp, "wb")
-            self.open[bucket] = (tmp, f, ipc_writer(f, PIECE_SCHEMA))
-        self.open[bucket][2].write_table(pa.concat_tables(tables).combine_chunks())
+            f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
+            self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
+        self.open[bucket][1].write_table(pa.concat_tables(tables).combine_chunks())
 
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
             self._flush(b)
-        for b, (tmp, f, writer) in sorted(self.open.items()):
+        for b, (f, writer) in sorted(self.open.items()):
             writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, self.paths.bucket_dir(b) / self.name)
+            f.commit()
         return dict(sorted(self.rows.items()))
 
 
@@ -259,11 +252,9 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
         name = f"group-{source_index:02d}-{group:05d}.arrow"
         writers = _PieceWriters(paths, name)
         failed_path = paths.failed(source, group, 1)
-        failed_path.parent.mkdir(parents=True, exist_ok=True)
-        failed_tmp = failed_path.with_name(f".{failed_path.name}.tmp-{os.getpid()}")
         rows: Counter = Counter()
         tagged: Counter = Counter()
-        with open(failed_tmp, "wb") as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
+        with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
             for chunk in chunk_paths:
                 table = read_chunk(Path(chunk))
                 rows.update(table.column(SOURCE_INDEX).to_pylist())
@@ -274,17 +265,13 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
                     tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
                 _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
             bucket_rows = writers.commit()
-            failed_writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(failed_tmp, failed_path)
         summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
                    "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
                    "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
                    "failed_file": failed_path.name, "attempts": 1, "retried_by_source": {},
                    "buckets": {str(b): n for b, n in bucket_rows.items()},
                    "seconds": round(time.perf_counter() - started, 3)}
-        write_json_atomic(summary, marker)
+        atomic.write_json(summary, marker)
     for chunk in chunk_paths:  # the marker is durable: the chunk's rows live in the pieces now
         Path(chunk).unlink(missing_ok=True)
     return summary
@@ -370,7 +357,7 @@ def dedup_bucket(out: str, b: int, source_names: list[str], takedowns: TakedownF
         "takedowns_by_request": _by_request(taken, source_names),
         "takedown_requests": [r.id for r in takedowns.requests] if takedowns else [],
     }
-    write_json_atomic(summary, paths.dedup(b))
+    atomic.write_json(summary, paths.dedup(b))
     return summary
 
 
@@ -400,9 +387,9 @@ def _shard_table(table: pa.Table) -> pa.Table:
 def _write_shard(out: Path, shard: int, table: pa.Table, row_group_rows: int) -> dict:
     paths = FinalPaths(out)
     rel = shard_name(shard)
-    write_parquet_atomic(table, out / rel, row_group_rows)
+    write_shard_file(table, out / rel, row_group_rows)
     entry = describe_file(out, rel).to_dict()
-    write_json_atomic(entry, paths.entry(shard))
+    atomic.write_json(entry, paths.entry(shard))
     return entry
 
 
@@ -431,7 +418,7 @@ def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout,
             write_ipc_atomic(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
     summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
-    write_json_atomic(summary, paths.written(b))
+    atomic.write_json(summary, paths.written(b))
     shutil.rmtree(paths.bucket_dir(b), ignore_errors=True)
     return summary
 
@@ -457,9 +444,6 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
     duplicates bucket by bucket (each in candidate order). Returns its manifest entry."""
     paths = FinalPaths(Path(out))
     rel = f"failures/{source}.parquet"
-    path = Path(out) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
     def tables() -> Iterable[pa.Table]:
         for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
@@ -469,7 +453,7 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
             dups = read_ipc(paths.duplicates(b))
             yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
 
-    with open(tmp, "wb") as f:
+    with atomic.atomic_file(Path(out) / rel) as f:
         with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
             pending, n, written = [], 0, 0
             for t in tables():
@@ -482,9 +466,6 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
             if pending or not written:  # an empty file still has its schema and one (empty) row group
                 writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
                                    row_group_size=FAILURE_ROW_GROUP_ROWS)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return describe_file(Path(out), rel).to_dict()
 
 
@@ -538,7 +519,7 @@ def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask
                    failures_by_source=_by_source(reasons, source_names), failed_file=new_failed.name,
                    attempts=attempt, retried_by_source=dict(sorted(retried.items())),
                    buckets={str(b): n for b, n in sorted(buckets.items())})
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     if failed_path != new_failed:
         failed_path.unlink(missing_ok=True)
     return summary

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema, storage
 from pmd.spill import HashPartitions, partitions_for
 
 log = logging.getLogger(__name__)
@@ -49,69 +48,14 @@ def shard_name(index: int) -> str:
     return f"{SHARDS_DIR}/shard-{index:05d}.parquet"
 
 
-def file_sha256(path: Path, block: int = 4 * 1024**2) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    return storage.sha256(path)
 
 
-def _tmp_name(path: Path) -> Path:
-    # Not ending in .parquet: a reader globbing *.parquet never picks up a partial file.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _parquet_options(names: Sequence[str]) -> dict:
-    """The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
-    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`."""
-    return {"compression": {name: ("none" if name == schema.IMAGE else "zstd") for name in names},
-            "use_dictionary": [n for n in names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)],
-            "write_statistics": [n for n in names if n != schema.IMAGE]}
-
-
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-    """Temp file + fsync + rename: the final name only ever holds a complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_rows, **_parquet_options(table.column_names))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_row_groups_atomic(groups: Sequence[pa.Table], path: Path, schema_: pa.Schema) -> None:
-    """Like write_parquet_atomic, one row group per table given (a rewrite that keeps a file's row groups)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        with pq.ParquetWriter(f, schema_, **_parquet_options(schema_.names)) as writer:
-            for group in groups:
-                writer.write_table(group, row_group_size=max(group.num_rows, 1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(data: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def remove_temp_files(directory: Path) -> int:
-    """Temp files left by a killed writer (`.NAME.tmp-PID`)."""
-    removed = 0
-    if directory.exists():
-        for p in directory.rglob(".*.tmp-*"):
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+def write_shard_file(table: pa.Table, target: str | Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+    """A Parquet file of pair-schema columns (shard, failures, takedown record), stored as schema.parquet_options
+    says, written atomically."""
+    atomic.write_parquet(table, target, row_group_size=row_group_rows, **schema.parquet_options(table.column_names))
 
 
 @dataclass
@@ -295,5 +239,5 @@ def sum_counts(dicts: Iterable[Mapping[str, int]]) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "MANIFEST_FILE", "SHARDS_DIR", "FAILURES_DIR", "FileEntry", "describe_file", "file_sha256", "shard_name",
-    "shuffle_hash", "text_hash", "verify", "write_json_atomic", "write_parquet_atomic", "remove_temp_files",
+    "shuffle_hash", "text_hash", "verify", "write_shard_file",
 )

@@ -37,9 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import schema
-from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, describe_file, sum_counts, write_json_atomic,
-                        write_parquet_atomic, write_row_groups_atomic)
+from pmd import atomic, schema
+from pmd.shards import FAILURES_DIR, MANIFEST_FILE, describe_file, sum_counts, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,8 @@ def _rewrite(path: Path, drop_keys: pa.Array) -> int:
         if kept.num_rows:
             groups.append(kept)
     if removed:
-        write_row_groups_atomic(groups, path, parquet.schema_arrow)
+        atomic.write_parquet_row_groups(groups, path, parquet.schema_arrow,
+                                        **schema.parquet_options(parquet.schema_arrow.names))
     return removed
 
 
@@ -172,7 +172,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
     record = requests / f"{request.id}.json"
     journal = requests / f"{request.id}.pending.parquet"
     if not record.exists():
-        write_json_atomic({**request.to_dict(), "received_at": _now()}, record)
+        atomic.write_json({**request.to_dict(), "received_at": _now()}, record)
     applied = manifest.get("takedowns", [])
 
     if journal.exists():
@@ -189,10 +189,10 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         if not found.num_rows and any(t["list_sha256"] == request.id for t in applied):
             return {"rows": 0, "shards": 0, "applied": False}
         found = found.replace_schema_metadata({_APPLICATION: str(application)})
-        write_parquet_atomic(found, journal)
+        write_shard_file(found, journal)
     removed_rel = _removed_name(request, application)
     if found.num_rows and not (out / removed_rel).exists():  # durable before any shard loses a row
-        write_parquet_atomic(found.replace_schema_metadata(None), out / removed_rel)
+        write_shard_file(found.replace_schema_metadata(None), out / removed_rel)
 
     keys = pc.unique(found.column(schema.KEY))
     shards = sorted(set(found.column("shard").to_pylist()))
@@ -208,7 +208,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         schema.DETAIL: pa.array([_detail(request)] * found.num_rows, pa.string()),
     }, schema=schema.FAILURE_SCHEMA)
     if found.num_rows:
-        write_parquet_atomic(failure_rows, out / failures_rel)
+        write_shard_file(failure_rows, out / failures_rel)
 
     removed_by_source = dict(sorted(Counter(found.column(schema.SOURCE).to_pylist()).items()))
     gone, total_gone = _unique_images(out, manifest, found) if found.num_rows else ({}, 0)
@@ -236,7 +236,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         "list_sha256": request.id, "kind": request.kind, "reason": request.reason, "listed": len(request.values),
         "rows": found.num_rows, "rows_by_source": removed_by_source, "shards_rewritten": len(shards),
         "failures_file": failures_rel if found.num_rows else None, "applied_at": _now()})
-    write_json_atomic(manifest, out / MANIFEST_FILE)  # last: the request is applied once this is on disk
+    atomic.write_json(manifest, out / MANIFEST_FILE)  # last: the request is applied once this is on disk
     journal.unlink(missing_ok=True)
     log.info("takedown %s: %d pairs removed from %d shards", request.id[:12], found.num_rows, len(shards))
     return {"rows": found.num_rows, "shards": len(shards), "applied": True}

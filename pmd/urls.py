@@ -25,9 +25,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema
 from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
-from pmd.shards import write_json_atomic
 
 URLS_DIR = "urls"  # under OUT/work
 URL_BUCKET_ROWS = 500_000  # rows per URL bucket: the owners pass holds one bucket's metadata
@@ -102,7 +101,7 @@ def split_group(out: str, candidates_dir: str, source_index: int, group: int, st
     for (u,), part in frame.partition_by("_u", as_dict=True, maintain_order=True).items():
         write_ipc_atomic(part.drop("_u").to_arrow().cast(ROW_SCHEMA), paths.piece(int(u), source_index, group))
     summary = {"source_index": source_index, "group": group, "rows": table.num_rows}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     return summary
 
 
@@ -132,7 +131,7 @@ def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, sour
         write_ipc_atomic(part.select(*ROW_SCHEMA.names, "_chunk").to_arrow(), paths.moved(int(s), int(g), u))
     summary = {"bucket": u, "downloads": {source_names[s]: {"urls": n, "unique_urls": k}
                                           for s, n, k in sorted(counts.iter_rows())}}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     shutil.rmtree(directory, ignore_errors=True)
     return summary
 
@@ -155,6 +154,6 @@ def chunks_group(out: str, source: str, source_index: int, group: int, chunks: l
         write_ipc_atomic(rows.to_arrow().cast(ROW_SCHEMA), paths.chunk(source, c))
     summary = {"source_index": source_index, "group": group, "rows": frame.height,
                "chunks": {str(c): n for c, n in sorted(sizes.items())}}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     shutil.rmtree(directory, ignore_errors=True)
     return summary
