@@ -38,8 +38,8 @@ from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
-from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, accounting_problems, file_sha256,
-                        shard_name)
+from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
+from pmd.shards import file_sha256, shard_name
 from pipelines.ray_runtime import ray_session
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _check_state(config: BuildConfig) -> None:
             raise BuildError(f"{config.out} holds a build with a different configuration or inputs (changed: "
                              f"{', '.join(changed)}); use another --out, or delete {config.out} to start over")
     else:
-        if (config.out / MANIFEST_FILE).exists() or any((config.out / SHARDS_DIR).glob("*.parquet")):
+        if Manifest.exists(config.out) or any((config.out / SHARDS_DIR).glob("*.parquet")):
             raise BuildError(f"{config.out} holds shards without {WORK_DIR}/{BUILD_STATE}; refusing to mix builds")
         atomic.write_json(fp, state_path)
 
@@ -655,7 +655,7 @@ def run_build(config: BuildConfig) -> dict:
     for d in (SHARDS_DIR, FAILURES_DIR, WORK_DIR):
         atomic.remove_temp_files(out / d)
     shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # present only once this run has finished
+    Path(manifest_path(out)).unlink(missing_ok=True)  # present only once this run has finished
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -674,7 +674,7 @@ def run_build(config: BuildConfig) -> dict:
                 raise
     shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    atomic.write_json(manifest, out / MANIFEST_FILE)  # last: its presence means the build is complete
+    Manifest(out, manifest).write()  # last: its presence means the build is complete
     log.info("built %s: %d pairs in %d shards", out, manifest["totals"]["pairs"], len(manifest["shards"]))
     return manifest
 

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pmd import atomic, schema, storage
-from pmd.shards import MANIFEST_FILE, file_sha256
+from pmd.manifest import Manifest
+from pmd.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,14 @@ class ExportOptions:
             raise ExportError(f"shard size must be positive, got {self.shard_size}")
 
 
-def _shard_files(build: Path) -> tuple[list[Path], int]:
-    manifest_path = build / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: not a finished pmd build")
-    manifest = json.loads(manifest_path.read_text())
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise ExportError(f"{manifest_path}: no shard list")
-    return [build / s["file"] for s in shards], sum(int(s["rows"]) for s in shards)
+def _shard_files(build: str | Path) -> tuple[list[str | Path], int]:
+    manifest = Manifest.read(build)
+    return manifest.shard_locations(), manifest.rows
 
 
-def _rows(files: list[Path]) -> Iterator[dict]:
+def _rows(files: list[str | Path]) -> Iterator[dict]:
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_input(path))
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=_READ_COLUMNS)
             yield from table.to_pylist()
@@ -115,7 +110,7 @@ class _TarWriter:
 
 
 def _describe(path: str | Path, samples: int) -> dict:
-    return {"file": str(path).rstrip("/").rsplit("/", 1)[-1], "samples": samples, "bytes": storage.size(path),
+    return {"file": storage.basename(path), "samples": samples, "bytes": storage.size(path),
             "sha256": file_sha256(path)}
 
 

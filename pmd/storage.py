@@ -102,6 +102,10 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def basename(location: str | os.PathLike) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else Path(location).name
+
+
 def location(value: str | os.PathLike) -> str | Path:
     """A command-line or config value as the build keeps it: URLs as strings, paths as Paths."""
     return str(value) if is_remote(value) else Path(value)
@@ -173,7 +177,7 @@ def list_files(location: str | os.PathLike, suffix: str = "", recursive: bool = 
             continue
         relative = info.path[len(path):].lstrip("/")
         found.append(join(base, *relative.split("/")))
-    return sorted(found)
+    return sorted(found, key=lambda p: p.split("/"))  # as paths sort: by component
 
 
 def delete(location: str | os.PathLike) -> None:

@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pmd import atomic, schema
-from pmd.shards import FAILURES_DIR, MANIFEST_FILE, describe_file, sum_counts, write_shard_file
+from pmd.manifest import FAILURES_DIR, Manifest
+from pmd.shards import describe_file, sum_counts, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,7 @@ def read_request(kind: str, path: Path, reason: str = "") -> TakedownRequest:
 
 
 def _manifest(out: Path) -> dict:
-    path = out / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a finished pmd build")
-    return json.loads(path.read_text())
+    return Manifest.read(out).data
 
 
 def _failures_name(request: TakedownRequest, application: int) -> str:
@@ -236,7 +234,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         "list_sha256": request.id, "kind": request.kind, "reason": request.reason, "listed": len(request.values),
         "rows": found.num_rows, "rows_by_source": removed_by_source, "shards_rewritten": len(shards),
         "failures_file": failures_rel if found.num_rows else None, "applied_at": _now()})
-    atomic.write_json(manifest, out / MANIFEST_FILE)  # last: the request is applied once this is on disk
+    Manifest(out, manifest).write()  # last: the request is applied once this is on disk
     journal.unlink(missing_ok=True)
     log.info("takedown %s: %d pairs removed from %d shards", request.id[:12], found.num_rows, len(shards))
     return {"rows": found.num_rows, "shards": len(shards), "applied": True}
