@@ -29,8 +29,15 @@ OPTIONS_ENV = "PMD_STORAGE_OPTIONS"
 _PYARROW_SCHEMES = {"s3": pafs.S3FileSystem, "gs": pafs.GcsFileSystem, "gcs": pafs.GcsFileSystem}
 
 
-class StorageError(OSError):
-    pass
+# `--storage-option KEY=VALUE` of every command that takes a build location.
+STORAGE_OPTION_ARGS = ("--storage-option",)
+STORAGE_OPTION_KWARGS = {"action": "append", "default": [], "metavar": "KEY=VALUE",
+                         "help": "option of the object-storage filesystem (repeatable), e.g. "
+                                 "endpoint_override=http://127.0.0.1:9000; see docs/build.md"}
+
+
+class StorageError(ValueError):
+    """Storage options that do not make a filesystem."""
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -61,17 +68,30 @@ def set_options(options: Mapping[str, object]) -> None:
         os.environ.pop(OPTIONS_ENV, None)
 
 
+def add_options(pairs: list[str]) -> None:
+    """Command-line `KEY=VALUE` options on top of those already in the environment."""
+    if pairs:
+        set_options({**json.loads(_options()), **parse_options(pairs)})
+
+
 def _options() -> str:
     return os.environ.get(OPTIONS_ENV, "{}")
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, options_json: str) -> pafs.FileSystem:
+def _filesystem(scheme: str, options_json: str, endpoint: str | None, pid: int) -> pafs.FileSystem:
+    """One filesystem per scheme, options and process: a client made before a fork (a DataLoader worker) is not
+    used after it."""
     try:
         options = json.loads(options_json)
     except ValueError as e:
         raise StorageError(f"{OPTIONS_ENV} is not a JSON object ({e})") from None
     try:
+        if scheme == "s3" and "endpoint_override" not in options:
+            # The AWS SDKs' standard variable (boto3, botocore, the CLI); pyarrow's client does not read it itself.
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["endpoint_override"] = endpoint
         if scheme in _PYARROW_SCHEMES:
             return _PYARROW_SCHEMES[scheme](**options)
         import fsspec
@@ -89,7 +109,8 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
             text = urlsplit(text).path
         return pafs.LocalFileSystem(), str(Path(text).absolute())
     parts = urlsplit(text)
-    fs = _filesystem(parts.scheme, _options())
+    fs = _filesystem(parts.scheme, _options(),
+                     os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), os.getpid())
     if parts.scheme in _PYARROW_SCHEMES:
         return fs, (parts.netloc + parts.path).rstrip("/")
     return fs, text.split("://", 1)[1].rstrip("/")

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import atomic, schema
+from pmd import atomic, schema, storage
 from pmd.manifest import FAILURES_DIR, Manifest
 from pmd.shards import describe_file, sum_counts, write_shard_file
 
@@ -242,7 +242,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
 
 def recorded(out: Path) -> list[TakedownRequest]:
     """The requests recorded in OUT/takedowns, in the order they were received."""
-    records = [json.loads(p.read_text()) for p in sorted((Path(out) / TAKEDOWN_DIR).glob("*.json"))]
+    records = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(out, TAKEDOWN_DIR), ".json")]
     records.sort(key=lambda d: (d.get("received_at", ""), d["list_sha256"]))
     return [TakedownRequest.from_dict(d) for d in records]
 
@@ -308,10 +308,10 @@ def manifest_entries(takedown_filter: TakedownFilter, rows_by_request: dict[str,
 def removed_rows(out: Path, keys: list[str]) -> pa.Table:
     """The saved metadata (OUT/takedowns/*.removed.parquet) of the removed rows with these keys, one row per key."""
     target = pa.schema([schema.SHARD_SCHEMA.field(c) for c in _JOURNAL_COLUMNS])
-    files = sorted((Path(out) / TAKEDOWN_DIR).glob(f"*{REMOVED_SUFFIX}"))
+    files = storage.list_files(storage.join(out, TAKEDOWN_DIR), REMOVED_SUFFIX)
     wanted = pa.array(keys, pa.string())
     found = [t.filter(pc.is_in(t.column(schema.KEY), value_set=wanted)).select(_JOURNAL_COLUMNS).cast(target)
-             for t in (pq.read_table(f, columns=_JOURNAL_COLUMNS) for f in files)]
+             for t in (pq.read_table(storage.open_input(f), columns=_JOURNAL_COLUMNS) for f in files)]
     table = pa.concat_tables(found) if found else target.empty_table()
     if table.num_rows:  # a key removed twice (two requests) is one row
         first = pl.from_arrow(table).with_row_index("_i").group_by(schema.KEY).agg(pl.col("_i").min())

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pmd import atomic, schema
 from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
+from pmd.final import BuildDirs
 
 URLS_DIR = "urls"  # under OUT/work
 URL_BUCKET_ROWS = 500_000  # rows per URL bucket: the owners pass holds one bucket's metadata
@@ -46,8 +47,8 @@ def url_bucket(url: str | None, n_buckets: int) -> int:
 
 
 class UrlPaths:
-    def __init__(self, out: Path):
-        self.root = Path(out) / "work" / URLS_DIR
+    def __init__(self, out: BuildDirs | str | Path):
+        self.root = Path(BuildDirs.of(out).work) / URLS_DIR
 
     def piece(self, u: int, source_index: int, group: int) -> Path:
         return self.root / "pieces" / f"u-{u:05d}" / f"{source_index:02d}-{group:05d}.arrow"
@@ -85,10 +86,10 @@ def read_candidates(candidates_dir: Path, start: int, stop: int) -> pa.Table:
     return pa.concat_tables([t.cast(schema.PAIR_SCHEMA) for t in tables])
 
 
-def split_group(out: str, candidates_dir: str, source_index: int, group: int, start: int, stop: int,
+def split_group(out: BuildDirs | str, candidates_dir: str, source_index: int, group: int, start: int, stop: int,
                 n_buckets: int) -> dict:
     """Pass 1: candidates [start, stop) of one source into URL-bucket pieces."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.split_marker(source_index, group)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -105,9 +106,9 @@ def split_group(out: str, candidates_dir: str, source_index: int, group: int, st
     return summary
 
 
-def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]) -> dict:
+def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]) -> dict:
     """Pass 2: decide which chunk fetches each URL of the bucket; rows go to that chunk's group."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.owners_marker(u)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -136,9 +137,9 @@ def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, sour
     return summary
 
 
-def chunks_group(out: str, source: str, source_index: int, group: int, chunks: list[int]) -> dict:
+def chunks_group(out: BuildDirs | str, source: str, source_index: int, group: int, chunks: list[int]) -> dict:
     """Pass 3: the group's chunk input files (rows in source, candidate order; a chunk may be empty)."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.chunks_marker(source_index, group)
     if marker.exists():
         return json.loads(marker.read_text())
