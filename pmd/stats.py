@@ -13,7 +13,6 @@ raised: the rest is still reported, and `trusted` says whether the audit can be 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import tempfile

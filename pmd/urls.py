@@ -106,7 +106,8 @@ def split_group(out: BuildDirs | str, candidates_dir: str, source_index: int, gr
     return summary
 
 
-def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]) -> dict:
+def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]
+                  ) -> dict:
     """Pass 2: decide which chunk fetches each URL of the bucket; rows go to that chunk's group."""
     paths = UrlPaths(out)
     marker = paths.owners_marker(u)
