@@ -208,7 +208,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
                                           ("image_sha256", args.image_sha256)) if v)
     request = read_request(kind, Path(path), args.reason or "")
-    result = apply(Path(args.out), request)
+    result = apply(args.out, request)
     if result["applied"]:
         _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
                          f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")

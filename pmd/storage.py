@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 OPTIONS_ENV = "PMD_STORAGE_OPTIONS"
+# What a Ray cluster's workers get from the driver's environment (pipelines/ray_runtime.py); not the credentials.
+PROPAGATED_ENV = (OPTIONS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 _PYARROW_SCHEMES = {"s3": pafs.S3FileSystem, "gs": pafs.GcsFileSystem, "gcs": pafs.GcsFileSystem}
 
 

@@ -164,6 +164,9 @@ def _unique_images(out: Path, manifest: dict, removed: pa.Table) -> tuple[dict[s
 def apply(out: Path, request: TakedownRequest) -> dict:
     """Remove what `request` names from the corpus in `out`; returns {rows, shards, applied} (applied False when
     the request had already been applied and nothing changed)."""
+    if storage.is_remote(out):
+        raise TakedownError(f"{out}: pmd takedown rewrites shards in place and works on a local build; copy the "
+                            "build to local disk, apply the request, and copy it back")
     out = Path(out)
     manifest = _manifest(out)
     requests = out / TAKEDOWN_DIR
