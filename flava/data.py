@@ -76,7 +76,7 @@ def _manifest_files(build: str | Path) -> list[str | Path]:
     return files
 
 
-def _parquet_file(f: str | Path) -> pq.ParquetFile:
+def parquet_file(f: str | Path) -> pq.ParquetFile:
     """A shard on local disk, or on object storage through pmd.storage (ranged reads of one row group)."""
     return pq.ParquetFile(storage.open_input(f)) if storage.is_remote(f) else pq.ParquetFile(f)
 
@@ -195,7 +195,7 @@ class Source:
 
     def _parquet_units(self, f: Path, idx: int) -> list[Unit]:
         try:
-            pf = _parquet_file(f)
+            pf = parquet_file(f)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise DataError(f"{f}: not a readable Parquet file ({e})") from None
         names = set(pf.schema_arrow.names)
@@ -237,7 +237,7 @@ class Source:
         """Rows of ``unit`` as column lists (``image`` bytes, ``text`` str, ``split``)."""
         fmt, path = self.formats[unit.file], self.files[unit.file]
         if fmt == "parquet":
-            pf = _parquet_file(path)
+            pf = parquet_file(path)
             names = set(pf.schema_arrow.names)
             table = pf.read_row_group(unit.group, columns=[c for c in columns if c in names])
             table = table.slice(unit.start, unit.rows)
@@ -769,7 +769,7 @@ def iter_texts(paths: list[str], limit: int = 1_000_000) -> Iterator[str]:
                 with open(f, encoding="utf-8", errors="replace") as fh:
                     rows = [line.strip() for line in fh]
             else:
-                pf = _parquet_file(f)
+                pf = parquet_file(f)
                 if TEXT not in pf.schema_arrow.names:
                     raise DataError(f"{f}: no `text` column to train a tokenizer on")
                 rows = pf.read(columns=[TEXT]).column(TEXT).to_pylist()
@@ -787,7 +787,7 @@ def read_pairs(paths: list[str], split: str | None = None, limit: int | None = N
     for path in paths:
         _, files = resolve_files(path, "pairs")
         for f in files:
-            pf = _parquet_file(f)
+            pf = parquet_file(f)
             names = pf.schema_arrow.names
             missing = [c for c in (IMAGE, TEXT) if c not in names]
             if missing:

@@ -43,6 +43,9 @@ def test_every_form_of_data_path_resolves_on_s3(builds):
         fmt, files = resolve_files(form, "pairs")
         assert fmt == "parquet" and [storage.basename(f) for f in files] == names
     assert resolve_files(remote + "/shards/shard-00001.parquet", "pairs")[1] == [remote + "/shards/shard-00001.parquet"]
+    from flava.evaluate import iter_eval_rows
+
+    assert list(iter_eval_rows([remote])) == list(iter_eval_rows([str(local)]))  # `flava eval --data s3://...`
     with pytest.raises(DataError, match="no shards"):
         resolve_files("s3://pmd/nothing", "pairs")
     with pytest.raises(DataError, match="does not exist"):
