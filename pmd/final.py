@@ -39,11 +39,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import resource
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -412,12 +413,25 @@ def _shard_table(table: pa.Table) -> pa.Table:
     return table.select(list(schema.SHARD_COLUMNS)).cast(schema.SHARD_SCHEMA)
 
 
+def _publish(dirs: BuildDirs, rel: str, write: Callable[[str | Path], None]) -> dict:
+    """Write the corpus file `rel` with `write(location)`; returns its manifest entry. For an OUT on object storage
+    the file is written and described (rows, bytes, sha256) on local disk and then uploaded in one PUT: the object
+    is never read back, so a shard crosses the network once."""
+    if not storage.is_remote(dirs.out):
+        write(dirs.output(rel))
+        return describe_file(dirs.out, rel).to_dict()
+    staging = Path(dirs.work) / "tmp" / f"upload-{os.getpid()}"  # the build clears work/tmp when it starts
+    local = staging / rel
+    write(local)
+    entry = describe_file(staging, rel).to_dict()
+    storage.upload(local, dirs.output(rel))
+    local.unlink()
+    return entry
+
+
 def _write_shard(dirs: BuildDirs, shard: int, table: pa.Table, row_group_rows: int) -> dict:
-    paths = dirs.paths
-    rel = shard_name(shard)
-    write_shard_file(table, dirs.output(rel), row_group_rows)
-    entry = describe_file(dirs.out, rel).to_dict()
-    atomic.write_json(entry, paths.entry(shard))
+    entry = _publish(dirs, shard_name(shard), lambda path: write_shard_file(table, path, row_group_rows))
+    atomic.write_json(entry, dirs.paths.entry(shard))
     return entry
 
 
@@ -485,20 +499,22 @@ def write_failures(out: BuildDirs | str, source: str, source_index: int, failed_
             dups = read_ipc(paths.duplicates(b))
             yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
 
-    with atomic.atomic_file(dirs.output(rel)) as f:
-        with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
-            pending, n, written = [], 0, 0
-            for t in tables():
-                if t.num_rows:
-                    pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
-                    n += t.num_rows
-                if n >= FAILURE_ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
-                    pending, written, n = [], written + n, 0
-            if pending or not written:  # an empty file still has its schema and one (empty) row group
-                writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
-                                   row_group_size=FAILURE_ROW_GROUP_ROWS)
-    return describe_file(dirs.out, rel).to_dict()
+    def write(path: str | Path) -> None:
+        with atomic.atomic_file(path) as f:
+            with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
+                pending, n, written = [], 0, 0
+                for t in tables():
+                    if t.num_rows:
+                        pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
+                        n += t.num_rows
+                    if n >= FAILURE_ROW_GROUP_ROWS:
+                        writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
+                        pending, written, n = [], written + n, 0
+                if pending or not written:  # an empty file still has its schema and one (empty) row group
+                    writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
+                                       row_group_size=FAILURE_ROW_GROUP_ROWS)
+
+    return _publish(dirs, rel, write)
 
 
 # ------------------------------------------------------------------------------------------------------- retry
