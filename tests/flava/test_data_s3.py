@@ -20,7 +20,7 @@ def builds(tmp_path_factory):
     with s3_server() as env, pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        mp.delenv(storage.OPTIONS_ENV, raising=False)
+        mp.setenv(storage.OPTIONS_ENV, "{}")
         for path in sorted(local.rglob("*")):
             if path.is_file():
                 atomic.write_bytes(path.read_bytes(), storage.join("s3://pmd/build", *path.relative_to(local).parts))

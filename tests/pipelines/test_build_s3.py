@@ -126,11 +126,11 @@ def test_verify_stats_and_export_read_a_build_on_s3(builds, s3, tmp_path, capsys
     assert verify(remote_out) == []
     # The command line, with the endpoint given as a storage option instead of the environment.
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")  # recorded: restored after the test
     assert pmd_main(["verify", remote_out, "--storage-option", f"endpoint_override={s3['AWS_ENDPOINT_URL']}"]) == 0
     assert "OK" in capsys.readouterr().out
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
-    monkeypatch.delenv(storage.OPTIONS_ENV)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")
 
     remote_audit, local_audit = stats.audit(remote_out), stats.audit(local_out)
     assert remote_audit["trusted"] and remote_audit["build"] == remote_out

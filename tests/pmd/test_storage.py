@@ -22,7 +22,7 @@ def s3():
 def s3_env(s3, monkeypatch):
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")  # recorded: restored after the test
     return s3
 
 
@@ -69,7 +69,7 @@ def test_options_come_from_the_environment_or_the_command_line(s3, monkeypatch):
         if k != "AWS_ENDPOINT_URL":
             monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")  # recorded: restored after the test
     storage.add_options([f"endpoint_override={s3['AWS_ENDPOINT_URL']}"])
     assert json.loads(storage.os.environ[storage.OPTIONS_ENV]) == {"endpoint_override": s3["AWS_ENDPOINT_URL"]}
     atomic.write_json([1], "s3://pmd/opts/x.json")
