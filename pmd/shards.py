@@ -1,7 +1,8 @@
-"""Shards of a built corpus: seeded placement, atomic Parquet writing, the manifest, and `verify`.
+"""Shards of a built corpus: seeded placement, how a shard file is stored and described, and `verify` (against the
+manifest, which pmd.manifest reads).
 
 No Ray here: `pipelines/build.py` decides where these functions run. The format is described in
-docs/build-format.md.
+docs/build-format.md. OUT may be a local directory or an object-storage URL (pmd.storage).
 
 Placement: every kept pair gets `shuffle_hash = blake2b_64(f"{seed}:{key}")`; all kept pairs sorted by
 (shuffle_hash, key) are cut into consecutive runs of `shard_rows`. So a shard is a random mix of all sources, and
@@ -71,8 +72,8 @@ def _schema_problem(actual: pa.Schema, expected: pa.Schema) -> str | None:
     return None
 
 
-def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) -> list[str]:
-    """Everything wrong with a build directory, as readable sentences; an empty list means it is intact.
+def verify(out: str | Path, check_sha256: bool = True, spill_dir: Path | None = None) -> list[str]:
+    """Everything wrong with a build (a directory or a URL), as readable sentences; an empty list means it is intact.
 
     Checks: the manifest reads; every shard and failures file it lists exists with its size, sha256, row count and
     schema; shard per-source counts match the file; keys are unique across all shards; no stray shard files; the
