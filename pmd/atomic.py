@@ -7,7 +7,8 @@ finds what a killed writer left. Object storage (a URL that `pmd.storage` resolv
 object is written under its final name directly, from a local temporary file once it is complete.
 
 Every writer of the project goes through here: shards, work files, markers, manifests, tars, tokenizers,
-checkpoints, exported models.
+checkpoints, exported models, fetched assets. (A resumable download's `NAME.part`, pmd.fetch, is a different thing:
+a partial file kept on purpose so that the next attempt continues it.)
 """
 
 from __future__ import annotations
