@@ -560,7 +560,7 @@ def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Pat
     plain = FlavaForPretraining(mcfg)
     plain.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
     hf = to_transformers(plain, image_codebook=None)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, owner="export") as tmp:  # one name: a killed export's leftover is replaced
         hf.save_pretrained(str(tmp))
         if tokenizer_dir is not None and tokenizer_dir.is_dir():
             for f in tokenizer_dir.iterdir():
