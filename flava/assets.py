@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmd.atomic import replace_directory, temp_path, write_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "assets.json"
@@ -191,7 +193,7 @@ def fetch_assets(config: str, to: str | os.PathLike, overrides: list[str] | None
             raise AssetError(asset.name, asset.key, asset.value, "no such file or directory, nor a hub name",
                              fetch_command(config, overrides))  # fmt: skip
         dest = out / asset.name
-        tmp = out / f".{asset.name}.partial"
+        tmp = temp_path(dest, owner="download")  # kept across runs: snapshot_download resumes into it
         try:
             sha, files = _hub_files(asset)
             log.info("fetching %s (%s@%s): %d file(s)", asset.name, asset.value, sha, len(files))
@@ -205,9 +207,7 @@ def fetch_assets(config: str, to: str | os.PathLike, overrides: list[str] | None
                 f"{type(e).__name__}: {first}"
             ) from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping, not part of the asset
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        replace_directory(tmp, dest)
         records.append({
             "name": asset.name, "key": asset.key, "repo_id": asset.value, "revision": sha, "path": asset.name,
             "files": [{"path": f, "size": (dest / f).stat().st_size, "sha256": _sha256(dest / f)} for f in files],
@@ -217,7 +217,7 @@ def fetch_assets(config: str, to: str | os.PathLike, overrides: list[str] | None
     (out / CONFIG_COPY).write_text(yaml.safe_dump(data, sort_keys=False))
     manifest = {"format": "flava-assets", "config": str(config), "assets": records, "overrides": new_overrides,
                 "config_copy": str(out / CONFIG_COPY)}  # fmt: skip
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(manifest, out / MANIFEST)
     return manifest
 
 

@@ -9,7 +9,8 @@ A checkpoint is ``RUN/checkpoints/step-XXXXXXXX/``:
 * ``meta.json`` (step, scheduler, the model config, the tokenizer vocab size) and ``rank-<r>.json`` (RNG states and
   loader state of rank r) in plain JSON.
 * ``COMPLETE``: written last, after every rank finished; a directory without it is ignored (a crash mid-save
-  never looks like a checkpoint). The directory is assembled under a ``.tmp`` name and renamed.
+  never looks like a checkpoint). The directory is assembled under pmd.atomic's temporary name (shared by the
+  ranks) and renamed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+
+from pmd.atomic import replace_directory, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ def save_checkpoint(
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temp_path(final, owner="ranks")  # one name every rank computes (a pid would differ per rank)
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -191,9 +194,7 @@ def save_checkpoint(
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "COMPLETE").write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
         for old_step, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if distributed:

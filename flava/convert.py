@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pmd.atomic import atomic_directory
+
 from . import checkpoint as ckpt_mod
 from .config import (
     CodebookConfig,
@@ -366,16 +368,11 @@ def export_state_dict(sd: dict, mcfg: FlavaConfig, out: Path, tokenizer_dir: Pat
     plain = FlavaForPretraining(mcfg)
     plain.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
     hf = to_transformers(plain, image_codebook=None)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf.save_pretrained(str(tmp))
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_directory(out, owner="export") as tmp:  # one name: a killed export's leftover is replaced
+        hf.save_pretrained(str(tmp))
+        if tokenizer_dir is not None and tokenizer_dir.is_dir():
+            for f in tokenizer_dir.iterdir():
+                shutil.copy(f, tmp / f.name)
     log.info("exported %s", out)
 
 

@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from pmd import storage
+from pmd.manifest import MANIFEST_FILE, Manifest, ManifestError
 from pmd.schema import IMAGE, SPLIT, TEXT
 
 from .masking import BlockMaskGenerator, bert_mask_tokens, itm_negatives
@@ -59,36 +61,63 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------------------------------
 # locating and validating sources
 # ------------------------------------------------------------------------------------------------------------------
-def _manifest_files(manifest: Path) -> list[Path]:
+def _manifest_files(build: str | Path) -> list[str | Path]:
+    """The shards a build's manifest lists (a local directory or an object-storage URL), all present."""
     try:
-        data = json.loads(manifest.read_text())
-        files = [manifest.parent / s["file"] for s in data["shards"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{manifest}: not a readable build manifest ({e})") from None
-    missing = [str(f) for f in files if not f.is_file()]
+        files = Manifest.read(build).shard_locations()
+    except (ManifestError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{storage.join(build, MANIFEST_FILE)}: not a readable build manifest ({e})") from None
+    missing = [str(f) for f in files if not storage.is_file(f)]
     if missing:
-        raise DataError(f"{manifest}: {len(missing)} shard(s) listed but missing, e.g. {missing[:3]}")
+        raise DataError(f"{storage.join(build, MANIFEST_FILE)}: {len(missing)} shard(s) listed but missing, "
+                        f"e.g. {missing[:3]}")
     if not files:
-        raise DataError(f"{manifest}: lists no shards")
+        raise DataError(f"{storage.join(build, MANIFEST_FILE)}: lists no shards")
     return files
+
+
+def parquet_file(f: str | Path) -> pq.ParquetFile:
+    """A shard on local disk, or on object storage through pmd.storage (ranged reads of one row group)."""
+    return pq.ParquetFile(storage.open_input(f)) if storage.is_remote(f) else pq.ParquetFile(f)
+
+
+def _resolve_remote(url: str, kind: str) -> tuple[str, list[str | Path]]:
+    """Pair and text shards on object storage: a build (its manifest), a manifest.json, a .parquet, or a prefix
+    holding shards/*.parquet or *.parquet."""
+    url = url.rstrip("/")
+    if url.endswith("/" + MANIFEST_FILE):
+        return "parquet", _manifest_files(url.rsplit("/", 1)[0])
+    if url.endswith(".parquet"):
+        if not storage.is_file(url):
+            raise DataError(f"data path does not exist: {url}")
+        return "parquet", [url]
+    if storage.is_file(storage.join(url, MANIFEST_FILE)):
+        return "parquet", _manifest_files(url)
+    for prefix in (storage.join(url, "shards"), url):
+        files = storage.list_files(prefix, ".parquet")
+        if files:
+            return "parquet", files
+    raise DataError(f"{url}: no shards (manifest.json, shards/*.parquet or *.parquet) found for {kind}")
 
 
 def resolve_files(path: str | os.PathLike, kind: str) -> tuple[str, list[Path]]:
     """A build dir / manifest.json / shard dir / .parquet / image folder / .txt -> ``(format, files)`` with
-    format ``parquet``, ``folder`` or ``txt``."""
+    format ``parquet``, ``folder`` or ``txt``. Builds and shards may be on object storage (``s3://...``)."""
+    if storage.is_remote(path):
+        return _resolve_remote(str(path), kind)
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path does not exist: {p}")
     if p.is_file():
-        if p.name == "manifest.json":
-            return "parquet", _manifest_files(p)
+        if p.name == MANIFEST_FILE:
+            return "parquet", _manifest_files(p.parent)
         if p.suffix == ".parquet":
             return "parquet", [p]
         if p.suffix in TEXT_SUFFIXES and kind == "text":
             return "txt", [p]
         raise DataError(f"{p}: not a .parquet shard, a manifest.json{' or a .txt file' if kind == 'text' else ''}")
-    if (p / "manifest.json").is_file():
-        return "parquet", _manifest_files(p / "manifest.json")
+    if (p / MANIFEST_FILE).is_file():
+        return "parquet", _manifest_files(p)
     for pattern in ("shards/*.parquet", "*.parquet"):
         files = sorted(Path(f) for f in glob.glob(str(p / pattern)))
         if files:
@@ -166,7 +195,7 @@ class Source:
 
     def _parquet_units(self, f: Path, idx: int) -> list[Unit]:
         try:
-            pf = pq.ParquetFile(f)
+            pf = parquet_file(f)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise DataError(f"{f}: not a readable Parquet file ({e})") from None
         names = set(pf.schema_arrow.names)
@@ -208,7 +237,7 @@ class Source:
         """Rows of ``unit`` as column lists (``image`` bytes, ``text`` str, ``split``)."""
         fmt, path = self.formats[unit.file], self.files[unit.file]
         if fmt == "parquet":
-            pf = pq.ParquetFile(path)
+            pf = parquet_file(path)
             names = set(pf.schema_arrow.names)
             table = pf.read_row_group(unit.group, columns=[c for c in columns if c in names])
             table = table.slice(unit.start, unit.rows)
@@ -740,7 +769,7 @@ def iter_texts(paths: list[str], limit: int = 1_000_000) -> Iterator[str]:
                 with open(f, encoding="utf-8", errors="replace") as fh:
                     rows = [line.strip() for line in fh]
             else:
-                pf = pq.ParquetFile(f)
+                pf = parquet_file(f)
                 if TEXT not in pf.schema_arrow.names:
                     raise DataError(f"{f}: no `text` column to train a tokenizer on")
                 rows = pf.read(columns=[TEXT]).column(TEXT).to_pylist()
@@ -758,7 +787,7 @@ def read_pairs(paths: list[str], split: str | None = None, limit: int | None = N
     for path in paths:
         _, files = resolve_files(path, "pairs")
         for f in files:
-            pf = pq.ParquetFile(f)
+            pf = parquet_file(f)
             names = pf.schema_arrow.names
             missing = [c for c in (IMAGE, TEXT) if c not in names]
             if missing:

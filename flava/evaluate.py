@@ -114,16 +114,14 @@ def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None
     is the row's meta JSON string (None without that column)."""
     import hashlib
 
-    import pyarrow.parquet as pq
-
     from pmd.schema import IMAGE, IMAGE_SHA256, META, SPLIT, TEXT
 
-    from .data import resolve_files
+    from .data import parquet_file, resolve_files
 
     n = 0
     for path in paths:
         for f in resolve_files(path, "pairs")[1]:
-            pf = pq.ParquetFile(f)
+            pf = parquet_file(f)
             names = pf.schema_arrow.names
             missing = [c for c in (IMAGE, TEXT) if c not in names]
             if missing:

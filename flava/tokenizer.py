@@ -18,6 +18,8 @@ from typing import Iterable
 
 import torch
 
+from pmd.atomic import atomic_directory
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -204,9 +206,11 @@ def train_wordpiece(
 def save_tokenizer_dir(tok, out_dir: str | os.PathLike, model_max_length: int = 512) -> None:
     """Write tokenizer.json, vocab.txt and the transformers config files (without importing transformers);
     written to a temporary directory and renamed, so a reader never sees half a tokenizer."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out_dir) as tmp:
+        _write_tokenizer_files(tok, tmp, model_max_length)
+
+
+def _write_tokenizer_files(tok, tmp: Path, model_max_length: int) -> None:
     tok.save(str(tmp / "tokenizer.json"))
     vocab = tok.get_vocab(with_added_tokens=True)
     with open(tmp / "vocab.txt", "w", encoding="utf-8") as f:
@@ -221,11 +225,6 @@ def save_tokenizer_dir(tok, out_dir: str | os.PathLike, model_max_length: int = 
             indent=2,
         )  # fmt: skip
     )
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def copy_tokenizer(tok: TextTokenizer, out_dir: str | os.PathLike) -> None:

@@ -8,7 +8,8 @@ phase). Stages and their unit of resume (docs/build.md, docs/build-format.md):
              merge, failures), each with a marker; then manifest.json, written last.
 The driver holds counts, file names and one small summary per group and bucket, never a row per candidate.
 The same code runs on the embedded local Ray and on a cluster (`ray_address`); OUT must then be on storage every
-node sees under the same path. A task lost with its node is run again by Ray (`TASK_RETRIES`); every task is
+node sees under the same path, or on object storage (`s3://...`, pmd.storage) with the work directory (`work`) on a
+filesystem every node sees. A task lost with its node is run again by Ray (`TASK_RETRIES`); every task is
 idempotent (outputs renamed into place, markers last), so a retried or resumed task writes the same bytes.
 """
 
@@ -32,20 +33,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import final, schema, takedown, urls
+from pmd import atomic, final, schema, storage, takedown, urls
 from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
 from pmd.config_loader import ConfigError, Where, apply_overrides, from_dict
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
-from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, MANIFEST_FORMAT, SHARDS_DIR, accounting_problems, file_sha256,
-                        remove_temp_files, shard_name, write_json_atomic)
+from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
+from pmd.shards import file_sha256, shard_name
 from pipelines.ray_runtime import ray_session
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = "work"
+WORK_DIR = final.WORK_DIR
+WORK_CACHE_ENV = "PMD_WORK_CACHE"  # where the work directories of builds on object storage go by default
 BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
 # Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
 # running tasks, not the build.
@@ -88,7 +90,7 @@ class SourceSpec:
 @dataclass
 class BuildConfig:
     sources: list[SourceSpec]
-    out: Path
+    out: Path | str  # a local directory, or a URL on object storage (kept as a string)
     shard_rows: int = 10_000
     row_group_rows: int = 1_000
     chunk_rows: int = 2_000
@@ -102,9 +104,13 @@ class BuildConfig:
     retry_failures: bool = False  # download again the rows whose last failure is transient (pmd.http_client.is_transient)
     progress: bool = True
     decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
+    work: Path | None = None  # the work state (default OUT/work; for a URL OUT, default_work_dir(OUT))
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        self.out = storage.location(self.out)
+        if self.work is None:
+            self.work = default_work_dir(self.out)
+        self.work = Path(self.work)
         if not self.sources:
             raise ValueError("a build needs at least one source")
         names = [s.name for s in self.sources]
@@ -117,6 +123,10 @@ class BuildConfig:
             raise ValueError(f"executor must be ray or local, not {self.executor!r}")
         if not 0 < self.task_cpus <= 64:
             raise ValueError("task_cpus must be in (0, 64]")
+
+    @property
+    def dirs(self) -> final.BuildDirs:
+        return final.BuildDirs(str(self.out), str(self.work))
 
     def to_dict(self) -> dict:
         """The configuration as given (for the manifest): paths as strings."""
@@ -219,6 +229,18 @@ def config_to_toml(config: BuildConfig) -> str:
     return tomli_w.dumps({k: v for k, v in table.items() if k != "progress"})
 
 
+def default_work_dir(out: Path | str) -> Path:
+    """OUT/work for a local OUT. For one on object storage, a local directory named by the URL (under
+    $PMD_WORK_CACHE, default ~/.cache/pmd/work), so that rerunning the same command finds it and resumes."""
+    if not storage.is_remote(out):
+        return Path(out) / WORK_DIR
+    import hashlib
+
+    root = Path(os.environ.get(WORK_CACHE_ENV) or Path.home() / ".cache" / "pmd" / "work")
+    name = str(out).rstrip("/")
+    return root / f"{name.rsplit('/', 1)[-1]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
 # ------------------------------------------------------------------------------------------------------ helpers
 def code_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -254,7 +276,7 @@ def _fingerprint(config: BuildConfig) -> dict:
 
 
 def _check_state(config: BuildConfig) -> None:
-    state_path = config.out / WORK_DIR / BUILD_STATE
+    state_path = config.work / BUILD_STATE
     fp = _fingerprint(config)
     if state_path.exists():
         old = json.loads(state_path.read_text())
@@ -263,9 +285,9 @@ def _check_state(config: BuildConfig) -> None:
             raise BuildError(f"{config.out} holds a build with a different configuration or inputs (changed: "
                              f"{', '.join(changed)}); use another --out, or delete {config.out} to start over")
     else:
-        if (config.out / MANIFEST_FILE).exists() or any((config.out / SHARDS_DIR).glob("*.parquet")):
-            raise BuildError(f"{config.out} holds shards without {WORK_DIR}/{BUILD_STATE}; refusing to mix builds")
-        write_json_atomic(fp, state_path)
+        if Manifest.exists(config.out) or storage.list_files(storage.join(config.out, SHARDS_DIR), ".parquet"):
+            raise BuildError(f"{config.out} holds shards without {state_path}; refusing to mix builds")
+        atomic.write_json(fp, state_path)
 
 
 def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
@@ -389,7 +411,7 @@ def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
     """The source's ingest summary, reusing OUT/work/ingest/SOURCE when it matches the inputs and options."""
     from pipelines.ingest import IngestConfig, run_ingest
 
-    source_dir = config.out / WORK_DIR / "ingest" / spec.name
+    source_dir = config.work / "ingest" / spec.name
     summary = read_summary(source_dir)
     if (summary is not None and summary.get("inputs") == input_fingerprint(spec.inputs)
             and summary.get("options") == spec.options and summary.get("schema_version") == schema.SCHEMA_VERSION
@@ -423,11 +445,11 @@ class _Plan:
         return final.group_ranges(self.layout, self.n_chunks(spec))
 
     def chunk_path(self, spec: SourceSpec, index: int) -> Path:
-        return self.config.out / WORK_DIR / "images" / spec.name / chunk_name(index)
+        return self.config.work / "images" / spec.name / chunk_name(index)
 
     @property
     def paths(self) -> final.FinalPaths:
-        return final.FinalPaths(self.config.out)
+        return self.config.dirs.paths
 
     @property
     def in_flight_groups(self) -> int:
@@ -453,13 +475,13 @@ def _url_pass(plan: _Plan, executor: _Executor) -> dict[str, dict[str, int]]:
     specs = [(i, s) for i, s in enumerate(config.sources) if s.mode == "url"]
     if not specs:
         return {}
-    out = str(config.out)
+    out = config.dirs
     n_buckets = urls.n_url_buckets(sum(plan.summaries[s.name]["counts"]["pairs"] for _, s in specs))
-    paths = urls.UrlPaths(config.out)
+    paths = urls.UrlPaths(out)
     if not all(paths.owners_marker(u).exists() for u in range(n_buckets)):
         for s_index, spec in specs:
             pairs = plan.summaries[spec.name]["counts"]["pairs"]
-            cand_dir = str(config.out / WORK_DIR / "ingest" / spec.name / CANDIDATES_DIR)
+            cand_dir = str(config.work / "ingest" / spec.name / CANDIDATES_DIR)
             for g, chunks in enumerate(plan.groups(spec)):
                 if not paths.chunks_marker(s_index, g).exists():
                     executor.submit(urls.split_group, out, cand_dir, s_index, g, chunks.start * config.chunk_rows,
@@ -487,7 +509,7 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, sc
             ) -> None:
     """Submit every chunk of the source not yet done (its file exists, or its group was already scattered)."""
     config = plan.config
-    source_dir = config.out / WORK_DIR / "ingest" / spec.name
+    source_dir = config.work / "ingest" / spec.name
     total = plan.summaries[spec.name]["counts"]["pairs"]
     n_chunks = plan.n_chunks(spec)
     scattered = {i for g, chunks in enumerate(plan.groups(spec))
@@ -507,7 +529,7 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, sc
 
     try:
         if spec.mode == "url":
-            url_paths = urls.UrlPaths(config.out)
+            url_paths = urls.UrlPaths(config.dirs)
             for index in range(n_chunks):
                 if index not in done:
                     executor.submit(_run_url_chunk, task(index, pa.table({})), str(url_paths.chunk(spec.name, index)),
@@ -534,7 +556,7 @@ def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
                 missing = [p for p in paths if not Path(p).exists()]
                 if missing:
                     raise BuildError(f"{missing[0]}: chunk missing after the image stage")
-            executor.submit(final.scatter_group, str(plan.config.out), spec.name, s_index, g, paths, plan.layout,
+            executor.submit(final.scatter_group, plan.config.dirs, spec.name, s_index, g, paths, plan.layout,
                             plan.names, on_done=markers.append, limit=plan.in_flight_groups)
     executor.drain()
     return markers
@@ -543,7 +565,7 @@ def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
 def _dedup(plan: _Plan, executor: _Executor) -> list[dict]:
     summaries: list[dict] = []
     for b in range(plan.layout.n_buckets):
-        executor.submit(final.dedup_bucket, str(plan.config.out), b, plan.names, plan.takedowns_ref,
+        executor.submit(final.dedup_bucket, plan.config.dirs, b, plan.names, plan.takedowns_ref,
                         on_done=summaries.append)
     executor.drain()
     return sorted(summaries, key=lambda s: s["bucket"])
@@ -559,7 +581,7 @@ def _offsets(buckets: list[dict]) -> list[int]:
 
 def _write(plan: _Plan, executor: _Executor, buckets: list[dict]) -> int:
     """Passes B2 and merge: every shard on disk; returns the number of shards."""
-    out = str(plan.config.out)
+    out = plan.config.dirs
     offsets = _offsets(buckets)
     total = sum(b["kept"] for b in buckets)
     n_shards = -(-total // plan.layout.shard_rows)
@@ -570,7 +592,7 @@ def _write(plan: _Plan, executor: _Executor, buckets: list[dict]) -> int:
                             on_done=lambda r: bar.update(len(r["shards"])), limit=plan.in_flight_buckets)
         executor.drain()
         for shard in range(n_shards):
-            if not (plan.paths.entry(shard).exists() and (plan.config.out / shard_name(shard)).exists()):
+            if not (plan.paths.entry(shard).exists() and storage.exists(out.output(shard_name(shard)))):
                 executor.submit(final.merge_shard, out, shard, plan.layout.row_group_rows,
                                 on_done=lambda _: bar.update(1))
         executor.drain()
@@ -587,7 +609,7 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
         buckets = _dedup(plan, executor)
         _write(plan, executor, buckets)  # finish what a killed run left, so every row is in a shard
         offsets = _offsets(buckets)
-        write_json_atomic({"phase": "shards", "buckets": [[b["bucket"], o, b["kept"]]
+        atomic.write_json({"phase": "shards", "buckets": [[b["bucket"], o, b["kept"]]
                                                           for b, o in zip(buckets, offsets)]}, state)
     info = json.loads(state.read_text())
     spans = info["buckets"]
@@ -597,12 +619,12 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
         for shard in range(-(-total // rows)):
             lo, hi = shard * rows, min((shard + 1) * rows, total)
             mine = [(b, o, k) for b, o, k in spans if k and o < hi and o + k > lo]
-            executor.submit(final.unbuild_shard, str(plan.config.out), shard, plan.layout, plan.config.seed, mine,
+            executor.submit(final.unbuild_shard, plan.config.dirs, shard, plan.layout, plan.config.seed, mine,
                             limit=plan.in_flight_buckets)
         executor.drain()
-        write_json_atomic({**info, "phase": "buckets"}, state)
+        atomic.write_json({**info, "phase": "buckets"}, state)
     for b in range(plan.layout.n_buckets):
-        executor.submit(final.reopen_bucket, str(plan.config.out), b)
+        executor.submit(final.reopen_bucket, plan.config.dirs, b)
     executor.drain()
     state.unlink()
 
@@ -621,7 +643,7 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: objec
         task = ChunkTask(source=spec.name, index=m["group"], candidates=pa.table({}), path=Path(),
                          image_options=config.image, seed=config.seed, mode=spec.mode, download=config.download,
                          source_index=m["source_index"])
-        executor.submit(_retry_group_with_state, str(config.out), spec.name, m["group"], m["attempts"] + 1, task,
+        executor.submit(_retry_group_with_state, config.dirs, spec.name, m["group"], m["attempts"] + 1, task,
                         plan.layout, plan.names, states[spec.name], screens, on_done=updated.append)
     executor.drain()
     return updated
@@ -640,8 +662,8 @@ def _takedowns_changed(plan: _Plan) -> bool:
 def _final_written(plan: _Plan) -> bool:
     """Whether pass B2 has begun (a retry must then take the shards back to pieces first)."""
     written = plan.paths.root / "written"
-    shards = plan.config.out / SHARDS_DIR
-    return (written.exists() and any(written.glob("*.json"))) or (shards.exists() and any(shards.glob("*.parquet")))
+    shards = storage.list_files(storage.join(plan.config.out, SHARDS_DIR), ".parquet")
+    return (written.exists() and any(written.glob("*.json"))) or bool(shards)
 
 
 def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
@@ -661,7 +683,11 @@ def run_build(config: BuildConfig) -> dict:
     """Build (or resume) the corpus in config.out; returns the manifest, also written to OUT/manifest.json."""
     started = time.perf_counter()
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
+    config.work.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(out):
+        log.info("building into %s; work directory %s", out, config.work)
     for spec in config.sources:
         for p in [*spec.inputs, *spec.images]:
             if not p.exists():
@@ -670,10 +696,11 @@ def run_build(config: BuildConfig) -> dict:
         if not p.exists():
             raise BuildError(f"decontamination input {p} does not exist")
     _check_state(config)
-    for d in (SHARDS_DIR, FAILURES_DIR, WORK_DIR):
-        remove_temp_files(out / d)
-    shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # present only once this run has finished
+    for d in (SHARDS_DIR, FAILURES_DIR):
+        atomic.remove_temp_files(storage.join(out, d))
+    atomic.remove_temp_files(config.work)
+    shutil.rmtree(config.work / "tmp", ignore_errors=True)
+    storage.delete(manifest_path(out))  # present only once this run has finished
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -690,9 +717,9 @@ def run_build(config: BuildConfig) -> dict:
             except BaseException:
                 executor.cancel()
                 raise
-    shutil.rmtree(out / WORK_DIR / "tmp", ignore_errors=True)
+    shutil.rmtree(config.work / "tmp", ignore_errors=True)
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(manifest, out / MANIFEST_FILE)  # last: its presence means the build is complete
+    Manifest(out, manifest).write()  # last: its presence means the build is complete
     log.info("built %s: %d pairs in %d shards", out, manifest["totals"]["pairs"], len(manifest["shards"]))
     return manifest
 
@@ -750,12 +777,13 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
     files = [str(plan.paths.failed(spec.name, m["group"], 0).with_name(m["failed_file"]))
              for spec in config.sources for m in by_source.get(spec.name, [])]
     for s_index, spec in enumerate(config.sources):
-        executor.submit(final.write_failures, str(config.out), spec.name, s_index, files, plan.layout.n_buckets,
+        executor.submit(final.write_failures, config.dirs, spec.name, s_index, files, plan.layout.n_buckets,
                         on_done=lambda e, name=spec.name: failure_entries.__setitem__(name, e))
     executor.drain()
     # The rows of in-place takedowns are in failures/SOURCE.parquet now (durable: written and renamed above).
-    for path in sorted((config.out / FAILURES_DIR).glob(f"{takedown.TAKEDOWN}-*.parquet")):
-        path.unlink()
+    for path in storage.list_files(storage.join(config.out, FAILURES_DIR), ".parquet"):
+        if storage.basename(path).startswith(f"{takedown.TAKEDOWN}-"):
+            storage.delete(path)
     rows_by_request: dict[str, Counter] = {}
     for b in buckets:
         for request, by_source in b.get("takedowns_by_request", {}).items():

@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pmd import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, temp_di
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "ignore_reinit_error": True}
     if address:
         kwargs["address"] = address
+        # Workers on other nodes resolve object-storage URLs as the driver does (credentials stay with the nodes).
+        env = {k: os.environ[k] for k in storage.PROPAGATED_ENV if k in os.environ}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
         log.info("joining Ray cluster at %s", address)
     else:
         kwargs["address"] = "local"

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from pmd import schema
+from pmd import atomic, schema
 from pmd.decontaminate import EVAL_OVERLAP, screen
 from pmd.decontaminate import STAGE as DECONTAMINATE_STAGE
 from pmd.eval_ids import screen_candidates
@@ -304,15 +304,8 @@ def ipc_writer(sink, schema_: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
 
 
 def write_ipc_atomic(table: pa.Table, path: Path) -> None:
-    """Temp name + fsync + rename, as every output of the build."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        with ipc_writer(f, table.schema) as writer:
-            writer.write_table(table)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A work file, written atomically (pmd.atomic) with the work files' compression."""
+    atomic.write_ipc(table, path, IPC_WRITE_OPTIONS)
 
 
 def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:

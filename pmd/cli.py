@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from pmd import storage
 from pmd.config_loader import Extend, parse_assignments
+from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
 
 log = logging.getLogger("pmd")
 
@@ -145,6 +147,7 @@ def _build_config(args: argparse.Namespace):
         "sources": one_source, "out": args.out, "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows,
         "seed": args.seed, "executor": args.executor, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
         "task_cpus": args.task_cpus, "row_group_rows": args.row_group_rows, "retry_failures": args.retry_failures,
+        "work": args.work,
         "progress": not args.quiet,
         "image.image_size": args.image_size, "image.jpeg_quality": args.jpeg_quality,
         "image.max_image_bytes": args.max_image_bytes,
@@ -174,11 +177,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pmd.shards import verify
 
-    problems = verify(Path(args.out), check_sha256=not args.no_sha256)
+    problems = verify(args.out, check_sha256=not args.no_sha256)
     if problems:
         for p in problems:
             print(f"{args.out}: {p}", file=sys.stderr)
@@ -196,7 +197,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
                                           ("image_sha256", args.image_sha256)) if v)
     request = read_request(kind, Path(path), args.reason or "")
-    result = apply(Path(args.out), request)
+    result = apply(args.out, request)
     if result["applied"]:
         _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
                          f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
@@ -206,11 +207,9 @@ def cmd_takedown(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pmd.export import ExportOptions, export
 
-    listing = export(Path(args.build), Path(args.out),
+    listing = export(args.build, args.out,
                      ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
     _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
                      f"({listing['urls']}), listed in {args.out}/shards.json")
@@ -293,7 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="source name (one-source form), see `pmd sources`")
     p.add_argument("inputs", nargs="*", help="the source's upstream metadata files")
     p.add_argument("--config", help="TOML/YAML file listing several sources (see docs/build.md)")
-    p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
+    p.add_argument("--out", required=True, help="output directory or object-storage URL such as s3://bucket/pmd "
+                   "(resumable: rerun the same command)")
+    p.add_argument("--work", default=None, metavar="DIR", help="the build's work state (default OUT/work; for an "
+                   "s3:// OUT a local directory named by the URL, see docs/build.md)")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.add_argument("--images", action="append", default=[], metavar="PATH",
                    help="archive(s) or directory holding the images (archive sources); repeatable")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="adapter option")
@@ -337,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read every shard of a build against its manifest")
     p.add_argument("out", help="the build directory")
     p.add_argument("--no-sha256", action="store_true", help="skip the (slow) file digests")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("fetch-metadata", help="download the catalog's public upstream metadata files (resumable)")
@@ -362,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("webdataset",), required=True, help="output format")
     p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
     p.add_argument("--shard-size", type=int, default=10_000, help="pairs per tar (default 10000)")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
     return parser
@@ -373,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        storage.add_options(getattr(args, "storage_option", None) or [])
         return args.func(args)
     except Exception as exc:
         code = exit_code(args.command, exc)

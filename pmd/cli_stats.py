@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stats", help="audit a build: figures per source beside the paper's Table 2")
@@ -17,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON (stable keys, docs/stats.md)")
     p.add_argument("--report", metavar="DIR", help="write report.md, report.html and PNG plots into DIR")
     p.add_argument("--compare", metavar="OTHER", help="show what changed since the build in OTHER")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.set_defaults(func=cmd_stats)
 
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pmd import schema
+from pmd import schema, storage
 from pmd.archives import ArchiveIndex
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def eval_overlap_counts(failures: Sequence[Path] | pa.Table) -> dict[str, dict[s
         tables = []
         for path in failures:
             try:
-                tables.append(pq.read_table(path, columns=[schema.SOURCE, schema.REASON, schema.DETAIL],
+                tables.append(pq.read_table(storage.open_input(path),
+                                            columns=[schema.SOURCE, schema.REASON, schema.DETAIL],
                                             filters=[(schema.REASON, "=", EVAL_OVERLAP)]))
             except (OSError, pa.ArrowException) as exc:  # the audit reports unreadable failure files itself
                 log.warning("%s: not read for eval_overlap counts (%s)", path, exc)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import schema
-from pmd.shards import MANIFEST_FILE, file_sha256, write_json_atomic
+from pmd import atomic, schema, storage
+from pmd.manifest import Manifest
+from pmd.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,14 @@ class ExportOptions:
             raise ExportError(f"shard size must be positive, got {self.shard_size}")
 
 
-def _shard_files(build: Path) -> tuple[list[Path], int]:
-    manifest_path = build / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: not a finished pmd build")
-    manifest = json.loads(manifest_path.read_text())
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise ExportError(f"{manifest_path}: no shard list")
-    return [build / s["file"] for s in shards], sum(int(s["rows"]) for s in shards)
+def _shard_files(build: str | Path) -> tuple[list[str | Path], int]:
+    manifest = Manifest.read(build)
+    return manifest.shard_locations(), manifest.rows
 
 
-def _rows(files: list[Path]) -> Iterator[dict]:
+def _rows(files: list[str | Path]) -> Iterator[dict]:
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_input(path))
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=_READ_COLUMNS)
             yield from table.to_pylist()
@@ -96,12 +90,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _TarWriter:
-    """One tar at a time under a temporary name; `close` renames it into place and describes it."""
+    """One tar at a time, written atomically (pmd.atomic); `close` puts it in place and describes it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | Path):
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.file = atomic.AtomicFile(path)
+        self.tar = tarfile.open(fileobj=self.file.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
@@ -111,23 +105,20 @@ class _TarWriter:
 
     def close(self) -> dict:
         self.tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        self.file.commit()
         return _describe(self.path, self.samples)
 
 
-def _describe(path: Path, samples: int) -> dict:
-    return {"file": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+def _describe(path: str | Path, samples: int) -> dict:
+    return {"file": storage.basename(path), "samples": samples, "bytes": storage.size(path),
+            "sha256": file_sha256(path)}
 
 
 def export(build: Path, out: Path, options: ExportOptions = ExportOptions()) -> dict:
     """Write the corpus in `build` as WebDataset tars into `out`; returns (and writes) the shard list."""
-    build, out = Path(build), Path(out)
+    build, out = storage.location(build), storage.location(out)
     files, total = _shard_files(build)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tar.tmp"):
-        stale.unlink()
+    atomic.remove_temp_files(out)  # tars a killed export left half written
     n_tars = -(-total // options.shard_size)
     entries: list[dict] = []
     writer: _TarWriter | None = None
@@ -135,13 +126,13 @@ def export(build: Path, out: Path, options: ExportOptions = ExportOptions()) -> 
     try:
         for index, row in enumerate(_rows(files)):
             tar_index, position = divmod(index, options.shard_size)
-            path = out / TAR_PATTERN.format(tar_index)
+            path = storage.join(out, TAR_PATTERN.format(tar_index))
             if position == 0:
                 if writer is not None:
                     entries.append(writer.close())
                     writer = None
                 samples = min(options.shard_size, total - index)
-                if path.exists():  # finished by an earlier run: the same rows give the same bytes
+                if storage.exists(path):  # finished by an earlier run: the same rows give the same bytes
                     entries.append(_describe(path, samples))
                 else:
                     writer = _TarWriter(path)
@@ -164,7 +155,7 @@ def export(build: Path, out: Path, options: ExportOptions = ExportOptions()) -> 
         "urls": f"pmd-{{{0:06d}..{max(n_tars - 1, 0):06d}}}.tar" if n_tars else "",
         "shards": entries,
     }
-    write_json_atomic(listing, out / SHARD_LIST)
+    atomic.write_json(listing, storage.join(out, SHARD_LIST))
     log.info("exported %d pairs from %s into %d tars in %s", total, build, n_tars, out)
     return listing
 

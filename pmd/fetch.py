@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 import urllib3
 from tqdm.auto import tqdm
 
+from pmd import atomic
 from pmd.catalog import ManualStep, load_catalog, manual_steps
-from pmd.shards import file_sha256, write_json_atomic
+from pmd.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,10 @@ def fetch(to: Path, sources: Sequence[str] = (), mirror: str | None = None, atte
         record["files"][item.name] = {"url": item.url, "sources": list(item.sources), "bytes": final.stat().st_size,
                                       "sha256": file_sha256(final),
                                       "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_json_atomic(record, to / RECORD)  # after each file: a killed run keeps what it finished
+        atomic.write_json(record, to / RECORD)  # after each file: a killed run keeps what it finished
         fetched.append(item.name)
     record["manual"] = [{"what": m.what, "sources": list(m.sources), "step": m.step} for m in the_plan.manual]
-    write_json_atomic(record, to / RECORD)
+    atomic.write_json(record, to / RECORD)
     return {"fetched": fetched, "skipped": skipped, "failed": failed, "manual": record["manual"],
             "files": {n: record["files"][n] for n in [*fetched, *skipped]}}
 

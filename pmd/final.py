@@ -44,7 +44,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +53,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema, storage
 from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
                        ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
-from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_json_atomic, write_parquet_atomic
+from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_shard_file
 
 log = logging.getLogger(__name__)
 
-FINAL_DIR = "final"  # under OUT/work
+WORK_DIR = "work"  # OUT/work: the work state of a build whose OUT is a local directory
+FINAL_DIR = "final"  # under the work directory
 WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of another format is not reused)
 BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
 PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
@@ -115,11 +116,11 @@ def image_bucket(sha256_hex: str, n_buckets: int) -> int:
 
 @dataclass(frozen=True)
 class FinalPaths:
-    out: Path
+    work: Path  # the build's work directory
 
     @property
     def root(self) -> Path:
-        return self.out / "work" / FINAL_DIR
+        return self.work / FINAL_DIR
 
     def bucket_dir(self, b: int) -> Path:
         return self.root / "pieces" / f"bucket-{b:05d}"
@@ -153,6 +154,32 @@ class FinalPaths:
         return self.root / "unbuild.json"
 
 
+@dataclass(frozen=True)
+class BuildDirs:
+    """Where a build's files go: OUT (shards, failures, the manifest, takedown records: a local path or an object
+    storage URL) and its work state (a POSIX directory: OUT/work for a local OUT; docs/build.md says why a build
+    on object storage keeps it apart). A plain path stands for a local OUT with its work under it."""
+
+    out: str
+    work: str
+
+    @classmethod
+    def of(cls, value: BuildDirs | str | Path) -> BuildDirs:
+        if isinstance(value, BuildDirs):
+            return value
+        if storage.is_remote(value):
+            raise ValueError(f"{value}: a build on object storage needs its work directory named")
+        return cls(str(value), str(Path(value) / WORK_DIR))
+
+    @property
+    def paths(self) -> FinalPaths:
+        return FinalPaths(Path(self.work))
+
+    def output(self, relative: str) -> str | Path:
+        """A file of the corpus (`shards/shard-00000.parquet`) in OUT."""
+        return storage.location(storage.join(self.out, *relative.split("/")))
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -169,7 +196,7 @@ class _PieceWriters:
 
     def __init__(self, paths: FinalPaths, name: str):
         self.paths, self.name = paths, name
-        self.open: dict[int, tuple[Path, object, pa.ipc.RecordBatchFileWriter]] = {}
+        self.open: dict[int, tuple[atomic.AtomicFile, pa.ipc.RecordBatchFileWriter]] = {}
         self.buffers: dict[int, list[pa.Table]] = {}
         self.buffered: dict[int, int] = {}
         self.total = 0
@@ -193,22 +220,16 @@ class _PieceWriters:
         if not tables:
             return
         if bucket not in self.open:
-            final = self.paths.bucket_dir(bucket) / self.name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            f = open(tmp, "wb")
-            self.open[bucket] = (tmp, f, ipc_writer(f, PIECE_SCHEMA))
-        self.open[bucket][2].write_table(pa.concat_tables(tables).combine_chunks())
+            f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
+            self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
+        self.open[bucket][1].write_table(pa.concat_tables(tables).combine_chunks())
 
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
             self._flush(b)
-        for b, (tmp, f, writer) in sorted(self.open.items()):
+        for b, (f, writer) in sorted(self.open.items()):
             writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, self.paths.bucket_dir(b) / self.name)
+            f.commit()
         return dict(sorted(self.rows.items()))
 
 
@@ -246,10 +267,10 @@ def _by_source(pairs: Counter, source_names: list[str]) -> dict[str, dict[str, i
 
 
 # ------------------------------------------------------------------------------------------------------ pass A
-def scatter_group(out: str, source: str, source_index: int, group: int, chunk_paths: list[str],
+def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: int, chunk_paths: list[str],
                   layout: Layout, source_names: list[str]) -> dict:
     """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
-    paths = FinalPaths(Path(out))
+    paths = BuildDirs.of(out).paths
     marker = paths.group_marker(source, group)
     if marker.exists():
         summary = _read_json(marker)
@@ -259,11 +280,9 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
         name = f"group-{source_index:02d}-{group:05d}.arrow"
         writers = _PieceWriters(paths, name)
         failed_path = paths.failed(source, group, 1)
-        failed_path.parent.mkdir(parents=True, exist_ok=True)
-        failed_tmp = failed_path.with_name(f".{failed_path.name}.tmp-{os.getpid()}")
         rows: Counter = Counter()
         tagged: Counter = Counter()
-        with open(failed_tmp, "wb") as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
+        with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
             for chunk in chunk_paths:
                 table = read_chunk(Path(chunk))
                 rows.update(table.column(SOURCE_INDEX).to_pylist())
@@ -274,17 +293,13 @@ def scatter_group(out: str, source: str, source_index: int, group: int, chunk_pa
                     tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
                 _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
             bucket_rows = writers.commit()
-            failed_writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(failed_tmp, failed_path)
         summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
                    "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
                    "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
                    "failed_file": failed_path.name, "attempts": 1, "retried_by_source": {},
                    "buckets": {str(b): n for b, n in bucket_rows.items()},
                    "seconds": round(time.perf_counter() - started, 3)}
-        write_json_atomic(summary, marker)
+        atomic.write_json(summary, marker)
     for chunk in chunk_paths:  # the marker is durable: the chunk's rows live in the pieces now
         Path(chunk).unlink(missing_ok=True)
     return summary
@@ -339,10 +354,11 @@ def _failure_rows(table: pa.Table, rows: pl.DataFrame, stage: str, reason: str, 
     return out.select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)
 
 
-def dedup_bucket(out: str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None) -> dict:
+def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None
+                 ) -> dict:
     """Pass B1: decide the bucket's duplicates and takedowns (metadata only); writes and returns the bucket's
     summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b)."""
-    paths = FinalPaths(Path(out))
+    paths = BuildDirs.of(out).paths
     if paths.dedup(b).exists():
         return _read_json(paths.dedup(b))
     table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
@@ -370,7 +386,7 @@ def dedup_bucket(out: str, b: int, source_names: list[str], takedowns: TakedownF
         "takedowns_by_request": _by_request(taken, source_names),
         "takedown_requests": [r.id for r in takedowns.requests] if takedowns else [],
     }
-    write_json_atomic(summary, paths.dedup(b))
+    atomic.write_json(summary, paths.dedup(b))
     return summary
 
 
@@ -397,19 +413,33 @@ def _shard_table(table: pa.Table) -> pa.Table:
     return table.select(list(schema.SHARD_COLUMNS)).cast(schema.SHARD_SCHEMA)
 
 
-def _write_shard(out: Path, shard: int, table: pa.Table, row_group_rows: int) -> dict:
-    paths = FinalPaths(out)
-    rel = shard_name(shard)
-    write_parquet_atomic(table, out / rel, row_group_rows)
-    entry = describe_file(out, rel).to_dict()
-    write_json_atomic(entry, paths.entry(shard))
+def _publish(dirs: BuildDirs, rel: str, write: Callable[[str | Path], None]) -> dict:
+    """Write the corpus file `rel` with `write(location)`; returns its manifest entry. For an OUT on object storage
+    the file is written and described (rows, bytes, sha256) on local disk and then uploaded in one PUT: the object
+    is never read back, so a shard crosses the network once."""
+    if not storage.is_remote(dirs.out):
+        write(dirs.output(rel))
+        return describe_file(dirs.out, rel).to_dict()
+    staging = Path(dirs.work) / "tmp" / f"upload-{os.getpid()}"  # the build clears work/tmp when it starts
+    local = staging / rel
+    write(local)
+    entry = describe_file(staging, rel).to_dict()
+    storage.upload(local, dirs.output(rel))
+    local.unlink()
     return entry
 
 
-def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout,
+def _write_shard(dirs: BuildDirs, shard: int, table: pa.Table, row_group_rows: int) -> dict:
+    entry = _publish(dirs, shard_name(shard), lambda path: write_shard_file(table, path, row_group_rows))
+    atomic.write_json(entry, dirs.paths.entry(shard))
+    return entry
+
+
+def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: Layout,
                  takedowns: TakedownFilter | None = None) -> dict:
     """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
-    paths = FinalPaths(Path(out))
+    dirs = BuildDirs.of(out)
+    paths = dirs.paths
     if paths.written(b).exists():
         return _read_json(paths.written(b))
     started = time.perf_counter()
@@ -424,42 +454,42 @@ def write_bucket(out: str, b: int, offset: int, total: int, layout: Layout,
         if rows.column(schema.IMAGE).null_count:
             raise RuntimeError(f"bucket {b}: a kept row has no image (a duplicate re-entered without its image)")
         if whole:
-            if not paths.entry(shard).exists() or not (Path(out) / shard_name(shard)).exists():
-                _write_shard(Path(out), shard, _shard_table(rows), layout.row_group_rows)
+            if not paths.entry(shard).exists() or not storage.exists(dirs.output(shard_name(shard))):
+                _write_shard(dirs, shard, _shard_table(rows), layout.row_group_rows)
             written.append(shard)
         else:
             write_ipc_atomic(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
     summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
-    write_json_atomic(summary, paths.written(b))
+    atomic.write_json(summary, paths.written(b))
     shutil.rmtree(paths.bucket_dir(b), ignore_errors=True)
     return summary
 
 
-def merge_shard(out: str, shard: int, row_group_rows: int) -> dict:
+def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
     """A shard whose rows straddle buckets: its fragments in bucket order, then the fragments are deleted."""
-    paths = FinalPaths(Path(out))
-    if paths.entry(shard).exists() and (Path(out) / shard_name(shard)).exists():
+    dirs = BuildDirs.of(out)
+    paths = dirs.paths
+    if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
         entry = _read_json(paths.entry(shard))
     else:
         fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
         if not fragments:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
         table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
-        entry = _write_shard(Path(out), shard, table, row_group_rows)
+        entry = _write_shard(dirs, shard, table, row_group_rows)
     shutil.rmtree(paths.fragment_dir(shard), ignore_errors=True)
     return entry
 
 
 # ---------------------------------------------------------------------------------------------------- failures
-def write_failures(out: str, source: str, source_index: int, failed_files: list[str], n_buckets: int) -> dict:
+def write_failures(out: BuildDirs | str, source: str, source_index: int, failed_files: list[str], n_buckets: int
+                   ) -> dict:
     """failures/SOURCE.parquet, streamed: image-stage failures group by group (each in candidate order), then
     duplicates bucket by bucket (each in candidate order). Returns its manifest entry."""
-    paths = FinalPaths(Path(out))
+    dirs = BuildDirs.of(out)
+    paths = dirs.paths
     rel = f"failures/{source}.parquet"
-    path = Path(out) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
     def tables() -> Iterable[pa.Table]:
         for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
@@ -469,32 +499,32 @@ def write_failures(out: str, source: str, source_index: int, failed_files: list[
             dups = read_ipc(paths.duplicates(b))
             yield dups.filter(pc.equal(dups.column(SOURCE_INDEX), source_index))
 
-    with open(tmp, "wb") as f:
-        with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
-            pending, n, written = [], 0, 0
-            for t in tables():
-                if t.num_rows:
-                    pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
-                    n += t.num_rows
-                if n >= FAILURE_ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
-                    pending, written, n = [], written + n, 0
-            if pending or not written:  # an empty file still has its schema and one (empty) row group
-                writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
-                                   row_group_size=FAILURE_ROW_GROUP_ROWS)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return describe_file(Path(out), rel).to_dict()
+    def write(path: str | Path) -> None:
+        with atomic.atomic_file(path) as f:
+            with pq.ParquetWriter(f, schema.FAILURE_SCHEMA, compression="zstd") as writer:
+                pending, n, written = [], 0, 0
+                for t in tables():
+                    if t.num_rows:
+                        pending.append(t.select(schema.FAILURE_SCHEMA.names).cast(schema.FAILURE_SCHEMA))
+                        n += t.num_rows
+                    if n >= FAILURE_ROW_GROUP_ROWS:
+                        writer.write_table(pa.concat_tables(pending), row_group_size=FAILURE_ROW_GROUP_ROWS)
+                        pending, written, n = [], written + n, 0
+                if pending or not written:  # an empty file still has its schema and one (empty) row group
+                    writer.write_table(pa.concat_tables(pending) if pending else schema.FAILURE_SCHEMA.empty_table(),
+                                       row_group_size=FAILURE_ROW_GROUP_ROWS)
+
+    return _publish(dirs, rel, write)
 
 
 # ------------------------------------------------------------------------------------------------------- retry
-def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask, layout: Layout,
+def retry_group(out: BuildDirs | str, source: str, group: int, attempt: int, task: ChunkTask, layout: Layout,
                 source_names: list[str]) -> dict:
     """Download attempt number `attempt` of the group's transient failures; rows that now succeed become pieces of
     their buckets, the others stay failures with their new reason. `task` gives the options (its candidates are
     ignored). Idempotent: a group whose marker already records `attempt` is left as it is."""
-    paths = FinalPaths(Path(out))
+    dirs = BuildDirs.of(out)
+    paths = dirs.paths
     marker = paths.group_marker(source, group)
     summary = _read_json(marker)
     if summary["attempts"] >= attempt:
@@ -517,7 +547,7 @@ def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask
         rows = again.slice(start, end - start)
         result = retry_rows(dataclasses.replace(
             task, candidates=rows, candidate_index=rows.column(CANDIDATE_INDEX).to_pylist(),
-            path=Path(out) / "work" / "images" / source / f"retry-{group:05d}"))
+            path=Path(dirs.work) / "images" / source / f"retry-{group:05d}"))
         ok = pc.is_null(result.column(REASON))
         _scatter_ok_rows(_as_piece(result.filter(ok)), layout, writers)
         kept_failed.append(result.select(METADATA_COLUMNS).append_column("_pos", rows.column("_pos")).filter(
@@ -538,13 +568,14 @@ def retry_group(out: str, source: str, group: int, attempt: int, task: ChunkTask
                    failures_by_source=_by_source(reasons, source_names), failed_file=new_failed.name,
                    attempts=attempt, retried_by_source=dict(sorted(retried.items())),
                    buckets={str(b): n for b, n in sorted(buckets.items())})
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     if failed_path != new_failed:
         failed_path.unlink(missing_ok=True)
     return summary
 
 
-def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list[tuple[int, int, int]]) -> None:
+def unbuild_shard(out: BuildDirs | str, shard: int, layout: Layout, seed: int, buckets: list[tuple[int, int, int]]
+                  ) -> None:
     """Take a written shard back to pieces of its buckets (before a retry changes the corpus). `buckets`: (bucket,
     offset, kept) of the buckets whose rows the shard holds. The pieces are durable before the shard is deleted.
 
@@ -552,11 +583,12 @@ def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list
     `pmd takedown` removed in place (its metadata is in OUT/takedowns/*.removed.parquet): it re-enters its bucket
     without its image, so that dedup_bucket decides it again, and takes it down again. Anything else means the
     shard is not the one this build wrote."""
-    paths = FinalPaths(Path(out))
-    path = Path(out) / shard_name(shard)
-    if not path.exists():
+    dirs = BuildDirs.of(out)
+    paths = dirs.paths
+    path = dirs.output(shard_name(shard))
+    if not storage.exists(path):
         return
-    table = pq.read_table(path)
+    table = pq.read_table(storage.open_input(path))
     lo = shard * layout.shard_rows
     hi = min(lo + layout.shard_rows, max((o + k for _, o, k in buckets), default=lo))
     where = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
@@ -574,7 +606,7 @@ def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list
         missing = order.filter(pc.invert(present))
         if missing.num_rows:
             names = missing.column(schema.KEY).to_pylist()
-            removed = removed_rows(Path(out), names)
+            removed = removed_rows(dirs.out, names)
             if removed.num_rows != len(names):
                 raise RuntimeError(f"{path}: rows do not match bucket {b}'s kept index; was the shard replaced?")
             position = {k: i for i, k in enumerate(removed.column(schema.KEY).to_pylist())}
@@ -584,7 +616,7 @@ def unbuild_shard(out: str, shard: int, layout: Layout, seed: int, buckets: list
         write_ipc_atomic(pa.concat_tables(parts), paths.bucket_dir(b) / f"shard-{shard:05d}.arrow")
     if seen != list(range(table.num_rows)):  # every row, in the order written, once
         raise RuntimeError(f"{path}: rows do not match the buckets' kept indexes; was the shard replaced?")
-    path.unlink()
+    storage.delete(path)
     paths.entry(shard).unlink(missing_ok=True)
 
 
@@ -600,11 +632,11 @@ def _unbuilt_piece(rows: pa.Table, order: pa.Table, seed: int) -> pa.Table:
     return pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA)
 
 
-def reopen_bucket(out: str, b: int) -> None:
+def reopen_bucket(out: BuildDirs | str, b: int) -> None:
     """After its shards were unbuilt: the bucket's old duplicates become a (metadata-only) piece again, and its
     decisions are forgotten. A duplicate never wins against its kept row, so it needs no image; a row taken down
     (in the same file) is taken down again, so it needs none either."""
-    paths = FinalPaths(Path(out))
+    paths = BuildDirs.of(out).paths
     if paths.duplicates(b).exists():
         dups = read_ipc(paths.duplicates(b))
         if dups.num_rows:

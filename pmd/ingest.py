@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pmd import schema
-from pmd.shards import write_json_atomic, write_parquet_atomic
+from pmd import atomic, schema
 from pmd.sources.base import Context, Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
 from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
 from pmd.sources.limits import CHUNK_BYTES
@@ -150,8 +149,9 @@ def process_chunk(adapter: SourceAdapter, context: Context, records: Sequence[Re
     if isinstance(records, (LineBlock, LineRange)):
         records = records.records()
     pairs, rejects, counts = convert_chunk(adapter, context, records)
-    write_parquet_atomic(pairs, source_dir / CANDIDATES_DIR / part_name(index), _PART_ROW_GROUP)
-    write_parquet_atomic(rejects, source_dir / REJECTS_DIR / part_name(index), _PART_ROW_GROUP)
+    for table, directory in ((pairs, CANDIDATES_DIR), (rejects, REJECTS_DIR)):
+        atomic.write_parquet(table, source_dir / directory / part_name(index), row_group_size=_PART_ROW_GROUP,
+                             **schema.parquet_options(table.column_names))
     return counts
 
 
@@ -161,7 +161,7 @@ def prepare_output(source_dir: Path) -> None:
         d = source_dir / sub
         if d.exists():
             for f in d.iterdir():
-                if f.name.endswith(".parquet") or ".tmp-" in f.name:
+                if f.name.endswith(".parquet") or atomic.is_temp_name(f.name):
                     f.unlink()
     summary = source_dir / SUMMARY_FILE
     if summary.exists():
@@ -191,7 +191,7 @@ def write_summary(source_dir: Path, source: str, inputs: Sequence[Path], options
         "counts": counts.to_dict(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json_atomic(summary, source_dir / SUMMARY_FILE)
+    atomic.write_json(summary, source_dir / SUMMARY_FILE)
     return summary
 
 

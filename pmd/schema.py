@@ -6,6 +6,8 @@ stable `key`, an `image_ref` for archive sources, a `split`, and the YFCC langua
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -137,3 +139,12 @@ FAILURE_SCHEMA = pa.schema(
     ],
     metadata={b"pmd.schema": b"failure", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},
 )
+
+
+def parquet_options(names: Sequence[str]) -> dict:
+    """How the columns are stored in Parquet (pyarrow.parquet.write_table keywords). The image column is stored
+    uncompressed and without dictionary (JPEG bytes do not compress; zstd over them costs CPU for nothing); the
+    metadata columns are zstd-compressed. Statistics are off for `image`."""
+    return {"compression": {name: ("none" if name == IMAGE else "zstd") for name in names},
+            "use_dictionary": [n for n in names if n not in (IMAGE, IMAGE_SHA256, KEY)],
+            "write_statistics": [n for n in names if n != IMAGE]}

@@ -1,7 +1,8 @@
-"""Shards of a built corpus: seeded placement, atomic Parquet writing, the manifest, and `verify`.
+"""Shards of a built corpus: seeded placement, how a shard file is stored and described, and `verify` (against the
+manifest, which pmd.manifest reads).
 
 No Ray here: `pipelines/build.py` decides where these functions run. The format is described in
-docs/build-format.md.
+docs/build-format.md. OUT may be a local directory or an object-storage URL (pmd.storage).
 
 Placement: every kept pair gets `shuffle_hash = blake2b_64(f"{seed}:{key}")`; all kept pairs sorted by
 (shuffle_hash, key) are cut into consecutive runs of `shard_rows`. So a shard is a random mix of all sources, and
@@ -11,27 +12,21 @@ the placement depends only on the set of kept keys and the seed, never on downlo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema, storage
+from pmd.manifest import FAILURES_DIR, SHARDS_DIR, FileEntry, Manifest, ManifestError
 from pmd.spill import HashPartitions, partitions_for
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-SHARDS_DIR = "shards"
-FAILURES_DIR = "failures"
-MANIFEST_FORMAT = "pmd-build"
 DEFAULT_ROW_GROUP_ROWS = 1_000
 
 
@@ -49,92 +44,23 @@ def shard_name(index: int) -> str:
     return f"{SHARDS_DIR}/shard-{index:05d}.parquet"
 
 
-def file_sha256(path: Path, block: int = 4 * 1024**2) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    return storage.sha256(path)
 
 
-def _tmp_name(path: Path) -> Path:
-    # Not ending in .parquet: a reader globbing *.parquet never picks up a partial file.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_shard_file(table: pa.Table, target: str | Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
+    """A Parquet file of pair-schema columns (shard, failures, takedown record), stored as schema.parquet_options
+    says, written atomically."""
+    atomic.write_parquet(table, target, row_group_size=row_group_rows, **schema.parquet_options(table.column_names))
 
 
-def _parquet_options(names: Sequence[str]) -> dict:
-    """The image column is stored uncompressed and without dictionary (JPEG bytes do not compress; zstd over them
-    costs CPU for nothing); the metadata columns are zstd-compressed. Statistics are off for `image`."""
-    return {"compression": {name: ("none" if name == schema.IMAGE else "zstd") for name in names},
-            "use_dictionary": [n for n in names if n not in (schema.IMAGE, schema.IMAGE_SHA256, schema.KEY)],
-            "write_statistics": [n for n in names if n != schema.IMAGE]}
-
-
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-    """Temp file + fsync + rename: the final name only ever holds a complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_rows, **_parquet_options(table.column_names))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_row_groups_atomic(groups: Sequence[pa.Table], path: Path, schema_: pa.Schema) -> None:
-    """Like write_parquet_atomic, one row group per table given (a rewrite that keeps a file's row groups)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        with pq.ParquetWriter(f, schema_, **_parquet_options(schema_.names)) as writer:
-            for group in groups:
-                writer.write_table(group, row_group_size=max(group.num_rows, 1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(data: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def remove_temp_files(directory: Path) -> int:
-    """Temp files left by a killed writer (`.NAME.tmp-PID`)."""
-    removed = 0
-    if directory.exists():
-        for p in directory.rglob(".*.tmp-*"):
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-@dataclass
-class FileEntry:
-    """A shard or failures file as listed in the manifest."""
-
-    file: str  # relative to OUT
-    rows: int
-    bytes: int
-    sha256: str
-    sources: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
-                "sources": dict(sorted(self.sources.items()))}
-
-
-def describe_file(out: Path, relative: str, source_column: str = schema.SOURCE) -> FileEntry:
-    """Rows, size, sha256 and per-source row counts of a Parquet file already on disk."""
-    path = out / relative
-    counts = pq.read_table(path, columns=[source_column]).column(source_column).value_counts().to_pylist()
+def describe_file(out: str | Path, relative: str, source_column: str = schema.SOURCE) -> FileEntry:
+    """Rows, size, sha256 and per-source row counts of a Parquet file already written (locally or remotely)."""
+    path = storage.join(out, *relative.split("/"))
+    with storage.open_input(path) as f:
+        counts = pq.read_table(f, columns=[source_column]).column(source_column).value_counts().to_pylist()
     sources = {c["values"]: c["counts"] for c in counts}
-    return FileEntry(relative, sum(sources.values()), path.stat().st_size, file_sha256(path), sources)
+    return FileEntry(relative, sum(sources.values()), storage.size(path), file_sha256(path), sources)
 
 
 # ------------------------------------------------------------------------------------------------------- verify
@@ -146,8 +72,8 @@ def _schema_problem(actual: pa.Schema, expected: pa.Schema) -> str | None:
     return None
 
 
-def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) -> list[str]:
-    """Everything wrong with a build directory, as readable sentences; an empty list means it is intact.
+def verify(out: str | Path, check_sha256: bool = True, spill_dir: Path | None = None) -> list[str]:
+    """Everything wrong with a build (a directory or a URL), as readable sentences; an empty list means it is intact.
 
     Checks: the manifest reads; every shard and failures file it lists exists with its size, sha256, row count and
     schema; shard per-source counts match the file; keys are unique across all shards; no stray shard files; the
@@ -156,23 +82,21 @@ def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) 
     Files are read one at a time; key uniqueness is checked over hash partitions of (key, shard) spilled under
     `spill_dir` (default: the system temp directory), so memory does not grow with the corpus.
     """
-    out = Path(out)
+    out = storage.location(out)
     problems: list[str] = []
-    manifest_path = out / MANIFEST_FILE
-    if not manifest_path.exists():
-        return [f"{manifest_path}: missing (the build did not finish)"]
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as e:
-        return [f"{manifest_path}: not valid JSON ({e})"]
-    if manifest.get("format") != MANIFEST_FORMAT:
-        problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}")
+        found = Manifest.read(out)
+    except ManifestError as e:
+        return [str(e)]
+    if found.format_problem:
+        problems.append(found.format_problem)
+    manifest = found.data
 
     pairs_by_source: dict[str, int] = {}
     listed = set()
     per_entry: list[list[str]] = []  # each listed file's problems, in listing order
     shard_entry: list[int] = []  # shard number (the order keys are checked in) -> its index in per_entry
-    rows_listed = sum(int(e.get("rows") or 0) for e in manifest.get("shards", []))
+    rows_listed = found.rows
     if spill_dir is not None:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pmd-verify-", dir=spill_dir) as tmp:
@@ -209,15 +133,13 @@ def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) 
     problems += [p for mine in per_entry for p in mine]
 
     for directory in (SHARDS_DIR, FAILURES_DIR):
-        for path in sorted((out / directory).glob("*.parquet")) if (out / directory).exists() else []:
-            rel = str(path.relative_to(out))
+        for path in storage.list_files(storage.join(out, directory), ".parquet"):
+            rel = f"{directory}/{storage.basename(path)}"
             if rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest")
 
-    for source, acc in manifest.get("accounting", {}).items():
-        if acc["input_rows"] != acc["pairs"] + acc["rejects"] + acc["failures"]:
-            problems.append(f"accounting {source}: input_rows {acc['input_rows']} != pairs {acc['pairs']} + "
-                            f"rejects {acc['rejects']} + failures {acc['failures']}")
+    problems += found.accounting_problems()
+    for source, acc in found.accounting.items():
         if pairs_by_source.get(source, 0) != acc["pairs"]:
             problems.append(f"accounting {source}: shards hold {pairs_by_source.get(source, 0)} pairs, "
                             f"the manifest says {acc['pairs']}")
@@ -227,21 +149,21 @@ def verify(out: Path, check_sha256: bool = True, spill_dir: Path | None = None) 
     return problems
 
 
-def _verify_file(out: Path, kind: str, entry: Mapping, expected: pa.Schema, check_sha256: bool,
+def _verify_file(out: str | Path, kind: str, entry: Mapping, expected: pa.Schema, check_sha256: bool,
                  problems: list[str]) -> pa.Table | None:
     """One listed file against its manifest entry; its (key, source) columns when the file is sound enough."""
     rel = entry["file"]
-    path = out / rel
-    if not path.exists():
+    path = storage.join(out, *rel.split("/"))
+    if not storage.is_file(path):
         problems.append(f"{rel}: {kind} file missing")
         return None
-    size = path.stat().st_size
+    size = storage.size(path)
     if size != entry["bytes"]:
         problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
     if check_sha256 and file_sha256(path) != entry["sha256"]:
         problems.append(f"{rel}: sha256 differs from the manifest")
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_input(path))
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not raised
         problems.append(f"{rel}: not a readable Parquet file ({type(e).__name__}: {e})")
         return None
@@ -279,12 +201,6 @@ def _key_checks(part: pl.DataFrame, repeated: set[int], earlier: dict[int, tuple
         earlier[shard] = (n, example)
 
 
-def accounting_problems(accounting: Mapping[str, Mapping[str, int]]) -> list[str]:
-    return [f"{s}: input_rows {a['input_rows']} != pairs {a['pairs']} + rejects {a['rejects']} + failures "
-            f"{a['failures']}" for s, a in accounting.items()
-            if a["input_rows"] != a["pairs"] + a["rejects"] + a["failures"]]
-
-
 def sum_counts(dicts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for d in dicts:
@@ -294,6 +210,5 @@ def sum_counts(dicts: Iterable[Mapping[str, int]]) -> dict[str, int]:
 
 
 __all__: Sequence[str] = (
-    "MANIFEST_FILE", "SHARDS_DIR", "FAILURES_DIR", "FileEntry", "describe_file", "file_sha256", "shard_name",
-    "shuffle_hash", "text_hash", "verify", "write_json_atomic", "write_parquet_atomic", "remove_temp_files",
+    "describe_file", "file_sha256", "shard_name", "shuffle_hash", "text_hash", "verify", "write_shard_file",
 )

@@ -13,7 +13,6 @@ raised: the rest is still reported, and `trusted` says whether the audit can be 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import tempfile
@@ -26,17 +25,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import schema, storage
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 from pmd.decontaminate import eval_overlap_counts
 from pmd.licences import COMMERCIAL_USE, LICENCE, with_licences
+from pmd.manifest import FAILURES_DIR, Manifest, ManifestError, ManifestMissing, identity_problem
 from pmd.spill import HashPartitions, partitions_for
 from pmd.text import word_count_series
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FAILURES_DIR = "failures"
 # Ingest and work folders hold candidates, not shards.
 _NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work", "takedowns"}  # takedowns: pmd.takedown records
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
@@ -55,53 +53,60 @@ class BuildNotFound(FileNotFoundError):
 class BuildFiles:
     """What an audit reads: the manifest (if any), the shards that open, the failures files, and what is wrong."""
 
-    root: Path
+    root: str | Path
     manifest: dict | None
-    shards: list[Path] = field(default_factory=list)
-    failures: list[Path] = field(default_factory=list)
+    shards: list[str | Path] = field(default_factory=list)
+    failures: list[str | Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     shard_rows: list[int] = field(default_factory=list)  # rows of each readable shard, from its footer
 
 
-def _is_shard_file(path: Path, root: Path) -> bool:
-    rel = path.relative_to(root)
-    return not any(part in _NOT_SHARD_DIRS or part.startswith(".") for part in rel.parts[:-1]) \
-        and not rel.name.startswith(".")
+def _is_shard_file(relative: str) -> bool:
+    parts = relative.split("/")
+    return not any(part in _NOT_SHARD_DIRS or part.startswith(".") for part in parts[:-1]) \
+        and not parts[-1].startswith(".")
 
 
-def locate_build(root: Path) -> BuildFiles:
-    """Find and sanity-check a build's files. Never raises for a bad shard: it becomes a problem."""
-    root = Path(root)
-    if not root.is_dir():
+def _key(path: str | Path) -> str:
+    """A location compared with another: a local path resolved (symlinks, ..), a URL as written."""
+    return str(path) if storage.is_remote(path) else str(Path(path).resolve())
+
+
+def locate_build(root: str | Path) -> BuildFiles:
+    """Find and sanity-check a build's files (a local directory or an object-storage URL). Never raises for a
+    bad shard: it becomes a problem."""
+    root = storage.location(root)
+    if not storage.is_dir(root):
         raise BuildNotFound(f"{root}: no such build directory")
     manifest = None
     problems: list[str] = []
-    manifest_path = root / MANIFEST
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            problems.append(f"{manifest_path}: unreadable manifest ({exc})")
-    else:
-        problems.append(f"{manifest_path}: missing; accounting cannot be checked")
+    try:
+        manifest = Manifest.read(root).data
+    except ManifestMissing:
+        problems.append(f"{storage.join(root, 'manifest.json')}: missing; accounting cannot be checked")
+    except ManifestError as exc:
+        problems.append(f"unreadable manifest: {exc}")
 
-    on_disk = sorted(p for p in root.rglob("*.parquet") if _is_shard_file(p, root))
-    listed: dict[Path, dict] = {}
+    prefix = len(str(root).rstrip("/")) + 1
+    on_disk = [p for p in storage.list_files(root, ".parquet", recursive=True)
+               if _is_shard_file(str(p)[prefix:].replace("\\", "/"))]
+    on_disk = [storage.location(p) for p in on_disk]
+    listed: dict[str, dict] = {}
     if manifest is not None:
         for entry in manifest.get("shards", []):
-            listed[(root / entry["file"]).resolve()] = entry
-        for path, entry in listed.items():
-            if not path.exists():
+            path = storage.location(storage.join(root, *entry["file"].split("/")))
+            listed[_key(path)] = entry
+            if not storage.exists(path):
                 problems.append(f"{path}: listed in the manifest but missing")
         for path in on_disk:
-            if path.resolve() not in listed:
+            if _key(path) not in listed:
                 problems.append(f"{path}: shard on disk but not in the manifest")
 
-    shards: list[Path] = []
+    shards: list[str | Path] = []
     shard_rows: list[int] = []
     for path in on_disk:
         try:
-            with pq.ParquetFile(path) as parquet:  # one footer read for both
+            with pq.ParquetFile(storage.open_input(path)) as parquet:  # one footer read for both
                 meta, file_schema = parquet.metadata, parquet.schema_arrow
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
             problems.append(f"{path}: unreadable Parquet ({exc.__class__.__name__}: {exc})")
@@ -110,13 +115,13 @@ def locate_build(root: Path) -> BuildFiles:
         if missing:
             problems.append(f"{path}: not a shard (missing columns {', '.join(missing)})")
             continue
-        entry = listed.get(path.resolve())
+        entry = listed.get(_key(path))
         if entry is not None and entry.get("rows") != meta.num_rows:
             problems.append(f"{path}: {meta.num_rows} rows, the manifest says {entry.get('rows')}")
         shards.append(path)
         shard_rows.append(meta.num_rows)
 
-    failures = sorted((root / FAILURES_DIR).glob("*.parquet")) if (root / FAILURES_DIR).is_dir() else []
+    failures = [storage.location(p) for p in storage.list_files(storage.join(root, FAILURES_DIR), ".parquet")]
     if not shards:
         problems.append(f"{root}: no readable shards: an empty build")
     return BuildFiles(root, manifest, shards, failures, problems, shard_rows)
@@ -353,8 +358,13 @@ class _ShardFigures:
                 pl.col(_COUNT))
 
 
-def _read(paths: list[Path], columns: list[str]) -> pl.DataFrame:
-    return pl.scan_parquet(paths).select(columns).collect()
+def _read(paths: list[str | Path], columns: list[str]) -> pl.DataFrame:
+    if not any(storage.is_remote(p) for p in paths):
+        return pl.scan_parquet(paths).select(columns).collect()
+    # Object storage: pyarrow reads the columns with ranged requests through the filesystem pmd.storage resolves
+    # (its options and credentials), then polars takes the Arrow table without a copy.
+    return pl.from_arrow(pa.concat_tables([pq.read_table(storage.open_input(p), columns=columns)
+                                           for p in paths])).select(columns)
 
 
 def _value_counts(codes: pl.Series) -> pl.DataFrame:
@@ -526,8 +536,8 @@ def _failure_counts(files: list[Path], problems: list[str]) -> pl.DataFrame:
                      {schema.SOURCE: pl.String, schema.STAGE: pl.String, schema.REASON: pl.String})
     for path in files:
         try:  # one file at a time, counted at once: the failures of a 70M build are tens of millions of rows
-            merged.add(pl.scan_parquet(path).select(schema.SOURCE, schema.STAGE, schema.REASON)
-                       .group_by(schema.SOURCE, schema.STAGE, schema.REASON).len(_COUNT).collect())
+            merged.add(_read([path], [schema.SOURCE, schema.STAGE, schema.REASON])
+                       .group_by(schema.SOURCE, schema.STAGE, schema.REASON).len(_COUNT))
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{path}: unreadable failures file ({exc.__class__.__name__}: {exc})")
     return merged.result()
@@ -554,7 +564,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
 
     Distinct images and repeated keys are counted over hash partitions spilled under `spill_dir` (default: the
     system temp directory; about 70 bytes a row, deleted as they are read)."""
-    files = locate_build(Path(root))
+    files = locate_build(root)
     problems = files.problems
     with _spill_directory("pmd-stats-", spill_dir) as tmp:
         figures = _scan_shards(files, Path(tmp))
@@ -633,7 +643,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
         "images_across_sources": figures.images_across_sources,
     }
     return {
-        "build": str(Path(root)),
+        "build": str(storage.location(root)),
         "schema_version": schema.SCHEMA_VERSION,
         "shards": len(files.shards),
         "failures_files": len(files.failures),
@@ -657,10 +667,10 @@ def _check_accounting(name: str, acc: dict | None, stats: dict, problems: list[s
         "failures": failures,
         "rejects_by_reason": acc.get("rejects_by_reason", {}),
     }
-    out["identity_holds"] = out["input_rows"] == out["pairs"] + out["rejects"] + out["failures"]
-    if not out["identity_holds"]:
-        problems.append(f"{name}: input rows {out['input_rows']} != pairs {out['pairs']} + rejects "
-                        f"{out['rejects']} + failures {out['failures']}")
+    problem = identity_problem(name, out)
+    out["identity_holds"] = problem is None
+    if problem:
+        problems.append(problem)
     if acc.get("pairs") is not None and acc["pairs"] != stats["pairs"]:
         problems.append(f"{name}: the manifest counts {acc['pairs']} pairs, the shards hold {stats['pairs']}")
     return out
@@ -706,7 +716,7 @@ def compare(root: Path, other: Path, examples: int = 20, lost_keys_to: Path | No
     `report_dir` (`pmd stats --compare --report DIR`) that file is DIR/lost_keys.parquet."""
     if lost_keys_to is None and report_dir is not None:
         lost_keys_to = Path(report_dir) / LOST_KEYS
-    before_files, after_files = locate_build(Path(other)), locate_build(Path(root))
+    before_files, after_files = locate_build(other), locate_build(root)
     problems = [*(f"before: {p}" for p in before_files.problems), *(f"after: {p}" for p in after_files.problems)]
     columns = {schema.KEY: pl.String, schema.SOURCE: pl.String}
     n_parts = partitions_for(max(sum(before_files.shard_rows), sum(after_files.shard_rows)))

@@ -37,9 +37,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import schema
-from pmd.shards import (FAILURES_DIR, MANIFEST_FILE, describe_file, sum_counts, write_json_atomic,
-                        write_parquet_atomic, write_row_groups_atomic)
+from pmd import atomic, schema, storage
+from pmd.manifest import FAILURES_DIR, Manifest
+from pmd.shards import describe_file, sum_counts, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,7 @@ def read_request(kind: str, path: Path, reason: str = "") -> TakedownRequest:
 
 
 def _manifest(out: Path) -> dict:
-    path = out / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a finished pmd build")
-    return json.loads(path.read_text())
+    return Manifest.read(out).data
 
 
 def _failures_name(request: TakedownRequest, application: int) -> str:
@@ -139,7 +136,8 @@ def _rewrite(path: Path, drop_keys: pa.Array) -> int:
         if kept.num_rows:
             groups.append(kept)
     if removed:
-        write_row_groups_atomic(groups, path, parquet.schema_arrow)
+        atomic.write_parquet_row_groups(groups, path, parquet.schema_arrow,
+                                        **schema.parquet_options(parquet.schema_arrow.names))
     return removed
 
 
@@ -166,13 +164,16 @@ def _unique_images(out: Path, manifest: dict, removed: pa.Table) -> tuple[dict[s
 def apply(out: Path, request: TakedownRequest) -> dict:
     """Remove what `request` names from the corpus in `out`; returns {rows, shards, applied} (applied False when
     the request had already been applied and nothing changed)."""
+    if storage.is_remote(out):
+        raise TakedownError(f"{out}: pmd takedown rewrites shards in place and works on a local build; copy the "
+                            "build to local disk, apply the request, and copy it back")
     out = Path(out)
     manifest = _manifest(out)
     requests = out / TAKEDOWN_DIR
     record = requests / f"{request.id}.json"
     journal = requests / f"{request.id}.pending.parquet"
     if not record.exists():
-        write_json_atomic({**request.to_dict(), "received_at": _now()}, record)
+        atomic.write_json({**request.to_dict(), "received_at": _now()}, record)
     applied = manifest.get("takedowns", [])
 
     if journal.exists():
@@ -189,10 +190,10 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         if not found.num_rows and any(t["list_sha256"] == request.id for t in applied):
             return {"rows": 0, "shards": 0, "applied": False}
         found = found.replace_schema_metadata({_APPLICATION: str(application)})
-        write_parquet_atomic(found, journal)
+        write_shard_file(found, journal)
     removed_rel = _removed_name(request, application)
     if found.num_rows and not (out / removed_rel).exists():  # durable before any shard loses a row
-        write_parquet_atomic(found.replace_schema_metadata(None), out / removed_rel)
+        write_shard_file(found.replace_schema_metadata(None), out / removed_rel)
 
     keys = pc.unique(found.column(schema.KEY))
     shards = sorted(set(found.column("shard").to_pylist()))
@@ -208,7 +209,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         schema.DETAIL: pa.array([_detail(request)] * found.num_rows, pa.string()),
     }, schema=schema.FAILURE_SCHEMA)
     if found.num_rows:
-        write_parquet_atomic(failure_rows, out / failures_rel)
+        write_shard_file(failure_rows, out / failures_rel)
 
     removed_by_source = dict(sorted(Counter(found.column(schema.SOURCE).to_pylist()).items()))
     gone, total_gone = _unique_images(out, manifest, found) if found.num_rows else ({}, 0)
@@ -236,7 +237,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         "list_sha256": request.id, "kind": request.kind, "reason": request.reason, "listed": len(request.values),
         "rows": found.num_rows, "rows_by_source": removed_by_source, "shards_rewritten": len(shards),
         "failures_file": failures_rel if found.num_rows else None, "applied_at": _now()})
-    write_json_atomic(manifest, out / MANIFEST_FILE)  # last: the request is applied once this is on disk
+    Manifest(out, manifest).write()  # last: the request is applied once this is on disk
     journal.unlink(missing_ok=True)
     log.info("takedown %s: %d pairs removed from %d shards", request.id[:12], found.num_rows, len(shards))
     return {"rows": found.num_rows, "shards": len(shards), "applied": True}
@@ -244,7 +245,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
 
 def recorded(out: Path) -> list[TakedownRequest]:
     """The requests recorded in OUT/takedowns, in the order they were received."""
-    records = [json.loads(p.read_text()) for p in sorted((Path(out) / TAKEDOWN_DIR).glob("*.json"))]
+    records = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(out, TAKEDOWN_DIR), ".json")]
     records.sort(key=lambda d: (d.get("received_at", ""), d["list_sha256"]))
     return [TakedownRequest.from_dict(d) for d in records]
 
@@ -310,10 +311,10 @@ def manifest_entries(takedown_filter: TakedownFilter, rows_by_request: dict[str,
 def removed_rows(out: Path, keys: list[str]) -> pa.Table:
     """The saved metadata (OUT/takedowns/*.removed.parquet) of the removed rows with these keys, one row per key."""
     target = pa.schema([schema.SHARD_SCHEMA.field(c) for c in _JOURNAL_COLUMNS])
-    files = sorted((Path(out) / TAKEDOWN_DIR).glob(f"*{REMOVED_SUFFIX}"))
+    files = storage.list_files(storage.join(out, TAKEDOWN_DIR), REMOVED_SUFFIX)
     wanted = pa.array(keys, pa.string())
     found = [t.filter(pc.is_in(t.column(schema.KEY), value_set=wanted)).select(_JOURNAL_COLUMNS).cast(target)
-             for t in (pq.read_table(f, columns=_JOURNAL_COLUMNS) for f in files)]
+             for t in (pq.read_table(storage.open_input(f), columns=_JOURNAL_COLUMNS) for f in files)]
     table = pa.concat_tables(found) if found else target.empty_table()
     if table.num_rows:  # a key removed twice (two requests) is one row
         first = pl.from_arrow(table).with_row_index("_i").group_by(schema.KEY).agg(pl.col("_i").min())

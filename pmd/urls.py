@@ -25,9 +25,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema
+from pmd import atomic, schema
 from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
-from pmd.shards import write_json_atomic
+from pmd.final import BuildDirs
 
 URLS_DIR = "urls"  # under OUT/work
 URL_BUCKET_ROWS = 500_000  # rows per URL bucket: the owners pass holds one bucket's metadata
@@ -47,8 +47,8 @@ def url_bucket(url: str | None, n_buckets: int) -> int:
 
 
 class UrlPaths:
-    def __init__(self, out: Path):
-        self.root = Path(out) / "work" / URLS_DIR
+    def __init__(self, out: BuildDirs | str | Path):
+        self.root = Path(BuildDirs.of(out).work) / URLS_DIR
 
     def piece(self, u: int, source_index: int, group: int) -> Path:
         return self.root / "pieces" / f"u-{u:05d}" / f"{source_index:02d}-{group:05d}.arrow"
@@ -86,10 +86,10 @@ def read_candidates(candidates_dir: Path, start: int, stop: int) -> pa.Table:
     return pa.concat_tables([t.cast(schema.CANDIDATE_SCHEMA) for t in tables])
 
 
-def split_group(out: str, candidates_dir: str, source_index: int, group: int, start: int, stop: int,
+def split_group(out: BuildDirs | str, candidates_dir: str, source_index: int, group: int, start: int, stop: int,
                 n_buckets: int) -> dict:
     """Pass 1: candidates [start, stop) of one source into URL-bucket pieces."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.split_marker(source_index, group)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -102,13 +102,14 @@ def split_group(out: str, candidates_dir: str, source_index: int, group: int, st
     for (u,), part in frame.partition_by("_u", as_dict=True, maintain_order=True).items():
         write_ipc_atomic(part.drop("_u").to_arrow().cast(ROW_SCHEMA), paths.piece(int(u), source_index, group))
     summary = {"source_index": source_index, "group": group, "rows": table.num_rows}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     return summary
 
 
-def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]) -> dict:
+def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_group: int, source_names: list[str]
+                  ) -> dict:
     """Pass 2: decide which chunk fetches each URL of the bucket; rows go to that chunk's group."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.owners_marker(u)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -132,14 +133,14 @@ def owners_bucket(out: str, u: int, chunk_rows: int, chunks_per_group: int, sour
         write_ipc_atomic(part.select(*ROW_SCHEMA.names, "_chunk").to_arrow(), paths.moved(int(s), int(g), u))
     summary = {"bucket": u, "downloads": {source_names[s]: {"urls": n, "unique_urls": k}
                                           for s, n, k in sorted(counts.iter_rows())}}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     shutil.rmtree(directory, ignore_errors=True)
     return summary
 
 
-def chunks_group(out: str, source: str, source_index: int, group: int, chunks: list[int]) -> dict:
+def chunks_group(out: BuildDirs | str, source: str, source_index: int, group: int, chunks: list[int]) -> dict:
     """Pass 3: the group's chunk input files (rows in source, candidate order; a chunk may be empty)."""
-    paths = UrlPaths(Path(out))
+    paths = UrlPaths(out)
     marker = paths.chunks_marker(source_index, group)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -155,6 +156,6 @@ def chunks_group(out: str, source: str, source_index: int, group: int, chunks: l
         write_ipc_atomic(rows.to_arrow().cast(ROW_SCHEMA), paths.chunk(source, c))
     summary = {"source_index": source_index, "group": group, "rows": frame.height,
                "chunks": {str(c): n for c, n in sorted(sizes.items())}}
-    write_json_atomic(summary, marker)
+    atomic.write_json(summary, marker)
     shutil.rmtree(directory, ignore_errors=True)
     return summary

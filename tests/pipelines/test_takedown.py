@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pmd import schema, shards
+from pmd import atomic, schema
 from pmd.cli import main as pmd_main
 from pmd.shards import verify
 from pmd.stats import locate_build
@@ -77,7 +77,7 @@ def write_list(path: Path, values: list[str]) -> Path:
 
 def apply_killed_after(renames: int, corpus: Path, victims_file: Path, monkeypatch) -> list:
     """`pmd takedown` as a process killed right after its N-th atomic rename; returns the renamed paths."""
-    real_replace, calls = shards.os.replace, []
+    real_replace, calls = atomic.os.replace, []
 
     def dying_replace(src, dst):
         if len(calls) == renames:
@@ -85,10 +85,10 @@ def apply_killed_after(renames: int, corpus: Path, victims_file: Path, monkeypat
         calls.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(shards.os, "replace", dying_replace)
+    monkeypatch.setattr(atomic.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         apply(corpus, read_request("keys", victims_file))
-    monkeypatch.setattr(shards.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     return calls
 
 

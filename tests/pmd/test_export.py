@@ -60,11 +60,13 @@ def test_rerun_after_a_kill_gives_identical_tars(build, tmp_path):
     # A killed export: the last tar half written under its temporary name, the middle one gone.
     (out / "pmd-000001.tar").unlink()
     last = out / "pmd-000002.tar"
-    last.rename(out / "pmd-000002.tar.tmp")
-    (out / "pmd-000002.tar.tmp").write_bytes(b"partial")
+    last.unlink()
+    partial = out / ".pmd-000002.tar.tmp-999999"  # pmd.atomic's temporary name of a killed writer
+    partial.write_bytes(b"partial")
     again = export(build, out, ExportOptions(shard_size=3, progress=False))
     assert {e["file"]: e["sha256"] for e in again["shards"]} == digests
-    assert not list(out.glob("*.tmp"))
+    assert not partial.exists() and sorted(p.name for p in out.iterdir()) == [
+        "pmd-000000.tar", "pmd-000001.tar", "pmd-000002.tar", "shards.json"]
     with tarfile.open(out / "pmd-000001.tar") as tar:
         assert [m.name for m in tar.getmembers()] == [f"{i:09d}.{ext}" for i in (3, 4, 5)
                                                       for ext in ("jpg", "txt", "json")]

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pmd import schema, spill
-from pmd.shards import (describe_file, file_sha256, shard_name, shuffle_hash, verify, write_json_atomic,
-                        write_parquet_atomic)
+from pmd.atomic import write_json
+from pmd.shards import describe_file, file_sha256, shard_name, shuffle_hash, verify, write_shard_file
 
 
 def _rows(keys: list[str], source: str = "coco") -> pa.Table:
@@ -33,12 +33,12 @@ def test_shuffle_hash_is_stable():
 def _build(tmp_path, tables):
     shards = []
     for i, t in enumerate(tables):
-        write_parquet_atomic(t, tmp_path / shard_name(i), row_group_rows=2)
+        write_shard_file(t, tmp_path / shard_name(i), row_group_rows=2)
         shards.append(describe_file(tmp_path, shard_name(i)).to_dict())
     pairs = sum(t.num_rows for t in tables)
     manifest = {"format": "pmd-build", "shards": shards, "failures": [],
                 "accounting": {"coco": {"input_rows": pairs + 1, "pairs": pairs, "rejects": 1, "failures": 0}}}
-    write_json_atomic(manifest, tmp_path / "manifest.json")
+    write_json(manifest, tmp_path / "manifest.json")
     return manifest
 
 
@@ -57,13 +57,13 @@ def test_verify_reports_duplicates_counts_and_schema(tmp_path):
 
     manifest["shards"][1]["rows"] = 5
     manifest["accounting"]["coco"]["failures"] = 3
-    write_json_atomic(manifest, tmp_path / "manifest.json")
+    write_json(manifest, tmp_path / "manifest.json")
     problems = "\n".join(verify(tmp_path))
     assert "1 rows, manifest says 5" in problems and "input_rows" in problems
 
     pq.write_table(_rows(["coco/9"]).drop_columns([schema.IMAGE]), tmp_path / shard_name(1))
     manifest["shards"][1] = describe_file(tmp_path, shard_name(1)).to_dict()
-    write_json_atomic(manifest, tmp_path / "manifest.json")
+    write_json(manifest, tmp_path / "manifest.json")
     assert any("schema mismatch" in p for p in verify(tmp_path))
 
 
@@ -86,7 +86,7 @@ def test_verify_key_checks_over_spilled_partitions(tmp_path, monkeypatch, partit
     manifest["shards"].append(dict(manifest["shards"][1]))
     manifest["shards"].insert(2, {"file": shard_name(9), "rows": 3, "bytes": 10, "sha256": "x", "sources": {}})
     manifest["shards"][3]["bytes"] += 1
-    write_json_atomic(manifest, tmp_path / "manifest.json")
+    write_json(manifest, tmp_path / "manifest.json")
     size = (tmp_path / shard_name(2)).stat().st_size
     assert verify(tmp_path, spill_dir=tmp_path / "spill") == [
         "shards/shard-00000.parquet: keys repeated within the shard",

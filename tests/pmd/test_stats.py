@@ -84,7 +84,7 @@ def test_broken_builds_are_reported_not_fatal(tmp_path, capsys):
     text = "\n".join(result["problems"])
     assert "shard-00000.parquet: unreadable Parquet" in text
     assert "shard-00001.parquet: 4 rows, the manifest says 99" in text
-    assert "coco: input rows 7 != pairs 2 + rejects 1 + failures 1" in text
+    assert "coco: input_rows 7 != pairs 2 + rejects 1 + failures 1" in text
     assert result["total"]["pairs"] == 4  # the readable shard is still counted
     assert main(["stats", str(root)]) == 1
     assert "unreadable Parquet" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+"""The manifest of a built corpus (OUT/manifest.json) as a type: reading, writing, validation, the accounting identity.
+
+Every reader and writer of the manifest goes through `Manifest`; the file layout is in docs/build-format.md. The
+JSON is kept as written (key order, every section, including ones this version does not interpret), so a manifest
+read and written again is byte-identical; the parts code reasons about (the file lists, the accounting) have typed
+accessors. OUT may be a local directory or an object-storage URL (pmd.storage).
+
+The accounting identity, per source and in total: input_rows = pairs + rejects + failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pmd import atomic, storage
+
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+FAILURES_DIR = "failures"
+MANIFEST_FORMAT = "pmd-build"
+IDENTITY_COUNTS = ("input_rows", "pairs", "rejects", "failures")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or not a pmd build's; the message names the file and the fault."""
+
+
+class ManifestMissing(ManifestError, FileNotFoundError):
+    pass
+
+
+@dataclass
+class FileEntry:
+    """A shard or failures file as listed in the manifest."""
+
+    file: str  # relative to OUT
+    rows: int
+    bytes: int
+    sha256: str
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "sources": dict(sorted(self.sources.items()))}
+
+    @classmethod
+    def from_dict(cls, entry: Mapping) -> FileEntry:
+        return cls(entry["file"], int(entry["rows"]), int(entry["bytes"]), entry["sha256"],
+                   dict(entry.get("sources") or {}))
+
+
+def manifest_path(out: str | os.PathLike) -> str | Path:
+    return storage.location(storage.join(out, MANIFEST_FILE))
+
+
+def identity_holds(acc: Mapping[str, int]) -> bool:
+    return acc["input_rows"] == acc["pairs"] + acc["rejects"] + acc["failures"]
+
+
+def identity_problem(name: str, acc: Mapping[str, int]) -> str | None:
+    """The sentence for a source (or the total) whose counts do not add up; None when they do."""
+    if identity_holds(acc):
+        return None
+    return (f"{name}: input_rows {acc['input_rows']} != pairs {acc['pairs']} + rejects {acc['rejects']} + "
+            f"failures {acc['failures']}")
+
+
+def accounting_problems(accounting: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Every source of `accounting` whose identity does not hold."""
+    return [p for s, a in accounting.items() if (p := identity_problem(s, a)) is not None]
+
+
+@dataclass
+class Manifest:
+    """A build's manifest: `data` is the JSON object, in its key order; `out` the build it describes."""
+
+    out: str | Path
+    data: dict
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> Manifest:
+        """The manifest of the build in `out`. Raises ManifestMissing when there is none (the build did not
+        finish), ManifestError when it is not valid JSON or not a pmd build's manifest."""
+        out = storage.location(out)
+        path = manifest_path(out)
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            raise ManifestMissing(f"{path}: missing, not a finished pmd build") from None
+        except OSError as e:
+            raise ManifestError(f"{path}: unreadable ({e})") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: not a JSON object")
+        for section in ("shards", "failures"):
+            entries = data.get(section, [])
+            if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
+                raise ManifestError(f"{path}: `{section}` is not a list of file entries")
+        return cls(out, data)
+
+    @classmethod
+    def exists(cls, out: str | os.PathLike) -> bool:
+        return storage.exists(manifest_path(out))
+
+    def write(self) -> None:
+        """Atomically (pmd.atomic): a reader sees the previous manifest or this one, whole."""
+        atomic.write_json(self.data, manifest_path(self.out))
+
+    @property
+    def path(self) -> str | Path:
+        return manifest_path(self.out)
+
+    @property
+    def format_problem(self) -> str | None:
+        if self.data.get("format") != MANIFEST_FORMAT:
+            return f"{self.path}: format is {self.data.get('format')!r}, not {MANIFEST_FORMAT!r}"
+        return None
+
+    @property
+    def shards(self) -> list[FileEntry]:
+        return [FileEntry.from_dict(e) for e in self.data.get("shards", [])]
+
+    @property
+    def failures(self) -> list[FileEntry]:
+        return [FileEntry.from_dict(e) for e in self.data.get("failures", [])]
+
+    @property
+    def accounting(self) -> dict[str, dict]:
+        return self.data.get("accounting", {})
+
+    @property
+    def rows(self) -> int:
+        """Pairs in the shards, as listed."""
+        return sum(int(e.get("rows") or 0) for e in self.data.get("shards", []))
+
+    def location(self, relative: str) -> str | Path:
+        """Where a file the manifest lists (relative to OUT) is."""
+        return storage.location(storage.join(self.out, *relative.split("/")))
+
+    def shard_locations(self) -> list[str | Path]:
+        return [self.location(e.file) for e in self.shards]
+
+    def accounting_problems(self) -> list[str]:
+        """The identity per source, as sentences starting with `accounting`."""
+        return [f"accounting {p}" for p in accounting_problems(self.accounting)]

@@ -1,0 +1,239 @@
+"""Where a corpus lives: a local path, or a URL on object storage (`s3://bucket/prefix`, `gs://...`, any fsspec
+protocol), behind one small set of functions that take either.
+
+Filesystems come from pyarrow.fs: its S3 and GCS clients are the ones pyarrow's Parquet and dataset readers use
+natively (ranged reads of a footer and of single row groups, no Python in the data path), and they read the
+standard credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL,
+AWS_DEFAULT_REGION, ~/.aws). Any other protocol goes through fsspec (`fsspec.filesystem(protocol)`, wrapped in
+pyarrow's FSSpecHandler), so a filesystem an fsspec plugin provides (az://, hf://, memory://...) works the same way.
+
+Storage options (`pmd ... --storage-option KEY=VALUE`, or the JSON object in the environment variable
+PMD_STORAGE_OPTIONS) are keyword arguments of that filesystem's constructor (S3: pyarrow.fs.S3FileSystem's
+endpoint_override, region, access_key, ...). They travel in the environment so that Ray workers resolve URLs the way
+the driver does. A value that parses as JSON (true, 3, ...) is passed parsed, anything else as a string.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+OPTIONS_ENV = "PMD_STORAGE_OPTIONS"
+# What a Ray cluster's workers get from the driver's environment (pipelines/ray_runtime.py); not the credentials.
+PROPAGATED_ENV = (OPTIONS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_PYARROW_SCHEMES = {"s3": pafs.S3FileSystem, "gs": pafs.GcsFileSystem, "gcs": pafs.GcsFileSystem}
+
+
+# `--storage-option KEY=VALUE` of every command that takes a build location.
+STORAGE_OPTION_ARGS = ("--storage-option",)
+STORAGE_OPTION_KWARGS = {"action": "append", "default": [], "metavar": "KEY=VALUE",
+                         "help": "option of the object-storage filesystem (repeatable), e.g. "
+                                 "endpoint_override=http://127.0.0.1:9000; see docs/build.md"}
+
+
+class StorageError(ValueError):
+    """Storage options that do not make a filesystem."""
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """A URL with a scheme other than file:// (a Windows drive letter is not a scheme)."""
+    scheme = urlsplit(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings (the command line's --storage-option) -> constructor keyword arguments."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StorageError(f"storage option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def set_options(options: Mapping[str, object]) -> None:
+    """Make `options` the storage options of this process and of the processes it starts (Ray workers)."""
+    if options:
+        os.environ[OPTIONS_ENV] = json.dumps(dict(options), sort_keys=True)
+    else:
+        os.environ.pop(OPTIONS_ENV, None)
+
+
+def add_options(pairs: list[str]) -> None:
+    """Command-line `KEY=VALUE` options on top of those already in the environment."""
+    if pairs:
+        set_options({**json.loads(_options()), **parse_options(pairs)})
+
+
+def _options() -> str:
+    return os.environ.get(OPTIONS_ENV, "{}")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, options_json: str, endpoint: str | None, pid: int) -> pafs.FileSystem:
+    """One filesystem per scheme, options and process: a client made before a fork (a DataLoader worker) is not
+    used after it."""
+    try:
+        options = json.loads(options_json)
+    except ValueError as e:
+        raise StorageError(f"{OPTIONS_ENV} is not a JSON object ({e})") from None
+    try:
+        if scheme == "s3" and "endpoint_override" not in options:
+            # The AWS SDKs' standard variable (boto3, botocore, the CLI); pyarrow's client does not read it itself.
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["endpoint_override"] = endpoint
+        if scheme in _PYARROW_SCHEMES:
+            return _PYARROW_SCHEMES[scheme](**options)
+        import fsspec
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme, **options)))
+    except (TypeError, ValueError, ImportError) as e:
+        raise StorageError(f"cannot open a {scheme}:// filesystem with options {sorted(options)}: {e}") from None
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or a URL."""
+    text = str(location)
+    if not is_remote(text):
+        if text.startswith("file://"):
+            text = urlsplit(text).path
+        return pafs.LocalFileSystem(), str(Path(text).absolute())
+    parts = urlsplit(text)
+    fs = _filesystem(parts.scheme, _options(),
+                     os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), os.getpid())
+    if parts.scheme in _PYARROW_SCHEMES:
+        return fs, (parts.netloc + parts.path).rstrip("/")
+    return fs, text.split("://", 1)[1].rstrip("/")
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location/part/...` for a path or a URL (object keys always use `/`)."""
+    if not is_remote(location):
+        return str(Path(location).joinpath(*parts))
+    return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def basename(location: str | os.PathLike) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else Path(location).name
+
+
+def location(value: str | os.PathLike) -> str | Path:
+    """A command-line or config value as the build keeps it: URLs as strings, paths as Paths."""
+    return str(value) if is_remote(value) else Path(value)
+
+
+def _info(location: str | os.PathLike) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    return _info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str | os.PathLike) -> bool:
+    """A directory; on object storage, a prefix that holds at least one object."""
+    if not is_remote(location):
+        return Path(location).is_dir()
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return True
+    return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False)))
+
+
+def size(location: str | os.PathLike) -> int:
+    info = _info(location)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such file")
+    return info.size
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_remote(location):
+        return Path(location).read_bytes()
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such file") from None
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode()
+
+
+def open_input(location: str | os.PathLike):
+    """A random-access file (pyarrow NativeFile) for pyarrow's readers; a local path opens as itself."""
+    if not is_remote(location):
+        return pafs.LocalFileSystem().open_input_file(str(location))
+    fs, path = resolve(location)
+    return fs.open_input_file(path)
+
+
+def list_files(location: str | os.PathLike, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Files under a directory (or prefix) whose name ends in `suffix`, as locations of the same kind, sorted.
+    Names starting with a dot (temporary files) are left out. A missing directory lists nothing."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    base = str(location).rstrip("/") if is_remote(location) else str(Path(location))
+    found = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.base_name.endswith(suffix) or info.base_name.startswith("."):
+            continue
+        relative = info.path[len(path):].lstrip("/")
+        found.append(join(base, *relative.split("/")))
+    return sorted(found, key=lambda p: p.split("/"))  # as paths sort: by component
+
+
+def delete(location: str | os.PathLike) -> None:
+    """Remove a file; a missing one is not an error."""
+    if not is_remote(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = resolve(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def upload(local: Path, location: str | os.PathLike) -> None:
+    """Copy a complete local file to `location` in one streamed PUT (multipart for large files)."""
+    fs, path = resolve(location)
+    if not is_remote(location):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        while block := src.read(8 << 20):
+            dst.write(block)
+
+
+def sha256(location: str | os.PathLike, block: int = 4 << 20) -> str:
+    digest = hashlib.sha256()
+    if not is_remote(location):
+        with open(location, "rb") as f:
+            while data := f.read(block):
+                digest.update(data)
+        return digest.hexdigest()
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()

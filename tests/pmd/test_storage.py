@@ -1,0 +1,79 @@
+"""pmd.storage and pmd.atomic on object storage (moto's S3 server on loopback) and on local disk alike."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pmd import atomic, storage
+from tests.s3server import s3_server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")  # recorded: restored after the test
+    return s3
+
+
+def test_is_remote_and_join():
+    assert storage.is_remote("s3://b/x") and storage.is_remote("memory://x")
+    assert not storage.is_remote("/a/b") and not storage.is_remote("rel/b") and not storage.is_remote("file:///a")
+    assert storage.join("s3://b/x/", "shards", "a.parquet") == "s3://b/x/shards/a.parquet"
+    assert storage.basename("s3://b/x/shards/a.parquet") == "a.parquet"
+    assert storage.parse_options(["endpoint_override=http://h:1", "allow_bucket_creation=true", "n=3"]) == {
+        "endpoint_override": "http://h:1", "allow_bucket_creation": True, "n": 3}
+    with pytest.raises(storage.StorageError, match="KEY=VALUE"):
+        storage.parse_options(["no-equals-sign"])
+
+
+def test_files_on_s3_are_written_whole_listed_read_and_deleted(s3_env):
+    base = "s3://pmd/storage-test"
+    atomic.write_json({"a": 1}, storage.join(base, "m.json"))
+    table = pa.table({"k": ["x", "y", "z"]})
+    atomic.write_parquet(table, storage.join(base, "shards", "s-1.parquet"), row_group_size=2)
+    atomic.write_bytes(b"tar", storage.join(base, "shards", "t.tar"))
+    assert storage.read_text(storage.join(base, "m.json")) == '{\n  "a": 1\n}\n'
+    assert pq.ParquetFile(storage.open_input(storage.join(base, "shards", "s-1.parquet"))).read().equals(table)
+    assert storage.list_files(storage.join(base, "shards"), ".parquet") == [f"{base}/shards/s-1.parquet"]
+    assert storage.list_files(base, recursive=True) == [f"{base}/m.json", f"{base}/shards/s-1.parquet",
+                                                        f"{base}/shards/t.tar"]
+    assert storage.is_dir(base) and not storage.is_dir("s3://pmd/nothing-here")
+    assert storage.size(storage.join(base, "shards", "t.tar")) == 3
+    # A writer that fails leaves no object (the PUT happens only once the file is complete).
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(storage.join(base, "half.json")) as f:
+            f.write(b"{")
+            raise RuntimeError("killed")
+    assert not storage.exists(storage.join(base, "half.json"))
+    storage.delete(storage.join(base, "m.json"))
+    storage.delete(storage.join(base, "m.json"))  # missing: not an error
+    assert not storage.exists(storage.join(base, "m.json"))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(base, "m.json"))
+
+
+def test_options_come_from_the_environment_or_the_command_line(s3, monkeypatch):
+    """Without AWS_ENDPOINT_URL the client would go to AWS; the endpoint given as a storage option reaches moto."""
+    for k, v in s3.items():
+        if k != "AWS_ENDPOINT_URL":
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "{}")  # recorded: restored after the test
+    storage.add_options([f"endpoint_override={s3['AWS_ENDPOINT_URL']}"])
+    assert json.loads(storage.os.environ[storage.OPTIONS_ENV]) == {"endpoint_override": s3["AWS_ENDPOINT_URL"]}
+    atomic.write_json([1], "s3://pmd/opts/x.json")
+    assert storage.read_text("s3://pmd/opts/x.json") == "[\n  1\n]\n"
+    monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"no_such_option": 1}))
+    with pytest.raises(storage.StorageError, match="no_such_option"):
+        storage.exists("s3://pmd/opts/x.json")
