@@ -26,6 +26,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -408,9 +409,14 @@ def _is_timeout(error: ProtocolError) -> bool:
     return isinstance(inner, (socket.timeout, TimeoutError))
 
 
+_SECONDS_LEFT = re.compile(r"((?:read|connect|total) timeout)=[0-9.e+-]+")
+
+
 def _classify(error: BaseException, body: bool) -> tuple[str, str]:
     """An exception of urllib3 or the socket layer -> (reason, detail)."""
-    detail = f"{type(error).__name__}: {error}"[:500]
+    # urllib3 writes the seconds left of the deadline into the message ("read timeout=0.9999995"): dropped, so a
+    # rerun that fails the same way writes the same failure row.
+    detail = _SECONDS_LEFT.sub(r"\1", f"{type(error).__name__}: {error}")[:500]
     if isinstance(error, ResponseError) and "redirect" in str(error):
         return "redirect_error", detail
     if isinstance(error, (NewConnectionError, NameResolutionError, SSLError)):

@@ -359,3 +359,16 @@ def test_a_host_refusing_everything_is_given_up_in_the_chunk(tmp_path):
     finally:
         srv.stop()
 
+
+
+def test_a_timeout_failure_detail_does_not_carry_the_seconds_left():
+    """Two runs that time out the same way write the same failure row (a resumed build's failures equal)."""
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    from pmd.http_client import _classify
+
+    details = {_classify(ReadTimeoutError(None, "/a.jpg", f"Read timed out. (read timeout={left})"), True)
+               for left in (0.9999995, 0.12)}
+    assert details == {("timeout", "ReadTimeoutError: None: Read timed out. (read timeout)")}
+    reason, detail = _classify(ConnectTimeoutError(None, "Connection timed out (connect timeout=4.5)"), False)
+    assert (reason, detail) == ("timeout", "ConnectTimeoutError: (None, 'Connection timed out (connect timeout)')")
