@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pmd import storage
 from pmd.config_loader import Extend, parse_assignments
+from pmd.manifest import identity_holds
 from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
 
 log = logging.getLogger("pmd")
@@ -114,7 +115,7 @@ def print_build_summary(manifest: dict, console: Console) -> None:
         table.add_column(col, justify="left" if col == "source" else "right")
     rows = list(manifest["accounting"].items()) + [("total", manifest["totals"])]
     for i, (name, a) in enumerate(rows):
-        ok = a["input_rows"] == a["pairs"] + a["rejects"] + a["failures"]
+        ok = identity_holds(a)
         table.add_row(name, f"{a['input_rows']:,}", f"{a['pairs']:,}", f"{a['rejects']:,}", f"{a['failures']:,}",
                       f"{a['unique_images']:,}", "yes" if ok else "NO", end_section=i == len(rows) - 2)
     console.print(table)
