@@ -7,7 +7,6 @@ project's one config loader (``pmd.config_loader``), so a typo or a wrong type i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,5 +159,3 @@ def tiny() -> FlavaConfig:
 
 
 PRESETS = {"flava_full": flava_full, "tiny": tiny}
-
-LN_100 = math.log(100.0)

@@ -780,26 +780,3 @@ def iter_texts(paths: list[str], limit: int = 1_000_000) -> Iterator[str]:
                     if n >= limit:
                         return
 
-
-def read_pairs(paths: list[str], split: str | None = None, limit: int | None = None) -> tuple[list[bytes], list[str]]:
-    """All (image bytes, text) pairs of shards in file order, for evaluation (bad rows are dropped there)."""
-    images, texts = [], []
-    for path in paths:
-        _, files = resolve_files(path, "pairs")
-        for f in files:
-            pf = parquet_file(f)
-            names = pf.schema_arrow.names
-            missing = [c for c in (IMAGE, TEXT) if c not in names]
-            if missing:
-                raise DataError(f"{f}: wrong schema for pairs: missing column(s) {missing}")
-            cols = [IMAGE, TEXT] + ([SPLIT] if split and SPLIT in names else [])
-            for g in range(pf.metadata.num_row_groups):
-                t = pf.read_row_group(g, columns=cols).to_pydict()
-                for i in range(len(t[TEXT])):
-                    if split and SPLIT in t and t[SPLIT][i] != split:
-                        continue
-                    images.append(t[IMAGE][i])
-                    texts.append(t[TEXT][i])
-                    if limit is not None and len(texts) >= limit:
-                        return images, texts
-    return images, texts

@@ -22,7 +22,6 @@ MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 FAILURES_DIR = "failures"
 MANIFEST_FORMAT = "pmd-build"
-IDENTITY_COUNTS = ("input_rows", "pairs", "rejects", "failures")
 
 
 class ManifestError(ValueError):

@@ -91,7 +91,6 @@ CANDIDATE_SCHEMA = pa.schema(
 )
 
 PAIR_COLUMNS: tuple[str, ...] = tuple(PAIR_SCHEMA.names)
-REJECT_COLUMNS: tuple[str, ...] = tuple(REJECT_SCHEMA.names)
 
 
 def schema_version(schema: pa.Schema) -> int | None:
