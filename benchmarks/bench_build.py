@@ -200,6 +200,10 @@ def main() -> None:
     parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (order rotated), medians reported")
     parser.add_argument("--download-only", action="store_true", help="only the download-alone figures")
+    parser.add_argument("--no-download-only", action="store_true", help="skip the download-alone figures")
+    parser.add_argument("--baseline-root", default=None,
+                        help="a checkout of other pmd code (e.g. `git worktree add /tmp/base COMMIT`): its `pmd build "
+                             "--download-backend http` runs in the same rounds as pmd_build_http_baseline")
     parser.add_argument("--server", choices=sorted(SERVERS), default="httpserver",
                         help="loopback server per host: tests/httpserver.py, or the lean benchmarks/loopback_asyncio.py")
     parser.add_argument("--workdir", default=None)
@@ -217,7 +221,10 @@ def main() -> None:
                                  "--connect-delay", str(args.connect_delay_ms / 1000)], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(args.hosts)]
     runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}": [] for b in backends}}
-    downloads: dict[str, list[dict]] = {f"download_only_{b}": [] for b in ("http", "img2dataset")}
+    if args.baseline_root:
+        runs["pmd_build_http_baseline"] = []
+    downloads: dict[str, list[dict]] = {} if args.no_download_only else \
+        {f"download_only_{b}": [] for b in ("http", "img2dataset")}
     try:
         ports = [int(server.stdout.readline()) for server in servers]
         urls = host_mix(args.images, ports)
@@ -234,6 +241,8 @@ def main() -> None:
             for name in order:
                 if name == "img2dataset":
                     result = run_img2dataset(args, work, env, str(r))
+                elif name == "pmd_build_http_baseline":
+                    result = run_pmd(args, work, {**env, "PYTHONPATH": args.baseline_root}, "http", f"b{r}")
                 else:
                     result = run_pmd(args, work, env, name.removeprefix("pmd_build_"), str(r))
                 result["load_1min"] = round(os.getloadavg()[0], 1)  # the machine's load as the run ended
@@ -266,8 +275,9 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     print(f"\n{args.images} images, {args.hosts} host(s), {args.connect_delay_ms:g} ms per new connection, "
           f"medians of {args.rounds} round(s):")
-    figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
-                                           / figures["download_only_img2dataset"]["images_per_s"], 3)
+    if downloads:
+        figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
+                                               / figures["download_only_img2dataset"]["images_per_s"], 3)
     for name in [*runs, *downloads]:
         f = figures[name]
         ratio = f"  ratio {figures['ratio'][name]:.2f}" if name in figures["ratio"] else ""
