@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from httpserver import jpeg  # noqa: E402 - the same generated images as the test server
+from httpserver import jpeg  # the same generated images as the test server
 
 _IMG = re.compile(rb"^GET /img/(\d+)\.jpg[ ?]")
 _HEAD_END = b"\r\n\r\n"

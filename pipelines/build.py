@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 WORK_DIR = "work"
 BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
 # A URL pass over at most this many URL rows runs in the driver while Ray starts (`_driver_side_start`): at 10,000
-# rows it takes ~0.1 s there against ~0.6 s as three rounds of Ray tasks; far above, Ray's parallelism wins.
+# rows its ~0.4 s there are hidden behind Ray's start, where three rounds of Ray tasks after it cost ~0.6 s; far
+# above, Ray's parallelism wins.
 LOCAL_URL_PASS_ROWS = 100_000
 # Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
 # running tasks, not the build.
