@@ -18,7 +18,10 @@ and the URLs are spread over several hosts the way PMD's are (one host serving ~
 
 Each host is its own server process on its own loopback port. Every round runs img2dataset alone, then `pmd build`
 with each download backend (`--backends`), the order rotated round to round, then the download alone with each
-backend (`download_chunk` in this process, threads x procs threads, no decode); medians over rounds are reported.
+backend (`download_chunk` in this process, threads x procs threads, no decode); medians over rounds are reported,
+with the machine's 1-minute load average at the end of each run. Before round 0 every URL is fetched once, untimed,
+so that no tool pays the servers' generation of the JPEGs. `--server asyncio` runs benchmarks/loopback_asyncio.py
+per host instead of tests/httpserver.py: the same images, less of the measured machine's CPU per request.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ if __name__ == "__main__":
 """
 
 
+# The loopback server run per host (its own process). Both serve the same JPEGs; `asyncio` spends less of the measured
+# machine's CPU per request (a remote CDN spends none of it).
+SERVERS = {"httpserver": "tests/httpserver.py", "asyncio": "benchmarks/loopback_asyncio.py"}
+
 # Share of the URLs per host, largest first: roughly PMD's (YFCC on Flickr's CDN ~half, WIT, Open Images, a tail).
 HOST_WEIGHTS = (0.45, 0.2, 0.12, 0.08, 0.06, 0.04, 0.03, 0.02)
 
@@ -151,6 +158,22 @@ def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
     return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": 0}
 
 
+def warm_servers(urls: list[str], timeout: float) -> None:
+    """Fetch every URL once, untimed: the servers generate each JPEG on its first request (~0.2 ms of CPU on the
+    measured cores), which a remote CDN would not; without this the first tool of round 0 pays it for the others."""
+    sys.path.insert(0, str(ROOT))
+    from pmd.download import DownloadOptions, download_chunk
+    from pmd.http_client import close_clients
+
+    started = time.perf_counter()
+    ok = sum(d.reason is None for d in download_chunk(urls, urls, DownloadOptions(timeout=timeout, thread_count=32),
+                                                      Path(tempfile.gettempdir())))
+    close_clients()
+    if ok != len(urls):
+        raise RuntimeError(f"warm-up: {len(urls) - ok} of {len(urls)} URLs failed")
+    print(f"servers warmed: {ok} images in {time.perf_counter() - started:.1f}s (untimed)", file=sys.stderr, flush=True)
+
+
 def median_run(runs: list[dict]) -> dict:
     """The figures of each key as the median over rounds (images/s, wall, RSS), plus every round's rate."""
     mid = sorted(runs, key=lambda r: r["images_per_s"])[(len(runs) - 1) // 2]
@@ -159,7 +182,8 @@ def median_run(runs: list[dict]) -> dict:
             "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
             "ok": min(r["ok"] for r in runs),
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs)),
-            "rounds_images_per_s": [r["images_per_s"] for r in runs]}
+            "rounds_images_per_s": [r["images_per_s"] for r in runs],
+            **({"rounds_load_1min": [r["load_1min"] for r in runs]} if all("load_1min" in r for r in runs) else {})}
 
 
 def main() -> None:
@@ -176,6 +200,12 @@ def main() -> None:
     parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (order rotated), medians reported")
     parser.add_argument("--download-only", action="store_true", help="only the download-alone figures")
+    parser.add_argument("--no-download-only", action="store_true", help="skip the download-alone figures")
+    parser.add_argument("--baseline-root", default=None,
+                        help="a checkout of other pmd code (e.g. `git worktree add /tmp/base COMMIT`): its `pmd build "
+                             "--download-backend http` runs in the same rounds as pmd_build_http_baseline")
+    parser.add_argument("--server", choices=sorted(SERVERS), default="httpserver",
+                        help="loopback server per host: tests/httpserver.py, or the lean benchmarks/loopback_asyncio.py")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
@@ -186,11 +216,15 @@ def main() -> None:
     work.mkdir(parents=True)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(ROOT)}
-    servers = [subprocess.Popen([PYTHON, str(ROOT / "tests" / "httpserver.py"), "--size", args.size,
+    server_script = SERVERS[args.server]
+    servers = [subprocess.Popen([PYTHON, str(ROOT / server_script), "--size", args.size,
                                  "--connect-delay", str(args.connect_delay_ms / 1000)], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(args.hosts)]
     runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}": [] for b in backends}}
-    downloads: dict[str, list[dict]] = {f"download_only_{b}": [] for b in ("http", "img2dataset")}
+    if args.baseline_root:
+        runs["pmd_build_http_baseline"] = []
+    downloads: dict[str, list[dict]] = {} if args.no_download_only else \
+        {f"download_only_{b}": [] for b in ("http", "img2dataset")}
     try:
         ports = [int(server.stdout.readline()) for server in servers]
         urls = host_mix(args.images, ports)
@@ -198,6 +232,7 @@ def main() -> None:
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
         (work / "cc12m.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
         (work / "i2d.py").write_text(I2D_SCRIPT)
+        warm_servers(urls, args.timeout)
         if args.download_only:
             runs = {}
         names = list(runs)
@@ -206,11 +241,14 @@ def main() -> None:
             for name in order:
                 if name == "img2dataset":
                     result = run_img2dataset(args, work, env, str(r))
+                elif name == "pmd_build_http_baseline":
+                    result = run_pmd(args, work, {**env, "PYTHONPATH": args.baseline_root}, "http", f"b{r}")
                 else:
                     result = run_pmd(args, work, env, name.removeprefix("pmd_build_"), str(r))
+                result["load_1min"] = round(os.getloadavg()[0], 1)  # the machine's load as the run ended
                 runs[name].append(result)
                 print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "
-                      f"{result['images_per_s']} img/s", file=sys.stderr, flush=True)
+                      f"{result['images_per_s']} img/s (load {result['load_1min']})", file=sys.stderr, flush=True)
             for name in (list(downloads) if r % 2 == 0 else list(downloads)[::-1]):
                 result = run_download_only(args, urls, work, name.removeprefix("download_only_"))
                 downloads[name].append(result)
@@ -224,7 +262,8 @@ def main() -> None:
     figures = {
         "images": args.images, "served_size": args.size, "image_size": args.image_size, "threads": args.threads,
         "procs": args.procs, "chunk_rows": args.chunk_rows, "connect_delay_ms": args.connect_delay_ms,
-        "hosts": args.hosts, "rounds": args.rounds,
+        "hosts": args.hosts, "rounds": args.rounds, "server": args.server,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         **{name: median_run(rs) for name, rs in runs.items()},
     }
     figures.update({name: median_run(rs) for name, rs in downloads.items()})
@@ -236,8 +275,9 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     print(f"\n{args.images} images, {args.hosts} host(s), {args.connect_delay_ms:g} ms per new connection, "
           f"medians of {args.rounds} round(s):")
-    figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
-                                           / figures["download_only_img2dataset"]["images_per_s"], 3)
+    if downloads:
+        figures["download_only_ratio"] = round(figures["download_only_http"]["images_per_s"]
+                                               / figures["download_only_img2dataset"]["images_per_s"], 3)
     for name in [*runs, *downloads]:
         f = figures[name]
         ratio = f"  ratio {figures['ratio'][name]:.2f}" if name in figures["ratio"] else ""

@@ -25,6 +25,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 WORK_DIR = final.WORK_DIR
 WORK_CACHE_ENV = "PMD_WORK_CACHE"  # where the work directories of builds on object storage go by default
 BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
+# A URL pass over at most this many URL rows runs in the driver while Ray starts (`_driver_side_start`): at 10,000
+# rows its ~0.4 s there are hidden behind Ray's start, where three rounds of Ray tasks after it cost ~0.6 s; far
+# above, Ray's parallelism wins.
+LOCAL_URL_PASS_ROWS = 100_000
 # Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
 # running tasks, not the build.
 TASK_RETRIES = 5
@@ -409,19 +414,43 @@ class _Executor:
 # ------------------------------------------------------------------------------------------------------ stages
 def _ingest(config: BuildConfig, spec: SourceSpec) -> dict:
     """The source's ingest summary, reusing OUT/work/ingest/SOURCE when it matches the inputs and options."""
-    from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.ingest import run_ingest
 
-    source_dir = config.work / "ingest" / spec.name
-    summary = read_summary(source_dir)
+    summary = _reusable_ingest(config, spec)
+    if summary is not None:
+        log.info("reusing the ingest of %s in %s", spec.name, config.work / "ingest" / spec.name)
+        return summary
+    return run_ingest(_ingest_config(config, spec))
+
+
+def _reusable_ingest(config: BuildConfig, spec: SourceSpec) -> dict | None:
+    summary = read_summary(config.work / "ingest" / spec.name)
     if (summary is not None and summary.get("inputs") == input_fingerprint(spec.inputs)
             and summary.get("options") == spec.options and summary.get("schema_version") == schema.SCHEMA_VERSION
             and summary.get("candidate_columns") == list(schema.CANDIDATE_SCHEMA.names)):
-        log.info("reusing the ingest of %s in %s", spec.name, source_dir)
         return summary
-    return run_ingest(IngestConfig(source=spec.name, inputs=spec.inputs, out=source_dir.parent,
-                                   options=spec.options, executor="local" if config.executor == "local" else "auto",
-                                   ray_address=config.ray_address, num_cpus=config.num_cpus,
-                                   progress=config.progress))
+    return None
+
+
+def _ingest_config(config: BuildConfig, spec: SourceSpec):  # -> pipelines.ingest.IngestConfig
+    from pipelines.ingest import IngestConfig
+
+    return IngestConfig(source=spec.name, inputs=spec.inputs, out=config.work / "ingest",
+                        options=spec.options, executor="local" if config.executor == "local" else "auto",
+                        ray_address=config.ray_address, num_cpus=config.num_cpus, progress=config.progress)
+
+
+def _ingest_all(config: BuildConfig, timings: dict) -> dict[str, dict]:
+    t = time.perf_counter()
+    summaries = {spec.name: _ingest(config, spec) for spec in config.sources}
+    timings["ingest_s"] = time.perf_counter() - t
+    return summaries
+
+
+def _ingests_in_driver(config: BuildConfig) -> bool:
+    """Whether every source's ingest runs in this process (reused, or small enough for the local executor)."""
+    return all(_reusable_ingest(config, spec) is not None or _ingest_config(config, spec).choose_executor() == "local"
+               for spec in config.sources)
 
 
 @dataclass
@@ -703,20 +732,23 @@ def run_build(config: BuildConfig) -> dict:
     storage.delete(manifest_path(out))  # present only once this run has finished
 
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    summaries = {spec.name: _ingest(config, spec) for spec in config.sources}
-    timings["ingest_s"] = time.perf_counter() - t
-
     if config.executor == "local":
-        manifest = _images_and_final(config, summaries, _Executor(config), timings)
+        manifest = _images_and_final(config, _ingest_all(config, timings), _Executor(config), timings)
     else:
-        with ray_session(config.ray_address, config.num_cpus):
-            executor = _Executor(config)
-            try:
-                manifest = _images_and_final(config, summaries, executor, timings)
-            except BaseException:
-                executor.cancel()
-                raise
+        # Ray starts in this thread (ray.init sets a SIGTERM handler, main thread only) while a driver-side ingest
+        # runs beside it: Ray's start is mostly waiting on its own processes (~2-3 s), a small build's ingest is
+        # then free. An ingest that uses Ray itself (large inputs, a cluster) runs after, in the same session
+        # (one Ray start per build, not one for the ingest and one for the rest).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmd-ingest") as pool:
+            start = pool.submit(_driver_side_start, config, timings) if _ingests_in_driver(config) else None
+            with ray_session(config.ray_address, config.num_cpus):
+                summaries, url_counts = start.result() if start is not None else (_ingest_all(config, timings), None)
+                executor = _Executor(config)
+                try:
+                    manifest = _images_and_final(config, summaries, executor, timings, url_counts)
+                except BaseException:
+                    executor.cancel()
+                    raise
     shutil.rmtree(config.work / "tmp", ignore_errors=True)
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     Manifest(out, manifest).write()  # last: its presence means the build is complete
@@ -724,17 +756,44 @@ def run_build(config: BuildConfig) -> dict:
     return manifest
 
 
-def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict) -> dict:
+def _make_plan(config: BuildConfig, summaries: dict) -> _Plan:
     chunks = [-(-summaries[s.name]["counts"]["pairs"] // config.chunk_rows) for s in config.sources]
     candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
-    plan = _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+    return _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+
+
+def _timed_url_pass(plan: _Plan, executor: _Executor, timings: dict) -> dict[str, dict[str, int]]:
+    t = time.perf_counter()
+    url_counts = _url_pass(plan, executor)
+    timings["urls_s"] = time.perf_counter() - t
+    return url_counts
+
+
+def _url_rows(config: BuildConfig, summaries: dict) -> int:
+    return sum(summaries[s.name]["counts"]["pairs"] for s in config.sources if s.mode == "url")
+
+
+def _driver_side_start(config: BuildConfig, timings: dict) -> tuple[dict, dict | None]:
+    """What runs in the driver while Ray starts: the ingest, and the URL pass of a small build (a few of pmd.urls'
+    file passes, a fraction of a second in one process, where Ray rounds would cost more than the work).
+    Returns (summaries, URL counts or None when the URL pass is left to Ray)."""
+    summaries = _ingest_all(config, timings)
+    if _url_rows(config, summaries) > LOCAL_URL_PASS_ROWS:
+        return summaries, None
+    local = _Executor(dataclasses.replace(config, executor="local"))
+    return summaries, _timed_url_pass(_make_plan(config, summaries), local, timings)
+
+
+def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict,
+                      url_counts: dict | None = None) -> dict:
+    """Everything after the ingest; `url_counts`: the URL pass was already run (driver side, `_driver_side_start`)."""
+    plan = _make_plan(config, summaries)
     plan.takedowns = takedown.load_filter(config.out)
     plan.takedowns_ref = executor.put(plan.takedowns)
 
     screens = executor.put(config.decontaminate.load())  # evaluation photo ids and pHashes, once for every source
-    t = time.perf_counter()
-    url_counts = _url_pass(plan, executor)
-    timings["urls_s"] = time.perf_counter() - t
+    if url_counts is None:
+        url_counts = _timed_url_pass(plan, executor, timings)
     t = time.perf_counter()
     for s_index, spec in enumerate(config.sources):
         _images(plan, s_index, spec, executor, screens)

@@ -409,14 +409,14 @@ def _is_timeout(error: ProtocolError) -> bool:
     return isinstance(inner, (socket.timeout, TimeoutError))
 
 
-_SECONDS_LEFT = re.compile(r"((?:read|connect|total) timeout)=[0-9.e+-]+")
+# urllib3 names the socket timeout of the failed read, here the time left before the deadline (a different float in
+# every run): dropped, so that a failures file is the same bytes in every run (the deadline is the configured one).
+_TIMEOUT_VALUE = re.compile(r" ?\((?:read |connect |total )?timeout=[^)]*\)")
 
 
 def _classify(error: BaseException, body: bool) -> tuple[str, str]:
     """An exception of urllib3 or the socket layer -> (reason, detail)."""
-    # urllib3 writes the seconds left of the deadline into the message ("read timeout=0.9999995"): dropped, so a
-    # rerun that fails the same way writes the same failure row.
-    detail = _SECONDS_LEFT.sub(r"\1", f"{type(error).__name__}: {error}")[:500]
+    detail = _TIMEOUT_VALUE.sub("", f"{type(error).__name__}: {error}")[:500]
     if isinstance(error, ResponseError) and "redirect" in str(error):
         return "redirect_error", detail
     if isinstance(error, (NewConnectionError, NameResolutionError, SSLError)):
