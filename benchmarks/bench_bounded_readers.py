@@ -28,7 +28,7 @@ from pmd.sources.inputs import iter_json_items, iter_lines
 from pmd.sources.yfcc import YfccAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_yfcc_ingest import generate  # noqa: E402 - the same realistic YFCC lines as the ingest benchmark
+from bench_yfcc_ingest import generate
 
 
 def karpathy_like(target: int, rng: random.Random) -> bytes:

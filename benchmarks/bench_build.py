@@ -205,7 +205,8 @@ def main() -> None:
                         help="a checkout of other pmd code (e.g. `git worktree add /tmp/base COMMIT`): its `pmd build "
                              "--download-backend http` runs in the same rounds as pmd_build_http_baseline")
     parser.add_argument("--server", choices=sorted(SERVERS), default="httpserver",
-                        help="loopback server per host: tests/httpserver.py, or the lean benchmarks/loopback_asyncio.py")
+                        help="loopback server per host: tests/httpserver.py, or the lean "
+                             "benchmarks/loopback_asyncio.py")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()

@@ -26,14 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
-from flava.data import DataSpec, Source, SourceLoader, crop_box, decode_train, iter_texts  # noqa: E402
-from flava.tokenizer import train_wordpiece  # noqa: E402
-from pmd.schema import SHARD_SCHEMA  # noqa: E402
+from flava.data import DataSpec, Source, SourceLoader, crop_box, decode_train, iter_texts
+from flava.tokenizer import train_wordpiece
+from pmd.schema import SHARD_SCHEMA
 
 
 def make_shards(out: Path, rows: int, w: int = 512, h: int = 384, shards: int = 2) -> None:
@@ -53,7 +53,7 @@ def make_shards(out: Path, rows: int, w: int = 512, h: int = 384, shards: int = 
             recs.append(dict(key=f"{s}-{i}", source="coco", text=f"a photo of thing number {i % 50} on a table",
                              image_url=None, image_ref=None, split="train", meta="{}", lang="en", lang_score=1.0,
                              image=img, image_sha256=hashlib.sha256(img).hexdigest(), width=w, height=h,
-                             original_width=w, original_height=h))  # fmt: skip
+                             original_width=w, original_height=h))
         name = f"shards/shard-{s:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(recs, schema=SHARD_SCHEMA), out / name, row_group_size=256)
         entries.append({"file": name, "rows": per})
@@ -81,9 +81,9 @@ def plain_same(images: list[bytes], size: int = 224, cb: int = 112) -> float:
 
 def loader_rate(build: Path, tok, workers: int, batch: int, batches: int) -> float:
     spec = DataSpec(kind="pairs", batch_size=batch, image_size=224, codebook_size=112, grid_size=14,
-                    text_max_length=77, seed=0, shuffle_buffer=512)  # fmt: skip
+                    text_max_length=77, seed=0, shuffle_buffer=512)
     loader = SourceLoader(dict(source=Source("pairs", [str(build)]), spec=spec, tokenizer=tok, rank=0,
-                               world_size=1), workers, 4)  # fmt: skip
+                               world_size=1), workers, 4)
     for _ in range(max(2, workers * 2)):  # warm up: worker start, first window read
         next(loader)
     t = time.perf_counter()
@@ -108,7 +108,8 @@ def main() -> None:
         tok = train_wordpiece(iter_texts([str(build)]), Path(d) / "tok", vocab_size=500)
         images = pq.read_table(build / "shards" / "shard-00000.parquet", columns=["image"]).column("image").to_pylist()
         images = images[:256]
-        res = {"cpu_count": os.cpu_count(), "plain_naive_sps": plain_naive(images), "plain_same_sps": plain_same(images)}
+        res = {"cpu_count": os.cpu_count(), "plain_naive_sps": plain_naive(images),
+               "plain_same_sps": plain_same(images)}
         for w in args.workers:
             rate = loader_rate(build, tok, w, args.batch, args.batches)
             res[f"loader_w{w}_sps"] = rate

@@ -28,10 +28,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from flava.config import FlavaConfig  # noqa: E402
-from flava.convert import config_to_transformers, from_transformers  # noqa: E402
+from flava.config import FlavaConfig
+from flava.convert import config_to_transformers, from_transformers
 
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -65,7 +65,7 @@ def make_batch(cfg: FlavaConfig, batch: int, length: int, seed: int = 0) -> dict
         pixel_values=pixel_values, input_ids=input_ids, input_ids_masked=input_ids_masked,
         attention_mask=attention_mask, patch_mask=patch_mask, image_token_ids=image_token_ids,
         mlm_labels=mlm_labels, itm_labels=itm_labels,
-    )  # fmt: skip
+    )
 
 
 def hf_inputs(b: dict) -> dict:
@@ -73,7 +73,7 @@ def hf_inputs(b: dict) -> dict:
         pixel_values=b["pixel_values"], input_ids=b["input_ids"], input_ids_masked=b["input_ids_masked"],
         attention_mask=b["attention_mask"], bool_masked_pos=b["patch_mask"], mim_labels=b["image_token_ids"].clone(),
         mlm_labels=b["mlm_labels"].clone(), itm_labels=b["itm_labels"],
-    )  # fmt: skip
+    )
 
 
 def build(config_name: str, seed: int = 0, which: str = "both"):
@@ -174,7 +174,7 @@ def memory_only(args) -> dict:
     peak = _status_mib("VmHWM") if reset else peak_rss_mib()
     res = {"which": args.which, "rss_model_resident_mib": base, "peak_rss_mib": peak,
            "step_peak_increase_mib": None if base is None or peak is None else peak - base,
-           "peak_was_reset_after_build": reset}  # fmt: skip
+           "peak_was_reset_after_build": reset}
     if device == "cuda":
         res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return res
@@ -229,7 +229,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t)
 
     n_params = {k: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("image_codebook."))
-                for k, m in models.items()}  # fmt: skip
+                for k, m in models.items()}
     P, L = cfg.image.num_patches, args.text_len
     tokens_per_sample = (1 + P) + L  # one image-text pair: image CLS + patches, text tokens
     for k in runs:
@@ -238,7 +238,7 @@ def main() -> None:
             median_s=med, min_s=min(times[k]), mean_s=statistics.fmean(times[k]),
             samples_per_s=args.batch / med, tokens_per_s=args.batch * tokens_per_sample / med,
             params=n_params[k],
-        )  # fmt: skip
+        )
     if device == "cuda" and "ours" in runs:
         flops = count_flops(models["ours"], "ours", batch, device, dtype)
         name = torch.cuda.get_device_name()
@@ -257,14 +257,14 @@ def main() -> None:
         for k in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-only", "--which", k, "--config", args.config,
                    "--batch", str(args.batch), "--text-len", str(args.text_len), "--device", device,
-                   "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+                   "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[k]["memory"] = json.loads(out)
     results["setup"] = dict(
         config=args.config, batch=args.batch, text_len=L, iters=args.iters, warmup=args.warmup, device=device,
         dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
         cpu=platform.processor() or platform.machine(), losses="global_contrastive, itm, mmm_image, mmm_text",
-    )  # fmt: skip
+    )
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -40,7 +40,7 @@ THREADS = 0  # --threads
 def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "flava.cli", "train", "--config", config, "--data", str(data), "--out", str(out),
            "--steps", str(steps), "run.progress=false", "run.tensorboard=false", "run.export_final=false",
-           "run.checkpoint_every=100000", "run.log_every=1", *extra]  # fmt: skip
+           "run.checkpoint_every=100000", "run.log_every=1", *extra]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     t = time.perf_counter()
@@ -86,14 +86,16 @@ def main() -> None:
             data = make_build(d / "data", n=2048, size=256, shards=4, row_group_size=256)
             extra = ["model.codebook=random", "model.allow_random_codebook=true", "data.tokenizer=null",
                      "data.tokenizer_vocab_size=30522", "model.text_vocab_from_tokenizer=false",
-                     f"run.micro_batch_size={args.micro}", f"run.global_batch_size={args.micro}", "data.num_workers=6", "data.ratios={pairs: 1.0}"]  # fmt: skip
+                     f"run.micro_batch_size={args.micro}", f"run.global_batch_size={args.micro}", "data.num_workers=6",
+                     "data.ratios={pairs: 1.0}"]
             for n in args.nproc:
-                results.append({"config": "flava_full", **run(data, d / f"full{n}", "flava_full", args.steps, n, extra)})
+                results.append({"config": "flava_full",
+                                **run(data, d / f"full{n}", "flava_full", args.steps, n, extra)})
         else:
             data = make_build(d / "data", n=512, size=48, shards=2, row_group_size=64)
             for n in args.nproc:
                 extra = [f"run.global_batch_size={args.batch}", f"run.micro_batch_size={args.batch // n}",
-                         "data.num_workers=1", "data.ratios={pairs: 1.0}"]  # fmt: skip
+                         "data.num_workers=1", "data.ratios={pairs: 1.0}"]
                 r = run(data, d / f"tiny{n}", "tiny", args.steps, n, extra)
                 r["step_s"] = args.batch / r["samples_per_s"]
                 results.append({"config": "tiny", "global_batch": args.batch, **r})
@@ -107,7 +109,7 @@ def ab(args) -> None:
     extra = [f"run.global_batch_size={args.batch}", f"run.micro_batch_size={micro}", "data.num_workers=1"]
     if args.lengths:  # pairs + MLM text as in the paper; the tiny model gets 512 positions for it
         extra += ["model.overrides.text.max_position_embeddings=512", "data.text_max_length=77",
-                  "data.text_only_max_length=512", "data.ratios={pairs: 0.5, text: 0.5}"]  # fmt: skip
+                  "data.text_only_max_length=512", "data.ratios={pairs: 0.5, text: 0.5}"]
     sides = {"A": args.ab[0].split(","), "B": args.ab[1].split(",")}
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as d:
@@ -122,7 +124,7 @@ def ab(args) -> None:
     for key in keys:
         med = {side: statistics.median(r[key] for r in rs) for side, rs in runs.items()}
         print(json.dumps({"metric": key, "median": med, "B_over_A": med["B"] / med["A"], "A": sides["A"],
-                          "B": sides["B"]}))  # fmt: skip
+                          "B": sides["B"]}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Choose the pHash Hamming threshold of evaluation-image decontamination on measured near-duplicates.
 
 For every image of the given sets (folders, zips, tars: e.g. the sample photos in scikit-image's wheel,
-`skimage/data/*.png|jpg`, and matplotlib's `grace_hopper.jpg`): the pHash distance between the original and copies made the
-ways a corpus copy differs from an evaluation image (the build's own resize + JPEG, other sizes, strong JPEG,
+`skimage/data/*.png|jpg`, and matplotlib's `grace_hopper.jpg`): the pHash distance between the original and copies made
+the ways a corpus copy differs from an evaluation image (the build's own resize + JPEG, other sizes, strong JPEG,
 border crops, combinations), and the distance between every two different images. Prints the distributions and,
 per threshold, the share of copies caught and of different-image pairs wrongly matched.
 

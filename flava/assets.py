@@ -44,7 +44,7 @@ ASSET_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 NOT_ASSETS = ("", "random")  # values of an asset key that name no file
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "config.json",
-                   "merges.txt", "vocab.json")  # fmt: skip
+                   "merges.txt", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -161,7 +161,7 @@ def ensure_asset(asset: Asset, fetch: str) -> None:
         from huggingface_hub import constants
 
         reason = (f"neither a local path nor in the Hugging Face cache, and not downloadable from {constants.ENDPOINT} "
-                  f"({type(e).__name__})")  # fmt: skip
+                  f"({type(e).__name__})")
         raise AssetError(asset.name, asset.key, asset.value, reason, fetch) from None
 
 
@@ -191,7 +191,7 @@ def fetch_assets(config: str, to: str | os.PathLike, overrides: list[str] | None
             continue
         if not is_hub_id(asset.value):
             raise AssetError(asset.name, asset.key, asset.value, "no such file or directory, nor a hub name",
-                             fetch_command(config, overrides))  # fmt: skip
+                             fetch_command(config, overrides))
         dest = out / asset.name
         tmp = temp_path(dest, owner="download")  # kept across runs: snapshot_download resumes into it
         try:
@@ -211,12 +211,12 @@ def fetch_assets(config: str, to: str | os.PathLike, overrides: list[str] | None
         records.append({
             "name": asset.name, "key": asset.key, "repo_id": asset.value, "revision": sha, "path": asset.name,
             "files": [{"path": f, "size": (dest / f).stat().st_size, "sha256": _sha256(dest / f)} for f in files],
-        })  # fmt: skip
+        })
         new_overrides.append(f"{asset.key}={dest}")
     data = apply_overrides(read_config_dict(config), list(overrides or []) + new_overrides)
     (out / CONFIG_COPY).write_text(yaml.safe_dump(data, sort_keys=False))
     manifest = {"format": "flava-assets", "config": str(config), "assets": records, "overrides": new_overrides,
-                "config_copy": str(out / CONFIG_COPY)}  # fmt: skip
+                "config_copy": str(out / CONFIG_COPY)}
     write_json(manifest, out / MANIFEST)
     return manifest
 

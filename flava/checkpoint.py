@@ -195,7 +195,7 @@ def save_checkpoint(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "COMPLETE").write_text(str(step))
         replace_directory(tmp, final)
-        for old_step, old in list_checkpoints(run_dir)[:-keep]:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if distributed:
         dist.barrier()
@@ -218,7 +218,7 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer) -> dict:
     set_state_dict(
         model, optimizer, model_state_dict=state["model"],
         optim_state_dict={"state": state["optim"], "param_groups": osd["param_groups"]},
-    )  # fmt: skip
+    )
     return meta
 
 

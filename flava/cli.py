@@ -121,7 +121,7 @@ def _cmd_train(args, argv) -> int:
     summary = train(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run": str(args.out), **{k: v for k, v in summary.items() if k != "last"},
-                          "last": summary.get("last")}))  # fmt: skip
+                          "last": summary.get("last")}))
     return 0
 
 
@@ -141,7 +141,7 @@ def _cmd_eval(args) -> int:
     limit = args.limit or None
     if args.eval_command == "retrieval":
         res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device,
-                                 save_embeddings=args.save_embeddings)  # fmt: skip
+                                 save_embeddings=args.save_embeddings)
     else:
         classes = args.classes
         if os.path.isfile(classes):
@@ -155,7 +155,7 @@ def _cmd_eval(args) -> int:
         if templates is None and args.single_template:
             templates = [SINGLE_TEMPLATE]
         res = evaluate.zeroshot(args.checkpoint, args.data, names, templates, label_key=args.label_key,
-                                split=args.split, limit=limit, device=args.device)  # fmt: skip
+                                split=args.split, limit=limit, device=args.device)
     _print_result(res, args.json)
     return 0
 

@@ -381,7 +381,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(
         self, source: Source, spec: DataSpec, tokenizer, rank: int, world_size: int, num_workers: int,
         cursors: list | None = None, rotate: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.source, self.spec, self.tokenizer = source, spec, tokenizer
         self.rank, self.world_size = rank, world_size
@@ -545,7 +545,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 ids, vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, special_token_ids=tok.special_ids,
                 attention_mask=attn, mlm_probability=spec.mlm_probability, generator=g,
                 ignore_index=spec.ignore_index,
-            )  # fmt: skip
+            )
             if kind == "pairs":
                 idx, itm = itm_negatives(len(samples), spec.itm_probability, g)
                 ids, attn, masked, labels = ids[idx], attn[idx], masked[idx], labels[idx]
@@ -663,14 +663,14 @@ class SourceLoader:
     def _start(self) -> None:
         n = max(1, self.num_workers)
         self.dataset = StreamingDataset(**self.args, num_workers=self.num_workers, cursors=self.cursors,
-                                        rotate=self.batches % n)  # fmt: skip
+                                        rotate=self.batches % n)
         if self.num_workers == 0:
             self._it = iter(self.dataset)
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
             persistent_workers=True, pin_memory=False,
-        )  # fmt: skip
+        )
         self._it = iter(loader)
 
     def __next__(self) -> dict:
@@ -686,7 +686,7 @@ class SourceLoader:
 
     def state_dict(self) -> dict:
         return {"cursors": [_jsonable_position(c) for c in self.cursors], "batches": self.batches,
-                "bad": dict(self.bad)}  # fmt: skip
+                "bad": dict(self.bad)}
 
     def close(self) -> None:
         self._it = None  # workers exit when the iterator is collected
@@ -713,13 +713,13 @@ class MultiSourceLoader:
     def __init__(
         self, sources: dict[str, Source], specs: dict[str, DataSpec], tokenizer, rank: int, world_size: int,
         num_workers: int, prefetch_factor: int = 2, state: dict | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         state = state or {}
         self.loaders = {
             kind: SourceLoader(
                 dict(source=sources[kind], spec=specs[kind], tokenizer=tokenizer, rank=rank, world_size=world_size),
                 num_workers, prefetch_factor, state.get(kind),
-            )  # fmt: skip
+            )
             for kind in sources
         }
 
@@ -751,10 +751,10 @@ def build_specs(run_cfg, model_cfg, seed: int | None = None) -> dict[str, DataSp
         crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), itm_probability=d.itm_probability,
         mlm_probability=d.mlm_probability, mask_patches=d.mask_patches, mask_min_block=d.mask_min_block,
         ignore_index=model_cfg.ce_ignore_index, pad_to_longest=d.pad_to_longest,
-    )  # fmt: skip
+    )
     return {
         kind: DataSpec(kind=kind, text_max_length=d.text_only_max_length if kind == "text" else d.text_max_length,
-                       **common)  # fmt: skip
+                       **common)
         for kind in d.active_kinds()
     }
 

@@ -146,7 +146,7 @@ def iter_eval_rows(paths: list[str], split: str | None = None, limit: int | None
 def retrieval_embeddings(
     lm: LoadedModel, data: list[str], split: str | None = None, limit: int | None = None, device="cpu",
     batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Embed each distinct image once and every caption: ``(image_emb [I, D], text_emb [T, D], text_image [T],
     counts)``. Images are embedded as they stream by (only a batch of pixels is held); captions of an image that
     does not decode are dropped and counted."""
@@ -204,7 +204,7 @@ def class_embeddings(lm: LoadedModel, classes: list[str], templates, device="cpu
 def retrieval(
     model_path: str | os.PathLike, data: list[str], split: str | None = None, limit: int | None = None,
     device: str = "cpu", save_embeddings: str | os.PathLike | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Zero-shot image-text retrieval on the pairs of ``data`` (the whole split unless ``limit`` rows): images
     deduplicated, every caption kept, R@1/5/10 both ways by :func:`retrieval_ranks`. ``save_embeddings`` writes an
     ``.npz`` with ``image_embeddings``, ``text_embeddings`` and ``text_image_index`` (each text's image row), from
@@ -217,18 +217,18 @@ def retrieval(
         out = Path(save_embeddings)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, image_embeddings=image_emb.numpy(), text_embeddings=text_emb.numpy(),
-                 text_image_index=text_image.numpy())  # fmt: skip
+                 text_image_index=text_image.numpy())
     res = retrieval_metrics(image_emb, text_emb, text_image)
     res.update(counts)
     res.update(chance_i2t_r1=float(np.mean(np.bincount(text_image.numpy()))) / len(text_emb),
-               chance_t2i_r1=1.0 / len(image_emb), model=lm.source)  # fmt: skip
+               chance_t2i_r1=1.0 / len(image_emb), model=lm.source)
     return res
 
 
 def zeroshot(
     model_path: str | os.PathLike, data: list[str], classes: list[str], templates: list[str] | None = None,
     label_key: str = "label", split: str | None = None, limit: int | None = None, device: str = "cpu",
-) -> dict:  # fmt: skip
+) -> dict:
     """Classify images against prompts built from ``classes``. ``templates`` default to CLIP's 80 ImageNet prompts
     (``flava.templates.IMAGENET_TEMPLATES``), ensembled as CLIP does (:func:`class_embeddings`). The true label of a
     row is ``meta[label_key]`` when the shard's meta JSON has it, else the longest class name in its caption."""
@@ -281,7 +281,7 @@ def zeroshot(
         "top5": counts["top5"] / n if n else 0.0,
         "n": n, "rows": counts["rows"], "unlabelled": counts["unlabelled"], "undecodable": counts["undecodable"],
         "classes": len(classes), "chance_top1": 1.0 / len(classes), "model": lm.source,
-    }  # fmt: skip
+    }
 
 
 def _label(meta: str | None, text: str, classes: list[str], by_len: list[int], label_key: str) -> int | None:

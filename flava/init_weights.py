@@ -64,7 +64,7 @@ BERT_PARAM_MAP = (  # (ours under text_encoder., BERT)
     ("pooler.dense.", "pooler.dense."),
 )
 OPTIONAL = {"image_encoder.mask_token", "image_encoder.pooler.dense.weight", "image_encoder.pooler.dense.bias",
-            "text_encoder.pooler.dense.weight", "text_encoder.pooler.dense.bias"}  # fmt: skip
+            "text_encoder.pooler.dense.weight", "text_encoder.pooler.dense.bias"}
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _PREFIXES = {"vit": ("vit.",), "bert": ("bert.",), "roberta": ("roberta.",)}
 
@@ -91,7 +91,7 @@ def source_kind(path: Path) -> str:
         raise ConfigError(f"{path}: neither a FLAVA run nor a transformers model directory (no config.json)")
     model_type = json.loads(cfg.read_text()).get("model_type")
     kinds = {"vit": "vit", "dino": "vit", "bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
-             "flava": "flava"}  # fmt: skip
+             "flava": "flava"}
     if model_type not in kinds:
         raise ConfigError(f"{path}: model_type {model_type!r} is not a ViT, BERT, RoBERTa or FLAVA checkpoint")
     return kinds[model_type]
@@ -131,7 +131,7 @@ def _enc_fields(c: dict) -> dict:
         raise ConfigError(f"hidden_act {act!r} of the initial weights is not supported")
     return dict(hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
                 mlp_dim=c["intermediate_size"], layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-                qkv_bias=c.get("qkv_bias", True), hidden_act=_ACTS[act])  # fmt: skip
+                qkv_bias=c.get("qkv_bias", True), hidden_act=_ACTS[act])
 
 
 def _flava_source_config(path: Path, kind: str) -> FlavaConfig:
@@ -161,13 +161,13 @@ def encoder_config_changes(path: Path, encoder: str) -> dict:
         if kind != "vit":
             raise ConfigError(f"{path}: a {kind} checkpoint cannot initialise the image encoder (a ViT is needed)")
         return dict(**_enc_fields(c), patch_size=c.get("patch_size", 16), num_channels=c.get("num_channels", 3),
-                    norm_first=True, image_size=c.get("image_size", 224))  # fmt: skip
+                    norm_first=True, image_size=c.get("image_size", 224))
     if kind not in ("bert", "roberta"):
         raise ConfigError(f"{path}: a {kind} checkpoint cannot initialise the text encoder (BERT or RoBERTa needed)")
     pad = c.get("pad_token_id", 0) or 0
     positions = c["max_position_embeddings"] - (pad + 1 if kind == "roberta" else 0)
     return dict(**_enc_fields(c), vocab_size=c["vocab_size"], type_vocab_size=c.get("type_vocab_size", 2),
-                max_position_embeddings=positions, pad_token_id=pad, norm_first=False)  # fmt: skip
+                max_position_embeddings=positions, pad_token_id=pad, norm_first=False)
 
 
 def apply_init_configs(cfg, mcfg: FlavaConfig) -> FlavaConfig:
@@ -318,7 +318,7 @@ def load_encoder_init(model, cfg) -> list[str]:
         for k, v in sd.items():
             if own[k].shape != v.shape:
                 raise ConfigError(f"model.{encoder}_encoder_init={value}: {k} has shape {tuple(v.shape)}, "
-                                  f"the model {tuple(own[k].shape)}")  # fmt: skip
+                                  f"the model {tuple(own[k].shape)}")
             own[k].copy_(v.to(own[k].dtype))
         log.info("initialised the %s encoder from %s (%d tensors)", encoder, value, len(sd))
         done.append(encoder)

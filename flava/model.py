@@ -379,7 +379,7 @@ class FlavaForPretraining(nn.Module):
         return [
             self.image_projection, self.text_projection, self.image_to_mm, self.text_to_mm,
             self.mim_head, self.mlm_head, self.mmm_image_head, self.mmm_text_head, self.itm_head,
-        ]  # fmt: skip
+        ]
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -483,7 +483,7 @@ class FlavaForPretraining(nn.Module):
             self._pair_forward(
                 out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
                 patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive,
-            )  # fmt: skip
+            )
         else:
             raise ValueError("FlavaForPretraining.forward needs pixel_values and/or input_ids")
 
@@ -498,7 +498,7 @@ class FlavaForPretraining(nn.Module):
     def _pair_forward(
         self, out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
         patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive=True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         cfg, w, losses = self.config, self.config.loss_weights, out.losses
         ignore = cfg.ce_ignore_index
         # unmasked and masked copies of each modality run as ONE batch through their encoder
@@ -560,4 +560,4 @@ class FlavaForPretraining(nn.Module):
 def _split(out: EncoderOutput, n: int) -> list[EncoderOutput]:
     if n == 1:
         return [out]
-    return [EncoderOutput(h, l) for h, l in zip(out.hidden.chunk(n), out.last_hidden_state.chunk(n))]
+    return [EncoderOutput(h, last) for h, last in zip(out.hidden.chunk(n), out.last_hidden_state.chunk(n))]

@@ -195,7 +195,7 @@ class RunConfig:
         if r.checkpoint_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ConfigError("run: checkpoint_every, log_every and keep_checkpoints must be >= 1")
         if (self.model.preset == "flava_full" and self.model.codebook == "random" and not self.model.pretrained
-                and not self.model.allow_random_codebook):  # fmt: skip
+                and not self.model.allow_random_codebook):
             raise ConfigError(
                 "flava_full with model.codebook=random: MIM and MMM-image would learn random dVAE targets. Use the "
                 "DALL-E codebook (model.codebook=facebook/flava-image-codebook; `flava fetch-assets` for offline "

@@ -197,7 +197,8 @@ def train_wordpiece(
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocabulary: marks them special (decode skips them)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     save_tokenizer_dir(tok, out_dir)
     return TextTokenizer(tok)
@@ -223,7 +224,7 @@ def _write_tokenizer_files(tok, tmp: Path, model_max_length: int) -> None:
             dict(tokenizer_class="BertTokenizerFast", do_lower_case=True, tokenize_chinese_chars=True,
                  strip_accents=None, model_max_length=model_max_length, **specials),
             indent=2,
-        )  # fmt: skip
+        )
     )
 
 

@@ -31,7 +31,7 @@ from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random
 from .config import FlavaConfig
 from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
-)  # fmt: skip
+)
 from .convert import export_final
 from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, shard_model, teardown
 from .init_weights import apply_init_configs, load_encoder_init
@@ -168,7 +168,7 @@ def cache_contrastive(model: FlavaForPretraining, batches: list[dict], autocast)
     loss, _, _ = global_contrastive_loss(
         images, texts, scale, pos, global_backprop=cfg.global_backprop_contrastive,
         exclude_negative_texts=cfg.contrastive_exclude_itm_negatives,
-    )  # fmt: skip
+    )
     loss = loss * cfg.loss_weights.global_contrastive
     loss.backward()
     sizes = [len(o.image_embedding) for o in outs]
@@ -239,7 +239,7 @@ def resume_rank_state(ckpt: Path, meta: dict, info: DistInfo, num_workers: int) 
             "repeated or skipped; the micro-batch order differs from an uninterrupted run where streams do not "
             "map one to one. Per kind: %s",
             ckpt, old_world, old_workers, info.world_size, num_workers, summary,
-        )  # fmt: skip
+        )
     return states[info.rank % old_world]["rng"], loader
 
 
@@ -317,13 +317,13 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     loader = MultiSourceLoader(
         sources, specs, tokenizer, info.rank, info.world_size, cfg.data.num_workers, cfg.data.prefetch_factor,
         loader_state,
-    )  # fmt: skip
+    )
     metrics = MetricsWriter(run_dir, info.is_main, cfg.run.tensorboard, step)
     stop_at = cfg.run.steps
     meta_common = {
         "model_config": mcfg.to_dict(), "world_size": info.world_size, "num_workers": max(1, cfg.data.num_workers),
         "tokenizer_vocab_size": len(tokenizer), "run_config": cfg.to_dict(),
-    }  # fmt: skip
+    }
 
     stop_requested = {"flag": False}
 

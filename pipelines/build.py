@@ -106,7 +106,8 @@ class BuildConfig:
     ray_address: str | None = None
     num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
-    retry_failures: bool = False  # download again the rows whose last failure is transient (pmd.http_client.is_transient)
+    # download again the rows whose last failure is transient (pmd.http_client.is_transient)
+    retry_failures: bool = False
     progress: bool = True
     decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
     work: Path | None = None  # the work state (default OUT/work; for a URL OUT, default_work_dir(OUT))

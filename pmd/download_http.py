@@ -27,7 +27,7 @@ from typing import Any
 
 from urllib3.util import parse_url
 
-from pmd.http_client import BACKOFF_STATUSES, Fetched, HttpClient, client_for
+from pmd.http_client import BACKOFF_STATUSES, Fetched, client_for
 
 log = logging.getLogger(__name__)
 

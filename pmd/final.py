@@ -227,7 +227,7 @@ class _PieceWriters:
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
             self._flush(b)
-        for b, (f, writer) in sorted(self.open.items()):
+        for _, (f, writer) in sorted(self.open.items()):
             writer.close()
             f.commit()
         return dict(sorted(self.rows.items()))

@@ -22,7 +22,8 @@ COMMERCIAL_USE = "commercial"
 # meta keys holding a row's own licence URL, per source
 _ROW_LICENCE_URL = {"yfcc100m": "$.license_url"}
 _CC = re.compile(r"creativecommons\.org/licenses/([a-z-]+)/(\d+(?:\.\d+)?)")
-_PUBLIC = {"creativecommons.org/publicdomain/zero": "CC0", "creativecommons.org/publicdomain/mark": "Public Domain Mark",
+_PUBLIC = {"creativecommons.org/publicdomain/zero": "CC0",
+           "creativecommons.org/publicdomain/mark": "Public Domain Mark",
            "flickr.com/commons/usage": "No known copyright restrictions"}
 
 

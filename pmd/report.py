@@ -13,9 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files, never a window: this runs on headless build machines
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from pmd.catalog import COMMERCIAL, load_catalog  # noqa: E402
+from pmd.catalog import COMMERCIAL, load_catalog
 
 
 def _fmt(value, digits: int = 2) -> str:

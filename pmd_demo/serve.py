@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
 

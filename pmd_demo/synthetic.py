@@ -168,7 +168,8 @@ def generate(root: Path, base_url: str, images: int = 120, seed: int = 0, size: 
     for i in range(images):
         d = drawer.next()
         annotations.append({"image_id": f"rc{i:05d}", "author": "demo_user", "url": url_image("rc", i, d),
-                            "raw_caption": f"I made a {d.colour} {d.shape}", "caption": f"i made a {d.colour} {d.shape}",
+                            "raw_caption": f"I made a {d.colour} {d.shape}",
+                            "caption": f"i made a {d.colour} {d.shape}",
                             "subreddit": "shapes", "score": 10 + i, "created_utc": 1_600_000_000 + i,
                             "permalink": f"/r/shapes/comments/{i}/", "crosspost_parents": None})
     rc = rc_dir / "shapes_2020.json"

@@ -93,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: LoopbackServer  # type: ignore[assignment]
 
-    def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
+    def log_message(self, format, *args):
         pass
 
     def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> None:
@@ -122,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(block[:left])
             left -= len(block)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         srv = self.server
         path = self.path.split("?")[0]
         srv.user_agents.add(self.headers.get("User-Agent", ""))

@@ -61,8 +61,8 @@ def _image_ref(url: Any) -> str | None:
     return f"{parts[-2]}/{parts[-1]}"
 
 
-# image_id -> (image_ref or None, width or None, height or None, coco_id or None, flickr_id or None): a tuple, to keep the 108k
-# entries small in memory and when the context is pickled to workers.
+# image_id -> (image_ref or None, width or None, height or None, coco_id or None, flickr_id or None): a tuple, to keep
+# the 108k entries small in memory and when the context is pickled to workers.
 ImageInfo = tuple[str | None, int | None, int | None, int | None, int | None]
 
 

@@ -5,10 +5,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from flava import config as C  # noqa: E402
+from flava import config as C
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:

@@ -67,10 +67,10 @@ class FakeHub:
                 files = self.repos[repo]
                 if not rest or rest[0] == "revision":
                     info = {"id": repo, "modelId": repo, "sha": self.commits[repo], "private": False,
-                            "siblings": [{"rfilename": f} for f in sorted(files)]}  # fmt: skip
+                            "siblings": [{"rfilename": f} for f in sorted(files)]}
                 else:
                     info = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                            for f, b in sorted(files.items())]  # fmt: skip
+                            for f, b in sorted(files.items())]
                 body, status = json.dumps(info).encode(), 200
                 headers = {"Content-Type": "application/json"}
         else:
@@ -80,7 +80,7 @@ class FakeHub:
                 if name in self.repos[repo]:
                     body, status = self.repos[repo][name], 200
                     headers = {"X-Repo-Commit": self.commits[repo], "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
-                               "Content-Type": "application/octet-stream"}  # fmt: skip
+                               "Content-Type": "application/octet-stream"}
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)

@@ -36,7 +36,7 @@ def make_rows(n: int, seed: int = 0, size: int = 48, split: str = "train", bad: 
                 split=split, meta=json.dumps({"label": f"{colour} {shape}"}), lang="en", lang_score=1.0, image=img,
                 image_sha256=hashlib.sha256(img).hexdigest(), width=size, height=size, original_width=size,
                 original_height=size,
-            )  # fmt: skip
+            )
         )
     return rows
 
@@ -56,13 +56,13 @@ def write_build(out: Path, rows: list[dict], shards: int = 2, row_group_size: in
         pq.write_table(table, out / name, row_group_size=row_group_size)
         data = (out / name).read_bytes()
         entries.append({"file": name, "rows": len(part), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                        "sources": {"coco": len(part)}})  # fmt: skip
+                        "sources": {"coco": len(part)}})
     manifest = {"format": "pmd-build", "schema_version": 1, "shards": entries,
-                "totals": {"pairs": len(rows)}}  # fmt: skip
+                "totals": {"pairs": len(rows)}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
 def make_build(out: Path, n: int = 96, seed: int = 0, size: int = 48, split: str = "train", bad: int = 0,
-               shards: int = 2, row_group_size: int = 32) -> Path:  # fmt: skip
+               shards: int = 2, row_group_size: int = 32) -> Path:
     return write_build(out, make_rows(n, seed, size, split, bad), shards, row_group_size)

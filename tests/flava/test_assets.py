@@ -23,7 +23,7 @@ def _flava(args, env_extra, timeout=240):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout)
 
 
 def _offline(tmp_path):
@@ -49,7 +49,7 @@ def hub_repos(tmp_path_factory):
     torch.manual_seed(0)
     FlavaImageCodebook(_hf_config(tiny().codebook)).save_pretrained(str(root / "cb"))
     words = [f"a {c} {s} on a plain background" for c in ("red", "green", "blue", "yellow")
-             for s in ("circle", "square", "triangle")]  # fmt: skip
+             for s in ("circle", "square", "triangle")]
     train_wordpiece(words * 4 + ["a photo of a"], root / "tok", vocab_size=200)
     codebook = _dir_files(root / "cb")
     codebook["pytorch_model.bin"] = b"an older copy of the weights"
@@ -65,13 +65,13 @@ def _config(tmp_path) -> Path:
                   "codebook": "acme/tiny-codebook"},
         "data": {"tokenizer": "acme/tiny-bert", "text_max_length": 24, "text_only_max_length": 32},
         "run": {"global_batch_size": 8, "micro_batch_size": 8},
-    }))  # fmt: skip
+    }))
     return cfg
 
 
 def test_select_files():
     files = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
-             "vocab.txt", "onnx/model.onnx", "tokenizer.json"]  # fmt: skip
+             "vocab.txt", "onnx/model.onnx", "tokenizer.json"]
     assert select_files(files, "model") == ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
     assert select_files(["config.json", "pytorch_model.bin"], "model") == ["config.json", "pytorch_model.bin"]
     assert select_files(files, "tokenizer") == ["config.json", "tokenizer.json", "vocab.txt"]
@@ -117,7 +117,7 @@ def test_asset_absent_from_a_reachable_hub(tmp_path):
                    {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf2"), "HF_HUB_DISABLE_TELEMETRY": "1"})
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
         assert r.stderr.startswith(f"flava: error: cannot fetch asset codebook (model.codebook=acme/tiny-codebook) "
-                                   f"from {hub.url}: ")  # fmt: skip
+                                   f"from {hub.url}: ")
 
 
 @pytest.mark.slow
@@ -152,7 +152,7 @@ def test_fetch_assets_then_train_offline(hub_repos, tmp_path):
     # the hub is gone and the process offline: the config copy trains
     build = make_build(tmp_path / "b", n=16, size=32, shards=1)
     r = _flava(["train", "--config", str(out / "config.yaml"), "--data", str(build), "--out", str(tmp_path / "run"),
-                "--steps", "1", *COMMON], _offline(tmp_path))  # fmt: skip
+                "--steps", "1", *COMMON], _offline(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
     (out / "codebook" / "config.json").write_text("{}")

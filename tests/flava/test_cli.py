@@ -28,7 +28,7 @@ def built(tmp_path_factory):
         [sys.executable, "-m", "flava.cli", "train", "--config", "tiny", "--data", str(train), "--out", str(run),
          "--steps", "3", *COMMON],
         capture_output=True, text=True, env=env, timeout=240,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 3
     return train, held, run
@@ -38,7 +38,7 @@ def test_eval_retrieval_json(built):
     _, held, run = built
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "flava.cli", "eval", "retrieval", "--checkpoint", str(run), "--data",
-                        str(held), "--json"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                        str(held), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "n_images", "n_texts"} <= set(res)
@@ -48,7 +48,7 @@ def test_eval_retrieval_json(built):
 def test_eval_zeroshot_and_export(built, capsys, tmp_path):
     _, held, run = built
     assert main(["eval", "zeroshot", "--checkpoint", str(run), "--data", str(held), "--classes", ",".join(CLASSES),
-                 "--json"]) == 0  # fmt: skip
+                 "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 24 and res["classes"] == 12  # the figures themselves: tests/flava/test_retrieval.py
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0

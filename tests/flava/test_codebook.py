@@ -22,7 +22,8 @@ def test_random_codebook_token_ids_frozen_fp32():
     # usable as MIM targets, and never part of the trained model
     model = FlavaForPretraining(cfg)
     assert not any(p is q for p in model.parameters() for q in cb.model.parameters())
-    out = model(pixel_values=torch.randn(2, 3, 32, 32), patch_mask=torch.ones(2, 16, dtype=torch.bool), image_token_ids=ids)
+    out = model(pixel_values=torch.randn(2, 3, 32, 32), patch_mask=torch.ones(2, 16, dtype=torch.bool),
+                image_token_ids=ids)
     assert torch.isfinite(out.loss)
 
 

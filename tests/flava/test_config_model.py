@@ -61,13 +61,13 @@ def test_unmasked_inputs_reuse_passes_and_losses_present():
     torch.manual_seed(0)
     model = FlavaForPretraining(tiny())
     batch = make_batch(model.config)
-    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                itm_labels=batch["itm_labels"])  # fmt: skip
+    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], itm_labels=batch["itm_labels"])
     assert set(out.losses.as_dict()) == {"itm", "global_contrastive"}
     assert out.image_masked is out.image and out.text_masked is out.text
     # masked text only: no unmasked text, hence no contrastive loss (as transformers)
     only_masked = model(pixel_values=batch["pixel_values"], input_ids_masked=batch["input_ids_masked"],
-                        mlm_labels=batch["mlm_labels"], itm_labels=batch["itm_labels"])  # fmt: skip
+                        mlm_labels=batch["mlm_labels"], itm_labels=batch["itm_labels"])
     assert set(only_masked.losses.as_dict()) == {"itm", "mmm_text"}
     with pytest.raises(ValueError):
         model()

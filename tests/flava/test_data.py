@@ -37,7 +37,7 @@ def tok(build, tmp_path_factory):
 
 def _spec(**kw):
     base = dict(kind="pairs", batch_size=4, image_size=32, codebook_size=32, grid_size=4, text_max_length=16,
-                seed=3, shuffle_buffer=30)  # fmt: skip
+                seed=3, shuffle_buffer=30)
     base.update(kw)
     return DataSpec(**base)
 

@@ -71,7 +71,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 gathered=gathered, model_loss=out.loss.detach(), model_grads=grads,
             ),
             os.path.join(out_dir, f"rank{rank}.pt"),
-        )  # fmt: skip
+        )
     finally:
         dist.destroy_process_group()
 

@@ -61,7 +61,7 @@ def test_text_encoder_from_bert_and_roberta(tmp_path, kind):
         enc, pad = hf.bert, 0
     else:  # positions from pad_token_id + 1 = 2
         hf = RobertaForMaskedLM(RobertaConfig(**ENC, vocab_size=300, max_position_embeddings=42, pad_token_id=1,
-                                              type_vocab_size=1, layer_norm_eps=1e-5))  # fmt: skip
+                                              type_vocab_size=1, layer_norm_eps=1e-5))
         enc, pad = hf.roberta, 1
     perturb_(hf, 0.1)
     hf.save_pretrained(str(tmp_path / kind))  # a *ForMaskedLM: the prefix and the MLM head are dropped
@@ -105,12 +105,12 @@ def test_two_stage_recipe_text_only_mlm_then_full(tmp_path):
     from .shards import make_build, make_rows
 
     common = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0", "run.global_batch_size=8",
-              "run.micro_batch_size=8"]  # fmt: skip
+              "run.micro_batch_size=8"]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(r["text"] for r in make_rows(64, seed=0, size=8)) + "\n")
     stage1 = tmp_path / "stage1"
     cfg1 = load_run_config("tiny", [*common, "data.ratios={text: 1.0}", f"data.text=[{corpus}]", "run.steps=2",
-                                    "run.export_final=false"])  # fmt: skip
+                                    "run.export_final=false"])
     train(cfg1, stage1)
     kinds = {json.loads(line)["kind"] for line in (stage1 / "metrics.jsonl").read_text().splitlines()}
     assert kinds == {"text"}
@@ -118,7 +118,7 @@ def test_two_stage_recipe_text_only_mlm_then_full(tmp_path):
     build = make_build(tmp_path / "pairs", n=16, size=32, shards=1)
     stage2 = tmp_path / "stage2"
     cfg2 = load_run_config("tiny", [*common, f"model.text_encoder_init={stage1}", f"data.tokenizer={stage1}/tokenizer",
-                                    f"data.pairs=[{build}]", "run.steps=0"])  # fmt: skip
+                                    f"data.pairs=[{build}]", "run.steps=0"])
     train(cfg2, stage2)
     ckpt = ckpt_mod.latest_checkpoint(stage1)
     m1 = FlavaForPretraining(FlavaConfig.from_dict(ckpt_mod.read_meta(ckpt)["model_config"]))

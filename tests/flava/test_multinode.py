@@ -31,7 +31,7 @@ STEPS = 8
 COMMON = ["train", "--config", "tiny", "--steps", str(STEPS), "run.progress=false", "run.tensorboard=false",
           "run.export_final=false", "run.checkpoint_every=3", "data.num_workers=0", "data.tokenizer_vocab_size=200",
           "run.global_batch_size=16", "run.micro_batch_size=8", "run.keep_checkpoints=10",
-          "data.ratios={images: 0.5, text: 0.5}"]  # fmt: skip
+          "data.ratios={images: 0.5, text: 0.5}"]
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}  # fmt: skip
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     return dict(env, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
@@ -54,7 +54,7 @@ def _launch_nodes(data: Path, out: Path, tmp: Path) -> tuple[list[subprocess.Pop
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                f"--rdzv_id=flava-test-{port}", "--max-restarts=0", "-m", "flava.cli", *COMMON, "--data", str(data),
-               "--out", str(out)]  # fmt: skip
+               "--out", str(out)]
         logs.append(tmp / f"node{node}-{port}.log")
         with open(logs[-1], "w") as log:
             procs.append(
@@ -123,7 +123,7 @@ def reference(tmp_path_factory):
     data = make_build(tmp / "data", n=96, seed=0, size=32, shards=2, row_group_size=16)
     ref = tmp / "ref"
     r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(ref),
-                        "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+                        "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     want = _metrics(ref)
     assert len({m["kind"] for m in want}) == 2
@@ -166,7 +166,7 @@ def test_two_process_checkpoint_resumes_on_one_process(reference, tmp_path):
         if step > 3:
             shutil.rmtree(path)
     r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(run)],
-                       capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+                       capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "written by 2 process(es) x 1 worker(s), this run has 1 x 1" in r.stderr
     # steps 4.. on one process (accumulation 2 instead of 2 ranks) equal the 2-process run's, up to float rounding

@@ -90,7 +90,8 @@ def test_pair_batch_gradients(hf_model):
         assert name in ours_grads, f"no gradient for {name}"
         close(ours_grads[name], g.reshape(ours_grads[name].shape))
     # parameters that get a gradient here and none in transformers would be a semantic difference
-    extra = set(ours_grads) - set(hf_grads) - {f"{h}.decoder.bias" for h in ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head")}
+    heads = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head")
+    extra = set(ours_grads) - set(hf_grads) - {f"{h}.decoder.bias" for h in heads}
     assert not extra, extra
 
 
@@ -189,7 +190,8 @@ def test_difference_nothing_masked_gives_zero_not_nan(hf_model):
     out.loss.backward()  # still differentiable, no NaN gradients
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
     # image-only / text-only batches with nothing masked
-    img = ours(pixel_values=batch["pixel_values"], patch_mask=batch["patch_mask"], image_token_ids=batch["image_token_ids"])
+    img = ours(pixel_values=batch["pixel_values"], patch_mask=batch["patch_mask"],
+               image_token_ids=batch["image_token_ids"])
     assert img.loss.item() == 0.0
     txt = ours(input_ids=batch["input_ids"], mlm_labels=batch["mlm_labels"])
     assert txt.loss.item() == 0.0

@@ -61,7 +61,7 @@ def test_two_fresh_runs_under_different_hash_seeds_are_identical(tmp_path):
              "--steps", "2", "run.progress=false", "run.tensorboard=false", "run.export_final=false",
              "data.num_workers=0", "data.tokenizer_vocab_size=200", "data.ratios={pairs: 1.0}"],
             capture_output=True, text=True, env=env, timeout=300,
-        )  # fmt: skip
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(out)
     a, b = runs

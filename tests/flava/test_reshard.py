@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
 
 
 SPEC = DataSpec(kind="text", batch_size=4, image_size=32, codebook_size=32, grid_size=4, text_max_length=8, seed=5,
-                shuffle_buffer=15)  # fmt: skip
+                shuffle_buffer=15)
 
 
 def _loader(source, tok, rank, world, state=None):
@@ -100,5 +100,5 @@ def test_a_second_reshard_keeps_unfinished_segments(corpus):
     # the one that was next first, then the 1-stream main cursor (nothing read of it)
     assert segments == [] and cursor == (1, 0, 0)
     cursor0, segments0, _ = parse_position(reshard_loader_states([{"text": ld.state_dict()}], 0, 2, 0)[0]["text"]
-                                           ["cursors"][0])  # fmt: skip
+                                           ["cursors"][0])
     assert [s[:2] for s in segments0] == [(2, 1), (2, 0)] and cursor0 == (1, 0, 0)

@@ -109,7 +109,7 @@ def test_eval_retrieval_end_to_end_and_saved_embeddings(hf_dir, tmp_path, capsys
     build = _multi_caption_build(tmp_path / "build")
     npz = tmp_path / "emb" / "e.npz"
     assert main(["eval", "retrieval", "--checkpoint", str(hf_dir), "--data", str(build), "--split", "test",
-                 "--save-embeddings", str(npz), "--json"]) == 0  # fmt: skip
+                 "--save-embeddings", str(npz), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     n_texts = sum(1 + i % 4 for i in range(12))
     assert (res["n_images"], res["n_texts"], res["undecodable_images"], res["dropped_texts"]) == (12, n_texts, 1, 2)
@@ -123,7 +123,7 @@ def test_eval_retrieval_end_to_end_and_saved_embeddings(hf_dir, tmp_path, capsys
         assert res[k] == pytest.approx(v, abs=1e-6), k
     # --limit counts rows
     assert main(["eval", "retrieval", "--checkpoint", str(hf_dir), "--data", str(build), "--limit", "7",
-                 "--json"]) == 0  # fmt: skip
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 7
 
 
@@ -141,7 +141,7 @@ def test_zeroshot_ensembles_clips_80_templates(hf_dir, tmp_path, capsys):
     rows = [r for r in make_rows(96, seed=5, size=32, split="test") if json.loads(r["meta"])["label"] in classes]
     build = write_build(tmp_path / "zs", rows, shards=2, row_group_size=7)
     base = ["eval", "zeroshot", "--checkpoint", str(hf_dir), "--data", str(build), "--classes", ",".join(classes),
-            "--json"]  # fmt: skip
+            "--json"]
     assert main(base) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["templates"] == 80 and res["n"] == len(rows) == 32

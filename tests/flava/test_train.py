@@ -116,7 +116,7 @@ def test_checkpoint_metadata_unpickler_refuses_arbitrary_objects(tmp_path):
 def _cli(*args, timeout=240) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout)
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_stop_and_resume_two_processes_matches_uninterrupted(data, tokenizer_dir
     mid-round-robin) gives exactly the losses of a fresh `--steps 9`. Mixed kinds (pairs/images/text)."""
     common = ["train", "--config", "tiny", "--data", str(data), "--nproc", "2", "run.progress=false",
               "run.tensorboard=false", "run.export_final=false", "run.checkpoint_every=100", "data.num_workers=2",
-              f"data.tokenizer={tokenizer_dir}", "run.global_batch_size=16", "run.micro_batch_size=8"]  # fmt: skip
+              f"data.tokenizer={tokenizer_dir}", "run.global_batch_size=16", "run.micro_batch_size=8"]
     a, b = tmp_path / "a", tmp_path / "b"
     for out, steps in ((a, 5), (a, 9), (b, 9)):
         r = _cli(*common, "--out", str(out), "--steps", str(steps))
@@ -153,7 +153,7 @@ def test_training_learns_retrieval_above_chance(tmp_path):
     run = tmp_path / "run"
     cfg = load_run_config("tiny", [*TINY, f"data.pairs=[{train_dir}]", "data.ratios={pairs: 1.0}", "run.steps=200",
                                    "run.micro_batch_size=32", "run.global_batch_size=32", "optim.total_steps=200",
-                                   "optim.warmup_steps=10", "run.checkpoint_every=1000", "run.export_final=false"])  # fmt: skip
+                                   "optim.warmup_steps=10", "run.checkpoint_every=1000", "run.export_final=false"])
     train(cfg, run)
     m = _metrics(run)
     assert m[-1]["global_contrastive"] < m[0]["global_contrastive"] - 1.0

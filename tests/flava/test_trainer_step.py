@@ -86,7 +86,7 @@ def _step_worker(rank: int, port: int, out_dir: str) -> None:
         res["bf16"] = dict(
             master=master, logit_scale=out.logit_scale, logits=out.logits_per_image, image=out.image_embedding,
             texts=torch.cat(texts), itm=batches[0]["itm_labels"],
-        )  # fmt: skip
+        )
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -220,7 +220,7 @@ def test_collate_pads_to_the_longest_caption(tmp_path):
     tok = train_wordpiece(iter_texts([str(build)]), tmp_path / "tok", vocab_size=200)
     for kind in ("pairs", "text"):
         spec = dict(kind=kind, batch_size=8, image_size=32, codebook_size=32, grid_size=4, text_max_length=48,
-                    seed=3, shuffle_buffer=12, itm_probability=0.5)  # fmt: skip
+                    seed=3, shuffle_buffer=12, itm_probability=0.5)
         short, full = (
             next(iter(StreamingDataset(Source(kind, [str(build)]), DataSpec(**spec, pad_to_longest=p), tok, 0, 1, 0)))
             for p in (True, False)
@@ -236,9 +236,9 @@ def test_collate_pads_to_the_longest_caption(tmp_path):
 
 # ---- collectives on the run's device ---------------------------------------------------------------------------
 _FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
-              torch.rand, torch.randn, torch.randint, torch.linspace}  # fmt: skip
+              torch.rand, torch.randn, torch.randint, torch.linspace}
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
-                "broadcast", "reduce", "all_to_all_single", "gather", "scatter")  # fmt: skip
+                "broadcast", "reduce", "all_to_all_single", "gather", "scatter")
 _FLAVA_DIR = os.path.dirname(sys.modules["flava"].__file__)
 
 
@@ -287,7 +287,7 @@ def _run_worker(rank: int, port: int, data: str, run_dir: str, out_dir: str) -> 
     from flava.train import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")  # fmt: skip
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     seen: list[str] = []
     for name in _COLLECTIVES:
@@ -296,7 +296,7 @@ def _run_worker(rank: int, port: int, data: str, run_dir: str, out_dir: str) -> 
         "run.progress=false", "run.tensorboard=false", "data.num_workers=0", f"data.pairs=[{data}]",
         "run.global_batch_size=8", "run.micro_batch_size=2", "run.contrastive_gradient_cache=true",
         "run.checkpoint_every=2", "run.export_final=false", "data.tokenizer_vocab_size=200", "run.steps=3",
-    ])  # fmt: skip
+    ])
     error = ""
     try:
         with HostTensors():
@@ -319,7 +319,7 @@ def test_every_collective_of_a_run_gets_device_tensors(tmp_path):
         out_dir, run_dir = tmp_path / f"out{attempt}", tmp_path / f"run{attempt}"
         out_dir.mkdir()
         mp.start_processes(_run_worker, args=(_free_port(), str(data), str(run_dir), str(out_dir)),
-                           nprocs=WORLD, join=True, start_method="spawn")  # fmt: skip
+                           nprocs=WORLD, join=True, start_method="spawn")
         results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
         if not any("address already in use" in res["error"].lower() for res in results):
             break

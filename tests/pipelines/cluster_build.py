@@ -20,9 +20,9 @@ from pathlib import Path
 # talks to nothing beyond 127.0.0.1. Read by Ray at import.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-from pipelines.build import load_config, run_build  # noqa: E402
-from tests.httpserver import LoopbackServer, _Handler  # noqa: E402
-from tests.pipelines.build_fixtures import make_cc12m, make_coco  # noqa: E402
+from pipelines.build import load_config, run_build
+from tests.httpserver import LoopbackServer, _Handler
+from tests.pipelines.build_fixtures import make_cc12m, make_coco
 
 CONFIG = """
 shard_rows = 50
@@ -46,7 +46,7 @@ REQUEST_DELAY_S = 0.15  # on the cluster each image answers slowly, so chunk tas
 
 
 class _CountingHandler(_Handler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         with self.server.lock:
             self.server.requests += 1
         time.sleep(self.server.delay_s)

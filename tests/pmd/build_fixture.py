@@ -33,7 +33,8 @@ def write_build(root: Path, shards: list[list[dict]], failures: list[dict], acco
         entries.append({"file": f"shards/shard-{i:05d}.parquet", "rows": len(rows), "bytes": path.stat().st_size,
                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "sources": counts})
     (root / "failures").mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(failures, schema=schema.FAILURE_SCHEMA), root / "failures" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(failures, schema=schema.FAILURE_SCHEMA),
+                   root / "failures" / "part-00000.parquet")
     manifest = {"format": "pmd-build", "schema_version": 1, "shards": entries, "accounting": accounting}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

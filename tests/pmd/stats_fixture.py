@@ -19,7 +19,7 @@ def crafted_rows(seed: int = 7, shards: int = 7) -> list[list[dict]]:
     images = [bytes([i % 251, i // 251, 7]) * 5 for i in range(900)]
     score_pool = rng.random(40).astype(np.float32)
     out, key = [], 0
-    for s in range(shards):
+    for _ in range(shards):
         rows = []
         for _ in range(int(rng.integers(1, 900))):
             source = SOURCES[int(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1]))]

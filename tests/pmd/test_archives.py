@@ -181,7 +181,8 @@ def test_first_source_wins(tmp_path):
     b = _zip(tmp_path / "b.zip", {"x/1.jpg": b"from-b", "x/2.jpg": b"only-b"})
     index = ArchiveIndex.build([a, b])
     assert len(index) == 2
-    assert {r: d for r, d, _ in _read_all(index, ["x/1.jpg", "x/2.jpg"])} == {"x/1.jpg": b"from-a", "x/2.jpg": b"only-b"}
+    got = {r: d for r, d, _ in _read_all(index, ["x/1.jpg", "x/2.jpg"])}
+    assert got == {"x/1.jpg": b"from-a", "x/2.jpg": b"only-b"}
 
 
 def test_state_round_trip(tmp_path):

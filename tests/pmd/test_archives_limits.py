@@ -45,7 +45,7 @@ def zip_with_zero_member(path: Path, name: str, size: int) -> Path:
         info = zipfile.ZipInfo(name)
         info.compress_type = zipfile.ZIP_DEFLATED
         with zf.open(info, "w", force_zip64=True) as member:
-            member._compressor = _RepeatedBlock()  # noqa: SLF001 - the only way to write 4 GiB quickly
+            member._compressor = _RepeatedBlock()
             for _ in range(size // MIB):
                 member.write(zeros)
     return path

@@ -163,4 +163,5 @@ def test_pmd_stats_reports_overlaps_per_source_and_set(tmp_path, capsys):
     assert result["sources"]["sbu_captions"]["failures_by_stage"] == {"decontaminate": 3}
     assert result["sources"]["sbu_captions"]["success"]["attempted"] == 1  # removed on purpose, not image failures
     assert main(["stats", str(root)]) == 0
-    assert "evaluation images kept out of sbu_captions: coco_karpathy_test 1, flickr30k_test 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "evaluation images kept out of sbu_captions: coco_karpathy_test 1, flickr30k_test 2" in printed

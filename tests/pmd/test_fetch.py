@@ -33,7 +33,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         srv = self.server
         data = body(self.path)
         rng = self.headers.get("Range")

@@ -96,7 +96,8 @@ def test_train_and_validation_keys_do_not_collide(tmp_path: Path, validation_fil
 def test_cc3m_bad_rows(tmp_path: Path) -> None:
     path = tmp_path / "Train_GCC-training.tsv"
     path.write_bytes(
-        b"a  dog runs\ton the beach\thttp://example.com/dog.jpg\n"  # a tab inside the caption: the URL is the last field
+        # a tab inside the caption: the URL is the last field
+        b"a  dog runs\ton the beach\thttp://example.com/dog.jpg\n"
         b"caf\xe9 by night\thttp://example.com/cafe.jpg\n"
         b"only one column\n"
         b"\n"

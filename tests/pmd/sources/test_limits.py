@@ -19,7 +19,8 @@ from pmd.ingest import chunked, convert_chunk, iter_chunks
 from pmd.sources import create_adapter
 from pmd.sources import inputs as inputs_module
 from pmd.sources.base import CaptionLimits, InputError, OversizedLine, Pair, Reason, Record, caption_limits
-from pmd.sources.inputs import iter_json_items, iter_line_blocks, iter_line_ranges, iter_lines, parse_json_line, read_lines
+from pmd.sources.inputs import (iter_json_items, iter_line_blocks, iter_line_ranges, iter_lines, parse_json_line,
+                                read_lines)
 from pmd.sources.limits import JsonScanner, LimitExceeded
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,7 +154,7 @@ lines_bytes = st.lists(st.sampled_from([b"a", b"bb", b"\n", b"\r", b"\r\n", b"xx
 class _SmallReads(io.BytesIO):
     """readline that returns at most 3 bytes per call beyond the limit asked: the skip loop gets exercised."""
 
-    def readline(self, size=-1):  # noqa: D401
+    def readline(self, size=-1):
         return super().readline(min(size, 3) if size and size > 0 else 3)
 
 

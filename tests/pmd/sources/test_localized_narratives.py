@@ -169,7 +169,8 @@ def test_coco_pairs_and_decontamination(tmp_path: Path, karpathy_variant: str) -
     source = "localized_narratives__coco"
     pairs = [x for x in out if isinstance(x, Pair)]
     assert pairs == (
-        expected(source, kept_train, ["A bowl of broccoli.", "A fork."], "train", image_ref="train2017/000000000009.jpg")
+        expected(source, kept_train, ["A bowl of broccoli.", "A fork."], "train",
+                 image_ref="train2017/000000000009.jpg")
         + expected(source, kept_restval, ["Two dogs."], "validation", image_ref="val2017/000000000025.jpg")
     )
     rejects = [(r.reason, r.key, Path(r.input_file).name, r.position) for r in out if isinstance(r, Reject)]
