@@ -103,3 +103,14 @@ def make_coco(directory: Path, n_images: int = 40) -> CocoFixture:
         zips.append(path)
     failures = {"missing_member": 5, "decode_error": 5, "too_small": 5, "duplicate": 1}
     return CocoFixture(karpathy, zips, n_images * 5, failures, n_images - 3)
+
+
+def two_source_config(*, shard_rows: int, chunk_rows: int, seed: int, image_size: int, timeout: float,
+                      thread_count: int, executor: str | None = None) -> str:
+    """The build config of the URL + archive fixture pair above (in/cc12m.tsv, in/dataset_coco.json + zips)."""
+    return (f"shard_rows = {shard_rows}\nchunk_rows = {chunk_rows}\nseed = {seed}\n"
+            + (f'executor = "{executor}"\n' if executor else "")
+            + f"[image]\nimage_size = {image_size}\n[download]\ntimeout = {timeout}\nthread_count = {thread_count}\n"
+            + '[[sources]]\nname = "conceptual_12m"\ninputs = ["in/cc12m.tsv"]\n'
+            + '[[sources]]\nname = "coco"\ninputs = ["in/dataset_coco.json"]\n'
+            + 'images = ["in/val2014.zip", "in/train2014.zip"]\n')

@@ -22,25 +22,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from pipelines.build import load_config, run_build
 from tests.httpserver import LoopbackServer, _Handler
-from tests.pipelines.build_fixtures import make_cc12m, make_coco
+from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
 
-CONFIG = """
-shard_rows = 50
-chunk_rows = 20
-seed = 11
-[image]
-image_size = 32
-[download]
-timeout = 20.0
-thread_count = 4
-[[sources]]
-name = "conceptual_12m"
-inputs = ["in/cc12m.tsv"]
-[[sources]]
-name = "coco"
-inputs = ["in/dataset_coco.json"]
-images = ["in/val2014.zip", "in/train2014.zip"]
-"""
+CONFIG = two_source_config(shard_rows=50, chunk_rows=20, seed=11, image_size=32, timeout=20.0,
+                            thread_count=4)
 
 REQUEST_DELAY_S = 0.15  # on the cluster each image answers slowly, so chunk tasks are running when a node dies
 

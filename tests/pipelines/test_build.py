@@ -26,29 +26,13 @@ from pmd.cli import main as pmd_main
 from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
-from tests.pipelines.build_fixtures import make_cc12m, make_coco
+from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
 from tests.pipelines.test_build_retry import image_bytes_in_work
 
 pytestmark = pytest.mark.slow
 
 PMD = str(Path(sys.executable).with_name("pmd"))
-CONFIG = """
-shard_rows = 64
-chunk_rows = 24
-seed = 7
-[image]
-image_size = 32
-[download]
-timeout = 1.0
-thread_count = 16
-[[sources]]
-name = "conceptual_12m"
-inputs = ["in/cc12m.tsv"]
-[[sources]]
-name = "coco"
-inputs = ["in/dataset_coco.json"]
-images = ["in/val2014.zip", "in/train2014.zip"]
-"""
+CONFIG = two_source_config(shard_rows=64, chunk_rows=24, seed=7, image_size=32, timeout=1.0, thread_count=16)
 
 
 @pytest.fixture(scope="module")

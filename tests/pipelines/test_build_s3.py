@@ -21,30 +21,14 @@ from pmd.cli import main as pmd_main
 from pmd.export import ExportOptions, export
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
-from tests.pipelines.build_fixtures import make_cc12m, make_coco
+from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
 from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
 
 PMD = str(Path(sys.executable).with_name("pmd"))
-CONFIG = """
-shard_rows = 40
-chunk_rows = 16
-seed = 3
-executor = "local"
-[image]
-image_size = 24
-[download]
-timeout = 1.0
-thread_count = 8
-[[sources]]
-name = "conceptual_12m"
-inputs = ["in/cc12m.tsv"]
-[[sources]]
-name = "coco"
-inputs = ["in/dataset_coco.json"]
-images = ["in/val2014.zip", "in/train2014.zip"]
-"""
+CONFIG = two_source_config(shard_rows=40, chunk_rows=16, seed=3, image_size=24, timeout=1.0, thread_count=8,
+                            executor="local")
 
 
 @pytest.fixture(scope="module")
