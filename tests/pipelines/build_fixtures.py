@@ -6,6 +6,10 @@ Both are small (a few hundred pairs), deterministic, and contain every case the 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +118,20 @@ def two_source_config(*, shard_rows: int, chunk_rows: int, seed: int, image_size
             + '[[sources]]\nname = "conceptual_12m"\ninputs = ["in/cc12m.tsv"]\n'
             + '[[sources]]\nname = "coco"\ninputs = ["in/dataset_coco.json"]\n'
             + 'images = ["in/val2014.zip", "in/train2014.zip"]\n')
+
+
+def kill_build_mid_image_stage(cmd: list[str], work: Path, env: dict, chunks: int = 2, timeout_s: float = 120) -> None:
+    """Start `pmd build` (cmd), kill -9 its whole process group (driver, raylet, workers) once `chunks` image
+    chunks are finished under `work`; fails if the build ends first."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((work / "images").glob("*/chunk-*.arrow"))) >= chunks:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

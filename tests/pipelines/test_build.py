@@ -7,10 +7,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -26,7 +24,7 @@ from pmd.cli import main as pmd_main
 from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
-from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
+from tests.pipelines.build_fixtures import kill_build_mid_image_stage, make_cc12m, make_coco, two_source_config
 from tests.pipelines.test_build_retry import image_bytes_in_work
 
 pytestmark = pytest.mark.slow
@@ -190,18 +188,7 @@ def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
     resumed = root / "out-killed"
     cmd = [PMD, "build", "--config", str(config_file), "--out", str(resumed), "--num-cpus", "2", "-q"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((resumed / "work" / "images").glob("*/chunk-*.arrow"))) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the build finished before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver, raylet, workers
-        proc.wait()
+    kill_build_mid_image_stage(cmd, resumed / "work", env)
     assert not (resumed / "manifest.json").exists()
     done_before = sorted((resumed / "work" / "images").glob("*/chunk-*.arrow"))
     assert done_before

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +19,7 @@ from pmd.cli import main as pmd_main
 from pmd.export import ExportOptions, export
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
-from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
+from tests.pipelines.build_fixtures import kill_build_mid_image_stage, make_cc12m, make_coco, two_source_config
 from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
@@ -144,18 +142,7 @@ def test_a_build_killed_while_writing_to_s3_resumes_to_the_same_bytes(builds, in
     out, work = "s3://pmd/killed", tmp_path / "work"
     cmd = [PMD, "build", "--config", str(config_file), "--out", out, "--work", str(work), "-q"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((work / "images").glob("*/chunk-*.arrow"))) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the build finished before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_build_mid_image_stage(cmd, work, env)
     assert not storage.exists(storage.join(out, "manifest.json"))
     done = sorted(p.name for p in (work / "images").glob("*/chunk-*.arrow"))
     assert done
