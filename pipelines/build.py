@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
 from pmd.shards import file_sha256, shard_name
-from pipelines.ray_runtime import ray_session
+from pipelines.ray_runtime import ray_session, resolve_address
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class BuildConfig:
     seed: int = 0
     image: ImageOptions = field(default_factory=ImageOptions)
     download: DownloadOptions = field(default_factory=DownloadOptions)
-    executor: str = "ray"  # "ray" | "local" (in-process, for tiny builds and debugging)
+    # "auto": "pool" up to POOL_MAX_CANDIDATES candidates without `ray_address`, else "ray"; "pool": a process pool
+    # of this machine (no Ray); "local": in-process, one task at a time (debugging)
+    executor: str = "auto"
     ray_address: str | None = None
     num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
@@ -360,8 +363,8 @@ def _retry_group_with_state(out: str, source: str, group: int, attempt: int, tas
 
 
 class _Executor:
-    """Runs callables as Ray tasks, in a pool of this process's threads ("pool"), or in-process one at a time
-    ("local"), with a bounded number in flight (constant driver memory). `on_done` always runs in the driver thread."""
+    """Runs callables as Ray tasks, in a pool of worker processes on this machine ("pool"), or in-process one at a
+    time ("local"), with a bounded number in flight (constant driver memory). `on_done` runs in the driver thread."""
 
     def __init__(self, config: BuildConfig):
         self.local = config.executor == "local"
@@ -371,12 +374,12 @@ class _Executor:
         self.pool: futures.ProcessPoolExecutor | None = None
         if config.executor == "pool":
             # Processes, not threads: a chunk's decode/resize/encode release the GIL but its download client and
-            # row handling do not; threads in one process measured 8.7 s for 10,000 images against 6.8 s on two
-            # Ray workers (docs/benchmarks.md). Spawned (not forked: the driver has threads), each importing the
-            # task modules once at start while the driver ingests.
+            # row handling do not; 2 threads in one process took 8.7 s for the image stage of 10,000 images where
+            # two Ray workers took 6.8 s (docs/benchmarks.md). Spawned (not forked: the driver has threads), each
+            # importing the task modules once at start while the driver ingests.
             workers = pool_workers(config)
-            self.pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_import_task_modules)
+            self.pool = futures.ProcessPoolExecutor(max_workers=workers, initializer=_import_task_modules,
+                                                    mp_context=multiprocessing.get_context("spawn"))
             self.max_in_flight = 2 * workers  # as for Ray: one queued per worker while the driver prepares the next
             self.pool.submit(int)  # launches every worker now
         elif not self.local:
@@ -416,7 +419,13 @@ class _Executor:
         if self.pool is not None:
             done, _ = futures.wait(list(self.in_flight), return_when=futures.FIRST_COMPLETED)
             for future in done:
-                self.in_flight.pop(future)(future.result())
+                try:
+                    result = future.result()
+                except BrokenProcessPool as e:
+                    # Unlike Ray, the pool does not re-run a task whose process died; the finished work stays.
+                    raise BuildError(f"a worker process of the pool died ({e}); rerun the same command to resume, "
+                                     "or use --executor ray, which re-runs lost tasks") from e
+                self.in_flight.pop(future)(result)
             return
         import ray
 
@@ -446,7 +455,10 @@ class _Executor:
 
 
 def _import_task_modules() -> None:
-    import pipelines.build  # noqa: F401 - the task functions' modules: pmd.build, pmd.final, pmd.urls, pyarrow, Pillow
+    """A pool worker's start: this module and with it every task function's (pmd.build, final, urls; pyarrow)."""
+    import importlib
+
+    importlib.import_module(__name__)
 
 
 def pool_workers(config: BuildConfig) -> int:
@@ -780,7 +792,7 @@ def run_build(config: BuildConfig) -> dict:
     pool: _Executor | None = None
     if kind == "auto":
         kind = "ray"
-        if config.ray_address is None and _ingests_in_driver(config):
+        if resolve_address(config.ray_address) is None and _ingests_in_driver(config):
             # The pool's workers start (speculatively: ~0.3 s of imports each) beside the driver's ingest, whose
             # candidate count then decides; a build above POOL_MAX_CANDIDATES starts Ray after its ingest.
             pool = _Executor(dataclasses.replace(config, executor="pool"))
@@ -812,7 +824,7 @@ def run_build(config: BuildConfig) -> dict:
         # (one Ray start per build, not one for the ingest and one for the rest).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmd-ingest") as threads:
             if summaries is not None:  # "auto" above POOL_MAX_CANDIDATES: ingested, the URL pass is left
-                start = threads.submit(lambda: (summaries, _driver_side_urls(config, summaries, timings)))
+                start = threads.submit(_with_driver_side_urls, config, summaries, timings)
             else:
                 start = threads.submit(_driver_side_start, config, timings) if _ingests_in_driver(config) else None
             with ray_session(config.ray_address, config.num_cpus):
@@ -832,8 +844,7 @@ def run_build(config: BuildConfig) -> dict:
 
 def _make_plan(config: BuildConfig, summaries: dict) -> _Plan:
     chunks = [-(-summaries[s.name]["counts"]["pairs"] // config.chunk_rows) for s in config.sources]
-    candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
-    return _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+    return _Plan(config, summaries, final.plan_layout(chunks, _candidates(config, summaries), config.shard_rows, config.row_group_rows))
 
 
 def _timed_url_pass(plan: _Plan, executor: _Executor, timings: dict) -> dict[str, dict[str, int]]:
@@ -852,6 +863,10 @@ def _driver_side_start(config: BuildConfig, timings: dict) -> tuple[dict, dict |
     file passes, a fraction of a second in one process, where Ray rounds would cost more than the work).
     Returns (summaries, URL counts or None when the URL pass is left to Ray)."""
     summaries = _ingest_all(config, timings)
+    return summaries, _driver_side_urls(config, summaries, timings)
+
+
+def _with_driver_side_urls(config: BuildConfig, summaries: dict, timings: dict) -> tuple[dict, dict | None]:
     return summaries, _driver_side_urls(config, summaries, timings)
 
 

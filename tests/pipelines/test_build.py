@@ -96,7 +96,7 @@ def assert_accounting(manifest: dict) -> None:
 @pytest.fixture(scope="module")
 def ray_build(inputs, ray_local):
     root, config_file, _, _ = inputs
-    config = load_config(config_file, {"out": str(root / "out-ray")})
+    config = load_config(config_file, {"out": str(root / "out-ray"), "executor": "ray"})
     config.progress = False
     manifest = run_build(config)
     return root / "out-ray", manifest
@@ -221,11 +221,13 @@ def test_changed_configuration_is_refused(ray_build, inputs):
         run_build(config)
 
 
-def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
+@pytest.mark.parametrize("executor", ["ray", "pool"])
+def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs, executor):
     out, _ = ray_build
     root, config_file, _, _ = inputs
-    resumed = root / "out-killed"
-    cmd = [PMD, "build", "--config", str(config_file), "--out", str(resumed), "--num-cpus", "2", "-q"]
+    resumed = root / f"out-killed-{executor}"
+    cmd = [PMD, "build", "--config", str(config_file), "--out", str(resumed), "--num-cpus", "2", "-q",
+           "--executor", executor]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -237,7 +239,7 @@ def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
             time.sleep(0.05)
         assert proc.poll() is None, "the build finished before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver, raylet, workers
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver, raylet or pool, workers
         proc.wait()
     assert not (resumed / "manifest.json").exists()
     done_before = sorted((resumed / "work" / "images").glob("*/chunk-*.arrow"))
