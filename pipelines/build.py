@@ -113,7 +113,7 @@ class BuildConfig:
     # of this machine (no Ray); "local": in-process, one task at a time (debugging)
     executor: str = "auto"
     ray_address: str | None = None
-    num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
+    num_cpus: int | None = None  # CPUs of an embedded local Ray or of the pool (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
     retry_failures: bool = False  # download again the rows whose last failure is transient (pmd.http_client.is_transient)
     progress: bool = True
