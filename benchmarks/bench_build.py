@@ -126,13 +126,13 @@ def run_img2dataset(args, work: Path, env: dict, tag: str) -> dict:
     return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": round(peak / 2**20)}
 
 
-def run_pmd(args, work: Path, env: dict, backend: str, tag: str) -> dict:
-    out = work / f"pmd-{backend}-{tag}"
+def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str = "ray") -> dict:
+    out = work / f"pmd-{backend}-{executor}-{tag}"
     wall, peak, _ = run_measured(
         [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(out),
          "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
          "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--download-backend", backend,
-         "--json", "-q"], env)
+         "--executor", executor, "--json", "-q"], env)
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     pairs = manifest["totals"]["pairs"]
@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--connect-delay-ms", type=float, default=0.0, help="server delay per new connection")
     parser.add_argument("--hosts", type=int, default=1, help="loopback hosts (ports) the URLs are spread over")
     parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
+    parser.add_argument("--executors", default="ray",
+                        help="pmd build executors to run (ray, auto, local, pool): each but ray is named "
+                             "pmd_build_BACKEND_EXECUTOR")
     parser.add_argument("--rounds", type=int, default=1, help="rounds (order rotated), medians reported")
     parser.add_argument("--download-only", action="store_true", help="only the download-alone figures")
     parser.add_argument("--no-download-only", action="store_true", help="skip the download-alone figures")
@@ -211,6 +214,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
+    executors = [e for e in args.executors.split(",") if e]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pmd-bench-build-"))
     shutil.rmtree(work, ignore_errors=True)
@@ -221,7 +225,8 @@ def main() -> None:
     servers = [subprocess.Popen([PYTHON, str(ROOT / server_script), "--size", args.size,
                                  "--connect-delay", str(args.connect_delay_ms / 1000)], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(args.hosts)]
-    runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}": [] for b in backends}}
+    runs: dict[str, list[dict]] = {"img2dataset": [], **{f"pmd_build_{b}" + ("" if e == "ray" else f"_{e}"): []
+                                                           for b in backends for e in executors}}
     if args.baseline_root:
         runs["pmd_build_http_baseline"] = []
     downloads: dict[str, list[dict]] = {} if args.no_download_only else \
@@ -245,7 +250,8 @@ def main() -> None:
                 elif name == "pmd_build_http_baseline":
                     result = run_pmd(args, work, {**env, "PYTHONPATH": args.baseline_root}, "http", f"b{r}")
                 else:
-                    result = run_pmd(args, work, env, name.removeprefix("pmd_build_"), str(r))
+                    backend, _, executor = name.removeprefix("pmd_build_").partition("_")
+                    result = run_pmd(args, work, env, backend, str(r), executor or "ray")
                 result["load_1min"] = round(os.getloadavg()[0], 1)  # the machine's load as the run ended
                 runs[name].append(result)
                 print(f"round {r}: {name}: {result['ok']} images in {result['wall_s']}s = "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -25,7 +26,9 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
 from pmd.shards import file_sha256, shard_name
-from pipelines.ray_runtime import ray_session
+from pipelines.ray_runtime import ray_session, resolve_address
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ LOCAL_URL_PASS_ROWS = 100_000
 # Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
 # running tasks, not the build.
 TASK_RETRIES = 5
+EXECUTORS = ("auto", "ray", "pool", "local")
+# executor "auto": a build of at most this many candidates (after ingest; no `ray_address`) runs on the "pool"
+# executor, a larger one on Ray. PLACEHOLDER
+POOL_MAX_CANDIDATES = 100_000
 
 
 class BuildError(RuntimeError):
@@ -102,9 +109,11 @@ class BuildConfig:
     seed: int = 0
     image: ImageOptions = field(default_factory=ImageOptions)
     download: DownloadOptions = field(default_factory=DownloadOptions)
-    executor: str = "ray"  # "ray" | "local" (in-process, for tiny builds and debugging)
+    # "auto": "pool" up to POOL_MAX_CANDIDATES candidates without `ray_address`, else "ray"; "pool": a process pool
+    # of this machine (no Ray); "local": in-process, one task at a time (debugging)
+    executor: str = "auto"
     ray_address: str | None = None
-    num_cpus: int | None = None  # CPUs of an embedded local Ray (default: all)
+    num_cpus: int | None = None  # CPUs of an embedded local Ray or of the pool (default: all)
     task_cpus: float = 1.0  # CPUs reserved per chunk/shard task
     # download again the rows whose last failure is transient (pmd.http_client.is_transient)
     retry_failures: bool = False
@@ -125,8 +134,8 @@ class BuildConfig:
         for name in ("shard_rows", "row_group_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.executor not in ("ray", "local"):
-            raise ValueError(f"executor must be ray or local, not {self.executor!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}")
         if not 0 < self.task_cpus <= 64:
             raise ValueError("task_cpus must be in (0, 64]")
 
@@ -355,14 +364,26 @@ def _retry_group_with_state(out: str, source: str, group: int, attempt: int, tas
 
 
 class _Executor:
-    """Runs callables in-process or as Ray tasks with a bounded number in flight (constant driver memory)."""
+    """Runs callables as Ray tasks, in a pool of worker processes on this machine ("pool"), or in-process one at a
+    time ("local"), with a bounded number in flight (constant driver memory). `on_done` runs in the driver thread."""
 
     def __init__(self, config: BuildConfig):
         self.local = config.executor == "local"
         self.task_cpus = config.task_cpus
         self.in_flight: dict = {}
         self.max_in_flight = 1
-        if not self.local:
+        self.pool: futures.ProcessPoolExecutor | None = None
+        if config.executor == "pool":
+            # Processes, not threads: a chunk's decode/resize/encode release the GIL but its download client and
+            # row handling do not; 2 threads in one process took 8.7 s for the image stage of 10,000 images where
+            # two Ray workers took 6.8 s (docs/benchmarks.md). Spawned (not forked: the driver has threads), each
+            # importing the task modules once at start while the driver ingests.
+            workers = pool_workers(config)
+            self.pool = futures.ProcessPoolExecutor(max_workers=workers, initializer=_import_task_modules,
+                                                    mp_context=multiprocessing.get_context("spawn"))
+            self.max_in_flight = 2 * workers  # as for Ray: one queued per worker while the driver prepares the next
+            self.pool.submit(int)  # launches every worker now
+        elif not self.local:
             import ray
 
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -371,7 +392,7 @@ class _Executor:
             self._remote: dict = {}
 
     def put(self, value: object) -> object:
-        if self.local:
+        if self.local or self.pool is not None:
             return value
         import ray
 
@@ -383,16 +404,30 @@ class _Executor:
         if self.local:
             on_done(fn(*args))
             return
+        cap = min(self.max_in_flight, limit) if limit else self.max_in_flight
+        while len(self.in_flight) >= max(1, cap):
+            self._wait_one()
+        if self.pool is not None:
+            self.in_flight[self.pool.submit(fn, *args)] = on_done
+            return
         import ray
 
         if fn not in self._remote:
             self._remote[fn] = ray.remote(num_cpus=self.task_cpus, max_retries=TASK_RETRIES)(fn)
-        cap = min(self.max_in_flight, limit) if limit else self.max_in_flight
-        while len(self.in_flight) >= max(1, cap):
-            self._wait_one()
         self.in_flight[self._remote[fn].remote(*args)] = on_done
 
     def _wait_one(self) -> None:
+        if self.pool is not None:
+            done, _ = futures.wait(list(self.in_flight), return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except BrokenProcessPool as e:
+                    # Unlike Ray, the pool does not re-run a task whose process died; the finished work stays.
+                    raise BuildError(f"a worker process of the pool died ({e}); rerun the same command to resume, "
+                                     "or use --executor ray, which re-runs lost tasks") from e
+                self.in_flight.pop(future)(result)
+            return
         import ray
 
         ready, _ = ray.wait(list(self.in_flight), num_returns=1)
@@ -404,12 +439,32 @@ class _Executor:
             self._wait_one()
 
     def cancel(self) -> None:
-        if not self.local:
+        if self.pool is not None:
+            for future in self.in_flight:
+                future.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)  # running tasks finish: their outputs stay whole
+        elif not self.local:
             import ray
 
             for ref in self.in_flight:
                 ray.cancel(ref, force=True)
         self.in_flight.clear()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _import_task_modules() -> None:
+    """A pool worker's start: this module and with it every task function's (pmd.build, final, urls; pyarrow)."""
+    import importlib
+
+    importlib.import_module(__name__)
+
+
+def pool_workers(config: BuildConfig) -> int:
+    """Tasks the "pool" executor runs at once: the CPUs given (`num_cpus`, default this machine's) over `task_cpus`."""
+    return max(1, int((config.num_cpus or os.cpu_count() or 1) / config.task_cpus))
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -437,7 +492,7 @@ def _ingest_config(config: BuildConfig, spec: SourceSpec):  # -> pipelines.inges
     from pipelines.ingest import IngestConfig
 
     return IngestConfig(source=spec.name, inputs=spec.inputs, out=config.work / "ingest",
-                        options=spec.options, executor="local" if config.executor == "local" else "auto",
+                        options=spec.options, executor="local" if config.executor in ("local", "pool") else "auto",
                         ray_address=config.ray_address, num_cpus=config.num_cpus, progress=config.progress)
 
 
@@ -733,18 +788,49 @@ def run_build(config: BuildConfig) -> dict:
     storage.delete(manifest_path(out))  # present only once this run has finished
 
     timings: dict[str, float] = {}
-    if config.executor == "local":
-        manifest = _images_and_final(config, _ingest_all(config, timings), _Executor(config), timings)
+    kind = config.executor
+    summaries: dict | None = None
+    pool: _Executor | None = None
+    if kind == "auto":
+        kind = "ray"
+        if resolve_address(config.ray_address) is None and _ingests_in_driver(config):
+            # The pool's workers start (speculatively: ~0.3 s of imports each) beside the driver's ingest, whose
+            # candidate count then decides; a build above POOL_MAX_CANDIDATES starts Ray after its ingest.
+            pool = _Executor(dataclasses.replace(config, executor="pool"))
+            try:
+                summaries = _ingest_all(config, timings)
+            except BaseException:
+                pool.cancel()
+                raise
+            kind = "pool" if _candidates(config, summaries) <= POOL_MAX_CANDIDATES else "ray"
+            if kind == "ray":
+                pool.cancel()
+        log.info("executor auto: %s", kind)
+    if kind in ("local", "pool"):
+        executor = pool or _Executor(dataclasses.replace(config, executor=kind))  # a pool's workers start here
+        try:
+            if summaries is None:
+                summaries, url_counts = _driver_side_start(config, timings)
+            else:
+                url_counts = _driver_side_urls(config, summaries, timings)
+            manifest = _images_and_final(config, summaries, executor, timings, url_counts)
+        except BaseException:
+            executor.cancel()
+            raise
+        executor.close()
     else:
         # Ray starts in this thread (ray.init sets a SIGTERM handler, main thread only) while a driver-side ingest
         # runs beside it: Ray's start is mostly waiting on its own processes (~2-3 s), a small build's ingest is
         # then free. An ingest that uses Ray itself (large inputs, a cluster) runs after, in the same session
         # (one Ray start per build, not one for the ingest and one for the rest).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmd-ingest") as pool:
-            start = pool.submit(_driver_side_start, config, timings) if _ingests_in_driver(config) else None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmd-ingest") as threads:
+            if summaries is not None:  # "auto" above POOL_MAX_CANDIDATES: ingested, the URL pass is left
+                start = threads.submit(_with_driver_side_urls, config, summaries, timings)
+            else:
+                start = threads.submit(_driver_side_start, config, timings) if _ingests_in_driver(config) else None
             with ray_session(config.ray_address, config.num_cpus):
                 summaries, url_counts = start.result() if start is not None else (_ingest_all(config, timings), None)
-                executor = _Executor(config)
+                executor = _Executor(dataclasses.replace(config, executor="ray"))
                 try:
                     manifest = _images_and_final(config, summaries, executor, timings, url_counts)
                 except BaseException:
@@ -759,8 +845,8 @@ def run_build(config: BuildConfig) -> dict:
 
 def _make_plan(config: BuildConfig, summaries: dict) -> _Plan:
     chunks = [-(-summaries[s.name]["counts"]["pairs"] // config.chunk_rows) for s in config.sources]
-    candidates = sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
-    return _Plan(config, summaries, final.plan_layout(chunks, candidates, config.shard_rows, config.row_group_rows))
+    layout = final.plan_layout(chunks, _candidates(config, summaries), config.shard_rows, config.row_group_rows)
+    return _Plan(config, summaries, layout)
 
 
 def _timed_url_pass(plan: _Plan, executor: _Executor, timings: dict) -> dict[str, dict[str, int]]:
@@ -779,10 +865,24 @@ def _driver_side_start(config: BuildConfig, timings: dict) -> tuple[dict, dict |
     file passes, a fraction of a second in one process, where Ray rounds would cost more than the work).
     Returns (summaries, URL counts or None when the URL pass is left to Ray)."""
     summaries = _ingest_all(config, timings)
+    return summaries, _driver_side_urls(config, summaries, timings)
+
+
+def _with_driver_side_urls(config: BuildConfig, summaries: dict, timings: dict) -> tuple[dict, dict | None]:
+    return summaries, _driver_side_urls(config, summaries, timings)
+
+
+def _driver_side_urls(config: BuildConfig, summaries: dict, timings: dict) -> dict | None:
+    """The URL pass in the driver when it covers at most LOCAL_URL_PASS_ROWS URL rows, else None (left to the
+    executor)."""
     if _url_rows(config, summaries) > LOCAL_URL_PASS_ROWS:
-        return summaries, None
+        return None
     local = _Executor(dataclasses.replace(config, executor="local"))
-    return summaries, _timed_url_pass(_make_plan(config, summaries), local, timings)
+    return _timed_url_pass(_make_plan(config, summaries), local, timings)
+
+
+def _candidates(config: BuildConfig, summaries: dict) -> int:
+    return sum(summaries[s.name]["counts"]["pairs"] for s in config.sources)
 
 
 def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor, timings: dict,

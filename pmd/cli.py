@@ -321,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="http backend: connections per host and process (default 16)")
     p.add_argument("--retry-failures", action="store_true", default=None,
                    help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
-    p.add_argument("--executor", choices=("ray", "local"), default=None, help="ray (default) or in-process")
+    p.add_argument("--executor", choices=("auto", "ray", "pool", "local"), default=None,
+                   help="auto (default: pool for small builds, else ray), ray, pool (a thread pool in this process) "
+                        "or local (in-process, one task at a time)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the embedded local Ray or the pool (default: all)")
     p.add_argument("--task-cpus", type=float, default=None, help="CPUs per image/shard task (default 1)")
     p.add_argument("--json", action="store_true", help="print accounting and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

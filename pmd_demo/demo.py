@@ -63,7 +63,8 @@ def _build_config(corpus: synthetic.SyntheticCorpus, config: DemoConfig, out: Pa
     """The build: small shards and chunks so that even the demo has several of each; 2 CPUs."""
     sources = [SourceSpec(name, inputs, corpus.archives.get(name, [])) for name, inputs in corpus.inputs.items()]
     return BuildConfig(sources=sources, out=out, shard_rows=250, row_group_rows=50, chunk_rows=100, seed=config.seed,
-                       num_cpus=2, task_cpus=0.5, image=ImageOptions(image_size=config.image_size, min_side=16),
+                       executor="ray", num_cpus=2, task_cpus=0.5,
+                       image=ImageOptions(image_size=config.image_size, min_side=16),
                        download=DownloadOptions(timeout=5.0, retries=0, thread_count=16))
 
 

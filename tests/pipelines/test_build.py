@@ -78,7 +78,7 @@ def assert_accounting(manifest: dict) -> None:
 @pytest.fixture(scope="module")
 def ray_build(inputs, ray_local):
     root, config_file, _, _ = inputs
-    config = load_config(config_file, {"out": str(root / "out-ray")})
+    config = load_config(config_file, {"out": str(root / "out-ray"), "executor": "ray"})
     config.progress = False
     manifest = run_build(config)
     return root / "out-ray", manifest
@@ -157,6 +157,27 @@ def test_local_executor_writes_identical_shards(ray_build, inputs):
     assert {f: f.stat().st_mtime_ns for f in shard_files(root / "out-local")} == before
 
 
+def test_auto_executor_pools_a_small_build_and_writes_what_ray_writes(ray_build, inputs, caplog):
+    """A URL source and an archive source: "auto" takes the process pool on a build this small, and its shards,
+    failures and accounting are the Ray executor's, byte for byte."""
+    out, ray_manifest = ray_build
+    root, config_file, _, _ = inputs
+    config = load_config(config_file, {"out": str(root / "out-auto"), "executor": "auto"})
+    config.progress = False
+    with caplog.at_level("INFO", logger="pipelines.build"):
+        manifest = run_build(config)
+    assert "executor auto: pool" in caplog.messages
+    pooled = root / "out-auto"
+    assert [f.read_bytes() for f in shard_files(pooled)] == [f.read_bytes() for f in shard_files(out)]
+    failures = sorted((out / "failures").glob("*.parquet"))
+    assert failures and [f.read_bytes() for f in sorted((pooled / "failures").glob("*.parquet"))] == \
+        [f.read_bytes() for f in failures]
+    for key in ("accounting", "totals", "shards", "failures", "layout"):
+        assert manifest[key] == ray_manifest[key], key
+    assert {n: s["downloads"] for n, s in manifest["sources"].items()} == \
+        {n: s["downloads"] for n, s in ray_manifest["sources"].items()}
+
+
 def test_verify_names_what_is_wrong(ray_build, tmp_path):
     out, _ = ray_build
     broken = tmp_path / "broken"
@@ -182,11 +203,13 @@ def test_changed_configuration_is_refused(ray_build, inputs):
         run_build(config)
 
 
-def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs):
+@pytest.mark.parametrize("executor", ["ray", "pool"])
+def test_kill_and_resume_matches_uninterrupted_build(ray_build, inputs, executor):
     out, _ = ray_build
     root, config_file, _, _ = inputs
-    resumed = root / "out-killed"
-    cmd = [PMD, "build", "--config", str(config_file), "--out", str(resumed), "--num-cpus", "2", "-q"]
+    resumed = root / f"out-killed-{executor}"
+    cmd = [PMD, "build", "--config", str(config_file), "--out", str(resumed), "--num-cpus", "2", "-q",
+           "--executor", executor]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
     kill_build_mid_image_stage(cmd, resumed / "work", env)
     assert not (resumed / "manifest.json").exists()

@@ -59,7 +59,7 @@ def test_url_pass_in_the_driver_writes_what_the_url_pass_on_ray_writes(tmp_path,
         manifests = {}
         for name, limit in (("driver", build.LOCAL_URL_PASS_ROWS), ("ray", 0)):
             monkeypatch.setattr(build, "LOCAL_URL_PASS_ROWS", limit)
-            config = load_config(tmp_path / "build.toml", {"out": str(tmp_path / f"out-{name}")})
+            config = load_config(tmp_path / "build.toml", {"out": str(tmp_path / f"out-{name}"), "executor": "ray"})
             config.progress = False
             manifests[name] = run_build(config)
     finally:
