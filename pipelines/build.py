@@ -838,6 +838,7 @@ def run_build(config: BuildConfig) -> dict:
                     raise
     shutil.rmtree(config.work / "tmp", ignore_errors=True)
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    manifest["executor"] = kind  # what ran (config.executor keeps what was asked for: "auto")
     Manifest(out, manifest).write()  # last: its presence means the build is complete
     log.info("built %s: %d pairs in %d shards", out, manifest["totals"]["pairs"], len(manifest["shards"]))
     return manifest

@@ -4,6 +4,7 @@ pool build, are in test_build.py beside the Ray build they compare with)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def test_auto_takes_the_pool_up_to_the_threshold_and_ray_above(tmp_path, ray_loc
             run_build(_config(coco, tmp_path / name))
         chosen[name] = [m for m in caplog.messages if m.startswith("executor auto")]
     assert chosen == {"at": ["executor auto: pool"], "above": ["executor auto: ray"]}
+    assert [json.loads((tmp_path / name / "manifest.json").read_text())["executor"] for name in chosen] == ["pool",
+                                                                                                          "ray"]
     assert _outputs(tmp_path / "at") and _outputs(tmp_path / "at") == _outputs(tmp_path / "above")
     # A named cluster always means Ray, whatever the size (the session's Ray stands in for the cluster here).
     monkeypatch.setattr(build, "POOL_MAX_CANDIDATES", coco.pairs)
