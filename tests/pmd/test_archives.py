@@ -1,7 +1,6 @@
 import io
 import json
 import pickle
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 from pmd.archives import ArchiveIndex
+from tests.archive_files import write_tar, write_zip
 
 
 def _image_bytes(seed: int) -> bytes:
@@ -25,20 +25,7 @@ FILES = {
 
 
 def _zip(path: Path, files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
-    with zipfile.ZipFile(path, "w", compression) as zf:
-        zf.writestr("val2014/", b"")  # a directory entry: not a member
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_zip(path, files, compression, directories=["val2014"])  # a directory entry: not a member
 
 
 def _read_all(index: ArchiveIndex, refs) -> list[tuple[str, bytes | None, str | None]]:
@@ -68,7 +55,7 @@ def test_zip_index_and_read(tmp_path):
 def test_tar_index_and_read(tmp_path, name, mode):
     files = {f"flickr30k-images/{i}.jpg": _image_bytes(i) for i in range(20)}
     files["./flickr30k-images/dot.jpg"] = b"dot"  # tar members often start with ./
-    index = ArchiveIndex.build([_tar(tmp_path / name, files, mode)])
+    index = ArchiveIndex.build([write_tar(tmp_path / name, files, mode)])
     assert len(index) == 21
     refs = ["flickr30k-images/3.jpg", "flickr30k-images/17.jpg", "flickr30k-images/3.jpg", "flickr30k-images/dot.jpg"]
     got = _read_all(index, refs + ["flickr30k-images/99.jpg"])
@@ -88,7 +75,7 @@ def test_directory_with_loose_files_and_nested_archives(tmp_path):
     (root / "train2017" / "000000000009.jpg").write_bytes(b"loose")
     _zip(root / "val2014.zip", FILES)
     (root / "sub").mkdir()
-    _tar(root / "sub" / "ade.tar.gz", {"ADEChallengeData2016/images/training/ADE_train_00000001.jpg": b"ade"})
+    write_tar(root / "sub" / "ade.tar.gz", {"ADEChallengeData2016/images/training/ADE_train_00000001.jpg": b"ade"})
     index = ArchiveIndex.build([root])
     assert "train2017/000000000009.jpg" in index
     assert "val2014/COCO_val2014_000000391895.jpg" in index
@@ -146,7 +133,7 @@ def test_corrupt_deflated_zip_member(tmp_path):
 
 def test_truncated_tar_gz_fails_only_unread_members(tmp_path):
     files = {f"d/{i}.bin": bytes([i]) * 5000 for i in range(10)}
-    path = _tar(tmp_path / "t.tar.gz", files)
+    path = write_tar(tmp_path / "t.tar.gz", files)
     index = ArchiveIndex.build([path])
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
@@ -192,8 +179,8 @@ def test_state_round_trip(tmp_path):
     (root / "loose" / "a.jpg").write_bytes(b"a")
     paths = [
         _zip(tmp_path / "val2014.zip", FILES),
-        _tar(tmp_path / "f.tar", {"f/1.jpg": b"tar-plain"}, "w"),
-        _tar(tmp_path / "g.tar.gz", {"g/1.jpg": b"tar-gz"}),
+        write_tar(tmp_path / "f.tar", {"f/1.jpg": b"tar-plain"}, "w"),
+        write_tar(tmp_path / "g.tar.gz", {"g/1.jpg": b"tar-gz"}),
         root,
     ]
     index = ArchiveIndex.build(paths)
@@ -212,7 +199,7 @@ def test_state_round_trip(tmp_path):
 
 
 def test_plain_tar_changed_after_indexing(tmp_path):
-    path = _tar(tmp_path / "p.tar", {"p/1.jpg": b"x" * 100}, "w")
+    path = write_tar(tmp_path / "p.tar", {"p/1.jpg": b"x" * 100}, "w")
     index = ArchiveIndex.build([path])
     path.write_bytes(path.read_bytes()[:600])
     [(ref, data, error)] = _read_all(index, ["p/1.jpg"])

@@ -17,6 +17,7 @@ import pytest
 
 from pmd.archives import DEFAULT_MAX_BYTES, ArchiveIndex
 from pmd.images import ImageOptions
+from tests.archive_files import write_tar
 
 GIB = 1024**3
 MIB = 1024**2
@@ -95,14 +96,6 @@ def test_four_gib_members_are_too_large_under_a_one_gib_address_space(tmp_path: 
         assert error == f"too_large: big/huge.jpg declares {4 * GIB:,} bytes, over max_image_bytes={32 * MIB:,}"
 
 
-def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
 
 @pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz", "dir"])
 def test_max_bytes_boundary_for_every_kind(tmp_path: Path, kind: str) -> None:
@@ -120,7 +113,7 @@ def test_max_bytes_boundary_for_every_kind(tmp_path: Path, kind: str) -> None:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     elif kind == "tar.gz":
-        path = _tar_gz(tmp_path / "images.tar.gz", members)
+        path = write_tar(tmp_path / "images.tar.gz", members)
     else:
         path = tmp_path / "images"
         for name, data in members.items():

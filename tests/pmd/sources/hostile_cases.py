@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
 import random
 import resource
 import signal
 import sys
-import tarfile
 import traceback
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from tests.archive_files import tar_gz_bytes, zip_bytes
 
 ADDRESS_SPACE = 2 * 1024**3
 CASE_SECONDS = 30
@@ -139,8 +137,8 @@ def _variants(adapter: Adapter, rng: random.Random) -> dict[str, tuple[str, byte
         "header_only": (name, first_line if not adapter.json else sample[:1] + sample[-1:]),
         "truncated_gz": (name + ".gz", _truncate(gzip.compress(big))),
         "truncated_bz2": (name + ".bz2", _truncate(bz2.compress(big))),
-        "truncated_zip": (name + ".zip", _truncate(_zip_bytes(_zip_member(adapter), big))),
-        "truncated_tar_gz": (name + ".tar.gz", _truncate(_tar_gz_bytes(adapter.main, big))),
+        "truncated_zip": (name + ".zip", _truncate(zip_bytes({_zip_member(adapter): big}))),
+        "truncated_tar_gz": (name + ".tar.gz", _truncate(tar_gz_bytes({adapter.main: big}))),
     }
     if adapter.json:
         # Inside the innermost object of the last element: well-formed JSON that breaks one limit each.
@@ -151,20 +149,6 @@ def _variants(adapter: Adapter, rng: random.Random) -> dict[str, tuple[str, byte
     return out
 
 
-def _zip_bytes(member: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(member, data)
-    return buf.getvalue()
-
-
-def _tar_gz_bytes(member: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        info = tarfile.TarInfo(member)
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @dataclass

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from pmd.sources.inputs import (
     require_file,
     strip_compression_suffix,
 )
+from tests import archive_files
+from tests.archive_files import write_zip
 
 TEXT = b"first line\nsecond\tline\r\nthird \xff line\n\nlast line without newline"
 LINES = [b"first line", b"second\tline", b"third \xff line", b"", b"last line without newline"]
@@ -32,23 +32,8 @@ def lines_of(path: Path, **kwargs) -> list[tuple[str, int, bytes]]:
     return [(r.input_file, r.position, r.raw) for r in iter_lines(path, **kwargs)]
 
 
-def write_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
-    with zipfile.ZipFile(path, "w", compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return path
-
-
 def write_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as archive:
-        folder = tarfile.TarInfo("data")
-        folder.type = tarfile.DIRTYPE
-        archive.addfile(folder)
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
+    return archive_files.write_tar(path, members, mode, directories=["data"])
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from pmd.sources import create_adapter
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject
 from pmd.sources.sbu import SbuAdapter, flickr_photo_id
+from tests.archive_files import write_tar
 
 # Crafted in the upstream shape: Flickr static URLs, "NNN@N0X" user ids, free-form captions.
 URLS = [
@@ -54,14 +53,6 @@ def write_json(path: Path, **arrays: list) -> Path:
     path.write_text(json.dumps(data))
     return path
 
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 def run(inputs: list[Path]) -> list[Pair | Reject]:
