@@ -5,14 +5,10 @@ endpoint in AWS_ENDPOINT_URL, which pmd.storage passes to pyarrow's S3 client.""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 
+from tests.ports import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -24,7 +20,7 @@ def s3_server(buckets: tuple[str, ...] = ("pmd",)) -> Iterator[dict[str, str]]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -96,3 +96,14 @@ def hf_kwargs(batch: dict) -> dict:
         itm_labels=batch.get("itm_labels"),
     )
     return {k: v for k, v in out.items() if v is not None}
+
+
+def spawn_ranks(worker, world: int, out_dir: str, *args) -> list:
+    """Run worker(rank, port, *args, out_dir) on `world` spawned processes (gloo on loopback) and load what each
+    rank saved as OUT_DIR/rank{r}.pt."""
+    import torch.multiprocessing as mp
+
+    from tests.ports import free_port
+
+    mp.start_processes(worker, args=(free_port(), *args, out_dir), nprocs=world, join=True, start_method="spawn")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

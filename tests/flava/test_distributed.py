@@ -2,28 +2,23 @@
 and so do its gradients (embeddings, logit_scale and, through the whole model, every parameter)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flava.config import LossWeights, tiny
 from flava.losses import all_gather_with_grad, global_contrastive_loss
 from flava.model import FlavaForPretraining
 
-from .conftest import make_batch, perturb_
+from tests.ports import free_port
+
+from .conftest import make_batch, perturb_, spawn_ranks
 
 WORLD = 2
 B = 3  # local batch
 D = 8
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _embeddings():
@@ -79,8 +74,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("gc"))
-    mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, out_dir)
 
 
 def test_gather_is_global(results):
@@ -125,7 +119,7 @@ def test_world_size_one_process_group_is_single_process_loss(tmp_path):
     """An initialised group of size 1 gives exactly the non-distributed loss."""
     img, txt = _embeddings()
     ref, _, _ = global_contrastive_loss(img, txt, torch.tensor([2.0]))
-    port = _free_port()
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         got, _, _ = global_contrastive_loss(img, txt, torch.tensor([2.0]))

@@ -14,16 +14,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flava import checkpoint as ckpt_mod
 from flava.metrics import LOSS_NAMES
+
+from tests.ports import free_port
 
 from .shards import make_build
 
@@ -34,11 +36,6 @@ COMMON = ["train", "--config", "tiny", "--steps", str(STEPS), "run.progress=fals
           "data.ratios={images: 0.5, text: 0.5}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -48,7 +45,7 @@ def _env() -> dict:
 
 def _launch_nodes(data: Path, out: Path, tmp: Path) -> tuple[list[subprocess.Popen], list[Path]]:
     """Two torchrun launches, as on two machines: --nnodes 2, one process each, a c10d rendezvous."""
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
@@ -73,21 +70,10 @@ def _wait(procs, tmp: Path, timeout=300) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
 
 
 def _kill_all(procs) -> None:

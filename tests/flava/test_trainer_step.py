@@ -6,14 +6,12 @@ collective of a 2-process run gets tensors on the run's device (a checked wrappe
 import contextlib
 import math
 import os
-import socket
 import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -22,15 +20,11 @@ from flava.masking import itm_negatives
 from flava.model import FlavaForPretraining
 from flava.train import forward_backward, shard_model
 
-from .conftest import make_batch, perturb_
+
+from .conftest import make_batch, perturb_, spawn_ranks
 
 WORLD, ACCUM, MB = 2, 4, 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(**weights) -> FlavaForPretraining:
@@ -95,8 +89,7 @@ def _step_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def step_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("step"))
-    mp.start_processes(_step_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(_step_worker, WORLD, out_dir)
 
 
 @pytest.mark.slow
@@ -318,9 +311,7 @@ def test_every_collective_of_a_run_gets_device_tensors(tmp_path):
     for attempt in range(3):  # the free port can be taken by another job before rank 0 binds it: try another
         out_dir, run_dir = tmp_path / f"out{attempt}", tmp_path / f"run{attempt}"
         out_dir.mkdir()
-        mp.start_processes(_run_worker, args=(_free_port(), str(data), str(run_dir), str(out_dir)),
-                           nprocs=WORLD, join=True, start_method="spawn")
-        results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+        results = spawn_ranks(_run_worker, WORLD, str(out_dir), str(data), str(run_dir))
         if not any("address already in use" in res["error"].lower() for res in results):
             break
     for res in results:
