@@ -16,7 +16,7 @@ Why Arrow IPC and not Parquet: the final phase (pmd.final) reads chunks memory-m
 without decoding pages; an uncompressed IPC file gives that for free. It also keeps `*.parquet` globs of OUT to the
 shards and failures.
 
-Transient failures (`TRANSIENT_REASONS`, `is_transient`): a later `--retry-failures` downloads those rows again.
+Transient failures (`pmd.http_client.is_transient`): a later `--retry-failures` downloads those rows again.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from pmd.images import ImageOptions, ImageRejected, process_image
 from pmd.shards import shuffle_hash, text_hash
 from pmd.download import DownloadOptions, download_chunk
 # One rule for "worth another attempt", shared with the download client's own retries (defined beside it).
-from pmd.http_client import TRANSIENT_REASONS, is_transient  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,6 @@ CHUNK_SCHEMA = pa.schema(
         pa.field(CANDIDATE_INDEX, pa.int64()),
     ]
 )
-METADATA_COLUMNS = [n for n in CHUNK_SCHEMA.names if n != schema.IMAGE]
 
 
 @dataclass

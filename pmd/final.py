@@ -56,7 +56,8 @@ import pyarrow.parquet as pq
 from pmd import atomic, schema, storage
 from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
-                       ChunkTask, ipc_writer, is_transient, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
+                       ChunkTask, ipc_writer, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
+from pmd.http_client import is_transient
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_shard_file
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.build import BuildConfig, SourceSpec, run_build
-from pmd.build import TRANSIENT_REASONS, is_transient
+from pmd.http_client import TRANSIENT_REASONS, is_transient
 from pmd.download import DownloadOptions
 from pmd.images import ImageOptions
 from pmd.shards import verify
