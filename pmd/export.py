@@ -13,6 +13,7 @@ output is a pure function of the corpus and `shard_size`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -95,7 +96,8 @@ class _TarWriter:
     def __init__(self, path: str | Path):
         self.path = path
         self.file = atomic.AtomicFile(path)
-        self.tar = tarfile.open(fileobj=self.file.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.sink = _Hashing(self.file.file)  # described as written: a tar on object storage is never read back
+        self.tar = tarfile.open(fileobj=self.sink, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
@@ -106,7 +108,23 @@ class _TarWriter:
     def close(self) -> dict:
         self.tar.close()
         self.file.commit()
-        return _describe(self.path, self.samples)
+        return {"file": storage.basename(self.path), "samples": self.samples, "bytes": self.sink.size,
+                "sha256": self.sink.digest.hexdigest()}
+
+
+class _Hashing:
+    """A binary sink that keeps the sha256 and size of what passes through it."""
+
+    def __init__(self, file):
+        self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 def _describe(path: str | Path, samples: int) -> dict:
