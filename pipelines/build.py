@@ -7,10 +7,11 @@ phase). Stages and their unit of resume (docs/build.md, docs/build-format.md):
 3. final     pmd.final's passes as Ray tasks over groups of chunks and buckets of images (scatter, dedup, write,
              merge, failures), each with a marker; then manifest.json, written last.
 The driver holds counts, file names and one small summary per group and bucket, never a row per candidate.
-The same code runs on the embedded local Ray and on a cluster (`ray_address`); OUT must then be on storage every
-node sees under the same path, or on object storage (`s3://...`, pmd.storage) with the work directory (`work`) on a
-filesystem every node sees. A task lost with its node is run again by Ray (`TASK_RETRIES`); every task is
-idempotent (outputs renamed into place, markers last), so a retried or resumed task writes the same bytes.
+The same code runs on the embedded local Ray and on a cluster (`ray_address`); OUT and the work state (`work`,
+default OUT/work) are then on storage every node sees: object storage (`s3://...`, pmd.storage), where every work
+file is an object written once under its final name, or a shared mount. A node's local disk holds only one task's
+scratch. A task lost with its node is run again by Ray (`TASK_RETRIES`); every task is idempotent (outputs written
+whole under deterministic names, markers last), so a retried or resumed task writes the same bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import subprocess
 import time
 import tomllib
@@ -51,7 +51,6 @@ from pipelines.ray_runtime import ray_session, resolve_address
 log = logging.getLogger(__name__)
 
 WORK_DIR = final.WORK_DIR
-WORK_CACHE_ENV = "PMD_WORK_CACHE"  # where the work directories of builds on object storage go by default
 BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
 # A URL pass over at most this many URL rows runs in the driver while Ray starts (`_driver_side_start`): at 10,000
 # rows its ~0.4 s there are hidden behind Ray's start, where three rounds of Ray tasks after it cost ~0.6 s; far
@@ -119,13 +118,13 @@ class BuildConfig:
     retry_failures: bool = False
     progress: bool = True
     decontaminate: EvalScreenOptions = field(default_factory=EvalScreenOptions)  # evaluation images kept out
-    work: Path | None = None  # the work state (default OUT/work; for a URL OUT, default_work_dir(OUT))
+    work: Path | str | None = None  # the work state: a directory or a URL (default OUT/work, default_work_dir)
 
     def __post_init__(self) -> None:
         self.out = storage.location(self.out)
         if self.work is None:
             self.work = default_work_dir(self.out)
-        self.work = Path(self.work)
+        self.work = storage.as_path(self.work)
         if not self.sources:
             raise ValueError("a build needs at least one source")
         names = [s.name for s in self.sources]
@@ -244,16 +243,11 @@ def config_to_toml(config: BuildConfig) -> str:
     return tomli_w.dumps({k: v for k, v in table.items() if k != "progress"})
 
 
-def default_work_dir(out: Path | str) -> Path:
-    """OUT/work for a local OUT. For one on object storage, a local directory named by the URL (under
-    $PMD_WORK_CACHE, default ~/.cache/pmd/work), so that rerunning the same command finds it and resumes."""
-    if not storage.is_remote(out):
-        return Path(out) / WORK_DIR
-    import hashlib
-
-    root = Path(os.environ.get(WORK_CACHE_ENV) or Path.home() / ".cache" / "pmd" / "work")
-    name = str(out).rstrip("/")
-    return root / f"{name.rsplit('/', 1)[-1]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+def default_work_dir(out: Path | str) -> storage.WorkPath:
+    """OUT/work, on the store OUT is on: a local directory, or a prefix beside the corpus on object storage, so
+    that every node of a cluster sees it and rerunning the same command finds it and resumes. Nothing of it is
+    kept on a node's own disk."""
+    return storage.as_path(storage.join(out, WORK_DIR))
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -311,7 +305,7 @@ def _candidate_batches(source_dir: Path, chunk_rows: int) -> Iterator[pa.Table]:
     pending: list[pa.Table] = []
     pending_rows = 0
     for part in parts:
-        pf = pq.ParquetFile(part)
+        pf = pq.ParquetFile(storage.open_input(part))
         for batch in pf.iter_batches(batch_size=chunk_rows):
             pending.append(pa.Table.from_batches([batch]))
             pending_rows += batch.num_rows
@@ -348,10 +342,10 @@ def _run_url_chunk(task: ChunkTask, candidates: str, screens: tuple = (None, Non
     source naming those URLs); the input file goes once the chunk's result is durable."""
     result = _chunk_done(task)
     if result is None:
-        task.candidates = read_chunk(Path(candidates))
+        task.candidates = read_chunk(storage.as_path(candidates))
         task.eval_ids, task.eval_index = screens
         result = run_chunk(task)
-    Path(candidates).unlink(missing_ok=True)
+    storage.delete(candidates)
     return result
 
 
@@ -638,7 +632,7 @@ def _scatter(plan: _Plan, executor: _Executor) -> list[dict]:
             marker = plan.paths.group_marker(spec.name, g)
             paths = [str(plan.chunk_path(spec, i)) for i in chunks]
             if not marker.exists():
-                missing = [p for p in paths if not Path(p).exists()]
+                missing = [p for p in paths if not storage.exists(p)]
                 if missing:
                     raise BuildError(f"{missing[0]}: chunk missing after the image stage")
             executor.submit(final.scatter_group, plan.config.dirs, spec.name, s_index, g, paths, plan.layout,
@@ -748,7 +742,7 @@ def _final_written(plan: _Plan) -> bool:
     """Whether pass B2 has begun (a retry must then take the shards back to pieces first)."""
     written = plan.paths.root / "written"
     shards = storage.list_files(storage.join(plan.config.out, SHARDS_DIR), ".parquet")
-    return (written.exists() and any(written.glob("*.json"))) or bool(shards)
+    return any(written.glob("*.json")) or bool(shards)
 
 
 def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
@@ -784,7 +778,7 @@ def run_build(config: BuildConfig) -> dict:
     for d in (SHARDS_DIR, FAILURES_DIR):
         atomic.remove_temp_files(storage.join(out, d))
     atomic.remove_temp_files(config.work)
-    shutil.rmtree(config.work / "tmp", ignore_errors=True)
+    storage.remove_tree(config.work / "tmp")
     storage.delete(manifest_path(out))  # present only once this run has finished
 
     timings: dict[str, float] = {}
@@ -836,7 +830,7 @@ def run_build(config: BuildConfig) -> dict:
                 except BaseException:
                     executor.cancel()
                     raise
-    shutil.rmtree(config.work / "tmp", ignore_errors=True)
+    storage.remove_tree(config.work / "tmp")
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     manifest["executor"] = kind  # what ran (config.executor keeps what was asked for: "auto")
     Manifest(out, manifest).write()  # last: its presence means the build is complete

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
+from pmd import storage
 from pmd.sources import create_adapter
 from pmd.sources.inputs import require_file
 from pipelines.ray_runtime import ray_session, resolve_address
@@ -31,7 +32,7 @@ RAY_MIN_INPUT_BYTES = 256 * 1024**2
 class IngestConfig:
     source: str
     inputs: list[Path]
-    out: Path
+    out: Path  # a local directory or, as a storage.RemotePath, a prefix on object storage
     options: Mapping[str, str] = field(default_factory=dict)
     chunk_records: int = 50_000
     executor: str = "auto"  # "auto" | "local" | "ray"
@@ -41,7 +42,7 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         self.inputs = [Path(p) for p in self.inputs]
-        self.out = Path(self.out)
+        self.out = storage.as_path(self.out)
         if self.executor not in ("auto", "local", "ray"):
             raise ValueError(f"executor must be auto, local or ray, not {self.executor!r}")
         if self.chunk_records < 1:

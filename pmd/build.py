@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from pmd import atomic, schema
+from pmd import atomic, schema, storage
 from pmd.decontaminate import EVAL_OVERLAP, screen
 from pmd.decontaminate import STAGE as DECONTAMINATE_STAGE
 from pmd.eval_ids import screen_candidates
@@ -104,7 +104,12 @@ def chunk_name(index: int) -> str:
 def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str, tuple[object, str, str, str]]:
     """url -> (bytes or processed result, stage, reason, detail). Each distinct URL is downloaded once."""
     distinct = sorted({u for u in urls if u})
-    work = task.path.parent.parent.parent / "tmp" / task.source / f"chunk-{task.index:05d}"
+    if storage.is_remote(str(task.path)):  # a node's scratch, never the store: it lives for this task only
+        import tempfile
+
+        work = Path(tempfile.gettempdir()) / f"pmd-download-{os.getpid()}" / task.source / f"chunk-{task.index:05d}"
+    else:
+        work = task.path.parent.parent.parent / "tmp" / task.source / f"chunk-{task.index:05d}"
     fetched: dict = {}
     if distinct:
         # Keys go through to the backend as given (here: the URL itself); each URL is fetched once per chunk.
@@ -307,8 +312,9 @@ def write_ipc_atomic(table: pa.Table, path: Path) -> None:
 
 
 def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A work file; with `columns`, only those columns' buffers are read and decompressed."""
-    source = pa.memory_map(str(path), "r")
+    """A work file; with `columns`, only those columns' buffers are read and decompressed. A local file is
+    memory-mapped; one on object storage is read with ranged GETs (the footer, then the buffers asked for)."""
+    source = storage.open_input(path) if storage.is_remote(str(path)) else pa.memory_map(str(path), "r")
     if columns is None:
         return pa.ipc.open_file(source).read_all()
     names = pa.ipc.open_file(source).schema.names

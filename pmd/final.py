@@ -39,9 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import resource
-import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -117,10 +116,10 @@ def image_bucket(sha256_hex: str, n_buckets: int) -> int:
 
 @dataclass(frozen=True)
 class FinalPaths:
-    work: Path  # the build's work directory
+    work: storage.WorkPath  # the build's work directory: a local directory or a prefix on object storage
 
     @property
-    def root(self) -> Path:
+    def root(self) -> storage.WorkPath:
         return self.work / FINAL_DIR
 
     def bucket_dir(self, b: int) -> Path:
@@ -158,8 +157,8 @@ class FinalPaths:
 @dataclass(frozen=True)
 class BuildDirs:
     """Where a build's files go: OUT (shards, failures, the manifest, takedown records: a local path or an object
-    storage URL) and its work state (a POSIX directory: OUT/work for a local OUT; docs/build.md says why a build
-    on object storage keeps it apart). A plain path stands for a local OUT with its work under it."""
+    storage URL) and its work state (OUT/work by default, on disk or on the same store: `pmd.layout`). A plain
+    path stands for a local OUT with its work under it."""
 
     out: str
     work: str
@@ -168,13 +167,11 @@ class BuildDirs:
     def of(cls, value: BuildDirs | str | Path) -> BuildDirs:
         if isinstance(value, BuildDirs):
             return value
-        if storage.is_remote(value):
-            raise ValueError(f"{value}: a build on object storage needs its work directory named")
-        return cls(str(value), str(Path(value) / WORK_DIR))
+        return cls(str(value), storage.join(value, WORK_DIR))
 
     @property
     def paths(self) -> FinalPaths:
-        return FinalPaths(Path(self.work))
+        return FinalPaths(storage.as_path(self.work))
 
     def output(self, relative: str) -> str | Path:
         """A file of the corpus (`shards/shard-00000.parquet`) in OUT."""
@@ -285,7 +282,7 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         tagged: Counter = Counter()
         with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
             for chunk in chunk_paths:
-                table = read_chunk(Path(chunk))
+                table = read_chunk(storage.as_path(chunk))
                 rows.update(table.column(SOURCE_INDEX).to_pylist())
                 ok = pc.is_null(table.column(REASON))
                 failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
@@ -302,7 +299,7 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
                    "seconds": round(time.perf_counter() - started, 3)}
         atomic.write_json(summary, marker)
     for chunk in chunk_paths:  # the marker is durable: the chunk's rows live in the pieces now
-        Path(chunk).unlink(missing_ok=True)
+        storage.as_path(chunk).unlink(missing_ok=True)
     return summary
 
 
@@ -314,9 +311,8 @@ def dedup(meta: pl.DataFrame) -> pl.DataFrame:
     return ordered.with_columns(pl.col(schema.KEY).first().over([schema.IMAGE_SHA256, TEXT_HASH]).alias("kept_key"))
 
 
-def _bucket_pieces(paths: FinalPaths, b: int) -> list[Path]:
-    d = paths.bucket_dir(b)
-    return sorted(d.glob("*.arrow")) if d.exists() else []
+def _bucket_pieces(paths: FinalPaths, b: int) -> list[storage.WorkPath]:
+    return sorted(paths.bucket_dir(b).glob("*.arrow"))
 
 
 def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
@@ -421,12 +417,12 @@ def _publish(dirs: BuildDirs, rel: str, write: Callable[[str | Path], None]) -> 
     if not storage.is_remote(dirs.out):
         write(dirs.output(rel))
         return describe_file(dirs.out, rel).to_dict()
-    staging = Path(dirs.work) / "tmp" / f"upload-{os.getpid()}"  # the build clears work/tmp when it starts
-    local = staging / rel
-    write(local)
-    entry = describe_file(staging, rel).to_dict()
-    storage.upload(local, dirs.output(rel))
-    local.unlink()
+    # Local scratch of this task only (a node's disk may vanish between tasks; the work may itself be remote).
+    with tempfile.TemporaryDirectory(prefix="pmd-upload-") as staging:
+        local = Path(staging) / rel
+        write(local)
+        entry = describe_file(staging, rel).to_dict()
+        storage.upload(local, dirs.output(rel))
     return entry
 
 
@@ -463,7 +459,7 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
     atomic.write_json(summary, paths.written(b))
-    shutil.rmtree(paths.bucket_dir(b), ignore_errors=True)
+    storage.remove_tree(paths.bucket_dir(b))
     return summary
 
 
@@ -479,7 +475,7 @@ def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
         table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
         entry = _write_shard(dirs, shard, table, row_group_rows)
-    shutil.rmtree(paths.fragment_dir(shard), ignore_errors=True)
+    storage.remove_tree(paths.fragment_dir(shard))
     return entry
 
 
@@ -494,7 +490,7 @@ def write_failures(out: BuildDirs | str, source: str, source_index: int, failed_
 
     def tables() -> Iterable[pa.Table]:
         for f in failed_files:  # every group's: a chunk fetches URLs for rows of other sources too
-            failed = read_ipc(Path(f))
+            failed = read_ipc(storage.as_path(f))
             yield failed.filter(pc.equal(failed.column(SOURCE_INDEX), source_index))
         for b in range(n_buckets):
             dups = read_ipc(paths.duplicates(b))
@@ -548,7 +544,7 @@ def retry_group(out: BuildDirs | str, source: str, group: int, attempt: int, tas
         rows = again.slice(start, end - start)
         result = retry_rows(dataclasses.replace(
             task, candidates=rows, candidate_index=rows.column(CANDIDATE_INDEX).to_pylist(),
-            path=Path(dirs.work) / "images" / source / f"retry-{group:05d}"))
+            path=storage.as_path(dirs.work) / "images" / source / f"retry-{group:05d}"))
         ok = pc.is_null(result.column(REASON))
         _scatter_ok_rows(_as_piece(result.filter(ok)), layout, writers)
         kept_failed.append(result.select(METADATA_COLUMNS).append_column("_pos", rows.column("_pos")).filter(

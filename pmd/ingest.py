@@ -159,7 +159,7 @@ def prepare_output(source_dir: Path) -> None:
     """Start clean: parts of an earlier, possibly larger run must not mix with this one's."""
     for sub in (CANDIDATES_DIR, REJECTS_DIR):
         d = source_dir / sub
-        if d.exists():
+        if d.is_dir():
             for f in d.iterdir():
                 if f.name.endswith(".parquet") or atomic.is_temp_name(f.name):
                     f.unlink()

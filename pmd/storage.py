@@ -15,11 +15,13 @@ the driver does. A value that parses as JSON (true, 3, ...) is passed parsed, an
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -180,8 +182,9 @@ def read_text(location: str | os.PathLike) -> str:
     return read_bytes(location).decode()
 
 
-def open_input(location: str | os.PathLike):
+def open_input(location: str | os.PathLike | RemotePath):
     """A random-access file (pyarrow NativeFile) for pyarrow's readers; a local path opens as itself."""
+    location = str(location)
     if not is_remote(location):
         return pafs.LocalFileSystem().open_input_file(str(location))
     fs, path = resolve(location)
@@ -237,3 +240,104 @@ def sha256(location: str | os.PathLike, block: int = 4 << 20) -> str:
         while data := f.read(block):
             digest.update(data)
     return digest.hexdigest()
+
+
+class RemotePath:
+    """A location on object storage with the few `pathlib.Path` operations the build's work state uses (join,
+    name, exists, read, list, delete), so that the work layout is one set of names whatever the store.
+
+    No rename, no append, no memory map: an object is written whole, once, through pmd.atomic (`str(path)` is the
+    URL, which pmd.atomic and pyarrow's readers take). `mkdir` is a no-op: prefixes exist by their objects. There
+    is no `__fspath__` on purpose, so that no code opens a URL as a local file by mistake."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.url.split("/") < other.url.split("/")
+
+    def __reduce__(self):
+        return RemotePath, (self.url,)
+
+    def __truediv__(self, part: str | os.PathLike) -> RemotePath:
+        return RemotePath(join(self.url, *str(part).split("/")))
+
+    @property
+    def name(self) -> str:
+        return basename(self.url)
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(self.url.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> RemotePath:
+        return self.parent / name
+
+    def exists(self) -> bool:
+        return exists(self.url)
+
+    def is_file(self) -> bool:
+        return is_file(self.url)
+
+    def is_dir(self) -> bool:
+        return is_dir(self.url)
+
+    def read_bytes(self) -> bytes:
+        return read_bytes(self.url)
+
+    def read_text(self) -> str:
+        return read_text(self.url)
+
+    def iterdir(self) -> Iterator[RemotePath]:
+        fs, path = resolve(self.url)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False)):
+            yield self / info.base_name
+
+    def glob(self, pattern: str) -> list[RemotePath]:
+        """The objects directly under this prefix whose name matches `pattern` (fnmatch), one LIST request."""
+        return sorted(RemotePath(p) for p in list_files(self.url) if fnmatch.fnmatchcase(basename(p), pattern))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if not missing_ok and not self.exists():
+            raise FileNotFoundError(f"{self.url}: no such object")
+        delete(self.url)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        pass
+
+
+WorkPath = Path | RemotePath
+
+
+def as_path(location: str | os.PathLike | RemotePath) -> WorkPath:
+    """A location as the work layout handles it: a Path on local disk, a RemotePath for a URL (a URL must never go
+    through `Path()`, which folds `s3://b` into `s3:/b`)."""
+    if isinstance(location, (Path, RemotePath)):
+        return location
+    return RemotePath(str(location)) if is_remote(location) else Path(location)
+
+
+def remove_tree(location: str | os.PathLike | RemotePath) -> None:
+    """A directory (or every object under a prefix) and what it holds; a missing one is not an error."""
+    if not is_remote(str(location)):
+        shutil.rmtree(str(location), ignore_errors=True)
+        return
+    fs, path = resolve(str(location))
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import atomic, schema
+from pmd import atomic, schema, storage
 from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
 from pmd.final import BuildDirs
 
@@ -48,32 +47,32 @@ def url_bucket(url: str | None, n_buckets: int) -> int:
 
 class UrlPaths:
     def __init__(self, out: BuildDirs | str | Path):
-        self.root = Path(BuildDirs.of(out).work) / URLS_DIR
+        self.root = storage.as_path(BuildDirs.of(out).work) / URLS_DIR
 
-    def piece(self, u: int, source_index: int, group: int) -> Path:
+    def piece(self, u: int, source_index: int, group: int) -> storage.WorkPath:
         return self.root / "pieces" / f"u-{u:05d}" / f"{source_index:02d}-{group:05d}.arrow"
 
-    def split_marker(self, source_index: int, group: int) -> Path:
+    def split_marker(self, source_index: int, group: int) -> storage.WorkPath:
         return self.root / "split" / f"{source_index:02d}-{group:05d}.json"
 
-    def moved(self, source_index: int, group: int, u: int) -> Path:
+    def moved(self, source_index: int, group: int, u: int) -> storage.WorkPath:
         return self.root / "moved" / f"{source_index:02d}-{group:05d}" / f"u-{u:05d}.arrow"
 
-    def owners_marker(self, u: int) -> Path:
+    def owners_marker(self, u: int) -> storage.WorkPath:
         return self.root / "owners" / f"u-{u:05d}.json"
 
-    def chunks_marker(self, source_index: int, group: int) -> Path:
+    def chunks_marker(self, source_index: int, group: int) -> storage.WorkPath:
         return self.root / "chunks-done" / f"{source_index:02d}-{group:05d}.json"
 
-    def chunk(self, source: str, index: int) -> Path:
+    def chunk(self, source: str, index: int) -> storage.WorkPath:
         return self.root / "chunks" / source / f"chunk-{index:05d}.arrow"
 
 
-def read_candidates(candidates_dir: Path, start: int, stop: int) -> pa.Table:
+def read_candidates(candidates_dir: storage.WorkPath, start: int, stop: int) -> pa.Table:
     """Candidates [start, stop) of a source, in part order, reading only the parts (and batches) that hold them."""
     tables, offset = [], 0
-    for part in sorted(candidates_dir.glob("part-*.parquet")):
-        pf = pq.ParquetFile(part)
+    for part in sorted(storage.as_path(candidates_dir).glob("part-*.parquet")):
+        pf = pq.ParquetFile(storage.open_input(part))
         n = pf.metadata.num_rows
         if offset + n > start and offset < stop:
             lo, hi = max(start - offset, 0), min(stop - offset, n)
@@ -93,7 +92,7 @@ def split_group(out: BuildDirs | str, candidates_dir: str, source_index: int, gr
     marker = paths.split_marker(source_index, group)
     if marker.exists():
         return json.loads(marker.read_text())
-    table = read_candidates(Path(candidates_dir), start, stop)
+    table = read_candidates(storage.as_path(candidates_dir), start, stop)
     table = table.append_column(SOURCE_INDEX, pa.array([source_index] * table.num_rows, pa.int32()))
     table = table.append_column(CANDIDATE_INDEX, pa.array(range(start, start + table.num_rows), pa.int64()))
     table = table.cast(ROW_SCHEMA)
@@ -114,7 +113,7 @@ def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_grou
     if marker.exists():
         return json.loads(marker.read_text())
     directory = paths.root / "pieces" / f"u-{u:05d}"
-    pieces = sorted(directory.glob("*.arrow")) if directory.exists() else []
+    pieces = sorted(directory.glob("*.arrow"))
     frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in pieces])) if pieces else \
         pl.from_arrow(ROW_SCHEMA.empty_table())
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
@@ -134,7 +133,7 @@ def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_grou
     summary = {"bucket": u, "downloads": {source_names[s]: {"urls": n, "unique_urls": k}
                                           for s, n, k in sorted(counts.iter_rows())}}
     atomic.write_json(summary, marker)
-    shutil.rmtree(directory, ignore_errors=True)
+    storage.remove_tree(directory)
     return summary
 
 
@@ -145,7 +144,7 @@ def chunks_group(out: BuildDirs | str, source: str, source_index: int, group: in
     if marker.exists():
         return json.loads(marker.read_text())
     directory = paths.root / "moved" / f"{source_index:02d}-{group:05d}"
-    moved = sorted(directory.glob("u-*.arrow")) if directory.exists() else []
+    moved = sorted(directory.glob("u-*.arrow"))
     frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in moved])) if moved else \
         pl.from_arrow(ROW_SCHEMA.empty_table()).with_columns(pl.lit(0, pl.Int64).alias("_chunk"))
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
@@ -157,5 +156,5 @@ def chunks_group(out: BuildDirs | str, source: str, source_index: int, group: in
     summary = {"source_index": source_index, "group": group, "rows": frame.height,
                "chunks": {str(c): n for c, n in sorted(sizes.items())}}
     atomic.write_json(summary, marker)
-    shutil.rmtree(directory, ignore_errors=True)
+    storage.remove_tree(directory)
     return summary

@@ -181,9 +181,7 @@ def test_a_build_stopped_between_two_shard_uploads_resumes_to_the_same_bytes(bui
     assert corpus_files(out) == corpus_files(local_out) and failure_rows(out) == failure_rows(local_out)
 
 
-def test_the_work_directory_of_a_url_is_found_again(monkeypatch, tmp_path):
-    monkeypatch.setenv("PMD_WORK_CACHE", str(tmp_path))
-    first = default_work_dir("s3://pmd/corpus")
-    assert first == default_work_dir("s3://pmd/corpus/") and first.parent == tmp_path
-    assert first.name.startswith("corpus-") and first != default_work_dir("s3://other/corpus")
+def test_the_default_work_directory_is_beside_the_corpus_on_its_store(tmp_path):
+    assert default_work_dir("s3://pmd/corpus") == storage.RemotePath("s3://pmd/corpus/work")
+    assert default_work_dir("s3://pmd/corpus/") == default_work_dir("s3://pmd/corpus")
     assert default_work_dir(tmp_path / "out") == tmp_path / "out" / "work"
