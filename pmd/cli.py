@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML/YAML file listing several sources (see docs/build.md)")
     p.add_argument("--out", required=True, help="output directory or object-storage URL such as s3://bucket/pmd "
                    "(resumable: rerun the same command)")
-    p.add_argument("--work", default=None, metavar="DIR", help="the build's work state (default OUT/work; for an "
-                   "s3:// OUT a local directory named by the URL, see docs/build.md)")
+    p.add_argument("--work", default=None, metavar="DIR|URL", help="the build's work state, a directory or a URL "
+                   "such as s3://bucket/work (default OUT/work, on OUT's store; see docs/build.md)")
     p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.add_argument("--images", action="append", default=[], metavar="PATH",
                    help="archive(s) or directory holding the images (archive sources); repeatable")
