@@ -38,7 +38,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pmd import atomic, final, schema, storage, takedown, urls
-from pmd.build import ChunkTask, chunk_name, read_chunk, run_chunk
+from pmd import plan as pmd_plan
+from pmd.layout import OutLayout, WorkLayout
+from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd.config_loader import ConfigError, Where, apply_overrides, from_dict
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
@@ -51,7 +53,6 @@ from pipelines.ray_runtime import ray_session, resolve_address
 log = logging.getLogger(__name__)
 
 WORK_DIR = final.WORK_DIR
-BUILD_STATE = "build.json"  # OUT/work/build.json: the configuration the work files belong to
 # A URL pass over at most this many URL rows runs in the driver while Ray starts (`_driver_side_start`): at 10,000
 # rows its ~0.4 s there are hidden behind Ray's start, where three rounds of Ray tasks after it cost ~0.6 s; far
 # above, Ray's parallelism wins.
@@ -269,28 +270,14 @@ def code_version() -> str:
         return base
 
 
-def _fingerprint(config: BuildConfig) -> dict:
-    """What the work files depend on. A rerun with a different one must not reuse them."""
-    return {
-        "schema_version": schema.SCHEMA_VERSION,
-        "work_format": final.WORK_FORMAT,
-        "sources": [{"name": s.name, "inputs": input_fingerprint(s.inputs), "options": s.options,
-                     "images": input_fingerprint(s.images)} for s in config.sources],
-        "chunk_rows": config.chunk_rows, "shard_rows": config.shard_rows, "row_group_rows": config.row_group_rows,
-        "seed": config.seed, "image": dataclasses.asdict(config.image),
-        "download": {k: v for k, v in dataclasses.asdict(config.download).items() if k != "thread_count"},
-        "decontaminate": {**config.decontaminate.to_dict(),
-                          "files": input_fingerprint(config.decontaminate.paths)},
-    }
-
-
 def _check_state(config: BuildConfig) -> None:
-    state_path = config.work / BUILD_STATE
-    fp = _fingerprint(config)
-    if state_path.exists():
-        old = json.loads(state_path.read_text())
-        if old != fp:
-            changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+    work = WorkLayout.of(config.work)
+    state_path = work.build_state
+    fp = pmd_plan.fingerprint(config)
+    old = pmd_plan.recorded_fingerprint(work)
+    if old is not None:
+        changed = pmd_plan.configuration_changes(old, fp)
+        if changed:
             raise BuildError(f"{config.out} holds a build with a different configuration or inputs (changed: "
                              f"{', '.join(changed)}); use another --out, or delete {config.out} to start over")
     else:
@@ -523,8 +510,8 @@ class _Plan:
     def groups(self, spec: SourceSpec) -> list[range]:
         return final.group_ranges(self.layout, self.n_chunks(spec))
 
-    def chunk_path(self, spec: SourceSpec, index: int) -> Path:
-        return self.config.work / "images" / spec.name / chunk_name(index)
+    def chunk_path(self, spec: SourceSpec, index: int) -> storage.WorkPath:
+        return WorkLayout.of(self.config.work).chunk(spec.name, index)
 
     @property
     def paths(self) -> final.FinalPaths:
@@ -591,9 +578,7 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, sc
     source_dir = config.work / "ingest" / spec.name
     total = plan.summaries[spec.name]["counts"]["pairs"]
     n_chunks = plan.n_chunks(spec)
-    scattered = {i for g, chunks in enumerate(plan.groups(spec))
-                 if plan.paths.group_marker(spec.name, g).exists() for i in chunks}
-    done = {i for i in range(n_chunks) if i in scattered or plan.chunk_path(spec, i).exists()}
+    done = pmd_plan.done_chunks(WorkLayout.of(config.work), spec.name, n_chunks, plan.groups(spec))
     bar = tqdm(total=total, desc=f"images {spec.name}", unit=" pairs", unit_scale=True,
                disable=not config.progress)
     bar.update(min(total, len(done) * config.chunk_rows))
@@ -711,7 +696,8 @@ def _unbuild(plan: _Plan, executor: _Executor) -> None:
 def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: object) -> list[dict]:
     """One retry round over every scattered group; returns the updated markers."""
     config = plan.config
-    if _final_written(plan) or plan.paths.unbuild_state.exists():
+    if pmd_plan.final_written(WorkLayout.of(config.work), OutLayout.of(config.out)) or \
+            plan.paths.unbuild_state.exists():
         _unbuild(plan, executor)
     updated: list[dict] = []
     states = {}
@@ -726,23 +712,6 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: objec
                         plan.layout, plan.names, states[spec.name], screens, on_done=updated.append)
     executor.drain()
     return updated
-
-
-def _takedowns_changed(plan: _Plan) -> bool:
-    """Whether a bucket was decided without a takedown request recorded since (`pmd takedown` on the finished
-    build): the shards must then be taken back to pieces and decided again, as for a retry."""
-    ids = [r.id for r in plan.takedowns.requests]
-    for path in sorted((plan.paths.root / "dedup").glob("bucket-*[0-9].json")):
-        if json.loads(path.read_text()).get("takedown_requests", []) != ids:
-            return True
-    return False
-
-
-def _final_written(plan: _Plan) -> bool:
-    """Whether pass B2 has begun (a retry must then take the shards back to pieces first)."""
-    written = plan.paths.root / "written"
-    shards = storage.list_files(storage.join(plan.config.out, SHARDS_DIR), ".parquet")
-    return any(written.glob("*.json")) or bool(shards)
 
 
 def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
@@ -902,7 +871,8 @@ def _images_and_final(config: BuildConfig, summaries: dict, executor: _Executor,
         t = time.perf_counter()
         markers = _retry(plan, executor, markers, screens)
         timings["retry_s"] = time.perf_counter() - t
-    elif plan.paths.unbuild_state.exists() or (_final_written(plan) and _takedowns_changed(plan)):
+    elif pmd_plan.final_action(WorkLayout.of(config.work), OutLayout.of(config.out),
+                               [r.id for r in plan.takedowns.requests], retry=False) != pmd_plan.FinalAction.KEEP:
         _unbuild(plan, executor)
     rows_by_source: Counter = Counter()
     for m in markers:
