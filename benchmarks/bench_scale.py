@@ -11,6 +11,10 @@ narrative of five sentences per image, so N candidates. For each size one `pmd b
 - shard-phase rows/s (the manifest's `shard_rows_per_s`: bucket writes + merges), final-phase rows/s (scatter,
   dedup, shards, failures), and end-to-end candidates/s (wall time of the child, ingest and Ray start included).
 Prints one JSON object per size.
+
+`--store local s3`: each size is built with OUT (and its work state, OUT/work) on local disk and on moto's S3
+server on loopback, in alternating rounds (`--rounds`); the S3 rows add the requests the store served per 1,000
+candidates (counted from the server's access log) and the ratio of wall times to the local build of the same round.
 """
 
 from __future__ import annotations
@@ -73,12 +77,49 @@ def du(path: Path) -> int:
     return total
 
 
-def run(candidates: int, root: Path, num_cpus: int) -> dict:
-    captions, archive = generate(root / f"in-{candidates}", candidates)
-    out = root / f"out-{candidates}"
+class _S3:
+    """moto's S3 server on a loopback port, counting the requests it answers."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.ports import free_port
+
+        self.requests = 0
+        counter = self
+
+        class Count(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                counter.requests += 1
+
+        log = logging.getLogger("werkzeug")
+        log.setLevel(logging.INFO)  # one access-log line per request
+        log.propagate = False
+        log.addHandler(Count())
+        port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(access_key="bench", secret_key="bench", region="us-east-1",
+                          endpoint_override=self.env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir("pmd")
+
+
+def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round_: int = 0) -> dict:
+    inputs = root / f"in-{candidates}"
+    if not inputs.exists():
+        generate(inputs, candidates)
+    captions, archive = inputs / "flickr30k_train_captions.jsonl", inputs / "flickr30k-images.zip"
+    out = f"s3://pmd/out-{candidates}-{round_}" if s3 else root / f"out-{candidates}"
+    requests_before = s3.requests if s3 else 0
     cmd = [PMD, "build", SOURCE, str(captions), "--images", str(archive), "--out", str(out), "--image-size", "0",
            "--shard-rows", "10000", "--chunk-rows", "2000", "--num-cpus", str(num_cpus), "-q", "--json"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
@@ -92,7 +133,7 @@ def run(candidates: int, root: Path, num_cpus: int) -> dict:
                 peak_rss = max(peak_rss, ps.memory_info().rss)
             except psutil.Error:
                 pass
-            if out.exists():
+            if not s3 and out.exists():
                 peak_disk = max(peak_disk, du(out))
             time.sleep(0.2)
 
@@ -104,13 +145,22 @@ def run(candidates: int, root: Path, num_cpus: int) -> dict:
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"pmd build failed:\n{output[-3000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    final_size = du(out)
+    if s3:
+        os.environ.update(s3.env)
+        from pmd import storage
+
+        manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+        requests = s3.requests - requests_before
+        final_size = peak_disk = 1
+    else:
+        manifest = json.loads((out / "manifest.json").read_text())
+        final_size = du(out)
     shards = sum(s["bytes"] for s in manifest["shards"])
     t = manifest["timings"]
     final_s = t.get("scatter_s", 0) + t.get("plan_s", 0) + t.get("shards_s", 0)
     result = {
         "candidates": candidates,
+        "store": "s3" if s3 else "local",
         "pairs": manifest["totals"]["pairs"],
         "shards": len(manifest["shards"]),
         "driver_peak_rss_mib": round(peak_rss / 2**20, 1),
@@ -126,8 +176,12 @@ def run(candidates: int, root: Path, num_cpus: int) -> dict:
         "timings": t,
         "layout": manifest.get("layout"),
     }
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(root / f"in-{candidates}", ignore_errors=True)
+    if s3:
+        result["store_requests_per_1000_candidates"] = round(requests * 1000 / candidates, 2)
+        for key in ("peak_disk_mib", "final_size_mib", "peak_disk_over_final", "peak_disk_over_shards"):
+            result.pop(key)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     return result
 
 
@@ -136,11 +190,25 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[250_000, 1_000_000])
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
+    parser.add_argument("--store", nargs="+", choices=("local", "s3"), default=["local"],
+                        help="where OUT and its work state go; several: alternating rounds")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pmd-scale-"))
+    s3 = _S3() if "s3" in args.store else None
     try:
         for n in args.candidates:
-            print(json.dumps(run(n, root, args.num_cpus)), flush=True)
+            walls: dict[str, list[float]] = {}
+            for r in range(args.rounds):
+                for store in args.store:
+                    result = run(n, root, args.num_cpus, s3 if store == "s3" else None, r)
+                    walls.setdefault(store, []).append(result["wall_s"])
+                    print(json.dumps(result), flush=True)
+            if len(walls) == 2:
+                ratios = sorted(s / loc for s, loc in zip(walls["s3"], walls["local"]))
+                print(json.dumps({"candidates": n, "s3_over_local_wall_median": round(ratios[len(ratios) // 2], 3),
+                                  "ratios": [round(x, 3) for x in ratios]}), flush=True)
+            shutil.rmtree(root / f"in-{n}", ignore_errors=True)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
