@@ -201,7 +201,9 @@ def list_files(location: str | os.PathLike, suffix: str = "", recursive: bool = 
     for info in infos:
         if info.type != pafs.FileType.File or not info.base_name.endswith(suffix) or info.base_name.startswith("."):
             continue
-        relative = info.path[len(path):].lstrip("/")
+        # fsspec filesystems may report their paths with a leading "/" (memory://) where `path` has none
+        relative = info.path.lstrip("/")[len(path.lstrip("/")):].lstrip("/") if is_remote(location) else \
+            info.path[len(path):].lstrip("/")
         found.append(join(base, *relative.split("/")))
     return sorted(found, key=lambda p: p.split("/"))  # as paths sort: by component
 

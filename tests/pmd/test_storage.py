@@ -77,3 +77,27 @@ def test_options_come_from_the_environment_or_the_command_line(s3, monkeypatch):
     monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"no_such_option": 1}))
     with pytest.raises(storage.StorageError, match="no_such_option"):
         storage.exists("s3://pmd/opts/x.json")
+
+
+def test_a_remote_work_path_joins_lists_and_deletes_like_a_path():
+    """storage.RemotePath on fsspec's in-memory store: the operations the work layout uses, and no `Path()` fold."""
+    import pickle
+    from pathlib import Path
+
+    root = storage.as_path("memory://work-path-test/w")
+    assert isinstance(root, storage.RemotePath)
+    assert str(root / "final" / "a.json") == "memory://work-path-test/w/final/a.json"
+    assert storage.as_path("/tmp/x") == Path("/tmp/x")
+    atomic.write_json({"n": 1}, root / "final" / "group-00001.json")
+    atomic.write_json({"n": 2}, root / "final" / "group-00000.json")
+    atomic.write_bytes(b"x", root / "final" / "bucket-00000.arrow")
+    found = (root / "final").glob("group-*.json")
+    assert [p.name for p in found] == ["group-00000.json", "group-00001.json"]
+    assert json.loads(found[1].read_text()) == {"n": 1} and found[1].parent == root / "final"
+    assert (root / "final" / "nothing").glob("*") == []
+    (root / "final" / "group-00000.json").unlink()
+    assert not (root / "final" / "group-00000.json").exists()
+    (root / "final" / "group-00000.json").unlink(missing_ok=True)
+    storage.remove_tree(root / "final")
+    assert (root / "final").glob("*") == [] and not (root / "final" / "bucket-00000.arrow").exists()
+    assert pickle.loads(pickle.dumps(root)) == root
