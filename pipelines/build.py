@@ -48,7 +48,7 @@ from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
 from pmd.shards import file_sha256, shard_name
-from pipelines.ray_runtime import ray_session, resolve_address
+from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,6 @@ WORK_DIR = final.WORK_DIR
 # rows its ~0.4 s there are hidden behind Ray's start, where three rounds of Ray tasks after it cost ~0.6 s; far
 # above, Ray's parallelism wins.
 LOCAL_URL_PASS_ROWS = 100_000
-# Ray re-runs a task whose worker or node died this many times (every task is idempotent); a lost node costs its
-# running tasks, not the build.
-TASK_RETRIES = 5
 EXECUTORS = ("auto", "ray", "pool", "local")
 # executor "auto": a build of at most this many candidates (after ingest; no `ray_address`) runs on the "pool"
 # executor, a larger one on Ray. PLACEHOLDER

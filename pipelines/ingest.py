@@ -20,7 +20,7 @@ from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, pr
 from pmd import storage
 from pmd.sources import create_adapter
 from pmd.sources.inputs import require_file
-from pipelines.ray_runtime import ray_session, resolve_address
+from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _run_on_ray(config: IngestConfig, adapter, context, chunks, counts: IngestCo
     import ray
 
     with ray_session(config.ray_address, config.num_cpus):
-        remote_chunk = ray.remote(num_cpus=1, max_retries=2)(process_chunk)
+        remote_chunk = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(process_chunk)
         # Put once in the object store: every task gets a reference, not its own copy of the context (a few MB for
         # Visual Genome's image data, docs/sources.md).
         adapter_ref, context_ref = ray.put(adapter), ray.put(context)

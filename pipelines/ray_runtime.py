@@ -12,6 +12,12 @@ from pmd import storage
 log = logging.getLogger(__name__)
 
 
+# The one retry policy of every Ray task of a build (ingest parts, chunks, final-phase passes): Ray re-runs a task
+# whose worker or node died this many times (every task is idempotent); a lost node costs its running tasks, not
+# the build.
+TASK_RETRIES = 5
+
+
 def resolve_address(address: str | None) -> str | None:
     """`--ray-address`, else RAY_ADDRESS, else None (a fresh local instance).
 
