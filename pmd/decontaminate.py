@@ -107,8 +107,8 @@ class EvalHashIndex:
         set_ids: list[int] = []
         set_names: list[str] = []
         for path in paths:
-            path = Path(path)
-            set_name = path.name
+            path = storage.location(path)
+            set_name = storage.basename(path)
             if set_name in set_names:
                 raise ValueError(f"two evaluation sets are named {set_name!r}; give them different names")
             set_id = len(set_names)
@@ -151,7 +151,7 @@ class EvalHashIndex:
         return Match(self.set_names[self.set_ids[i]], self.names[i], int(d[i]))
 
 
-def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
+def iter_images(path: Path | str) -> Iterator[tuple[str, bytes]]:
     """(member path, bytes) of the image files in a folder, zip or tar (compressed too), in a stable order."""
     with ArchiveIndex.build([path]) as archive:
         refs = sorted(r for r in archive.refs() if Path(r).suffix.lower() in IMAGE_SUFFIXES)
@@ -159,7 +159,8 @@ def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
             raise ValueError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
         for ref, data, error in archive.read_many(refs):
             if data is None:
-                log.warning("evaluation image %s!%s cannot be read (%s); left out", path.name, ref, error)
+                log.warning("evaluation image %s!%s cannot be read (%s); left out", storage.basename(path), ref,
+                            error)
                 continue
             yield ref, data
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -186,6 +188,74 @@ def open_input(location: str | os.PathLike):
         return pafs.LocalFileSystem().open_input_file(str(location))
     fs, path = resolve(location)
     return fs.open_input_file(path)
+
+
+#: Read-ahead of a sequential read on object storage (a metadata file streamed, a compressed archive): one ranged
+#: GET per this many bytes.
+STREAM_BUFFER = 8 << 20
+#: Read-ahead of random access on object storage (a zip member's header and data, a tar header): one ranged GET
+#: per miss, so a small read costs one request, not one per `read` call of zipfile or tarfile.
+SEEK_BUFFER = 1 << 20
+
+
+def open_seekable(location: str | os.PathLike, buffer_size: int = SEEK_BUFFER) -> IO[bytes]:
+    """A seekable binary file: a local path as `open(path, "rb")`; an object read in place by ranged GETs, each
+    read that misses the buffer fetching `buffer_size` bytes (or the read's own size, if larger). Nothing is
+    downloaded beyond what is read: a zip's central directory and three of its members cost a few requests."""
+    if not is_remote(location):
+        return open(location, "rb")
+    fs, path = resolve(location)
+    try:
+        raw = fs.open_input_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such file") from None
+    return io.BufferedReader(raw, buffer_size=buffer_size)  # pyarrow's NativeFile is a raw io.IOBase
+
+
+def open_stream(location: str | os.PathLike) -> IO[bytes]:
+    """`open_seekable` for a sequential read: big read-ahead, so a metadata file streams in few requests."""
+    return open_seekable(location, STREAM_BUFFER)
+
+
+def fingerprint(location: str | os.PathLike) -> dict:
+    """What identifies an input's content without reading it: for a local file its absolute path, size and
+    mtime; for an object its URL, size and ETag (one HEAD; the Last-Modified time where a store gives no ETag);
+    for a folder or prefix, the same of every file under it, as one digest."""
+    if not is_remote(location):
+        path = Path(location)
+        st = path.stat()
+        return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        entry: dict = {"path": str(location), "bytes": info.size}
+        etag = _etag(fs, path)
+        if etag is not None:
+            entry["etag"] = etag
+        else:
+            entry["mtime_ns"] = info.mtime_ns
+        return entry
+    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+                    if i.type == pafs.FileType.File), key=lambda i: i.path)
+    if not infos:
+        raise FileNotFoundError(f"{location}: no such file or prefix")
+    listing = json.dumps([[i.path, i.size, i.mtime_ns] for i in infos]).encode()
+    return {"path": str(location), "files": len(infos), "bytes": sum(i.size for i in infos),
+            "listing_sha256": hashlib.sha256(listing).hexdigest()}
+
+
+def _etag(fs: pafs.FileSystem, path: str) -> str | None:
+    """The object's ETag from the metadata pyarrow's S3 client keeps from its HEAD request (no data read)."""
+    try:
+        with fs.open_input_file(path) as f:
+            metadata = f.metadata()
+    except (OSError, NotImplementedError):
+        return None
+    for key in ("ETag", b"ETag", "etag", b"etag"):
+        value = metadata.get(key)
+        if value:
+            return (value.decode() if isinstance(value, bytes) else str(value)).strip('"')
+    return None
 
 
 def list_files(location: str | os.PathLike, suffix: str = "", recursive: bool = False) -> list[str]:

@@ -76,11 +76,12 @@ class TakedownRequest:
         return cls(d["kind"], tuple(d["values"]), d["list_sha256"], d.get("reason", ""))
 
 
-def read_request(kind: str, path: Path, reason: str = "") -> TakedownRequest:
-    """A removal list as the user gives it; a malformed line is an error naming the line, never skipped."""
+def read_request(kind: str, path: Path | str, reason: str = "") -> TakedownRequest:
+    """A removal list as the user gives it (a local file or a URL on object storage); a malformed line is an error
+    naming the line, never skipped."""
     if kind not in KINDS:
         raise TakedownError(f"takedown list kind must be one of {sorted(KINDS)}, not {kind!r}")
-    data = Path(path).read_bytes()
+    data = storage.read_bytes(path)
     values = set()
     for number, raw in enumerate(data.decode("utf-8", errors="strict").splitlines(), 1):
         line = raw.strip()
