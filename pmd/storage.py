@@ -172,8 +172,8 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         return Path(location).read_bytes()
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        with fs.open_input_stream(path, compression=None) as f:
+            return f.read()  # compression=None: a .gz object is its own bytes, not pyarrow's guess
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such file") from None
 
@@ -290,7 +290,7 @@ def upload(local: Path, location: str | os.PathLike) -> None:
     fs, path = resolve(location)
     if not is_remote(location):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+    with open(local, "rb") as src, fs.open_output_stream(path, compression=None) as dst:
         while block := src.read(8 << 20):
             dst.write(block)
 
@@ -303,7 +303,7 @@ def sha256(location: str | os.PathLike, block: int = 4 << 20) -> str:
                 digest.update(data)
         return digest.hexdigest()
     fs, path = resolve(location)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         while data := f.read(block):
             digest.update(data)
     return digest.hexdigest()
