@@ -51,12 +51,13 @@ from pathlib import Path
 
 from pmd import atomic, storage
 from pmd.images import ImageOptions
+from pmd.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-MISSING = "missing_member"
-ARCHIVE_ERROR = "archive_error"
-TOO_LARGE = "too_large"
+MISSING = Reason.MISSING_MEMBER
+ARCHIVE_ERROR = Reason.ARCHIVE_ERROR
+TOO_LARGE = Reason.TOO_LARGE
 #: The default cap on one member's bytes: the image stage's own (a member is an image's encoded bytes).
 DEFAULT_MAX_BYTES: int = ImageOptions.max_image_bytes
 

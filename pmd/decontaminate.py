@@ -30,12 +30,13 @@ from PIL import Image, ImageOps
 
 from pmd import schema, storage
 from pmd.archives import ArchiveIndex
+from pmd.reasons import Reason, Stage
 
 log = logging.getLogger(__name__)
 
-EVAL_OVERLAP = "eval_overlap"
+EVAL_OVERLAP = Reason.EVAL_OVERLAP
 #: The failure stage of both screens (an overlapping image is not an image failure: it is removed on purpose).
-STAGE = "decontaminate"
+STAGE = Stage.DECONTAMINATE
 #: Largest pHash Hamming distance still taken for the same picture (see the module docstring).
 DEFAULT_THRESHOLD = 10
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})

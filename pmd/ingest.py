@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pmd import atomic, schema, storage
+from pmd.reasons import Reason
 from pmd.sources.base import Context, Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
 from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
 from pmd.sources.limits import CHUNK_BYTES
@@ -29,7 +30,7 @@ CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
 SUMMARY_FILE = "ingest.json"
 _PART_ROW_GROUP = 65_536  # candidate parts are read whole by the build, not streamed
-NO_OUTPUT = "no_output"  # an adapter produced nothing for a record: recorded, never silently dropped
+NO_OUTPUT = Reason.NO_OUTPUT  # an adapter produced nothing for a record: recorded, never silently dropped
 
 
 @dataclass

@@ -39,12 +39,13 @@ import pyarrow.parquet as pq
 
 from pmd import atomic, schema, storage
 from pmd.manifest import FAILURES_DIR, Manifest
+from pmd.reasons import Stage
 from pmd.shards import describe_file, sum_counts, write_shard_file
 
 log = logging.getLogger(__name__)
 
 TAKEDOWN_DIR = "takedowns"
-TAKEDOWN = "takedown"  # the failure stage and reason of a removed pair
+TAKEDOWN = Stage.TAKEDOWN  # the failure stage (and reason, Reason.TAKEDOWN: the same string) of a removed pair
 KINDS: dict[str, str] = {"urls": schema.IMAGE_URL, "keys": schema.KEY, "image_sha256": schema.IMAGE_SHA256}
 _SHA256_HEX = frozenset("0123456789abcdef")
 _APPLICATION = b"pmd.takedown.application"  # journal metadata: len(manifest["takedowns"]) when it was made
