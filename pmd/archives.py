@@ -71,8 +71,8 @@ _STATE_FORMAT = "pmd-archive-index"
 _STATE_VERSION = 1
 #: Where under the build's work location the member lists of remote archives are kept (`build(cache=...)`).
 ARCHIVE_INDEX_DIR = "archive-index"
-#: Read-ahead of a remote tar's header scan: a header and, for small members, the next few headers too.
-_TAR_HEADER_BUFFER = 16 << 10
+#: Read-ahead of a remote tar's header scan: a header block and a long name or pax header after it.
+_TAR_HEADER_BUFFER = 4 << 10
 
 
 def _archive_kind(path: Path | str) -> str | None:

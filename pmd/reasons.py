@@ -62,6 +62,7 @@ class Reason(StrEnum):
     TRUNCATED_BODY = "truncated_body"
     DOWNLOAD_ERROR = "download_error"
     REDIRECT_ERROR = "redirect_error"
+    OPTED_OUT = "opted_out"  # X-Robots-Tag noai/noimageai/noindex/noimageindex
 
     # -- decode and check (pmd.images)
     DECODE_ERROR = "decode_error"

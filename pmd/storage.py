@@ -193,9 +193,10 @@ def open_input(location: str | os.PathLike):
 #: Read-ahead of a sequential read on object storage (a metadata file streamed, a compressed archive): one ranged
 #: GET per this many bytes.
 STREAM_BUFFER = 8 << 20
-#: Read-ahead of random access on object storage (a zip member's header and data, a tar header): one ranged GET
-#: per miss, so a small read costs one request, not one per `read` call of zipfile or tarfile.
-SEEK_BUFFER = 1 << 20
+#: Read-ahead of random access on object storage (a zip member's local header, a byte range of a file): one
+#: ranged GET per miss, so zipfile's small reads of a header cost one request; a read larger than this (a member's
+#: data) is one GET of exactly its size.
+SEEK_BUFFER = 64 << 10
 
 
 def open_seekable(location: str | os.PathLike, buffer_size: int = SEEK_BUFFER) -> IO[bytes]:
