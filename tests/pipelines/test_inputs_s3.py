@@ -195,3 +195,23 @@ def test_a_build_whose_inputs_are_on_s3_writes_the_same_shards(s3, tmp_path):
     entry = remote["sources"]["coco"]
     assert [a["path"] for a in entry["archives"]] == ["s3://pmd/inputs/val2014.tar", "s3://pmd/inputs/train2014.zip"]
     assert entry["inputs"][0]["etag"] and "sha256" not in entry["inputs"][0]
+
+
+def test_the_command_line_keeps_input_urls_as_urls(tmp_path):
+    """`pmd build coco s3://b/dataset_coco.json ...`: every input flag keeps its URL (a Path would fold `//`), and a
+    config file's URLs are not made relative to the file; local paths still are."""
+    from pmd.cli import _build_config, build_parser
+
+    args = build_parser().parse_args([
+        "build", "coco", "s3://b/up/dataset_coco.json", "--images", "s3://b/up/val2014.zip", "--images",
+        str(tmp_path / "train2014.zip"), "--eval-flickr-ids", "gs://e/dataset_flickr30k.json",
+        "--decontaminate-against", "s3://b/eval/coco-test/", "--out", "s3://b/pmd"])
+    config = _build_config(args)
+    spec = config.sources[0]
+    assert spec.inputs == ["s3://b/up/dataset_coco.json"]
+    assert spec.images == ["s3://b/up/val2014.zip", tmp_path / "train2014.zip"]
+    assert config.decontaminate.flickr_ids == ["gs://e/dataset_flickr30k.json"]
+    assert config.decontaminate.against == ["s3://b/eval/coco-test/"]
+    (tmp_path / "b.toml").write_text('[[sources]]\nname = "conceptual_12m"\ninputs = ["s3://b/cc12m.tsv", "cc3.tsv"]\n')
+    spec = load_config(tmp_path / "b.toml", {"out": str(tmp_path / "out")}).sources[0]
+    assert spec.inputs == ["s3://b/cc12m.tsv", tmp_path / "cc3.tsv"]
