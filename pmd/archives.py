@@ -143,7 +143,8 @@ class _Source:
     def zip_file(self) -> zipfile.ZipFile:
         # Reopened after a fork: a shared file descriptor would share its offset with the parent.
         if self._zip is None or self._zip_pid != os.getpid():
-            raw = storage.open_seekable(self.path)  # local: a file; remote: ranged reads through a buffer
+            # Local: a file. Remote: a RangeFile, into which _read_zip puts each member's range fetched ahead.
+            raw = storage.open_ranges(self.path) if storage.is_remote(self.path) else open(self.path, "rb")
             try:
                 self._zip = zipfile.ZipFile(raw)
             except BaseException:
@@ -254,6 +255,24 @@ def _scan_remote_archive(url: str, size: int) -> _Source:
     with storage.open_stream(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
         members = [info.name for info in tf if info.isreg()]
     return _Source(_TAR_STREAM, url, members, size=size)
+
+
+#: Bytes past a zip member's data fetched with it: its local header's extra field may be longer than the central
+#: directory's (a short fetch is still correct: the rest is one more GET), and a data descriptor follows it.
+_ZIP_SPAN_SLACK = 1024
+
+
+def _zip_span(info: zipfile.ZipInfo) -> int:
+    """Bytes from a member's local header to the end of its data, as the central directory tells them."""
+    return (zipfile.sizeFileHeader + len(info.filename.encode("utf-8")) + len(info.extra) + info.compress_size
+            + _ZIP_SPAN_SLACK)
+
+
+def _read_at(f, nbytes: int, offset: int) -> bytes | OSError:
+    try:
+        return f.read_at(nbytes, offset)
+    except OSError as e:
+        return e
 
 
 class ArchiveIndex:
@@ -407,10 +426,21 @@ class ArchiveIndex:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             return
         infos.sort(key=lambda item: item[0].header_offset)  # sequential on disk
+        raw = source._zip_raw if isinstance(source._zip_raw, storage.RangeFile) else None
+        # On object storage each member's whole range (local header + data) is fetched ahead, several at once:
+        # a store's latency per request, not its bandwidth, is what a member read costs.
+        fetched = storage.read_ranges(raw, [(info.header_offset, _zip_span(info)) for info, _ in infos
+                                            if info.file_size <= max_bytes]) if raw is not None else None
         for info, m_idx in infos:
             if info.file_size > max_bytes:
                 yield m_idx, None, _too_large(info.filename, info.file_size, max_bytes)
                 continue
+            if fetched is not None:
+                start, block = next(fetched)
+                if isinstance(block, OSError):
+                    yield m_idx, None, _error(ARCHIVE_ERROR, block)
+                    continue
+                raw.hold(start, block)
             try:
                 # Reading to the end checks the CRC: a flipped byte is BadZipFile, a mangled stream zlib.error.
                 with zf.open(info) as member:
@@ -419,6 +449,9 @@ class ArchiveIndex:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             else:
                 yield (m_idx, None, _too_large(info.filename, None, max_bytes)) if data is None else (m_idx, data, None)
+            finally:
+                if fetched is not None:
+                    raw.release(info.header_offset)
 
     @staticmethod
     def _read_tar(source: _Source, members: dict[int, list[str]], max_bytes: int,
@@ -426,7 +459,7 @@ class ArchiveIndex:
         assert source.offsets is not None
         order = sorted(members, key=lambda m: source.offsets[m][0])
         try:
-            f = storage.open_input(source.path)  # random access; on object storage one ranged GET per read_at
+            f = storage.open_ranges(source.path)  # random access; on object storage one ranged GET per read_at
             size = f.size()
         except OSError as e:
             for m_idx in order:
@@ -438,15 +471,18 @@ class ArchiveIndex:
                 for m_idx in order:
                     yield m_idx, None, _error(ARCHIVE_ERROR, f"{source.path} changed size since it was indexed")
                 return
+            small = [source.offsets[m] for m in order if source.offsets[m][1] <= max_bytes]
+            # Remote: several members' GETs in flight at once; local: one read after the other.
+            fetched = (storage.read_ranges(f, small) if storage.is_remote(source.path)
+                       else ((o, _read_at(f, n, o)) for o, n in small))
             for m_idx in order:
                 offset, length = source.offsets[m_idx]
                 if length > max_bytes:
                     yield m_idx, None, _too_large(source.members[m_idx], length, max_bytes)
                     continue
-                try:
-                    data = f.read_at(length, offset)
-                except OSError as e:
-                    yield m_idx, None, _error(ARCHIVE_ERROR, e)
+                _, data = next(fetched)
+                if isinstance(data, OSError):
+                    yield m_idx, None, _error(ARCHIVE_ERROR, data)
                     continue
                 if len(data) != length:
                     yield m_idx, None, _error(ARCHIVE_ERROR, f"truncated member: {len(data)} of {length} bytes")
@@ -515,18 +551,18 @@ class ArchiveIndex:
     @staticmethod
     def _read_remote_dir(source: _Source, members: dict[int, list[str]], max_bytes: int,
                          ) -> Iterator[tuple[int, bytes | None, str | None]]:
-        for m_idx in members:
+        def read(m_idx: int) -> tuple[int, bytes | None, str | None]:
             name = source.members[m_idx]
             try:
                 with storage.open_input(storage.join(source.path, name)) as f:
                     size = f.size()  # from the HEAD that opened it: a large object is refused unread
                     data = _read_capped(f, max_bytes) if size <= max_bytes else None
             except FileNotFoundError:
-                yield m_idx, None, _error(MISSING, f"{name} vanished from {source.path}")
+                return m_idx, None, _error(MISSING, f"{name} vanished from {source.path}")
             except OSError as e:
-                yield m_idx, None, _error(ARCHIVE_ERROR, e)
-            else:
-                if data is None:
-                    yield m_idx, None, _too_large(name, size if size > max_bytes else None, max_bytes)
-                else:
-                    yield m_idx, data, None
+                return m_idx, None, _error(ARCHIVE_ERROR, e)
+            if data is None:
+                return m_idx, None, _too_large(name, size if size > max_bytes else None, max_bytes)
+            return m_idx, data, None
+
+        yield from storage.in_order(read, list(members))  # several objects' requests in flight at once

@@ -213,6 +213,116 @@ def open_seekable(location: str | os.PathLike, buffer_size: int = SEEK_BUFFER) -
     return io.BufferedReader(raw, buffer_size=buffer_size)  # pyarrow's NativeFile is a raw io.IOBase
 
 
+#: Ranged GETs in flight at once when reading many members of one archive (`read_ranges`): a store's latency,
+#: not its bandwidth, bounds one reader; this many requests overlap it.
+RANGES_IN_FLIGHT = 16
+
+
+class RangeFile(io.RawIOBase):
+    """A remote object as a seekable file whose reads are served from byte ranges already fetched (`hold`, e.g.
+    by `read_ranges`), else by one ranged GET of at least `readahead` bytes. zipfile reads a member as a header
+    and then its data; with the member's whole range held that is no request at all."""
+
+    def __init__(self, native, readahead: int = SEEK_BUFFER):
+        self._f, self._size, self._pos, self._readahead = native, native.size(), 0, readahead
+        self._held: dict[int, bytes] = {}  # start -> bytes, a few ranges
+        self._last: tuple[int, bytes] = (0, b"")
+
+    def hold(self, start: int, data: bytes) -> None:
+        self._held[start] = data
+
+    def release(self, start: int) -> None:
+        self._held.pop(start, None)
+
+    def _block(self, pos: int) -> tuple[int, bytes] | None:
+        start, data = self._last
+        if start <= pos < start + len(data):
+            return self._last
+        for start, data in self._held.items():
+            if start <= pos < start + len(data):
+                return start, data
+        return None
+
+    def readinto(self, buffer) -> int:
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view) and self._pos < self._size:
+            block = self._block(self._pos)
+            if block is None:
+                want = min(max(len(view) - filled, self._readahead), self._size - self._pos)
+                block = self._last = (self._pos, self._f.read_at(want, self._pos))
+                if not block[1]:
+                    break
+            start, data = block
+            piece = data[self._pos - start:self._pos - start + len(view) - filled]
+            view[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            self._pos += len(piece)
+        return filled
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        return self._f.read_at(nbytes, offset)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def open_ranges(location: str | os.PathLike):
+    """A remote object as a `RangeFile`, or a local file as pyarrow's (both have `read_at` and `size`)."""
+    if not is_remote(location):
+        return pafs.LocalFileSystem().open_input_file(str(location))
+    fs, path = resolve(location)
+    return RangeFile(fs.open_input_file(path))
+
+
+def read_ranges(f, ranges: list[tuple[int, int]], in_flight: int | None = None):
+    """(start, bytes or the OSError that reading it raised) for each (start, length) of `ranges`, in order, with
+    up to `in_flight` ranged reads overlapping (pyarrow's read_at is thread-safe and releases the GIL)."""
+    def read(item: tuple[int, int]) -> tuple[int, bytes | OSError]:
+        try:
+            return item[0], f.read_at(item[1], item[0])
+        except OSError as e:
+            return item[0], e
+
+    return in_order(read, ranges, in_flight)
+
+
+def in_order(fn, items: list, in_flight: int | None = None):
+    """`fn(item)` for each item, yielded in order, up to `in_flight` (default RANGES_IN_FLIGHT) running at once in
+    threads (I/O: requests to a store) and at most that many results held ahead of the consumer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    in_flight = in_flight or RANGES_IN_FLIGHT
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(in_flight, len(items)))) as pool:
+        pending = [pool.submit(fn, item) for item in items[:in_flight]]
+        for i in range(len(items)):
+            result = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload] - not held once yielded
+            if i + in_flight < len(items):
+                pending.append(pool.submit(fn, items[i + in_flight]))
+            yield result
+
+
 def open_stream(location: str | os.PathLike) -> IO[bytes]:
     """`open_seekable` for a sequential read: big read-ahead, so a metadata file streams in few requests."""
     return open_seekable(location, STREAM_BUFFER)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class Traffic:
 
     gets: Counter = field(default_factory=Counter)
     bytes_out: Counter = field(default_factory=Counter)
+    latency_s: float = 0.0  # added to every GET, as a store across a network would (a benchmark sets it)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reset(self) -> None:
@@ -30,17 +32,20 @@ class Traffic:
 
     def wrap(self, app):
         def count(path: str, body):
-            sent = 0
             for piece in body:
-                sent += len(piece)
+                with self._lock:  # before it is sent: a client that has the bytes finds them counted
+                    self.bytes_out[path] += len(piece)
                 yield piece
-            with self._lock:
-                self.gets[path] += 1
-                self.bytes_out[path] += sent
 
         def counted(environ, start_response):
-            body = app(environ, start_response)
-            return count(environ.get("PATH_INFO", ""), body) if environ.get("REQUEST_METHOD") == "GET" else body
+            if environ.get("REQUEST_METHOD") != "GET":
+                return app(environ, start_response)
+            path = environ.get("PATH_INFO", "")
+            with self._lock:
+                self.gets[path] += 1
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            return count(path, app(environ, start_response))
 
         return counted
 
