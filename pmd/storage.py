@@ -355,8 +355,23 @@ def fingerprint(location: str | os.PathLike) -> dict:
             "listing_sha256": hashlib.sha256(listing).hexdigest()}
 
 
+#: Keys of an fsspec filesystem's `info()` that change when an object's content does (s3fs, gcsfs, adlfs, ...).
+_FSSPEC_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "content_md5", "version_id", "LastModified",
+                        "last_modified", "mtime", "created")
+
+
 def _etag(fs: pafs.FileSystem, path: str) -> str | None:
-    """The object's ETag from the metadata pyarrow's S3 client keeps from its HEAD request (no data read)."""
+    """The object's ETag: from the metadata pyarrow's S3 client keeps from its HEAD request (no data read), or for
+    an fsspec filesystem from its `info()` (the first version-like key it has)."""
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, pafs.FSSpecHandler):
+        try:
+            info = fs.handler.fs.info(path)
+        except (OSError, NotImplementedError):
+            return None
+        for key in _FSSPEC_VERSION_KEYS:
+            if info.get(key) not in (None, ""):
+                return f"{key}:{info[key]}".replace('"', "")
+        return None
     try:
         with fs.open_input_file(path) as f:
             metadata = f.metadata()

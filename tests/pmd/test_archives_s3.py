@@ -147,3 +147,24 @@ def test_an_object_overwritten_with_other_bytes_of_the_same_size_gets_a_new_fing
     assert s3.gets[url.replace("s3://", "/")] == 0  # a HEAD: no byte of it read
     storage.upload(tmp_path / "b", url)  # the same size, within the same second
     assert input_fingerprint([url]) != first
+
+
+def test_any_fsspec_protocol_is_an_input_too():
+    """memory:// (fsspec's in-process filesystem) stands for the protocols pyarrow has no client of its own for."""
+    import io
+    import time
+
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/inputs/cc.tsv", b"http://127.0.0.1/1.jpg\tone\n")
+    buffer = io.BytesIO()
+    write_zip(buffer, {"images/1.jpg": b"jpeg bytes"})
+    memory.pipe("/inputs/a.zip", buffer.getvalue())
+    assert [r.raw for r in iter_lines("memory://inputs/cc.tsv")] == [b"http://127.0.0.1/1.jpg\tone"]
+    with ArchiveIndex.build(["memory://inputs/a.zip"]) as index:
+        assert list(index.read_many(["images/1.jpg"])) == [("images/1.jpg", b"jpeg bytes", None)]
+    first = input_fingerprint(["memory://inputs/cc.tsv"])
+    time.sleep(0.01)
+    memory.pipe("/inputs/cc.tsv", b"http://127.0.0.1/2.jpg\ttwo\n")  # the same size
+    assert input_fingerprint(["memory://inputs/cc.tsv"]) != first
