@@ -33,7 +33,9 @@ from PIL import Image
 
 from flava.data import DataSpec, Source, SourceLoader, crop_box, decode_train, iter_texts
 from flava.tokenizer import train_wordpiece
+from pmd.manifest import Manifest
 from pmd.schema import SHARD_SCHEMA
+from pmd.shards import describe_file
 
 
 def make_shards(out: Path, rows: int, w: int = 512, h: int = 384, shards: int = 2) -> None:
@@ -56,8 +58,8 @@ def make_shards(out: Path, rows: int, w: int = 512, h: int = 384, shards: int = 
                              original_width=w, original_height=h))
         name = f"shards/shard-{s:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(recs, schema=SHARD_SCHEMA), out / name, row_group_size=256)
-        entries.append({"file": name, "rows": per})
-    (out / "manifest.json").write_text(json.dumps({"format": "pmd-build", "shards": entries}))
+        entries.append(describe_file(out, name))
+    Manifest.new(out, entries).write()
 
 
 def plain_naive(images: list[bytes], size: int = 224, cb: int = 112) -> float:

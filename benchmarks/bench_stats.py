@@ -18,6 +18,8 @@ import numpy as np
 import polars as pl
 
 from pmd import schema
+from pmd.manifest import Manifest
+from pmd.shards import describe_file
 
 SOURCES = ["coco", "conceptual_12m", "red_caps", "yfcc100m", "visual_genome", "wit"]
 WORDS = ["a", "dog", "on", "the", "beach", "with", "red", "ball", "sunset", "over", "city", "man", "riding", "bike"]
@@ -66,9 +68,8 @@ def generate(root: Path, rows: int, image_bytes: int, with_images: bool, shard_r
                                             "rejects_by_reason": {}})
             acc["input_rows"] += c
             acc["pairs"] += c
-        entries.append({"file": f"shards/{path.name}", "rows": n, "bytes": path.stat().st_size, "sources": per_source})
-    (root / "manifest.json").write_text(json.dumps({"format": "pmd-build", "schema_version": 1, "shards": entries,
-                                                    "accounting": accounting}))
+        entries.append(describe_file(root, f"shards/{path.name}"))
+    Manifest.new(root, entries, accounting=accounting).write()
 
 
 def time_audits(roots: list[Path], repeat: int = 5) -> list[float]:

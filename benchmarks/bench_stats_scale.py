@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pmd import schema
+from pmd.manifest import Manifest
+from pmd.shards import describe_file
 
 SOURCES = ["coco", "conceptual_12m", "red_caps", "yfcc100m", "visual_genome", "wit"]
 WORDS = np.array(["a", "dog", "on", "the", "beach", "with", "red", "ball", "sunset", "over", "city", "man"])
@@ -90,11 +92,8 @@ def generate(root: Path, rows: int, shard_rows: int = 100_000) -> None:
                                             "rejects_by_reason": {}})
             acc["input_rows"] += c
             acc["pairs"] += c
-        entries.append({"file": f"shards/{path.name}", "rows": n, "bytes": path.stat().st_size,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                        "sources": dict(sorted(per_source.items()))})
-    (root / "manifest.json").write_text(json.dumps({"format": "pmd-build", "schema_version": schema.SCHEMA_VERSION,
-                                                    "shards": entries, "failures": [], "accounting": accounting}))
+        entries.append(describe_file(root, f"shards/{path.name}"))
+    Manifest.new(root, entries, accounting=accounting).write()
 
 
 def differences(a, b, path: str = "") -> list[str]:

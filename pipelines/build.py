@@ -45,9 +45,9 @@ from pmd.config_loader import ConfigError, Where, apply_overrides, from_dict
 from pmd.download import DownloadOptions
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
-from pmd.ingest import CANDIDATES_DIR, input_fingerprint, read_summary
+from pmd.ingest import CANDIDATES_DIR, input_fingerprint, manifest_input, read_summary
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
-from pmd.shards import file_sha256, shard_name
+from pmd.shards import shard_name
 from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class SourceSpec:
     """One source of the build. `images` empty: a URL source (downloaded); else archive files holding the images."""
 
     name: str
-    inputs: list[Path]
-    images: list[Path] = field(default_factory=list)
+    inputs: list[Path | str]  # local paths or URLs on object storage (pmd.storage.location)
+    images: list[Path | str] = field(default_factory=list)
     options: dict[str, str | int | float | bool] = field(default_factory=dict)  # strings once built
 
     def __post_init__(self) -> None:
@@ -85,8 +85,8 @@ class SourceSpec:
             self.inputs = [self.inputs]
         if isinstance(self.images, (str, Path)):
             self.images = [self.images]
-        self.inputs = [Path(p) for p in self.inputs]
-        self.images = [Path(p) for p in self.images]
+        self.inputs = [storage.location(p) for p in self.inputs]
+        self.images = [storage.location(p) for p in self.images]
         self.options = {str(k): str(v) for k, v in self.options.items()}
         if not self.inputs:
             raise ValueError(f"source {self.name!r}: no input files")
@@ -182,8 +182,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 def _resolve_paths(raw: dict, base: Path) -> None:
     """The file's input, image and evaluation paths made relative to the file (in place, before validation)."""
     def resolve(p):
-        if not isinstance(p, (str, Path)):
-            return p  # left for the loader to refuse
+        if not isinstance(p, (str, Path)) or storage.is_remote(p):
+            return p  # left for the loader to refuse; a URL is absolute
         p = Path(os.path.expanduser(str(p)))
         return p if p.is_absolute() else base / p
 
@@ -524,12 +524,14 @@ class _Plan:
         return max(1, int(final.IN_FLIGHT_SHARE * self.layout.n_buckets))
 
 
-def _archive_state(spec: SourceSpec, executor: _Executor) -> object:
+def _archive_state(spec: SourceSpec, executor: _Executor, work: Path | str | None = None) -> object:
     if spec.mode != "archive":
         return None
-    from pmd.archives import ArchiveIndex
+    from pmd.archives import ARCHIVE_INDEX_DIR, ArchiveIndex
 
-    return executor.put(ArchiveIndex.build(spec.images).to_state())
+    # Remote archives' member lists are kept beside the work state: a tar's index costs one ranged read per member.
+    cache = storage.join(work, ARCHIVE_INDEX_DIR) if work is not None else None
+    return executor.put(ArchiveIndex.build(spec.images, cache=cache).to_state())
 
 
 def _url_pass(plan: _Plan, executor: _Executor) -> dict[str, dict[str, int]]:
@@ -596,7 +598,7 @@ def _images(plan: _Plan, s_index: int, spec: SourceSpec, executor: _Executor, sc
                     executor.submit(_run_url_chunk, task(index, pa.table({})), str(url_paths.chunk(spec.name, index)),
                                     screens, on_done=lambda r: bar.update(r["rows"]))
         else:
-            archive_state = _archive_state(spec, executor)
+            archive_state = _archive_state(spec, executor, config.work)
             for index, table in enumerate(_candidate_batches(source_dir, config.chunk_rows)):
                 if index not in done:
                     executor.submit(_run_chunk_with_state, task(index, table), archive_state, screens,
@@ -699,7 +701,7 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: objec
     updated: list[dict] = []
     states = {}
     for spec in config.sources:
-        states[spec.name] = _archive_state(spec, executor)
+        states[spec.name] = _archive_state(spec, executor, config.work)
     for m in markers:
         spec = config.sources[m["source_index"]]
         task = ChunkTask(source=spec.name, index=m["group"], candidates=pa.table({}), path=Path(),
@@ -713,10 +715,9 @@ def _retry(plan: _Plan, executor: _Executor, markers: list[dict], screens: objec
 
 def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
     return {
-        "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                   for p in spec.inputs],
+        "inputs": [manifest_input(p) for p in spec.inputs],
         "images": "url" if spec.mode == "url" else "archive",
-        "archives": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in spec.images],
+        "archives": [manifest_input(p, digest=False) for p in spec.images],
         "options": dict(spec.options),
         "ingest": summary["counts"],
         "downloads": downloads,
@@ -735,10 +736,10 @@ def run_build(config: BuildConfig) -> dict:
         log.info("building into %s; work directory %s", out, config.work)
     for spec in config.sources:
         for p in [*spec.inputs, *spec.images]:
-            if not p.exists():
+            if not storage.exists(p):
                 raise BuildError(f"{spec.name}: input {p} does not exist")
     for p in config.decontaminate.paths:
-        if not p.exists():
+        if not storage.exists(p):
             raise BuildError(f"decontamination input {p} does not exist")
     _check_state(config)
     for d in (SHARDS_DIR, FAILURES_DIR):

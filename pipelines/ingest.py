@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
 from pmd import storage
+from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
 from pmd.sources import create_adapter
 from pmd.sources.inputs import require_file
 from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
@@ -31,7 +31,7 @@ RAY_MIN_INPUT_BYTES = 256 * 1024**2
 @dataclass
 class IngestConfig:
     source: str
-    inputs: list[Path]
+    inputs: list[Path | str]  # local paths or URLs (pmd.storage)
     out: Path  # a local directory or, as a storage.RemotePath, a prefix on object storage
     options: Mapping[str, str] = field(default_factory=dict)
     chunk_records: int = 50_000
@@ -41,7 +41,7 @@ class IngestConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.inputs = [Path(p) for p in self.inputs]
+        self.inputs = [storage.location(p) for p in self.inputs]
         self.out = storage.as_path(self.out)
         if self.executor not in ("auto", "local", "ray"):
             raise ValueError(f"executor must be auto, local or ray, not {self.executor!r}")
@@ -59,7 +59,7 @@ class IngestConfig:
             return self.executor
         if resolve_address(self.ray_address):
             return "ray"
-        total = sum(p.stat().st_size for p in self.inputs)
+        total = sum(storage.size(p) for p in self.inputs)
         return "ray" if total >= RAY_MIN_INPUT_BYTES else "local"
 
 

@@ -14,6 +14,13 @@ Building the index:
 - directory: one ``os.walk`` (sorted, symlinks not followed); the ref of a loose file is its path relative to the
   directory, with ``/`` separators.
 
+On object storage (an `s3://`, `gs://` or other fsspec URL, `pmd.storage`) the same archives are read in place,
+never downloaded whole: a zip through a seekable remote file (ranged GETs of its central directory, then of each
+member read); a plain tar's headers by ranged reads (one small read per member), its members by one ranged GET
+each; a compressed tar streamed. A prefix is a directory. Since listing a remote tar costs a request per member,
+``build(paths, cache=LOCATION)`` keeps each remote archive's member list as a small JSON file under LOCATION
+(local or remote), named by the archive's fingerprint (URL, size, ETag): a changed object is indexed again.
+
 Resolving a ref: an exact match on the normalised member name (leading ``./`` and ``/`` dropped) first; else a
 *unique* match on a path suffix of at least two components, so an archive that stores ``images/VG_100K_2/1.jpg``
 still resolves ``VG_100K_2/1.jpg``. A suffix shared by several members is ambiguous and resolves to nothing (the
@@ -31,6 +38,8 @@ grows) is ``too_large`` too, never held whole. A 4 GiB member of zeros costs not
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -40,13 +49,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pmd import atomic, storage
 from pmd.images import ImageOptions
+from pmd.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-MISSING = "missing_member"
-ARCHIVE_ERROR = "archive_error"
-TOO_LARGE = "too_large"
+MISSING = Reason.MISSING_MEMBER
+ARCHIVE_ERROR = Reason.ARCHIVE_ERROR
+TOO_LARGE = Reason.TOO_LARGE
 #: The default cap on one member's bytes: the image stage's own (a member is an image's encoded bytes).
 DEFAULT_MAX_BYTES: int = ImageOptions.max_image_bytes
 
@@ -58,10 +69,14 @@ _DIR = "dir"
 _COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 _STATE_FORMAT = "pmd-archive-index"
 _STATE_VERSION = 1
+#: Where under the build's work location the member lists of remote archives are kept (`build(cache=...)`).
+ARCHIVE_INDEX_DIR = "archive-index"
+#: Read-ahead of a remote tar's header scan: a header block and a long name or pax header after it.
+_TAR_HEADER_BUFFER = 4 << 10
 
 
-def _archive_kind(path: Path) -> str | None:
-    name = path.name.lower()
+def _archive_kind(path: Path | str) -> str | None:
+    name = storage.basename(path).lower()
     if name.endswith(".zip"):
         return _ZIP
     if name.endswith(".tar"):
@@ -101,8 +116,9 @@ class _Source:
     members: list[str]  # raw member names as stored (what to open), in archive order
     offsets: list[tuple[int, int]] | None = None  # plain tar only: (data offset, size) per member
     size: int | None = None  # archive size in bytes when indexed (plain tar offsets are only valid for it)
-    # Per process, never serialised: the open ZipFile and the pid that opened it.
+    # Per process, never serialised: the open ZipFile (and the file under it) and the pid that opened it.
     _zip: zipfile.ZipFile | None = field(default=None, repr=False, compare=False)
+    _zip_raw: object = field(default=None, repr=False, compare=False)
     _zip_pid: int | None = field(default=None, repr=False, compare=False)
 
     def to_state(self) -> dict:
@@ -127,18 +143,27 @@ class _Source:
     def zip_file(self) -> zipfile.ZipFile:
         # Reopened after a fork: a shared file descriptor would share its offset with the parent.
         if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.path)
-            self._zip_pid = os.getpid()
+            # Local: a file. Remote: a RangeFile, into which _read_zip puts each member's range fetched ahead.
+            raw = storage.open_ranges(self.path) if storage.is_remote(self.path) else open(self.path, "rb")
+            try:
+                self._zip = zipfile.ZipFile(raw)
+            except BaseException:
+                raw.close()
+                raise
+            self._zip_raw, self._zip_pid = raw, os.getpid()
         return self._zip
 
     def close(self) -> None:
         if self._zip is not None and self._zip_pid == os.getpid():
             self._zip.close()
-        self._zip = None
+            self._zip_raw.close()
+        self._zip = self._zip_raw = None
         self._zip_pid = None
 
 
-def _scan(path: Path) -> list[_Source]:
+def _scan(path: Path | str, cache: str | Path | None = None) -> list[_Source]:
+    if storage.is_remote(path):
+        return _scan_remote(str(path), cache)
     kind = _archive_kind(path)
     if kind == _ZIP:
         with zipfile.ZipFile(path) as zf:
@@ -178,6 +203,78 @@ def _scan(path: Path) -> list[_Source]:
     raise ValueError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
 
 
+def _scan_remote(url: str, cache: str | Path | None) -> list[_Source]:
+    """`_scan` of an object (an archive, through its cached member list when there is one) or of a prefix."""
+    if storage.is_file(url):
+        if _archive_kind(url) is None:
+            raise ValueError(f"{url}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
+        return [_remote_archive(url, cache)]
+    files = storage.list_files(url, recursive=True)
+    if not files:
+        raise FileNotFoundError(f"archive or directory not found: {url}")
+    base = url.rstrip("/") + "/"
+    loose = [f[len(base):] for f in files if _archive_kind(f) is None]
+    sources = [_Source(_DIR, url.rstrip("/"), loose)] if loose else []
+    for archive in files:
+        if _archive_kind(archive) is not None:
+            sources.append(_remote_archive(archive, cache))
+    return sources
+
+
+def _remote_archive(url: str, cache: str | Path | None) -> _Source:
+    fingerprint = storage.fingerprint(url)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+    cached = storage.join(cache, f"{key}.json") if cache is not None else None
+    if cached is not None and storage.exists(cached):
+        state = json.loads(storage.read_text(cached))
+        if state.get("fingerprint") == fingerprint and state.get("version") == _STATE_VERSION:
+            log.info("member list of %s from %s", url, cached)
+            return _Source.from_state(state["source"])
+    source = _scan_remote_archive(url, fingerprint["bytes"])
+    if cached is not None:
+        atomic.write_json({"format": _STATE_FORMAT, "version": _STATE_VERSION, "fingerprint": fingerprint,
+                           "source": source.to_state()}, cached)
+    return source
+
+
+def _scan_remote_archive(url: str, size: int) -> _Source:
+    kind = _archive_kind(url)
+    if kind == _ZIP:
+        with storage.open_seekable(url) as raw, zipfile.ZipFile(raw) as zf:
+            members = [info.filename for info in zf.infolist() if not info.is_dir()]
+        return _Source(_ZIP, url, members, size=size)
+    if kind == _TAR:
+        members, offsets = [], []
+        # A small read-ahead: tarfile seeks over each member's data, so every header is one ranged GET.
+        with storage.open_seekable(url, _TAR_HEADER_BUFFER) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+            for info in tf:
+                if info.isreg() and not info.issparse():
+                    members.append(info.name)
+                    offsets.append((info.offset_data, info.size))
+        return _Source(_TAR, url, members, offsets, size=size)
+    with storage.open_stream(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+        members = [info.name for info in tf if info.isreg()]
+    return _Source(_TAR_STREAM, url, members, size=size)
+
+
+#: Bytes past a zip member's data fetched with it: its local header's extra field may be longer than the central
+#: directory's (a short fetch is still correct: the rest is one more GET), and a data descriptor follows it.
+_ZIP_SPAN_SLACK = 1024
+
+
+def _zip_span(info: zipfile.ZipInfo) -> int:
+    """Bytes from a member's local header to the end of its data, as the central directory tells them."""
+    return (zipfile.sizeFileHeader + len(info.filename.encode("utf-8")) + len(info.extra) + info.compress_size
+            + _ZIP_SPAN_SLACK)
+
+
+def _read_at(f, nbytes: int, offset: int) -> bytes | OSError:
+    try:
+        return f.read_at(nbytes, offset)
+    except OSError as e:
+        return e
+
+
 class ArchiveIndex:
     """Maps an image_ref (archive member path, e.g. 'val2014/COCO_val2014_000000391895.jpg', 'VG_100K_2/1.jpg',
     'ADEChallengeData2016/images/training/ADE_train_00000001.jpg', 'flickr30k-images/1000092795.jpg',
@@ -211,11 +308,12 @@ class ArchiveIndex:
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
-    def build(cls, paths: Sequence[Path]) -> ArchiveIndex:
-        """Index zip files, tar files (plain or compressed) and directories (loose files and the archives in them)."""
+    def build(cls, paths: Sequence[Path | str], cache: Path | str | None = None) -> ArchiveIndex:
+        """Index zip files, tar files (plain or compressed) and directories (loose files and the archives in them),
+        local or on object storage; `cache`: where remote archives' member lists are kept between builds."""
         sources: list[_Source] = []
         for path in paths:
-            found = _scan(Path(path).resolve())
+            found = _scan(storage.location(path) if storage.is_remote(path) else Path(path).resolve(), cache)
             log.info("indexed %s: %d members", path, sum(len(s.members) for s in found))
             sources.extend(found)
         return cls(sources)
@@ -328,10 +426,21 @@ class ArchiveIndex:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             return
         infos.sort(key=lambda item: item[0].header_offset)  # sequential on disk
+        raw = source._zip_raw if isinstance(source._zip_raw, storage.RangeFile) else None
+        # On object storage each member's whole range (local header + data) is fetched ahead, several at once:
+        # a store's latency per request, not its bandwidth, is what a member read costs.
+        fetched = storage.read_ranges(raw, [(info.header_offset, _zip_span(info)) for info, _ in infos
+                                            if info.file_size <= max_bytes]) if raw is not None else None
         for info, m_idx in infos:
             if info.file_size > max_bytes:
                 yield m_idx, None, _too_large(info.filename, info.file_size, max_bytes)
                 continue
+            if fetched is not None:
+                start, block = next(fetched)
+                if isinstance(block, OSError):
+                    yield m_idx, None, _error(ARCHIVE_ERROR, block)
+                    continue
+                raw.hold(start, block)
             try:
                 # Reading to the end checks the CRC: a flipped byte is BadZipFile, a mangled stream zlib.error.
                 with zf.open(info) as member:
@@ -340,6 +449,9 @@ class ArchiveIndex:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             else:
                 yield (m_idx, None, _too_large(info.filename, None, max_bytes)) if data is None else (m_idx, data, None)
+            finally:
+                if fetched is not None:
+                    raw.release(info.header_offset)
 
     @staticmethod
     def _read_tar(source: _Source, members: dict[int, list[str]], max_bytes: int,
@@ -347,8 +459,8 @@ class ArchiveIndex:
         assert source.offsets is not None
         order = sorted(members, key=lambda m: source.offsets[m][0])
         try:
-            f = open(source.path, "rb")
-            size = os.fstat(f.fileno()).st_size
+            f = storage.open_ranges(source.path)  # random access; on object storage one ranged GET per read_at
+            size = f.size()
         except OSError as e:
             for m_idx in order:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
@@ -359,16 +471,18 @@ class ArchiveIndex:
                 for m_idx in order:
                     yield m_idx, None, _error(ARCHIVE_ERROR, f"{source.path} changed size since it was indexed")
                 return
+            small = [source.offsets[m] for m in order if source.offsets[m][1] <= max_bytes]
+            # Remote: several members' GETs in flight at once; local: one read after the other.
+            fetched = (storage.read_ranges(f, small) if storage.is_remote(source.path)
+                       else ((o, _read_at(f, n, o)) for o, n in small))
             for m_idx in order:
                 offset, length = source.offsets[m_idx]
                 if length > max_bytes:
                     yield m_idx, None, _too_large(source.members[m_idx], length, max_bytes)
                     continue
-                try:
-                    f.seek(offset)
-                    data = f.read(length)
-                except OSError as e:
-                    yield m_idx, None, _error(ARCHIVE_ERROR, e)
+                _, data = next(fetched)
+                if isinstance(data, OSError):
+                    yield m_idx, None, _error(ARCHIVE_ERROR, data)
                     continue
                 if len(data) != length:
                     yield m_idx, None, _error(ARCHIVE_ERROR, f"truncated member: {len(data)} of {length} bytes")
@@ -382,7 +496,7 @@ class ArchiveIndex:
         # One member name may be asked for under one member index only (the first occurrence in the index).
         pending: dict[str, int] = {source.members[m_idx]: m_idx for m_idx in members}
         try:
-            with tarfile.open(source.path, "r|*") as tf:
+            with storage.open_stream(source.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
                 for info in tf:
                     m_idx = pending.get(info.name)
                     if m_idx is None or not info.isreg():
@@ -414,6 +528,9 @@ class ArchiveIndex:
     @staticmethod
     def _read_dir(source: _Source, members: dict[int, list[str]], max_bytes: int,
                   ) -> Iterator[tuple[int, bytes | None, str | None]]:
+        if storage.is_remote(source.path):
+            yield from ArchiveIndex._read_remote_dir(source, members, max_bytes)
+            return
         root = Path(source.path)
         for m_idx in members:
             name = source.members[m_idx]
@@ -430,3 +547,22 @@ class ArchiveIndex:
                 yield m_idx, None, _error(ARCHIVE_ERROR, e)
             else:
                 yield m_idx, data, None
+
+    @staticmethod
+    def _read_remote_dir(source: _Source, members: dict[int, list[str]], max_bytes: int,
+                         ) -> Iterator[tuple[int, bytes | None, str | None]]:
+        def read(m_idx: int) -> tuple[int, bytes | None, str | None]:
+            name = source.members[m_idx]
+            try:
+                with storage.open_input(storage.join(source.path, name)) as f:
+                    size = f.size()  # from the HEAD that opened it: a large object is refused unread
+                    data = _read_capped(f, max_bytes) if size <= max_bytes else None
+            except FileNotFoundError:
+                return m_idx, None, _error(MISSING, f"{name} vanished from {source.path}")
+            except OSError as e:
+                return m_idx, None, _error(ARCHIVE_ERROR, e)
+            if data is None:
+                return m_idx, None, _too_large(name, size if size > max_bytes else None, max_bytes)
+            return m_idx, data, None
+
+        yield from storage.in_order(read, list(members))  # several objects' requests in flight at once

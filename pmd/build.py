@@ -38,6 +38,7 @@ from pmd.decontaminate import EVAL_OVERLAP, screen
 from pmd.decontaminate import STAGE as DECONTAMINATE_STAGE
 from pmd.eval_ids import screen_candidates
 from pmd.images import ImageOptions, ImageRejected, process_image
+from pmd.reasons import Reason, Stage
 from pmd.shards import shuffle_hash, text_hash
 from pmd.download import DownloadOptions, download_chunk
 # One rule for "worth another attempt", shared with the download client's own retries (defined beside it).
@@ -54,7 +55,7 @@ CANDIDATE_INDEX = "candidate_index"  # the row's position in its source's candid
 
 
 # Stage of each process_image rejection reason.
-_CHECK_STAGE = {"decode_error": "decode", EVAL_OVERLAP: DECONTAMINATE_STAGE}
+_CHECK_STAGE = {Reason.DECODE_ERROR: Stage.DECODE, EVAL_OVERLAP: DECONTAMINATE_STAGE}
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -115,7 +116,7 @@ def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str,
         # Keys go through to the backend as given (here: the URL itself); each URL is fetched once per chunk.
         for d in download_chunk(distinct, distinct, task.download, work, transform,
                                 max_bytes=task.image_options.max_image_bytes):
-            fetched[d.key] = (d.data, "download", d.reason, d.detail)
+            fetched[d.key] = (d.data, Stage.DOWNLOAD, d.reason, d.detail)
     return fetched
 
 
@@ -154,11 +155,11 @@ def _fetch_archive(task: ChunkTask, refs: list[str | None]) -> dict[str, tuple[b
         if data is None:
             # pmd.archives errors read "reason" or "reason: detail" (missing_member, archive_error, too_large).
             reason, _, detail = str(error).partition(":")
-            fetched[ref] = (None, "read", reason.strip() or "archive_error", detail.strip()[:500])
+            fetched[ref] = (None, Stage.READ, reason.strip() or Reason.ARCHIVE_ERROR, detail.strip()[:500])
         else:
-            fetched[ref] = (data, "read", None, None)
+            fetched[ref] = (data, Stage.READ, None, None)
     for ref in distinct:
-        fetched.setdefault(ref, (None, "read", "archive_error", "the archive reader returned nothing"))
+        fetched.setdefault(ref, (None, Stage.READ, Reason.ARCHIVE_ERROR, "the archive reader returned nothing"))
     return fetched
 
 
@@ -214,11 +215,11 @@ def _process_rows(task: ChunkTask) -> pa.Table:
             for url, (result, *_rest) in fetched.items():
                 if result is not None:
                     processed[(url, None)] = result
-        missing = ("download", "no_url", "candidate has no image_url")
+        missing = (Stage.DOWNLOAD, Reason.NO_URL, "candidate has no image_url")
     elif task.mode == "archive":
         locators = [r if hit is None else None for r, hit in zip(cand.column(schema.IMAGE_REF).to_pylist(), screened)]
         fetched = _fetch_archive(task, locators)
-        missing = ("read", "no_image_ref", "candidate has no image_ref")
+        missing = (Stage.READ, Reason.NO_IMAGE_REF, "candidate has no image_ref")
     else:
         raise ValueError(f"unknown image mode {task.mode!r}")
 
@@ -244,7 +245,7 @@ def _process_rows(task: ChunkTask) -> pa.Table:
             result = processed[cache_key] = screen(_process(data, task.image_options, box), task.eval_index,
                                                    ImageRejected)
         if isinstance(result, ImageRejected):
-            out[STAGE][i] = _CHECK_STAGE.get(result.reason, "check")
+            out[STAGE][i] = _CHECK_STAGE.get(result.reason, Stage.CHECK)
             out[REASON][i], out[DETAIL][i] = result.reason, _stable_detail(result.detail)
             continue
         out[schema.IMAGE][i] = result.data

@@ -191,13 +191,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_takedown(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pmd.takedown import apply, read_request
 
     kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
                                           ("image_sha256", args.image_sha256)) if v)
-    request = read_request(kind, Path(path), args.reason or "")
+    request = read_request(kind, path, args.reason or "")
     result = apply(args.out, request)
     if result["applied"]:
         _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
@@ -275,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where chunks run: auto = Ray for inputs over 256 MB or when a cluster is named")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--chunk-records", type=int, default=50_000, help="records per part file (unit of work)")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)  # inputs may be URLs (docs/build.md)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
@@ -363,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--keys", metavar="FILE", help="pair keys to remove, one per line")
     which.add_argument("--image-sha256", metavar="FILE", help="image sha256 digests to remove, one per line")
     p.add_argument("--reason", default=None, help="recorded with the request and in each failure's detail")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)  # OUT and the list may be URLs
     p.set_defaults(func=cmd_takedown)
 
     p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")

@@ -30,12 +30,13 @@ from PIL import Image, ImageOps
 
 from pmd import schema, storage
 from pmd.archives import ArchiveIndex
+from pmd.reasons import Reason, Stage
 
 log = logging.getLogger(__name__)
 
-EVAL_OVERLAP = "eval_overlap"
+EVAL_OVERLAP = Reason.EVAL_OVERLAP
 #: The failure stage of both screens (an overlapping image is not an image failure: it is removed on purpose).
-STAGE = "decontaminate"
+STAGE = Stage.DECONTAMINATE
 #: Largest pHash Hamming distance still taken for the same picture (see the module docstring).
 DEFAULT_THRESHOLD = 10
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -107,8 +108,8 @@ class EvalHashIndex:
         set_ids: list[int] = []
         set_names: list[str] = []
         for path in paths:
-            path = Path(path)
-            set_name = path.name
+            path = storage.location(path)
+            set_name = storage.basename(path)
             if set_name in set_names:
                 raise ValueError(f"two evaluation sets are named {set_name!r}; give them different names")
             set_id = len(set_names)
@@ -151,7 +152,7 @@ class EvalHashIndex:
         return Match(self.set_names[self.set_ids[i]], self.names[i], int(d[i]))
 
 
-def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
+def iter_images(path: Path | str) -> Iterator[tuple[str, bytes]]:
     """(member path, bytes) of the image files in a folder, zip or tar (compressed too), in a stable order."""
     with ArchiveIndex.build([path]) as archive:
         refs = sorted(r for r in archive.refs() if Path(r).suffix.lower() in IMAGE_SUFFIXES)
@@ -159,7 +160,8 @@ def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
             raise ValueError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
         for ref, data, error in archive.read_many(refs):
             if data is None:
-                log.warning("evaluation image %s!%s cannot be read (%s); left out", path.name, ref, error)
+                log.warning("evaluation image %s!%s cannot be read (%s); left out", storage.basename(path), ref,
+                            error)
                 continue
             yield ref, data
 

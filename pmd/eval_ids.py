@@ -25,7 +25,7 @@ import pyarrow as pa
 from pmd import schema
 from pmd.decontaminate import EVAL_OVERLAP, SET_SEPARATOR, STAGE
 from pmd.sources.base import InputError
-from pmd.sources.inputs import iter_json_items
+from pmd.sources.inputs import input_name, iter_json_items, require_file
 from pmd.sources.karpathy import EVAL_SPLITS, KARPATHY_ZIP, as_int, karpathy_dataset
 
 # farm4.staticflickr.com/3153/2970773875_164f0c0b83_z.jpg, static.flickr.com/2723/4385058960_b0f291553e.jpg,
@@ -94,11 +94,9 @@ def load_eval_flickr_ids(paths: Iterable[Path | str]) -> dict[int, str]:
     ids: dict[int, str] = {}
     coco_eval: dict[int, str] | None = None
     captions: list[Path] = []
-    paths = [Path(p) for p in paths]
+    paths = [require_file(p) for p in paths]
     for path in paths:
-        if not path.is_file():
-            raise InputError(path, "no such file")
-        if path.name == KARPATHY_ZIP:
+        if input_name(path) == KARPATHY_ZIP:
             ids.update(_karpathy_flickr30k_test(path, "*dataset_flickr30k.json"))
             coco_eval = {**(coco_eval or {}), **_karpathy_coco_eval(path, "*dataset_coco.json")}
             continue
@@ -107,7 +105,7 @@ def load_eval_flickr_ids(paths: Iterable[Path | str]) -> dict[int, str]:
             ids.update(_karpathy_flickr30k_test(path, None))
         elif dataset == "coco":
             coco_eval = {**(coco_eval or {}), **_karpathy_coco_eval(path, None)}
-        elif dataset is None and path.name.lower().endswith((".json", ".json.gz", ".json.bz2")):
+        elif dataset is None and input_name(path).lower().endswith((".json", ".json.gz", ".json.bz2")):
             captions.append(path)
         else:
             found = f" (a Karpathy split file of dataset {dataset!r})" if dataset else ""
@@ -116,7 +114,7 @@ def load_eval_flickr_ids(paths: Iterable[Path | str]) -> dict[int, str]:
     for path in captions:
         for cocoid, file_name, photo in _coco_captions_images(path):
             if coco_eval is None:
-                ids.setdefault(photo, f"{path.name}{SET_SEPARATOR}{file_name}")
+                ids.setdefault(photo, f"{input_name(path)}{SET_SEPARATOR}{file_name}")
             elif cocoid in coco_eval:
                 ids.setdefault(photo, f"{coco_eval[cocoid]}{SET_SEPARATOR}{file_name}")
     if not ids:

@@ -57,6 +57,7 @@ from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
                        ChunkTask, ipc_writer, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
 from pmd.http_client import is_transient
+from pmd.reasons import Reason, Stage
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_shard_file
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ PIECE_SCHEMA = CHUNK_SCHEMA.remove_metadata()
 FAILED_SCHEMA = pa.schema([PIECE_SCHEMA.field(n) for n in METADATA_COLUMNS])
 KEPT_SCHEMA = pa.schema([pa.field(schema.KEY, pa.string()), pa.field(SOURCE_INDEX, pa.int32()),
                          pa.field(CANDIDATE_INDEX, pa.int64())])
-DUPLICATE = ("dedup", "duplicate")
+DUPLICATE = (Stage.DEDUP, Reason.DUPLICATE)
 
 
 # ------------------------------------------------------------------------------------------------------- layout

@@ -36,6 +36,8 @@ from io import BytesIO
 
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
+from pmd.reasons import Reason
+
 # Formats we accept. Restricting Image.open keeps exotic decoders (EPS shells out to Ghostscript; PSD, FITS, ...)
 # away from untrusted bytes downloaded from the web; every upstream PMD source serves one of these.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
@@ -50,7 +52,8 @@ _REDUCING_GAP = 3.0
 # real pixels to average (the same margin Image.thumbnail uses).
 _DRAFT_GAP = 2
 
-REASONS: tuple[str, ...] = ("decode_error", "too_small", "aspect_ratio", "too_many_pixels", "bad_box", "too_large")
+REASONS: tuple[Reason, ...] = (Reason.DECODE_ERROR, Reason.TOO_SMALL, Reason.ASPECT_RATIO, Reason.TOO_MANY_PIXELS,
+                               Reason.BAD_BOX, Reason.TOO_LARGE)
 
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -138,9 +141,9 @@ def _check_size(width: int, height: int, options: ImageOptions) -> None:
     short, long = min(width, height), max(width, height)
     if long > options.max_aspect_ratio * max(short, 1):
         ratio = long / max(short, 1)
-        raise ImageRejected("aspect_ratio", f"{width}x{height}, ratio {ratio:.2f} > {options.max_aspect_ratio}")
+        raise ImageRejected(Reason.ASPECT_RATIO, f"{width}x{height}, ratio {ratio:.2f} > {options.max_aspect_ratio}")
     if short < max(options.min_side, 1):
-        raise ImageRejected("too_small", f"{width}x{height}, shorter side < {options.min_side}")
+        raise ImageRejected(Reason.TOO_SMALL, f"{width}x{height}, shorter side < {options.min_side}")
 
 
 def _target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
@@ -154,11 +157,11 @@ def _clamp_box(box: tuple[int, int, int, int], width: int, height: int) -> tuple
     try:
         x, y, w, h = (int(round(v)) for v in box)
     except (TypeError, ValueError) as e:
-        raise ImageRejected("bad_box", f"{box!r}: {e}") from None
+        raise ImageRejected(Reason.BAD_BOX, f"{box!r}: {e}") from None
     left, top = max(0, x), max(0, y)
     right, bottom = min(width, x + w), min(height, y + h)
     if right <= left or bottom <= top:
-        raise ImageRejected("bad_box", f"box {box!r} is empty inside the {width}x{height} image")
+        raise ImageRejected(Reason.BAD_BOX, f"box {box!r} is empty inside the {width}x{height} image")
     return left, top, right, bottom
 
 
@@ -202,11 +205,11 @@ def process_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's own guard (MAX_IMAGE_PIXELS) fired in Image.open; the warning arrives as an exception only when
         # warnings are errors (e.g. under pytest -W error). Either way the header claimed too many pixels.
-        raise ImageRejected("too_many_pixels", str(e)) from None
+        raise ImageRejected(Reason.TOO_MANY_PIXELS, str(e)) from None
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is that image's decode_error
-        raise ImageRejected("decode_error", f"{type(e).__name__}: {e}") from None
+        raise ImageRejected(Reason.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
     if options.image_size and min(original) > options.image_size:
         target = _target_size(original[0], original[1], options.image_size)
@@ -231,7 +234,7 @@ def _decode(
     """The opened image as upright RGB (cropped, possibly DCT-downscaled) and its upright full-resolution size."""
     full_width, full_height = im.size
     if full_width * full_height > options.max_pixels:
-        raise ImageRejected("too_many_pixels", f"{full_width}x{full_height} > {options.max_pixels} pixels")
+        raise ImageRejected(Reason.TOO_MANY_PIXELS, f"{full_width}x{full_height} > {options.max_pixels} pixels")
     if crop_box is None:
         _check_size(full_width, full_height, options)
         # Draft only when the image will be resized anyway and stays >= _DRAFT_GAP x the target after scaling.

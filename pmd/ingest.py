@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pmd import atomic, schema
+from pmd import atomic, schema, storage
+from pmd.reasons import Reason
 from pmd.sources.base import Context, Pair, Record, Reject, SourceAdapter, pairs_table, record_text, rejects_table
 from pmd.sources.inputs import LineBlock, LineRange, is_compressed, iter_line_blocks, iter_line_ranges
 from pmd.sources.limits import CHUNK_BYTES
@@ -29,7 +30,7 @@ CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
 SUMMARY_FILE = "ingest.json"
 _PART_ROW_GROUP = 65_536  # candidate parts are read whole by the build, not streamed
-NO_OUTPUT = "no_output"  # an adapter produced nothing for a record: recorded, never silently dropped
+NO_OUTPUT = Reason.NO_OUTPUT  # an adapter produced nothing for a record: recorded, never silently dropped
 
 
 @dataclass
@@ -82,7 +83,7 @@ def chunked(records: Iterable[Record], size: int, max_bytes: int = CHUNK_BYTES) 
         yield chunk
 
 
-def iter_chunks(adapter: SourceAdapter, inputs: Sequence[Path], size: int
+def iter_chunks(adapter: SourceAdapter, inputs: Sequence[Path | str], size: int
                 ) -> Iterator[list[Record] | LineBlock | LineRange]:
     """The units of work of an ingest, in order: blocks of `size` lines for line-based adapters, else lists of
     `size` records. Both paths (local, Ray) cut the same chunks, so they write the same parts."""
@@ -168,16 +169,25 @@ def prepare_output(source_dir: Path) -> None:
         summary.unlink()
 
 
-def input_fingerprint(paths: Sequence[Path]) -> list[dict]:
-    """What a later stage compares to decide whether an ingest output still matches its inputs."""
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append({"path": str(Path(p).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+def input_fingerprint(paths: Sequence[Path | str]) -> list[dict]:
+    """What a later stage compares to decide whether an ingest output still matches its inputs: each input's path,
+    size and mtime, or for an object its URL, size and ETag (`pmd.storage.fingerprint`: a HEAD, no byte read)."""
+    return [storage.fingerprint(p) for p in paths]
 
 
-def write_summary(source_dir: Path, source: str, inputs: Sequence[Path], options: Mapping[str, str],
+def manifest_input(path: Path | str, digest: bool = True) -> dict:
+    """An input as the manifest records it: path and size, and the sha256 of a local file's bytes (`digest`); an
+    object on a store gets its ETag instead (hashing it would download it whole)."""
+    if not storage.is_remote(path):
+        p = Path(path)
+        entry: dict = {"path": str(p.resolve()), "bytes": p.stat().st_size}
+        if digest:
+            entry["sha256"] = storage.sha256(p)
+        return entry
+    return storage.fingerprint(path)
+
+
+def write_summary(source_dir: Path, source: str, inputs: Sequence[Path | str], options: Mapping[str, str],
                   counts: IngestCounts, parts: int, elapsed_s: float, executor: str) -> dict:
     summary = {
         "source": source,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +103,17 @@ class Manifest:
             if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
                 raise ManifestError(f"{path}: `{section}` is not a list of file entries")
         return cls(out, data)
+
+    @classmethod
+    def new(cls, out: str | os.PathLike, shards: Sequence[FileEntry], failures: Sequence[FileEntry] = (),
+            **sections: object) -> Manifest:
+        """A manifest in the documented layout (format, schema_version, shards, failures, then `sections`, e.g.
+        accounting, totals): what test fixtures and benchmarks write for the corpora they make by hand."""
+        from pmd.schema import SCHEMA_VERSION
+
+        return cls(storage.location(out), {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION,
+                                           "shards": [e.to_dict() for e in shards],
+                                           "failures": [e.to_dict() for e in failures], **sections})
 
     @classmethod
     def exists(cls, out: str | os.PathLike) -> bool:

@@ -132,8 +132,8 @@ FAILURE_SCHEMA = pa.schema(
         pa.field(SOURCE, pa.string(), nullable=False),
         pa.field(IMAGE_URL, pa.string()),
         pa.field(IMAGE_REF, pa.string()),
-        pa.field(STAGE, pa.string(), nullable=False),  # download | decode | check | dedup
-        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(STAGE, pa.string(), nullable=False),  # a pmd.reasons.Stage (read, download, ... takedown)
+        pa.field(REASON, pa.string(), nullable=False),  # a pmd.reasons.Reason, or http_reason(status)
         pa.field(DETAIL, pa.string()),
     ],
     metadata={b"pmd.schema": b"failure", b"pmd.schema_version": str(SCHEMA_VERSION).encode()},

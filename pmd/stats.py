@@ -30,6 +30,7 @@ from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 from pmd.decontaminate import eval_overlap_counts
 from pmd.licences import COMMERCIAL_USE, LICENCE, with_licences
 from pmd.manifest import FAILURES_DIR, Manifest, ManifestError, ManifestMissing, identity_problem
+from pmd.reasons import IMAGE_STAGES, Reason, Stage
 from pmd.spill import HashPartitions, partitions_for
 from pmd.text import word_count_series
 
@@ -40,7 +41,6 @@ _NOT_SHARD_DIRS = {FAILURES_DIR, "candidates", "rejects", "work", "takedowns"}  
 WORD_BINS = (0, 5, 10, 15, 20, 30, 50)  # histogram edges; the last bin is open
 SIDE_BINS = (0, 128, 256, 512, 1024, 2048)  # shorter side of the original image, pixels
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-IMAGE_STAGES = ("read", "download", "decode", "check")
 _STAT_COLUMNS = [schema.KEY, schema.SOURCE, schema.TEXT, schema.SPLIT, schema.META, schema.LANG, schema.LANG_SCORE,
                  schema.IMAGE_SHA256, schema.WIDTH, schema.HEIGHT, schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
 
@@ -637,7 +637,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
         total["downloads_saved_by_url_dedup"] = sum(saved)
 
     duplicates = {
-        "pairs_dropped": int(failures.filter(pl.col(schema.REASON) == "duplicate")[_COUNT].sum()),
+        "pairs_dropped": int(failures.filter(pl.col(schema.REASON) == Reason.DUPLICATE.value)[_COUNT].sum()),
         "images_with_several_captions": figures.images_with_several_captions,
         "pairs_on_shared_images": figures.pairs_on_shared_images,
         "images_across_sources": figures.images_across_sources,
@@ -695,7 +695,7 @@ def _success(stats: dict) -> dict:
     by_stage = stats["failures_by_stage"]
     image_failures = sum(by_stage.get(s, 0) for s in IMAGE_STAGES)
     attempted = stats["pairs"] + image_failures
-    downloads_failed = by_stage.get("download", 0)
+    downloads_failed = by_stage.get(Stage.DOWNLOAD, 0)
     return {
         "attempted": attempted,
         "image_failures": image_failures,

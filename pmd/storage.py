@@ -18,11 +18,13 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -172,8 +174,8 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         return Path(location).read_bytes()
     fs, path = resolve(location)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        with fs.open_input_stream(path, compression=None) as f:
+            return f.read()  # compression=None: a .gz object is its own bytes, not pyarrow's guess
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such file") from None
 
@@ -189,6 +191,200 @@ def open_input(location: str | os.PathLike | RemotePath):
         return pafs.LocalFileSystem().open_input_file(str(location))
     fs, path = resolve(location)
     return fs.open_input_file(path)
+
+
+#: Read-ahead of a sequential read on object storage (a metadata file streamed, a compressed archive): one ranged
+#: GET per this many bytes.
+STREAM_BUFFER = 8 << 20
+#: Read-ahead of random access on object storage (a zip member's local header, a byte range of a file): one
+#: ranged GET per miss, so zipfile's small reads of a header cost one request; a read larger than this (a member's
+#: data) is one GET of exactly its size.
+SEEK_BUFFER = 64 << 10
+
+
+def open_seekable(location: str | os.PathLike, buffer_size: int = SEEK_BUFFER) -> IO[bytes]:
+    """A seekable binary file: a local path as `open(path, "rb")`; an object read in place by ranged GETs, each
+    read that misses the buffer fetching `buffer_size` bytes (or the read's own size, if larger). Nothing is
+    downloaded beyond what is read: a zip's central directory and three of its members cost a few requests."""
+    if not is_remote(location):
+        return open(location, "rb")
+    fs, path = resolve(location)
+    try:
+        raw = fs.open_input_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: no such file") from None
+    return io.BufferedReader(raw, buffer_size=buffer_size)  # pyarrow's NativeFile is a raw io.IOBase
+
+
+#: Ranged GETs in flight at once when reading many members of one archive (`read_ranges`): a store's latency,
+#: not its bandwidth, bounds one reader; this many requests overlap it.
+RANGES_IN_FLIGHT = 16
+
+
+class RangeFile(io.RawIOBase):
+    """A remote object as a seekable file whose reads are served from byte ranges already fetched (`hold`, e.g.
+    by `read_ranges`), else by one ranged GET of at least `readahead` bytes. zipfile reads a member as a header
+    and then its data; with the member's whole range held that is no request at all."""
+
+    def __init__(self, native, readahead: int = SEEK_BUFFER):
+        self._f, self._size, self._pos, self._readahead = native, native.size(), 0, readahead
+        self._held: dict[int, bytes] = {}  # start -> bytes, a few ranges
+        self._last: tuple[int, bytes] = (0, b"")
+
+    def hold(self, start: int, data: bytes) -> None:
+        self._held[start] = data
+
+    def release(self, start: int) -> None:
+        self._held.pop(start, None)
+
+    def _block(self, pos: int) -> tuple[int, bytes] | None:
+        start, data = self._last
+        if start <= pos < start + len(data):
+            return self._last
+        for start, data in self._held.items():
+            if start <= pos < start + len(data):
+                return start, data
+        return None
+
+    def readinto(self, buffer) -> int:
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view) and self._pos < self._size:
+            block = self._block(self._pos)
+            if block is None:
+                want = min(max(len(view) - filled, self._readahead), self._size - self._pos)
+                block = self._last = (self._pos, self._f.read_at(want, self._pos))
+                if not block[1]:
+                    break
+            start, data = block
+            piece = data[self._pos - start:self._pos - start + len(view) - filled]
+            view[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            self._pos += len(piece)
+        return filled
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        return self._f.read_at(nbytes, offset)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def open_ranges(location: str | os.PathLike):
+    """A remote object as a `RangeFile`, or a local file as pyarrow's (both have `read_at` and `size`)."""
+    if not is_remote(location):
+        return pafs.LocalFileSystem().open_input_file(str(location))
+    fs, path = resolve(location)
+    return RangeFile(fs.open_input_file(path))
+
+
+def read_ranges(f, ranges: list[tuple[int, int]], in_flight: int | None = None):
+    """(start, bytes or the OSError that reading it raised) for each (start, length) of `ranges`, in order, with
+    up to `in_flight` ranged reads overlapping (pyarrow's read_at is thread-safe and releases the GIL)."""
+    def read(item: tuple[int, int]) -> tuple[int, bytes | OSError]:
+        try:
+            return item[0], f.read_at(item[1], item[0])
+        except OSError as e:
+            return item[0], e
+
+    return in_order(read, ranges, in_flight)
+
+
+def in_order(fn, items: list, in_flight: int | None = None):
+    """`fn(item)` for each item, yielded in order, up to `in_flight` (default RANGES_IN_FLIGHT) running at once in
+    threads (I/O: requests to a store) and at most that many results held ahead of the consumer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    in_flight = in_flight or RANGES_IN_FLIGHT
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(in_flight, len(items)))) as pool:
+        pending = [pool.submit(fn, item) for item in items[:in_flight]]
+        for i in range(len(items)):
+            result = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload] - not held once yielded
+            if i + in_flight < len(items):
+                pending.append(pool.submit(fn, items[i + in_flight]))
+            yield result
+
+
+def open_stream(location: str | os.PathLike) -> IO[bytes]:
+    """`open_seekable` for a sequential read: big read-ahead, so a metadata file streams in few requests."""
+    return open_seekable(location, STREAM_BUFFER)
+
+
+def fingerprint(location: str | os.PathLike) -> dict:
+    """What identifies an input's content without reading it: for a local file its absolute path, size and
+    mtime; for an object its URL, size and ETag (one HEAD; the Last-Modified time where a store gives no ETag);
+    for a folder or prefix, the same of every file under it, as one digest."""
+    if not is_remote(location):
+        path = Path(location)
+        st = path.stat()
+        return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        entry: dict = {"path": str(location), "bytes": info.size}
+        etag = _etag(fs, path)
+        if etag is not None:
+            entry["etag"] = etag
+        else:
+            entry["mtime_ns"] = info.mtime_ns
+        return entry
+    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+                    if i.type == pafs.FileType.File), key=lambda i: i.path)
+    if not infos:
+        raise FileNotFoundError(f"{location}: no such file or prefix")
+    listing = json.dumps([[i.path, i.size, i.mtime_ns] for i in infos]).encode()
+    return {"path": str(location), "files": len(infos), "bytes": sum(i.size for i in infos),
+            "listing_sha256": hashlib.sha256(listing).hexdigest()}
+
+
+#: Keys of an fsspec filesystem's `info()` that change when an object's content does (s3fs, gcsfs, adlfs, ...).
+_FSSPEC_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "content_md5", "version_id", "LastModified",
+                        "last_modified", "mtime", "created")
+
+
+def _etag(fs: pafs.FileSystem, path: str) -> str | None:
+    """The object's ETag: from the metadata pyarrow's S3 client keeps from its HEAD request (no data read), or for
+    an fsspec filesystem from its `info()` (the first version-like key it has)."""
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, pafs.FSSpecHandler):
+        try:
+            info = fs.handler.fs.info(path)
+        except (OSError, NotImplementedError):
+            return None
+        for key in _FSSPEC_VERSION_KEYS:
+            if info.get(key) not in (None, ""):
+                return f"{key}:{info[key]}".replace('"', "")
+        return None
+    try:
+        with fs.open_input_file(path) as f:
+            metadata = f.metadata()
+    except (OSError, NotImplementedError):
+        return None
+    for key in ("ETag", b"ETag", "etag", b"etag"):
+        value = metadata.get(key)
+        if value:
+            return (value.decode() if isinstance(value, bytes) else str(value)).strip('"')
+    return None
 
 
 def list_files(location: str | os.PathLike, suffix: str = "", recursive: bool = False) -> list[str]:
@@ -225,7 +421,7 @@ def upload(local: Path, location: str | os.PathLike) -> None:
     fs, path = resolve(location)
     if not is_remote(location):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+    with open(local, "rb") as src, fs.open_output_stream(path, compression=None) as dst:
         while block := src.read(8 << 20):
             dst.write(block)
 
@@ -238,7 +434,7 @@ def sha256(location: str | os.PathLike, block: int = 4 << 20) -> str:
                 digest.update(data)
         return digest.hexdigest()
     fs, path = resolve(location)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         while data := f.read(block):
             digest.update(data)
     return digest.hexdigest()

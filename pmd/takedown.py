@@ -39,12 +39,13 @@ import pyarrow.parquet as pq
 
 from pmd import atomic, schema, storage
 from pmd.manifest import FAILURES_DIR, Manifest
+from pmd.reasons import Stage
 from pmd.shards import describe_file, sum_counts, write_shard_file
 
 log = logging.getLogger(__name__)
 
 TAKEDOWN_DIR = "takedowns"
-TAKEDOWN = "takedown"  # the failure stage and reason of a removed pair
+TAKEDOWN = Stage.TAKEDOWN  # the failure stage (and reason, Reason.TAKEDOWN: the same string) of a removed pair
 KINDS: dict[str, str] = {"urls": schema.IMAGE_URL, "keys": schema.KEY, "image_sha256": schema.IMAGE_SHA256}
 _SHA256_HEX = frozenset("0123456789abcdef")
 _APPLICATION = b"pmd.takedown.application"  # journal metadata: len(manifest["takedowns"]) when it was made
@@ -76,11 +77,12 @@ class TakedownRequest:
         return cls(d["kind"], tuple(d["values"]), d["list_sha256"], d.get("reason", ""))
 
 
-def read_request(kind: str, path: Path, reason: str = "") -> TakedownRequest:
-    """A removal list as the user gives it; a malformed line is an error naming the line, never skipped."""
+def read_request(kind: str, path: Path | str, reason: str = "") -> TakedownRequest:
+    """A removal list as the user gives it (a local file or a URL on object storage); a malformed line is an error
+    naming the line, never skipped."""
     if kind not in KINDS:
         raise TakedownError(f"takedown list kind must be one of {sorted(KINDS)}, not {kind!r}")
-    data = Path(path).read_bytes()
+    data = storage.read_bytes(path)
     values = set()
     for number, raw in enumerate(data.decode("utf-8", errors="strict").splitlines(), 1):
         line = raw.strip()

@@ -28,28 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pmd import schema
+from pmd.reasons import Reason
 
 #: What `prepare` returns and `convert` takes: any picklable value (None when the adapter needs nothing).
 Context = Any
-
-
-class Reason:
-    """Rejection reasons: short, stable, machine-readable strings (they are grouped on in reports)."""
-
-    MALFORMED = "malformed"  # a line or element that does not parse (bad JSON, bad escape, missing key)
-    WRONG_FIELD_COUNT = "wrong_field_count"
-    INVALID_UTF8 = "invalid_utf8"
-    EMPTY_TEXT = "empty_text"
-    NO_URL = "no_url"
-    NOT_ENGLISH = "not_english"
-    TOO_SHORT = "too_short"
-    VIDEO = "video"
-    DECONTAMINATED = "decontaminated"  # image in an evaluation split (Karpathy COCO val/test)
-    DUPLICATE_KEY = "duplicate_key"
-    NO_IMAGE_METADATA = "no_image_metadata"  # e.g. a Visual Genome region whose image is not in image_data.json
-    BAD_BOX = "bad_box"
-    LINE_TOO_LONG = "line_too_long"  # a line over limits.MAX_LINE_BYTES: skipped unread, the rest of the file read
-    TOO_LONG = "too_long"  # a caption over its source's max_caption_chars / max_caption_words (sources.toml)
 
 
 class InputError(Exception):

@@ -7,6 +7,10 @@ Every reader is also bounded whatever the file holds (`pmd.sources.limits`): a l
 skipped without being held and stands in the records as an `OversizedLine` (rejected as `line_too_long`, the rest
 of the file still read); a JSON stream nested deeper than MAX_JSON_DEPTH, or with one token or one element over its
 limit, is an `InputError` naming the file and the byte.
+
+An input is a local path or a URL on object storage (`s3://`, `gs://`, any fsspec protocol; `pmd.storage`): a URL
+is kept as a string (never a `Path`, which would fold `//`), streamed with ranged GETs, and a zip on it is read in
+place through a seekable remote file (its central directory, then the members read), never downloaded whole.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import IO, Any
 
 import ijson
 
+from pmd import storage
 from pmd.sources.base import InputError, OversizedLine, Record
 from pmd.sources.limits import CHUNK_BYTES, MAX_LINE_BYTES, JsonScanner, LimitExceeded, ScannedStream, check_json_text
 
@@ -36,8 +41,29 @@ def _is_tar(name: str) -> bool:
     return name.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2"))
 
 
-def require_file(path: Path) -> Path:
-    path = Path(path)
+Input = Path | str  # a local path, or a URL (pmd.storage)
+
+
+def input_location(path: str | Path) -> Input:
+    """An input as the readers keep it: a URL as a string, a local path as a Path."""
+    return storage.location(path)
+
+
+def input_name(path: str | Path) -> str:
+    """The file name of an input (the last component of a path or URL)."""
+    return storage.basename(path)
+
+
+def require_file(path: str | Path) -> Input:
+    path = input_location(path)
+    if storage.is_remote(path):
+        try:
+            if storage.is_file(path):
+                return path
+            missing = not storage.is_dir(path)
+        except OSError as exc:  # unreachable store, refused credentials: an input that cannot be read
+            raise InputError(path, f"cannot be read ({exc})") from exc
+        raise InputError(path, "no such file" if missing else "not a regular file")
     if not path.exists():
         raise InputError(path, "no such file")
     if not path.is_file():
@@ -62,13 +88,21 @@ def strip_compression_suffix(name: str) -> str:
 
 
 @contextmanager
-def _zip(path: Path) -> Iterator[zipfile.ZipFile]:
+def open_zip(path: Input) -> Iterator[zipfile.ZipFile]:
+    """A zip archive, local or read in place on object storage (ranged reads of its central directory and of the
+    members opened); InputError when it is not one."""
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+        # A member is streamed in zipfile's small reads: the big read-ahead keeps that to a GET per 8 MiB.
+        raw = storage.open_seekable(path, storage.STREAM_BUFFER)
+    except OSError as exc:
         raise InputError(path, f"not a readable zip archive ({exc})") from exc
-    with archive:
-        yield archive
+    with raw:
+        try:
+            archive = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InputError(path, f"not a readable zip archive ({exc})") from exc
+        with archive:
+            yield archive
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -98,16 +132,17 @@ class _Unreadable:
     readline = read
 
 
-def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tuple[str, IO[bytes]]]:
+def iter_streams(path: Input, member_pattern: str | None = None) -> Iterator[tuple[str, IO[bytes]]]:
     """Yield (display name, decompressed binary stream) for a file, or for each matching member of a zip.
 
     Display names of archive members are `archive.zip!member`, so a rejection points inside the archive. Tar
     archives (SBU's `sbu-captions-all.tar.gz`) are read as a stream, never extracted to disk.
     """
     path = require_file(path)
-    if _is_tar(path.name):
+    file_name = input_name(path)
+    if _is_tar(file_name):
         try:
-            with tarfile.open(path, mode="r|*") as archive:
+            with storage.open_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
                 found = False
                 for member in archive:
                     if not member.isfile():
@@ -122,8 +157,8 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
             raise InputError(path, f"truncated or corrupt tar archive ({exc})") from exc
         if not found:
             raise InputError(path, f"tar archive has no member matching {member_pattern or '*'}")
-    elif path.suffix.lower() == ".zip":
-        with _zip(path) as archive:
+    elif file_name.lower().endswith(".zip"):
+        with open_zip(path) as archive:
             names = [n for n in archive.namelist() if not n.endswith("/")]
             if member_pattern is not None:
                 names = [n for n in names if fnmatch.fnmatch(n, member_pattern)]
@@ -136,8 +171,8 @@ def iter_streams(path: Path, member_pattern: str | None = None) -> Iterator[tupl
                 except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
                     raise InputError(f"{path}!{name}", f"truncated or corrupt archive member ({exc})") from exc
     else:
-        with open(path, "rb") as raw:
-            yield str(path), _without_bom(_decompressing(path.name, raw))
+        with storage.open_stream(path) as raw:
+            yield str(path), _without_bom(_decompressing(file_name, raw))
 
 
 #: Bytes of an over-long line kept to show in its rejection.
@@ -177,7 +212,7 @@ def read_lines(stream: IO[bytes], max_line: int | None = None) -> Iterator[bytes
         yield OversizedLine(head, length - _ending_length(tail))
 
 
-def iter_lines(path: Path, member_pattern: str | None = None, skip_header: Callable[[bytes], bool] | None = None,
+def iter_lines(path: Input, member_pattern: str | None = None, skip_header: Callable[[bytes], bool] | None = None,
                ) -> Iterator[Record]:
     """Lines of a text file as bytes without the line ending, each with its 1-based line number.
 
@@ -220,7 +255,7 @@ class LineBlock:
         return records
 
 
-def iter_line_blocks(path: Path, lines_per_block: int, member_pattern: str | None = None) -> Iterator[LineBlock]:
+def iter_line_blocks(path: Input, lines_per_block: int, member_pattern: str | None = None) -> Iterator[LineBlock]:
     """`iter_lines` in blocks of `lines_per_block` lines or CHUNK_BYTES bytes: the same records, with the same
     numbers, once each block's `records()` is called."""
     for name, stream in iter_streams(path, member_pattern):
@@ -262,7 +297,8 @@ class _Window:
 @dataclass(frozen=True, slots=True)
 class LineRange:
     """Consecutive lines of an uncompressed file, by byte range: a worker reads them itself, so the driver ships
-    nothing but these five numbers (the file must be visible to the workers: local, or a shared filesystem)."""
+    nothing but these five numbers (the file must be visible to the workers: local, on a shared filesystem, or a
+    URL on object storage, read with one ranged GET)."""
 
     input_file: str
     first_line: int
@@ -272,7 +308,7 @@ class LineRange:
 
     def records(self) -> list[Record]:
         name, first = self.input_file, self.first_line
-        with open(self.input_file, "rb") as f:
+        with storage.open_seekable(self.input_file) as f:
             if self.end - self.start > 2 * CHUNK_BYTES:
                 # Only a range holding an over-long line is this big (ranges are cut at CHUNK_BYTES): read it
                 # line by line so that line is skipped, not held.
@@ -292,11 +328,12 @@ class LineRange:
 _SCAN_BYTES = 16 * 1024**2
 
 
-def is_compressed(path: Path) -> bool:
-    return strip_compression_suffix(Path(path).name) != Path(path).name
+def is_compressed(path: Input) -> bool:
+    name = input_name(path)
+    return strip_compression_suffix(name) != name
 
 
-def iter_line_ranges(path: Path, lines_per_range: int) -> Iterator[LineRange]:
+def iter_line_ranges(path: Input, lines_per_range: int) -> Iterator[LineRange]:
     """The same cuts as `iter_line_blocks` on an uncompressed file (by line count), found by counting newlines
     (memchr speed), not by reading lines: each range is yielded as soon as its end is known. A range that would
     span more than CHUNK_BYTES is cut at the last newline seen once a scan buffer takes it past that."""
@@ -306,7 +343,7 @@ def iter_line_ranges(path: Path, lines_per_range: int) -> Iterator[LineRange]:
     name = str(path)
     start, pos, line_no, pending, last_newline_end = 0, 0, 1, 0, 0
     last = b""
-    with open(path, "rb") as f:
+    with storage.open_stream(path) as f:
         if f.read(3) == _BOM:  # the same lines as iter_lines, which drops a leading BOM
             start = pos = 3
         f.seek(pos)
@@ -344,7 +381,7 @@ def _where(index: int) -> str:
     return f"after element {index}" if index >= 0 else "before the first element"
 
 
-def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) -> Iterator[Record]:
+def iter_json_items(path: Input, prefix: str, member_pattern: str | None = None) -> Iterator[Record]:
     """Items of a JSON array found at `prefix` (ijson syntax, e.g. `images.item`), streamed, with their index.
     Each Record's `size` is about the bytes its item took (what a chunk's byte budget counts)."""
     for name, stream in iter_streams(path, member_pattern):
@@ -366,7 +403,7 @@ def iter_json_items(path: Path, prefix: str, member_pattern: str | None = None) 
             raise InputError(name, f"no elements at '{prefix}': not the expected JSON layout")
 
 
-def load_json_value(path: Path, prefix: str, member_pattern: str | None = None) -> Any:
+def load_json_value(path: Input, prefix: str, member_pattern: str | None = None) -> Any:
     """A whole (small) JSON value at `prefix`, e.g. a lookup table an adapter needs up front."""
     for name, stream in iter_streams(path, member_pattern):
         try:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pmd.sources import limits
 from pmd.sources.base import InputError, Record
-from pmd.sources.inputs import _READ_ERRORS, is_compressed, iter_json_items, iter_streams, strip_compression_suffix
+from pmd.sources.inputs import (_READ_ERRORS, input_location, input_name, is_compressed, iter_json_items, iter_streams,
+                                strip_compression_suffix)
 
 KARPATHY_JSON = "dataset_coco.json"
 KARPATHY_ZIP = "caption_datasets.zip"
@@ -51,8 +52,9 @@ def karpathy_dataset(path: Path | str) -> str | None:
     Karpathy's files are `{"images": [...], "dataset": "coco"}`, the name last: the head is checked first (a few
     bytes, so other JSON inputs are let go at once), then the end of the file is read for the name.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".zip" or not strip_compression_suffix(path.name).lower().endswith(".json"):
+    path = input_location(path)
+    name = input_name(path)
+    if name.lower().endswith(".zip") or not strip_compression_suffix(name).lower().endswith(".json"):
         return None
     try:
         for _, stream in iter_streams(path):
@@ -77,7 +79,7 @@ def karpathy_dataset(path: Path | str) -> str | None:
 def is_karpathy_input(path: Path | str) -> bool:
     """`dataset_coco.json` (possibly .gz/.bz2/.zip-compressed), `caption_datasets.zip`, or a JSON file of any name
     whose content is Karpathy's COCO split file (`"dataset": "coco"`)."""
-    name = Path(path).name
+    name = input_name(path)
     if name == KARPATHY_ZIP or strip_compression_suffix(name) == KARPATHY_JSON:
         return True
     return karpathy_dataset(path) == "coco"
@@ -86,7 +88,7 @@ def is_karpathy_input(path: Path | str) -> bool:
 def iter_karpathy_images(path: Path) -> Iterator[Record]:
     """The image records of `dataset_coco.json`, streamed, each with its 0-based index in `images`."""
     # In a zip (caption_datasets.zip, or a zipped dataset_coco.json) read only the COCO member, at any depth.
-    return iter_json_items(Path(path), "images.item", member_pattern=f"*{KARPATHY_JSON}")
+    return iter_json_items(input_location(path), "images.item", member_pattern=f"*{KARPATHY_JSON}")
 
 
 def as_int(value: object) -> int | None:
@@ -127,7 +129,7 @@ def partition_inputs(inputs: Sequence[Path]) -> tuple[Path | None, list[Path]]:
     karpathy: Path | None = None
     others: list[Path] = []
     for path in inputs:
-        path = Path(path)
+        path = input_location(path)
         if is_karpathy_input(path):
             if karpathy is not None:
                 raise InputError(path, f"Karpathy split file given twice (also {karpathy}); pass one {KARPATHY_HELP}")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from pmd.sources.base import (InputError, Pair, Reason, Record, Reject, SourceAdapter, decode_line, meta_json,
                               reject)
-from pmd.sources.inputs import iter_lines, parse_json_line, strip_compression_suffix
+from pmd.sources.inputs import input_name, iter_lines, parse_json_line, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
     DecontaminationOptions,
@@ -92,7 +92,7 @@ class _LocalizedNarratives(SourceAdapter):
         return " / ".join(f"{self.file_prefix}_{split}_captions.jsonl" for split in self.file_splits)
 
     def _check_caption_file(self, path: Path) -> None:
-        parsed = _parse_file_name(path.name)
+        parsed = _parse_file_name(input_name(path))
         if parsed is None or parsed[0] != self.file_prefix:
             raise InputError(path, f"not an input of {self.name}; expected {self.inputs_help}")
 
@@ -117,7 +117,7 @@ class _LocalizedNarratives(SourceAdapter):
         _, captions = self._identify(inputs)
         for path in captions:
             # In a zip read only the caption file itself, whatever else the archive holds.
-            yield from iter_lines(path, member_pattern=f"*{strip_compression_suffix(path.name)}")
+            yield from iter_lines(path, member_pattern=f"*{strip_compression_suffix(input_name(path))}")
 
     # -- images ---------------------------------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ and inside the zip) is refused up front since its keys would repeat.
 from __future__ import annotations
 
 import fnmatch
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import iter_json_items, require_file, strip_compression_suffix
+from pmd import storage
+from pmd.sources.inputs import (input_location, input_name, iter_json_items, open_zip, require_file,
+                                strip_compression_suffix)
 from pmd.text import clean_caption
 
 ZIP_MEMBERS = "annotations/*.json"
@@ -27,23 +28,21 @@ _PAIR_FIELDS = ("image_id", "url", "raw_caption")
 
 def _annotation_files(path: Path) -> list[tuple[Path, list[str]]]:
     """(input file, base names of the annotation files it holds) for one input path."""
-    if path.is_dir():
-        found = sorted(path.glob("*.json")) or sorted((path / "annotations").glob("*.json"))
+    if storage.is_dir(path):
+        found = (storage.list_files(path, ".json") or storage.list_files(storage.join(path, "annotations"), ".json"))
         if not found:
             raise InputError(path, "directory holds no *.json or annotations/*.json files")
-        return [(p, [p.name]) for p in found]
+        return [(input_location(p), [input_name(p)]) for p in found]
     require_file(path)
-    if path.suffix.lower() == ".zip":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = [n for n in archive.namelist() if fnmatch.fnmatch(n, ZIP_MEMBERS)]
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise InputError(path, f"not a readable zip archive ({exc})") from exc
+    name = input_name(path)
+    if name.lower().endswith(".zip"):
+        with open_zip(path) as archive:
+            names = [n for n in archive.namelist() if fnmatch.fnmatch(n, ZIP_MEMBERS)]
         if not names:
             raise InputError(path, f"zip archive has no member matching {ZIP_MEMBERS}")
         return [(path, [Path(n).name for n in names])]
-    if strip_compression_suffix(path.name).lower().endswith(".json"):
-        return [(path, [strip_compression_suffix(path.name)])]
+    if strip_compression_suffix(name).lower().endswith(".json"):
+        return [(path, [strip_compression_suffix(name)])]
     return []
 
 
@@ -59,7 +58,7 @@ class RedCapsAdapter(SourceAdapter):
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         files: list[Path] = []
         seen: dict[str, Path] = {}
-        for path in map(Path, inputs):
+        for path in map(input_location, inputs):
             found = _annotation_files(path)
             if not found:
                 raise InputError(path, f"not a RedCaps input; expected {self.inputs_help}")

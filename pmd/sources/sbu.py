@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pmd.sources.base import InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import decode_utf8, iter_json_items, iter_lines, require_file, strip_compression_suffix
+from pmd.sources.inputs import (decode_utf8, input_location, input_name, iter_json_items, iter_lines, require_file,
+                                strip_compression_suffix)
 from pmd.text import clean_caption
 
 # (JSON array, record field), in the order a row is assembled.
@@ -45,7 +46,7 @@ def flickr_photo_id(url: str) -> str | None:
 
 
 def _input_kind(path: Path) -> str | None:
-    name = path.name.lower()
+    name = input_name(path).lower()
     base = strip_compression_suffix(name)
     if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".zip")) or base.endswith(".json"):
         return "json"
@@ -80,7 +81,7 @@ class SbuAdapter(SourceAdapter):
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         by_kind: dict[str, list[Path]] = {"json": [], "urls": [], "captions": []}
-        for path in map(Path, inputs):
+        for path in map(input_location, inputs):
             kind = _input_kind(path)
             if kind is None:
                 raise InputError(path, f"not an SBU Captions input; expected {self.inputs_help}")

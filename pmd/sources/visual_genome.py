@@ -23,7 +23,7 @@ from typing import Any
 
 from pmd.sources import limits
 from pmd.sources.base import Crop, InputError, Pair, Reason, Record, Reject, SourceAdapter, meta_json, reject
-from pmd.sources.inputs import iter_json_items, strip_compression_suffix
+from pmd.sources.inputs import input_location, input_name, iter_json_items, strip_compression_suffix
 from pmd.sources.karpathy import (
     KARPATHY_HELP,
     DecontaminationOptions,
@@ -80,7 +80,7 @@ def load_image_data(path: Path) -> dict[int, ImageInfo]:
     """`image_data.json` as a dict. Entries without an integer id cannot be joined to anything and are skipped;
     an entry without a usable URL is kept with `image_ref` None (its regions are rejected as `no_image_metadata`)."""
     images: dict[int, ImageInfo] = {}
-    for record in iter_json_items(Path(path), "item", member_pattern=f"*{IMAGE_DATA_JSON}"):
+    for record in iter_json_items(input_location(path), "item", member_pattern=f"*{IMAGE_DATA_JSON}"):
         entry = record.raw
         if not isinstance(entry, dict):
             continue
@@ -143,7 +143,7 @@ class VisualGenomeAdapter(SourceAdapter):
         karpathy, others = partition_inputs(inputs)
         found: dict[str, Path] = {}
         for path in others:
-            base = strip_compression_suffix(path.name)
+            base = strip_compression_suffix(input_name(path))
             if base not in (REGIONS_JSON, IMAGE_DATA_JSON):
                 raise InputError(path, f"not an input of {self.name}; expected {self.inputs_help}")
             if base in found:

@@ -33,7 +33,8 @@ from typing import Any
 
 from pmd.sources.base import (InputError, OversizedLine, Pair, Reason, Record, Reject, SourceAdapter, decode_line,
                               meta_json, reject)
-from pmd.sources.inputs import decode_utf8, iter_lines, require_file, strip_compression_suffix
+from pmd.sources.inputs import (decode_utf8, input_location, input_name, iter_lines, require_file,
+                                strip_compression_suffix)
 from pmd.sources.wit_text import TextRule, choose_text
 
 COLUMNS: tuple[str, ...] = (
@@ -200,12 +201,13 @@ class WitAdapter(SourceAdapter):
 
     def records(self, inputs: Sequence[Path]) -> Iterator[Record]:
         shards: dict[str, Path] = {}
-        for path in map(Path, inputs):
-            if not strip_compression_suffix(path.name).lower().endswith(".tsv"):
+        for path in map(input_location, inputs):
+            name = input_name(path)
+            if not strip_compression_suffix(name).lower().endswith(".tsv"):
                 raise InputError(path, f"not a WIT shard; expected {self.inputs_help}")
-            if split_of(path.name) is None:
+            if split_of(name) is None:
                 raise InputError(path, "cannot tell the split (train, val or test) from the file name")
-            shard = shard_id(path.name)
+            shard = shard_id(name)
             if shard in shards:
                 raise InputError(path, f"shard {shard} given twice (also {shards[shard]}): keys would repeat")
             shards[shard] = require_file(path)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pmd.manifest import Manifest
 from pmd.schema import SHARD_SCHEMA
+from pmd.shards import describe_file
 from pmd_demo.drawings import SHAPES, Drawing, draw, jpeg
 
 CLASSES = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in SHAPES]
@@ -54,12 +56,8 @@ def write_build(out: Path, rows: list[dict], shards: int = 2, row_group_size: in
         name = f"shards/shard-{s:05d}.parquet"
         table = pa.Table.from_pylist(part, schema=SHARD_SCHEMA)
         pq.write_table(table, out / name, row_group_size=row_group_size)
-        data = (out / name).read_bytes()
-        entries.append({"file": name, "rows": len(part), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                        "sources": {"coco": len(part)}})
-    manifest = {"format": "pmd-build", "schema_version": 1, "shards": entries,
-                "totals": {"pairs": len(rows)}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+        entries.append(describe_file(out, name))
+    Manifest.new(out, entries, totals={"pairs": len(rows)}).write()
     return out
 
 

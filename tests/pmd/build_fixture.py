@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pmd import schema
+from pmd.manifest import Manifest
+from pmd.shards import describe_file
 
 
 def shard_row(key: str, source: str, text: str, image: bytes, width: int = 256, height: int = 192,
@@ -27,16 +28,11 @@ def write_build(root: Path, shards: list[list[dict]], failures: list[dict], acco
     for i, rows in enumerate(shards):
         path = root / "shards" / f"shard-{i:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=schema.SHARD_SCHEMA), path, row_group_size=2)
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r["source"]] = counts.get(r["source"], 0) + 1
-        entries.append({"file": f"shards/shard-{i:05d}.parquet", "rows": len(rows), "bytes": path.stat().st_size,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "sources": counts})
+        entries.append(describe_file(root, f"shards/{path.name}"))
     (root / "failures").mkdir(exist_ok=True)
     pq.write_table(pa.Table.from_pylist(failures, schema=schema.FAILURE_SCHEMA),
                    root / "failures" / "part-00000.parquet")
-    manifest = {"format": "pmd-build", "schema_version": 1, "shards": entries, "accounting": accounting}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    Manifest.new(root, entries, [describe_file(root, "failures/part-00000.parquet")], accounting=accounting).write()
     return root
 
 
