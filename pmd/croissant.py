@@ -29,6 +29,7 @@ from pmd.manifest import FAILURES_DIR, SHARDS_DIR, Manifest
 CROISSANT_FILE = "croissant.json"
 CONFORMS_TO = ("http://mlcommons.org/croissant/1.0", "http://mlcommons.org/croissant/RAI/1.0")
 PARQUET = "application/x-parquet"
+IMAGE_FORMAT = "image/jpeg"
 PMD_URL = "https://huggingface.co/datasets/facebook/pmd"
 SHARD_FILES = "shard-files"
 FAILURE_FILES = "failure-files"
@@ -114,6 +115,8 @@ def _columns(record_set: str, arrow: pa.Schema, file_set: str) -> list[dict]:
         extra: dict = {}
         if record_set == "pairs" and column.name == schema.SOURCE:
             extra["references"] = {"field": {"@id": "sources/name"}}
+        if column.name == schema.IMAGE:
+            extra["encodingFormat"] = IMAGE_FORMAT  # the bytes as stored: the image stage re-encodes every image
         fields.append(_field(record_set, column.name, data_type, file_set, **extra))
     return fields
 

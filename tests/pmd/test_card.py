@@ -109,6 +109,8 @@ def test_croissant_lists_every_file_with_its_digest_and_the_rai_fields(built):
     objects = {f["contentUrl"]: f for f in doc["distribution"] if f["@type"] == "cr:FileObject"}
     assert {k: (f["sha256"], f["contentSize"]) for k, f in objects.items()} == {
         e.file: (e.sha256, f"{e.bytes} B") for e in (*manifest.shards, *manifest.failures)}
+    image = next(f for f in doc["recordSet"][1]["field"] if f["name"] == "image")
+    assert (image["dataType"], image["encodingFormat"]) == ("sc:ImageObject", "image/jpeg")
     for field in ("rai:dataCollection", "rai:dataPreprocessingProtocol", "rai:dataLimitations",
                   "rai:personalSensitiveInformation", "rai:dataUseCases", "rai:dataCollectionMissingData"):
         assert doc[field], field
