@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import atomic, final, schema, storage, takedown, urls
+from pmd import atomic, card, final, schema, storage, takedown, urls
 from pmd import plan as pmd_plan
 from pmd.layout import OutLayout, WorkLayout
 from pmd.build import ChunkTask, read_chunk, run_chunk
@@ -800,6 +800,7 @@ def run_build(config: BuildConfig) -> dict:
     storage.remove_tree(config.work / "tmp")
     manifest["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     manifest["executor"] = kind  # what ran (config.executor keeps what was asked for: "auto")
+    card.write_docs(Manifest(out, manifest))  # README.md + croissant.json, from the manifest about to be written
     Manifest(out, manifest).write()  # last: its presence means the build is complete
     log.info("built %s: %d pairs in %d shards", out, manifest["totals"]["pairs"], len(manifest["shards"]))
     return manifest

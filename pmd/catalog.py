@@ -110,3 +110,35 @@ def catalog_entry(name: str) -> CatalogEntry:
         if entry.name == name:
             return entry
     raise KeyError(name)
+
+
+CITATIONS_FILE = "manifests/citations.toml"
+PMD_CITATION_KEY = "pmd"  # the corpus itself, as the FLAVA paper defines it
+
+
+@dataclass(frozen=True)
+class Citation:
+    """Who made a source (or PMD itself) and how to cite it."""
+
+    key: str  # PMD_CITATION_KEY or a source name
+    creators: tuple[str, ...]
+    url: str
+    bibtex: str
+
+
+@lru_cache(maxsize=1)
+def citations() -> dict[str, Citation]:
+    """Every citation of manifests/citations.toml by key: PMD's and exactly one per source of the catalog."""
+    package, name = CITATIONS_FILE.split("/")
+    raw = tomllib.loads((importlib.resources.files(package) / name).read_text())
+    try:
+        rows = [from_dict(Citation, row, Where(CITATIONS_FILE, f"citation[{i}]"))
+                for i, row in enumerate(raw.get("citation", []))]
+    except ConfigError as e:
+        raise CatalogError(str(e)) from None
+    found = {c.key: c for c in rows}
+    expected = {PMD_CITATION_KEY, *SOURCE_NAMES}
+    if len(found) != len(rows) or set(found) != expected:
+        raise CatalogError(f"{CITATIONS_FILE}: needs one citation per key of {sorted(expected)}; "
+                           f"has {sorted(c.key for c in rows)}")
+    return found

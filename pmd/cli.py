@@ -190,6 +190,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from pmd.card import CARD_FILE, write_docs
+    from pmd.croissant import CROISSANT_FILE
+    from pmd.manifest import Manifest
+
+    write_docs(Manifest.read(args.out))
+    _console().print(f"{args.out}: wrote {CARD_FILE} and {CROISSANT_FILE} from manifest.json")
+    return 0
+
+
 def cmd_takedown(args: argparse.Namespace) -> int:
     from pmd.takedown import apply, read_request
 
@@ -345,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sha256", action="store_true", help="skip the (slow) file digests")
     p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("card", help="rewrite a built corpus's dataset card (README.md) and croissant.json from its "
+                       "manifest")
+    p.add_argument("out", help="the build directory or object-storage URL")
+    p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("fetch-metadata", help="download the catalog's public upstream metadata files (resumable)")
     p.add_argument("sources", nargs="*", help="source names (default: all), see `pmd sources`")

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import atomic, schema, storage
+from pmd import atomic, card, schema, storage
 from pmd.manifest import FAILURES_DIR, SHARDS_DIR, FileEntry, Manifest, ManifestError
 from pmd.spill import HashPartitions, partitions_for
 
@@ -139,6 +139,7 @@ def verify(out: str | Path, check_sha256: bool = True, spill_dir: Path | None = 
                 problems.append(f"{rel}: not listed in the manifest")
 
     problems += found.accounting_problems()
+    problems += card.problems(found)
     for source, acc in found.accounting.items():
         if pairs_by_source.get(source, 0) != acc["pairs"]:
             problems.append(f"accounting {source}: shards hold {pairs_by_source.get(source, 0)} pairs, "

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import atomic, schema, storage
+from pmd import atomic, card, schema, storage
 from pmd.manifest import FAILURES_DIR, Manifest
 from pmd.reasons import Stage
 from pmd.shards import describe_file, sum_counts, write_shard_file
@@ -239,6 +239,7 @@ def apply(out: Path, request: TakedownRequest) -> dict:
         "list_sha256": request.id, "kind": request.kind, "reason": request.reason, "listed": len(request.values),
         "rows": found.num_rows, "rows_by_source": removed_by_source, "shards_rewritten": len(shards),
         "failures_file": failures_rel if found.num_rows else None, "applied_at": _now()})
+    card.write_docs(Manifest(out, manifest))  # the card and croissant.json list the rewritten files
     Manifest(out, manifest).write()  # last: the request is applied once this is on disk
     journal.unlink(missing_ok=True)
     log.info("takedown %s: %d pairs removed from %d shards", request.id[:12], found.num_rows, len(shards))

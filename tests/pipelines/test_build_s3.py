@@ -99,7 +99,7 @@ def test_a_build_on_s3_equals_the_same_build_on_local_disk(builds):
     assert failures == failure_rows(local_out) and len(failures) == len(local["failures"])
     # OUT holds the corpus only; the work state stayed in the work directory.
     assert sorted(p.split("/", 4)[-1] for p in storage.list_files(remote_out, recursive=True)) == sorted(
-        ["manifest.json", *files, *failures])
+        ["manifest.json", "README.md", "croissant.json", *files, *failures])
     assert json.loads(storage.read_text(storage.join(remote_out, "manifest.json")))["shards"] == local["shards"]
 
 

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pmd import schema, spill
+from pmd import card, schema, spill
 from pmd.atomic import write_json
+from pmd.manifest import Manifest
 from pmd.shards import describe_file, file_sha256, shard_name, shuffle_hash, verify, write_shard_file
 
 
@@ -38,8 +39,14 @@ def _build(tmp_path, tables):
     pairs = sum(t.num_rows for t in tables)
     manifest = {"format": "pmd-build", "shards": shards, "failures": [],
                 "accounting": {"coco": {"input_rows": pairs + 1, "pairs": pairs, "rejects": 1, "failures": 0}}}
-    write_json(manifest, tmp_path / "manifest.json")
+    _write(tmp_path, manifest)
     return manifest
+
+
+def _write(out, manifest: dict) -> None:
+    """The manifest, and the card and croissant.json that agree with it (pmd.card), as a build writes them."""
+    card.write_docs(Manifest(out, manifest))
+    write_json(manifest, out / "manifest.json")
 
 
 def test_atomic_write_small_row_groups_and_verify_ok(tmp_path):
@@ -86,7 +93,7 @@ def test_verify_key_checks_over_spilled_partitions(tmp_path, monkeypatch, partit
     manifest["shards"].append(dict(manifest["shards"][1]))
     manifest["shards"].insert(2, {"file": shard_name(9), "rows": 3, "bytes": 10, "sha256": "x", "sources": {}})
     manifest["shards"][3]["bytes"] += 1
-    write_json(manifest, tmp_path / "manifest.json")
+    _write(tmp_path, manifest)
     size = (tmp_path / shard_name(2)).stat().st_size
     assert verify(tmp_path, spill_dir=tmp_path / "spill") == [
         "shards/shard-00000.parquet: keys repeated within the shard",
