@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pmd import storage
 from pmd.config_loader import Extend, parse_assignments
+from pmd.lease import Lease
 from pmd.manifest import identity_holds
 from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
 
@@ -23,6 +24,8 @@ log = logging.getLogger("pmd")
 # looked up only once their module is loaded, so mapping an error never imports Ray or the build.
 USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
     # (module, class, only for this command, exit code)
+    ("pmd.lease", "LeaseHeld", None, 2),  # a second writer of one corpus
+    ("pmd.lease", "LeaseLost", None, 1),
     ("pipelines.build", "BuildError", None, 1),
     ("builtins", "RuntimeError", "demo", 1),  # a demo stage that failed
     ("pmd.fetch", "FetchError", None, 2),
@@ -168,7 +171,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from pipelines.build import run_build
 
     config = _build_config(args)
-    manifest = run_build(config)
+    with Lease(config.out, "pmd build"):
+        manifest = run_build(config)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
     else:
@@ -198,7 +202,10 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
                                           ("image_sha256", args.image_sha256)) if v)
     request = read_request(kind, Path(path), args.reason or "")
-    result = apply(args.out, request)
+    if not storage.is_remote(args.out) and not Path(args.out).is_dir():
+        raise FileNotFoundError(f"{args.out}: no such build directory")
+    with Lease(args.out, "pmd takedown"):
+        result = apply(args.out, request)
     if result["applied"]:
         _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
                          f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
@@ -210,8 +217,9 @@ def cmd_takedown(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pmd.export import ExportOptions, export
 
-    listing = export(args.build, args.out,
-                     ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
+    with Lease(args.out, "pmd export"):
+        listing = export(args.build, args.out,
+                         ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
     _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
                      f"({listing['urls']}), listed in {args.out}/shards.json")
     return 0
