@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pmd import storage
+from pmd import atomic, storage
 from pmd.config_loader import Extend, parse_assignments
 from pmd.lease import Lease
 from pmd.manifest import identity_holds
@@ -24,6 +24,7 @@ log = logging.getLogger("pmd")
 # looked up only once their module is loaded, so mapping an error never imports Ray or the build.
 USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
     # (module, class, only for this command, exit code)
+    ("pmd.atomic", "OutOfSpace", None, 1),  # disk full or a store's quota: one line naming the file and phase
     ("pmd.lease", "LeaseHeld", None, 2),  # a second writer of one corpus
     ("pmd.lease", "LeaseLost", None, 1),
     ("pipelines.build", "BuildError", None, 1),
@@ -171,7 +172,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from pipelines.build import run_build
 
     config = _build_config(args)
-    with Lease(config.out, "pmd build"):
+    with Lease(config.out, "pmd build"), \
+            atomic.stop_when_full(lambda path: atomic.phase_of(path, [config.work, config.out])):
         manifest = run_build(config)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
@@ -204,7 +206,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     request = read_request(kind, Path(path), args.reason or "")
     if not storage.is_remote(args.out) and not Path(args.out).is_dir():
         raise FileNotFoundError(f"{args.out}: no such build directory")
-    with Lease(args.out, "pmd takedown"):
+    with Lease(args.out, "pmd takedown"), atomic.stop_when_full(lambda path: "takedown"):
         result = apply(args.out, request)
     if result["applied"]:
         _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
@@ -217,7 +219,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pmd.export import ExportOptions, export
 
-    with Lease(args.out, "pmd export"):
+    with Lease(args.out, "pmd export"), atomic.stop_when_full(lambda path: "export"):
         listing = export(args.build, args.out,
                          ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
     _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
