@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pmd import atomic, storage
+from pmd import atomic, redact, storage
 from pmd.config_loader import Extend, parse_assignments
 from pmd.lease import Lease
 from pmd.manifest import identity_holds
@@ -179,7 +179,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
     else:
         print_build_summary(manifest, _console())
-        _console().print(f"wrote {config.out}/manifest.json, shards/, failures/")
+        _console().print(redact.text(f"wrote {config.out}/manifest.json, shards/, failures/"))
     return 0
 
 
@@ -189,10 +189,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = verify(args.out, check_sha256=not args.no_sha256)
     if problems:
         for p in problems:
-            print(f"{args.out}: {p}", file=sys.stderr)
+            print(redact.text(f"{args.out}: {p}"), file=sys.stderr)
         print(f"pmd verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    _console().print(f"{args.out}: OK")
+    _console().print(redact.text(f"{args.out}: OK"))
     return 0
 
 
@@ -209,10 +209,10 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     with Lease(args.out, "pmd takedown"), atomic.stop_when_full(lambda path: "takedown"):
         result = apply(args.out, request)
     if result["applied"]:
-        _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
-                         f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
+        _console().print(redact.text(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
+                                     f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check"))
     else:
-        _console().print(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed")
+        _console().print(redact.text(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed"))
     return 0
 
 
@@ -222,8 +222,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with Lease(args.out, "pmd export"), atomic.stop_when_full(lambda path: "export"):
         listing = export(args.build, args.out,
                          ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
-    _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
-                     f"({listing['urls']}), listed in {args.out}/shards.json")
+    _console().print(redact.text(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
+                                 f"({listing['urls']}), listed in {args.out}/shards.json"))
     return 0
 
 
@@ -391,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    redact.install()
     try:
         storage.add_options(getattr(args, "storage_option", None) or [])
         return args.func(args)
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(args.command, exc)
         if code is None:
             raise
-        print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
+        print(redact.text(f"pmd {args.command}: error: {exc}"), file=sys.stderr)
         return code
 
 

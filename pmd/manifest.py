@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pmd import atomic, storage
+from pmd import atomic, redact, storage
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -131,7 +131,7 @@ class Manifest:
 
     def write(self) -> None:
         """Atomically (pmd.atomic): a reader sees the previous manifest or this one, whole."""
-        atomic.write_json(self.data, manifest_path(self.out))
+        atomic.write_json(redact.value(self.data), manifest_path(self.out))  # no credential is ever recorded
 
     @property
     def path(self) -> str | Path:
