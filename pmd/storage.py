@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
 OPTIONS_ENV = "PMD_STORAGE_OPTIONS"
 # What a Ray cluster's workers get from the driver's environment (pipelines/ray_runtime.py); not the credentials.
 PROPAGATED_ENV = (OPTIONS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
@@ -254,6 +256,9 @@ class PreconditionFailed(Exception):
     """The object is not (or no longer) in the version the caller expected."""
 
 
+_S3_UNCONDITIONAL: set[str] = set()  # buckets whose store answered 501 to a conditional PUT
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -323,12 +328,18 @@ def put_if(location: str | os.PathLike, data: bytes, version: str | None) -> str
         bucket, key = _s3_key(text)
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
-            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            if bucket not in _S3_UNCONDITIONAL:
+                return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
         except botocore.exceptions.ClientError as e:
             # 412: the condition does not hold; 409: a concurrent conditional write to the key; 404: gone (If-Match)
             if _s3_status(e) in (404, 409, 412):
                 raise PreconditionFailed(text) from None
-            raise OSError(f"{location}: {e}") from None
+            if _s3_status(e) != 501:
+                raise OSError(f"{location}: {e}") from None
+            _S3_UNCONDITIONAL.add(bucket)
+            log.warning("%s: this S3 store has no conditional writes (If-None-Match/If-Match); the lease falls back to "
+                        "read-compare-write, which two writers starting at once can both pass (docs/build.md)", text)
+        # a store without conditional writes: the generic path below (versions are still ETags: read_versioned)
     if is_remote(text):
         current = read_versioned(text)
         if (current is None) != (version is None) or (current is not None and current[1] != version):
@@ -336,7 +347,7 @@ def put_if(location: str | os.PathLike, data: bytes, version: str | None) -> str
         from pmd import atomic  # pmd.atomic imports this module
 
         atomic.write_bytes(data, text)
-        return _digest(data)
+        return read_versioned(text)[1]  # an S3 object's version is its ETag, not the digest
     return _local_put_if(Path(text), data, version)
 
 
@@ -382,11 +393,15 @@ def delete_if(location: str | os.PathLike, version: str) -> None:
 
         bucket, key = _s3_key(text)
         try:
-            s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            if bucket not in _S3_UNCONDITIONAL:
+                s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+                return
         except botocore.exceptions.ClientError as e:
-            if _s3_status(e) not in (404, 409, 412):
+            if _s3_status(e) in (404, 409, 412):
+                return
+            if _s3_status(e) != 501:
                 raise OSError(f"{location}: {e}") from None
-        return
+            _S3_UNCONDITIONAL.add(bucket)
     if is_remote(text):
         current = read_versioned(text)
         if current is not None and current[1] == version:

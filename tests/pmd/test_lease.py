@@ -166,3 +166,32 @@ def test_readers_refuse_a_build_whose_manifest_is_not_written(tmp_path, capsys):
         resolve_files(build, "pairs")
     assert main(["stats", str(build)]) == 2
     assert "not written yet: the build stopped" in capsys.readouterr().err
+
+
+def test_stores_without_conditional_writes_fall_back_to_read_compare_write(s3, monkeypatch, caplog):
+    """An S3 store answering 501 to If-None-Match/If-Match (and a memory:// store, which has none): the lease
+    still works for writers that do not start at once, with one warning naming the window."""
+    import botocore.exceptions
+
+    client = storage.s3_client()
+    real_put, real_delete = client.put_object, client.delete_object
+
+    def refuse_conditions(call):
+        def wrapped(**kw):
+            if "IfNoneMatch" in kw or "IfMatch" in kw:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+            return call(**kw)
+        return wrapped
+
+    monkeypatch.setattr(client, "put_object", refuse_conditions(real_put))
+    monkeypatch.setattr(client, "delete_object", refuse_conditions(real_delete))
+    monkeypatch.setattr(storage, "_S3_UNCONDITIONAL", set())
+    for out in (s3, "memory://pmd-lease-test/corpus"):
+        with caplog.at_level(logging.WARNING, logger="pmd.storage"), Lease(out, "first", FAST) as lease:
+            time.sleep(4 * FAST.renew_every_s)  # renewals go through the fallback too
+            assert current_holder(out).token == lease.holder.token and current_holder(out).renewed > lease.holder.since
+            with pytest.raises(LeaseHeld, match="being written by `first`"):
+                Lease(out, "second").acquire()
+        assert storage.read_versioned(lease_path(out)) is None
+    assert sum("no conditional writes" in r.message for r in caplog.records) == 1
