@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from pmd import storage
+from pmd.lease import warn_if_written
 from pmd.manifest import MANIFEST_FILE, Manifest, ManifestError, not_written_yet
 from pmd.schema import IMAGE, SPLIT, TEXT
 
@@ -63,6 +64,7 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------------------------------
 def _manifest_files(build: str | Path) -> list[str | Path]:
     """The shards a build's manifest lists (a local directory or an object-storage URL), all present."""
+    warn_if_written(build)
     try:
         files = Manifest.read(build).shard_locations()
     except (ManifestError, KeyError, TypeError, ValueError) as e:

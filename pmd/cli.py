@@ -184,8 +184,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pmd.lease import warn_if_written
     from pmd.shards import verify
 
+    warn_if_written(args.out)
     problems = verify(args.out, check_sha256=not args.no_sha256)
     if problems:
         for p in problems:
@@ -242,7 +244,7 @@ def cmd_fetch_metadata(args: argparse.Namespace) -> int:
         status = "fetched" if name in summary["fetched"] else "already there"
         table.add_row(name, status, f"{info['bytes']:,}", info["sha256"][:16])
     for name, error in summary["failed"].items():
-        table.add_row(name, f"FAILED: {error}", "", "")
+        table.add_row(name, redact.text(f"FAILED: {error}"), "", "")  # the error may name a --mirror URL
     console.print(table)
     for line in describe_manual(summary["manual"]):
         print(line)

@@ -53,6 +53,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _print_problems(result["problems"])
         return 0 if result["trusted"] else 1
 
+    from pmd.lease import warn_if_written
+
+    warn_if_written(args.out)
     result = redact.value(stats.audit(args.out))  # a URL's credentials never reach the report or the output
     if args.report:
         written = report.write_report(result, Path(args.report))

@@ -122,6 +122,23 @@ def current_holder(out: str | os.PathLike) -> Holder | None:
     return None if found is None else Holder.from_bytes(found[0])
 
 
+def warn_if_written(out: str | os.PathLike, config: LeaseConfig | None = None) -> str | None:
+    """For readers of a finished build: log (and return) a warning when another process holds the lease of `out`
+    now (a `pmd takedown` rewriting shards in place, a rerun of the build about to delete the manifest), as what is
+    read may change under the reader. Never blocks and never fails the reader."""
+    try:
+        holder = current_holder(out)
+    except OSError:
+        return None
+    if holder is None or (holder.host == socket.gethostname() and holder.pid == os.getpid()):
+        return None
+    if gone_because(holder, time.time(), config or LeaseConfig()) is not None:
+        return None
+    message = f"{out} is being written by {holder.describe()}: what is read may change while this command runs"
+    log.warning("%s", message)
+    return message
+
+
 class Lease:
     """`with Lease(out, "pmd build"):` holds the lease on `out` for the block (see the module docstring)."""
 
@@ -191,7 +208,10 @@ class Lease:
                 self.renew()
                 last = time.time()
             except storage.PreconditionFailed:
-                holder = current_holder(self.out)
+                try:
+                    holder = current_holder(self.out)
+                except OSError:
+                    holder = None
                 self._lose(f"the lease was taken over by {holder.describe() if holder else 'another writer'}")
                 return
             except Exception as e:  # noqa: BLE001 - a store error is retried until the lease would be stale

@@ -195,3 +195,22 @@ def test_stores_without_conditional_writes_fall_back_to_read_compare_write(s3, m
                 Lease(out, "second").acquire()
         assert storage.read_versioned(lease_path(out)) is None
     assert sum("no conditional writes" in r.message for r in caplog.records) == 1
+
+
+def test_readers_of_a_finished_build_warn_while_a_writer_holds_it(tmp_path, caplog):
+    """A takedown rewrites shards in place under the old manifest: readers go on, with one warning."""
+    from flava.data import resolve_files
+    from pmd.lease import warn_if_written
+
+    build = known_build(tmp_path / "build")
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_written(build) is None  # no writer
+        with Lease(build, "pmd takedown"):
+            assert warn_if_written(build) is None  # this process is the writer
+            _ = resolve_files(build, "pairs")
+        assert not caplog.records
+        _plant(str(build), command="pmd takedown")
+        main(["verify", str(build)])  # its verdict on the fixture is not the point: the warning is
+        assert len(resolve_files(build, "pairs")[1]) == 2
+    warned = [r.message for r in caplog.records if "what is read may change" in r.message]
+    assert len(warned) == 2 and all("`pmd takedown` on elsewhere pid 1" in m for m in warned)
