@@ -17,6 +17,8 @@ import os
 import re
 import sys
 
+from pmd import redact
+
 
 def _user_errors():
     from .assets import AssetError, FetchError
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK")
     fmt = ("[rank %s] " % rank if rank is not None else "") + "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt)
+    redact.install()
     for noisy in ("httpx", "httpx2"):  # one INFO line per hub request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fetch-assets":
             return _cmd_fetch_assets(args)
     except _user_errors() as e:
-        print(f"flava: error: {e}", file=sys.stderr)
+        print(redact.text(f"flava: error: {e}"), file=sys.stderr)
         return 2
     return 1
 

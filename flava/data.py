@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from pmd import storage
-from pmd.manifest import MANIFEST_FILE, Manifest, ManifestError
+from pmd.lease import warn_if_written
+from pmd.manifest import MANIFEST_FILE, Manifest, ManifestError, not_written_yet
 from pmd.schema import IMAGE, SPLIT, TEXT
 
 from .masking import BlockMaskGenerator, bert_mask_tokens, itm_negatives
@@ -63,6 +64,7 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------------------------------
 def _manifest_files(build: str | Path) -> list[str | Path]:
     """The shards a build's manifest lists (a local directory or an object-storage URL), all present."""
+    warn_if_written(build)
     try:
         files = Manifest.read(build).shard_locations()
     except (ManifestError, KeyError, TypeError, ValueError) as e:
@@ -93,6 +95,8 @@ def _resolve_remote(url: str, kind: str) -> tuple[str, list[str | Path]]:
         return "parquet", [url]
     if storage.is_file(storage.join(url, MANIFEST_FILE)):
         return "parquet", _manifest_files(url)
+    if (unfinished := not_written_yet(url)) is not None:
+        raise DataError(unfinished)
     for prefix in (storage.join(url, "shards"), url):
         files = storage.list_files(prefix, ".parquet")
         if files:
@@ -118,6 +122,8 @@ def resolve_files(path: str | os.PathLike, kind: str) -> tuple[str, list[Path]]:
         raise DataError(f"{p}: not a .parquet shard, a manifest.json{' or a .txt file' if kind == 'text' else ''}")
     if (p / MANIFEST_FILE).is_file():
         return "parquet", _manifest_files(p)
+    if (unfinished := not_written_yet(p)) is not None:
+        raise DataError(unfinished)
     for pattern in ("shards/*.parquet", "*.parquet"):
         files = sorted(Path(f) for f in glob.glob(str(p / pattern)))
         if files:

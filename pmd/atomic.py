@@ -13,11 +13,14 @@ a partial file kept on purpose so that the next attempt continues it.)
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +31,94 @@ import pyarrow.parquet as pq
 from pmd import storage
 
 TEMP_MARK = ".tmp-"
+
+# ----------------------------------------------------------------------------------------------- disk full
+# A write that finds no space (ENOSPC, EDQUOT) or a store's quota error raises OutOfSpace naming the file it was
+# writing; the partial temporary is removed, what was committed before stays, so the rerun after space is freed
+# resumes. Object stores report quotas in words, not errno: these are the words of S3-compatible stores (MinIO,
+# Ceph RGW), GCS and HTTP 507.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = re.compile(r"no space left|quota ?exceeded|storage ?full|insufficient storage|HTTP status 507",
+                         re.IGNORECASE)
+#: Test hook (fault injection): `PATTERN[@N]` makes the Nth commit (default the first) in each process of an
+#: atomic write whose target matches the fnmatch PATTERN fail with ENOSPC. An environment variable, so that the
+#: spawned pool workers and Ray workers of a build inherit it.
+FAULT_ENV = "PMD_FAULT_ENOSPC"
+_fault_counts: dict[str, int] = {}
+
+
+class OutOfSpace(OSError):
+    """No space left (or a quota reached) writing `filename`, in `phase` (what the command was doing)."""
+
+    def __init__(self, filename: str, detail: str = "no space left on device", phase: str | None = None):
+        super().__init__(errno.ENOSPC, detail, filename)
+        self.detail, self.phase = detail, phase
+
+    def __reduce__(self):  # across a process pool: the arguments, not OSError's (errno, strerror, filename)
+        return OutOfSpace, (self.filename, self.detail, self.phase)
+
+    def __str__(self) -> str:
+        return (f"{self.detail} writing {self.filename}" + (f" (phase {self.phase})" if self.phase else "")
+                + "; what was finished is kept: free space and rerun the same command to resume")
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and (exc.errno in _FULL_ERRNOS or bool(_FULL_WORDS.search(str(exc))))
+
+
+def out_of_space(exc: BaseException | None) -> OSError | None:
+    """The out-of-space error behind `exc` (itself, a cause or context, or the cause a Ray task error carries)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # a RayTaskError's: the task's own exception, with its filename
+        if isinstance(inner, BaseException) and inner is not exc and (found := out_of_space(inner)) is not None:
+            return found
+        if is_out_of_space(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def stop_when_full(phase: Callable[[str], str | None]) -> Iterator[None]:
+    """Turn an out-of-space error anywhere below (any process) into one OutOfSpace naming the file and the phase
+    `phase(filename)` gives: the one line a command prints."""
+    try:
+        yield
+    except BaseException as exc:
+        full = out_of_space(exc)
+        if full is None:
+            raise
+        filename = str(full.filename or "?")
+        detail = full.detail if isinstance(full, OutOfSpace) else (full.strerror or "no space left on device")
+        raise OutOfSpace(filename, detail, phase(filename)) from None
+
+
+def phase_of(path: str, roots: Sequence[str | os.PathLike]) -> str | None:
+    """The phase a build file belongs to: its first path component under the deepest of `roots` holding it
+    (`work/images/coco/chunk-00001.arrow` under the work directory -> `images`; `OUT/shards/...` -> `shards`;
+    `OUT/manifest.json` -> `manifest`)."""
+    for root in sorted((str(r).rstrip("/") for r in roots), key=len, reverse=True):
+        if path.startswith(root + "/") or path.startswith(root + os.sep):
+            first = path[len(root) + 1:].replace(os.sep, "/").split("/")[0]
+            return first.lstrip(".").split(TEMP_MARK)[0].rsplit(".", 1)[0] or None
+    return None
+
+
+def _inject_fault(target: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    pattern, _, nth = spec.rpartition("@") if "@" in spec else (spec, "", "1")
+    if fnmatch.fnmatch(target, pattern):
+        _fault_counts[spec] = _fault_counts.get(spec, 0) + 1
+        if _fault_counts[spec] == int(nth):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({FAULT_ENV})", target)
+
+
+def _full(exc: OSError, target: str) -> OutOfSpace:
+    return OutOfSpace(target, exc.strerror if exc.errno in _FULL_ERRNOS and exc.strerror else str(exc))
 
 
 def temp_path(path: Path, owner: str | int | None = None) -> Path:
@@ -74,7 +165,17 @@ class AtomicFile:
             self.file = open(self.tmp, "wb")
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except OSError as e:
+            if not is_out_of_space(e):
+                raise
+            self.abort()  # frees the space the partial file held
+            raise _full(e, self.target) from e
+
+    def _commit(self) -> None:
         self.file.flush()
+        _inject_fault(self.target)
         if self.remote:
             self.file.close()
             try:
@@ -89,7 +190,10 @@ class AtomicFile:
         _fsync_directory(final.parent)
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the close flushes what is buffered: on a full disk that fails too
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -100,8 +204,10 @@ def atomic_file(target: str | os.PathLike) -> Iterator[IO[bytes]]:
     f = AtomicFile(target)
     try:
         yield f.file
-    except BaseException:
+    except BaseException as e:
         f.abort()
+        if isinstance(e, OSError) and is_out_of_space(e) and not isinstance(e, OutOfSpace):
+            raise _full(e, f.target) from e
         raise
     f.commit()
 

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pmd import storage
+from pmd import atomic, redact, storage
 from pmd.config_loader import Extend, parse_assignments
+from pmd.lease import Lease
 from pmd.manifest import identity_holds
 from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
 
@@ -23,6 +24,9 @@ log = logging.getLogger("pmd")
 # looked up only once their module is loaded, so mapping an error never imports Ray or the build.
 USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
     # (module, class, only for this command, exit code)
+    ("pmd.atomic", "OutOfSpace", None, 1),  # disk full or a store's quota: one line naming the file and phase
+    ("pmd.lease", "LeaseHeld", None, 2),  # a second writer of one corpus
+    ("pmd.lease", "LeaseLost", None, 1),
     ("pipelines.build", "BuildError", None, 1),
     ("builtins", "RuntimeError", "demo", 1),  # a demo stage that failed
     ("pmd.fetch", "FetchError", None, 2),
@@ -168,25 +172,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     from pipelines.build import run_build
 
     config = _build_config(args)
-    manifest = run_build(config)
+    with Lease(config.out, "pmd build"), \
+            atomic.stop_when_full(lambda path: atomic.phase_of(path, [config.work, config.out])):
+        manifest = run_build(config)
     if args.json:
         print(json.dumps({k: manifest[k] for k in ("accounting", "totals", "timings")}, indent=2))
     else:
         print_build_summary(manifest, _console())
-        _console().print(f"wrote {config.out}/manifest.json, shards/, failures/")
+        _console().print(redact.text(f"wrote {config.out}/manifest.json, shards/, failures/"))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pmd.lease import warn_if_written
     from pmd.shards import verify
 
+    warn_if_written(args.out)
     problems = verify(args.out, check_sha256=not args.no_sha256)
     if problems:
         for p in problems:
-            print(f"{args.out}: {p}", file=sys.stderr)
+            print(redact.text(f"{args.out}: {p}"), file=sys.stderr)
         print(f"pmd verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    _console().print(f"{args.out}: OK")
+    _console().print(redact.text(f"{args.out}: OK"))
     return 0
 
 
@@ -201,27 +209,33 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_takedown(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pmd.takedown import apply, read_request
 
     kind, path = next((k, v) for k, v in (("urls", args.urls), ("keys", args.keys),
                                           ("image_sha256", args.image_sha256)) if v)
     request = read_request(kind, path, args.reason or "")
-    result = apply(args.out, request)
+    if not storage.is_remote(args.out) and not Path(args.out).is_dir():
+        raise FileNotFoundError(f"{args.out}: no such build directory")
+    with Lease(args.out, "pmd takedown"), atomic.stop_when_full(lambda path: "takedown"):
+        result = apply(args.out, request)
     if result["applied"]:
-        _console().print(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
-                         f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check")
+        _console().print(redact.text(f"{args.out}: takedown {request.id[:12]}: {result['rows']:,} pairs removed, "
+                                     f"{result['shards']} shards rewritten; run `pmd verify {args.out}` to check"))
     else:
-        _console().print(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed")
+        _console().print(redact.text(f"{args.out}: takedown {request.id[:12]} was already applied; nothing changed"))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pmd.export import ExportOptions, export
 
-    listing = export(args.build, args.out,
-                     ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
-    _console().print(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
-                     f"({listing['urls']}), listed in {args.out}/shards.json")
+    with Lease(args.out, "pmd export"), atomic.stop_when_full(lambda path: "export"):
+        listing = export(args.build, args.out,
+                         ExportOptions(format=args.format, shard_size=args.shard_size, progress=not args.quiet))
+    _console().print(redact.text(f"{args.out}: {listing['samples']:,} pairs in {len(listing['shards'])} tars "
+                                 f"({listing['urls']}), listed in {args.out}/shards.json"))
     return 0
 
 
@@ -240,7 +254,7 @@ def cmd_fetch_metadata(args: argparse.Namespace) -> int:
         status = "fetched" if name in summary["fetched"] else "already there"
         table.add_row(name, status, f"{info['bytes']:,}", info["sha256"][:16])
     for name, error in summary["failed"].items():
-        table.add_row(name, f"FAILED: {error}", "", "")
+        table.add_row(name, redact.text(f"FAILED: {error}"), "", "")  # the error may name a --mirror URL
     console.print(table)
     for line in describe_manual(summary["manual"]):
         print(line)
@@ -397,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    redact.install()
     try:
         storage.add_options(getattr(args, "storage_option", None) or [])
         return args.func(args)
@@ -404,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(args.command, exc)
         if code is None:
             raise
-        print(f"pmd {args.command}: error: {exc}", file=sys.stderr)
+        print(redact.text(f"pmd {args.command}: error: {exc}"), file=sys.stderr)
         return code
 
 

@@ -33,11 +33,11 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pmd import report, stats
+    from pmd import redact, report, stats
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if args.compare:
-        result = stats.compare(args.out, args.compare, report_dir=args.report)
+        result = redact.value(stats.compare(args.out, args.compare, report_dir=args.report))
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -53,7 +53,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _print_problems(result["problems"])
         return 0 if result["trusted"] else 1
 
-    result = stats.audit(args.out)
+    from pmd.lease import warn_if_written
+
+    warn_if_written(args.out)
+    result = redact.value(stats.audit(args.out))  # a URL's credentials never reach the report or the output
     if args.report:
         written = report.write_report(result, Path(args.report))
         if not args.json:

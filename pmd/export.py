@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pmd import atomic, schema, storage
+from pmd import atomic, redact, schema, storage
 from pmd.manifest import Manifest
 from pmd.shards import file_sha256
 
@@ -166,7 +166,7 @@ def export(build: Path, out: Path, options: ExportOptions = ExportOptions()) -> 
         raise ExportError(f"{build}: the manifest lists {total} rows, the shards held {written}")
     listing = {
         "format": "webdataset",
-        "source": str(build),
+        "source": redact.text(build),
         "samples": total,
         "shard_size": options.shard_size,
         "members": ["jpg", "txt", "json"],

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pmd import atomic, storage
+from pmd import atomic, redact, storage
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -30,6 +30,27 @@ class ManifestError(ValueError):
 
 class ManifestMissing(ManifestError, FileNotFoundError):
     pass
+
+
+def not_written_yet(out: str | os.PathLike) -> str | None:
+    """Why `out` is a build whose manifest is not written yet (a writer holds or held its lease, or it has shards
+    but no manifest: a build runs, or stopped before its end); None when it has a manifest or is no build at all.
+    Readers (verify, stats, the trainer) refuse such a build: its files are not a corpus yet."""
+    from pmd import lease  # only on this path: a reader of a finished build never needs it
+
+    if storage.exists(manifest_path(out)):
+        return None
+    path = manifest_path(out)
+    try:
+        holder = lease.current_holder(out)
+    except OSError:
+        holder = None
+    if holder is not None:
+        return (f"{path}: not written yet: {holder.describe()} is writing this build (or stopped before its end); "
+                "read it once that command has finished")
+    if storage.is_dir(storage.join(out, SHARDS_DIR)):
+        return f"{path}: not written yet: the build stopped before its end; rerun the same `pmd build` to finish it"
+    return None
 
 
 @dataclass
@@ -89,7 +110,7 @@ class Manifest:
         try:
             text = storage.read_text(path)
         except FileNotFoundError:
-            raise ManifestMissing(f"{path}: missing, not a finished pmd build") from None
+            raise ManifestMissing(not_written_yet(out) or f"{path}: missing, not a finished pmd build") from None
         except OSError as e:
             raise ManifestError(f"{path}: unreadable ({e})") from None
         try:
@@ -121,7 +142,7 @@ class Manifest:
 
     def write(self) -> None:
         """Atomically (pmd.atomic): a reader sees the previous manifest or this one, whole."""
-        atomic.write_json(self.data, manifest_path(self.out))
+        atomic.write_json(redact.value(self.data), manifest_path(self.out))  # no credential is ever recorded
 
     @property
     def path(self) -> str | Path:

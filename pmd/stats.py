@@ -29,7 +29,7 @@ from pmd import schema, storage
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 from pmd.decontaminate import eval_overlap_counts
 from pmd.licences import COMMERCIAL_USE, LICENCE, with_licences
-from pmd.manifest import FAILURES_DIR, Manifest, ManifestError, ManifestMissing, identity_problem
+from pmd.manifest import FAILURES_DIR, Manifest, ManifestError, ManifestMissing, identity_problem, not_written_yet
 from pmd.reasons import IMAGE_STAGES, Reason, Stage
 from pmd.spill import HashPartitions, partitions_for
 from pmd.text import word_count_series
@@ -83,6 +83,8 @@ def locate_build(root: str | Path) -> BuildFiles:
     try:
         manifest = Manifest.read(root).data
     except ManifestMissing:
+        if (unfinished := not_written_yet(root)) is not None:
+            raise ManifestMissing(unfinished) from None
         problems.append(f"{storage.join(root, 'manifest.json')}: missing; accounting cannot be checked")
     except ManifestError as exc:
         problems.append(f"unreadable manifest: {exc}")

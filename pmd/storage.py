@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
 OPTIONS_ENV = "PMD_STORAGE_OPTIONS"
 # What a Ray cluster's workers get from the driver's environment (pipelines/ray_runtime.py); not the credentials.
 PROPAGATED_ENV = (OPTIONS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
@@ -539,3 +541,183 @@ def remove_tree(location: str | os.PathLike | RemotePath) -> None:
         fs.delete_dir(path)
     except FileNotFoundError:
         pass
+# ------------------------------------------------------------------------------------- conditional writes
+# A small object written only if it is still what the caller last read (compare-and-swap): what pmd.lease builds
+# one writer per corpus on. `version` is an opaque string from `read_versioned`; None means "absent".
+#   local disk: create = link(2) of a complete temporary file (fails if the name exists, also over NFS);
+#     replace = rename the current file aside to a unique name (only one renamer of an inode succeeds), check it
+#     is the version read, then link the new one in (a concurrent creator that saw the name free in that instant
+#     wins and the replace fails: safe, one writer either way).
+#   s3:// : PUT with If-None-Match: * (create) or If-Match: ETAG (replace), DELETE with If-Match; S3 and
+#     S3-compatible stores evaluate the condition atomically (HTTP 412 when it does not hold).
+#   any other store (gs://, fsspec): read, compare, write. Not atomic: two writers acting within one round trip
+#     of each other can both succeed (docs/build.md "One writer per corpus" names this window).
+class PreconditionFailed(Exception):
+    """The object is not (or no longer) in the version the caller expected."""
+
+
+_S3_UNCONDITIONAL: set[str] = set()  # buckets whose store answered 501 to a conditional PUT
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def s3_client():
+    """A botocore S3 client configured as pyarrow's S3 filesystem is (storage options, AWS_* variables): pyarrow
+    exposes no conditional PUT, botocore does."""
+    return _s3_client(_options(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                      os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(options_json: str, env_endpoint: str | None, env_region: str | None, pid: int):
+    import botocore.config
+    import botocore.session
+
+    options = json.loads(options_json)
+    endpoint = options.get("endpoint_override") or env_endpoint
+    if endpoint and "://" not in str(endpoint):
+        endpoint = f"{options.get('scheme', 'https')}://{endpoint}"
+    config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"},
+                                    s3={"addressing_style": "path" if endpoint else "auto"})
+    return botocore.session.get_session().create_client(
+        "s3", region_name=options.get("region") or env_region or "us-east-1",
+        endpoint_url=endpoint, aws_access_key_id=options.get("access_key"),
+        aws_secret_access_key=options.get("secret_key"), aws_session_token=options.get("session_token"),
+        config=config)
+
+
+def _s3_key(location: str) -> tuple[str, str]:
+    parts = urlsplit(location)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _s3_status(error: Exception) -> int:
+    return int(getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def read_versioned(location: str | os.PathLike) -> tuple[bytes, str] | None:
+    """(bytes, version) of a small object, None when there is none."""
+    text = str(location)
+    if urlsplit(text).scheme == "s3":
+        import botocore.exceptions
+
+        bucket, key = _s3_key(text)
+        try:
+            reply = s3_client().get_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            if _s3_status(e) == 404:
+                return None
+            raise OSError(f"{location}: {e}") from None
+        return reply["Body"].read(), reply["ETag"]
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        return None
+    return data, _digest(data)
+
+
+def put_if(location: str | os.PathLike, data: bytes, version: str | None) -> str:
+    """Write `data` if the object is in `version` (None: if there is none); returns the new version. Raises
+    PreconditionFailed otherwise."""
+    text = str(location)
+    if urlsplit(text).scheme == "s3":
+        import botocore.exceptions
+
+        bucket, key = _s3_key(text)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            if bucket not in _S3_UNCONDITIONAL:
+                return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except botocore.exceptions.ClientError as e:
+            # 412: the condition does not hold; 409: a concurrent conditional write to the key; 404: gone (If-Match)
+            if _s3_status(e) in (404, 409, 412):
+                raise PreconditionFailed(text) from None
+            if _s3_status(e) != 501:
+                raise OSError(f"{location}: {e}") from None
+            _S3_UNCONDITIONAL.add(bucket)
+            log.warning("%s: this S3 store has no conditional writes (If-None-Match/If-Match); the lease falls back to "
+                        "read-compare-write, which two writers starting at once can both pass (docs/build.md)", text)
+        # a store without conditional writes: the generic path below (versions are still ETags: read_versioned)
+    if is_remote(text):
+        current = read_versioned(text)
+        if (current is None) != (version is None) or (current is not None and current[1] != version):
+            raise PreconditionFailed(text)
+        from pmd import atomic  # pmd.atomic imports this module
+
+        atomic.write_bytes(data, text)
+        return read_versioned(text)[1]  # an S3 object's version is its ETag, not the digest
+    return _local_put_if(Path(text), data, version)
+
+
+def _local_put_if(path: Path, data: bytes, version: str | None) -> str:
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    new = path.with_name(f".{path.name}.new-{token}")
+    with open(new, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if version is not None:
+            aside = path.with_name(f".{path.name}.old-{token}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                raise PreconditionFailed(str(path)) from None
+            if _digest(aside.read_bytes()) != version:  # changed since it was read: put it back
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                aside.unlink()
+                raise PreconditionFailed(str(path))
+            aside.unlink()
+        try:
+            os.link(new, path)
+        except FileExistsError:
+            raise PreconditionFailed(str(path)) from None
+    finally:
+        new.unlink(missing_ok=True)
+    return _digest(data)
+
+
+def delete_if(location: str | os.PathLike, version: str) -> None:
+    """Remove the object if it is still in `version`; otherwise leave it (it is someone else's now)."""
+    text = str(location)
+    if urlsplit(text).scheme == "s3":
+        import botocore.exceptions
+
+        bucket, key = _s3_key(text)
+        try:
+            if bucket not in _S3_UNCONDITIONAL:
+                s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+                return
+        except botocore.exceptions.ClientError as e:
+            if _s3_status(e) in (404, 409, 412):
+                return
+            if _s3_status(e) != 501:
+                raise OSError(f"{location}: {e}") from None
+            _S3_UNCONDITIONAL.add(bucket)
+    if is_remote(text):
+        current = read_versioned(text)
+        if current is not None and current[1] == version:
+            delete(text)
+        return
+    import uuid
+
+    path = Path(text)
+    aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _digest(aside.read_bytes()) != version:
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    aside.unlink()

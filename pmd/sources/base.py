@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pmd import schema
+from pmd import redact, schema
 from pmd.reasons import Reason
 
 #: What `prepare` returns and `convert` takes: any picklable value (None when the adapter needs nothing).
@@ -187,7 +187,8 @@ def pairs_table(pairs: Sequence[Pair], source: str) -> pa.Table:
         schema.LANG_SCORE: [p.lang_score for p in pairs],
         schema.CROP: [None if p.crop is None else (p.crop.x, p.crop.y, p.crop.width, p.crop.height) for p in pairs],
     }
-    return _table(columns, schema.CANDIDATE_SCHEMA)
+    # A credential in an upstream URL is never stored (nor sent: the row is fetched without it).
+    return redact.url_columns(_table(columns, schema.CANDIDATE_SCHEMA), (schema.IMAGE_URL, schema.META))
 
 
 def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
@@ -202,7 +203,7 @@ def rejects_table(rejects: Sequence[Reject], source: str) -> pa.Table:
         schema.LANG: [r.lang for r in rejects],
         schema.LANG_SCORE: [r.lang_score for r in rejects],
     }
-    return _table(columns, schema.REJECT_SCHEMA)
+    return redact.url_columns(_table(columns, schema.REJECT_SCHEMA), (schema.RECORD, schema.DETAIL))
 
 
 @dataclass(frozen=True, slots=True)
