@@ -13,6 +13,7 @@ docs/benchmarks.md (`benchmarks/bench_build.py --connect-delay-ms`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -42,6 +43,15 @@ class DownloadOptions:
     backend: str = "http"  # one of BACKENDS
     max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: concurrent connections per host and process
     max_retry_after: float = 30.0  # `http`: longest pause of a host that answered 429/503 (Retry-After capped)
+    # `http`, for the whole build (pmd.politeness): requests per second to one host (budget key); 0: no cap
+    max_rate_per_host: float = 0.0
+    respect_robots_txt: bool = True  # `http`: robots.txt (pmd.robots); --ignore-robots turns it off
+    # images served for at least this many distinct URLs fail `placeholder` in the final phase (pmd.placeholders);
+    # 0 turns the rule off
+    placeholder_min_urls: int = 20
+    # host:port of the build's budget server (pmd.politeness), set by the build for its tasks; None: this
+    # process's own budgets. Wiring, not a setting: left out of to_dict (the manifest, the build's identity).
+    budget_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -56,7 +66,21 @@ class DownloadOptions:
             raise ValueError(f"download max_per_host must be a positive int, got {self.max_per_host!r}")
         if not self.max_retry_after >= 0:
             raise ValueError(f"download max_retry_after must be >= 0, got {self.max_retry_after!r}")
+        if not isinstance(self.max_rate_per_host, (int, float)) or isinstance(self.max_rate_per_host, bool) \
+                or not self.max_rate_per_host >= 0 or self.max_rate_per_host == float("inf"):
+            raise ValueError(f"download max_rate_per_host must be a finite number >= 0 (0: no cap), got "
+                             f"{self.max_rate_per_host!r}")
+        if not isinstance(self.placeholder_min_urls, int) or isinstance(self.placeholder_min_urls, bool) \
+                or self.placeholder_min_urls < 0 or self.placeholder_min_urls == 1:
+            raise ValueError(f"download placeholder_min_urls must be 0 (off) or an int >= 2, got "
+                             f"{self.placeholder_min_urls!r}")
         self.disallowed_header_directives = [str(d) for d in self.disallowed_header_directives]
+
+    def to_dict(self) -> dict:
+        """The settings (what the manifest records and the work state depends on)."""
+        d = dataclasses.asdict(self)
+        del d["budget_address"]
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +116,15 @@ def classify_error(message: str) -> str:
 
 def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, work_dir: Path,
                    transform: Callable[[bytes], Any] | None = None,
-                   max_bytes: int | None = None) -> Iterator[Downloaded]:
+                   max_bytes: int | None = None, source: str | None = None,
+                   state_dir: Path | None = None) -> Iterator[Downloaded]:
     """Download `urls` (one per key) into memory; yields one `Downloaded` per key, in input order.
 
     `transform`, if given, is applied to each image's bytes as soon as it arrives (it must not raise); its result
     is the `data` of that key. `max_bytes` caps one image's body (default: `ImageOptions().max_image_bytes`):
     past it the key fails with `too_large`. `work_dir` is scratch space for the img2dataset backend's input
-    file; it is removed at the end.
+    file; it is removed at the end. `source` picks the catalog's placeholders (None: every source's);
+    `state_dir` (the build's work directory) keeps the robots.txt answers every process of the build shares.
     """
     if max_bytes is None:
         from pmd.images import ImageOptions
@@ -111,7 +137,7 @@ def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, w
     else:
         from pmd import download_http
 
-        by_key = download_http.download(keys, urls, options, max_bytes, transform)
+        by_key = download_http.download(keys, urls, options, max_bytes, transform, source, state_dir)
     for key in keys:
         got = by_key.get(key)
         # A row the backend did not report is a failure with a reason, never a silent loss.
