@@ -140,7 +140,9 @@ class HostBudgets:
                     self._forget(key, k)
                     return None
                 # A full key wakes on a release; a paused or rate-spaced one when its time comes.
-                until = deadline if len(k.leases) >= self.max_per_host else min(deadline, start)
+                # (or when its oldest lease expires).
+                until = min(deadline, min(e for _, e in k.leases.values())) if len(k.leases) >= self.max_per_host \
+                    else min(deadline, start)
                 k.waiting += 1
                 try:
                     k.cond.wait(max(0.0, until - now))
@@ -328,6 +330,7 @@ class _Handler(socketserver.StreamRequestHandler):
 class BudgetServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # every download thread of a node may connect at once (the default 5 resets them)
 
     def __init__(self, address: tuple[str, int], budgets: HostBudgets):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
