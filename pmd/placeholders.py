@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from urllib3.util import parse_url
 
-from pmd import schema
+from pmd import schema, storage
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER = "placeholder"  # the failure reason, download and final phase alike
 DEFAULT_PLACEHOLDER_MIN_URLS = 20
@@ -45,7 +53,7 @@ class Placeholders:
             return None
         for pattern in self.redirect_paths:
             if fnmatch.fnmatchcase(path, pattern):
-                return f"redirected to a known placeholder: {location}"[:500]
+                return f"{_REDIRECT_PREFIX}{location}"[:500]
         return None
 
     def body(self, data: bytes) -> str | None:
@@ -83,3 +91,45 @@ def mark(meta: pl.DataFrame, min_urls: int) -> pl.DataFrame:
 
 def detail(digest: str, urls: int) -> str:
     return f"image sha256 {digest} served for {urls} distinct URLs: a placeholder"
+
+
+_DIGEST = re.compile(r"sha256 ([0-9a-f]{64})")
+_REDIRECT_PREFIX = "redirected to a known placeholder: "
+SAMPLE_URLS = 5
+
+
+def report(failure_files: Sequence[str | Path], sample: int = SAMPLE_URLS) -> list[dict]:
+    """What `pmd stats` says of the build's placeholder failures: one entry per placeholder (an image digest, or
+    the redirect target of a known one) with its rows, distinct URLs, sources and a sample of the URLs (the
+    first in URL order), most rows first. Reads only the failures of reason PLACEHOLDER."""
+    frames = []
+    for path in failure_files:
+        try:
+            table = pq.read_table(storage.open_input(path), columns=[schema.SOURCE, schema.IMAGE_URL, schema.DETAIL],
+                                  filters=[(schema.REASON, "=", PLACEHOLDER)])
+        except (OSError, pa.ArrowException) as exc:  # the audit reports unreadable failure files itself
+            log.warning("%s: not read for the placeholder report (%s)", path, exc)
+            continue
+        if table.num_rows:
+            frames.append(pl.from_arrow(table))
+    if not frames:
+        return []
+    rows = pl.concat(frames)
+    detail = pl.col(schema.DETAIL).fill_null("")
+    rows = rows.with_columns(
+        pl.when(detail.str.starts_with(_REDIRECT_PREFIX)).then(pl.lit("redirect"))
+        .when(detail.str.starts_with("known placeholder")).then(pl.lit("known_digest"))
+        .otherwise(pl.lit("many_urls")).alias("rule"),
+        detail.str.extract(_DIGEST.pattern, 1).alias("sha256"),
+        pl.when(detail.str.starts_with(_REDIRECT_PREFIX)).then(detail.str.slice(len(_REDIRECT_PREFIX)))
+        .alias("redirect"))
+    out = []
+    for (rule, digest, target), group in rows.group_by(["rule", "sha256", "redirect"]):
+        urls = group.get_column(schema.IMAGE_URL).drop_nulls().unique().sort()
+        entry = {"rule": rule, "sha256": digest, "rows": group.height, "urls": urls.len(),
+                 "sources": dict(sorted(group.get_column(schema.SOURCE).value_counts().iter_rows())),
+                 "sample_urls": urls.head(sample).to_list()}
+        if target is not None:
+            entry["redirect"] = target
+        out.append(entry)
+    return sorted(out, key=lambda e: (-e["rows"], e["rule"], e["sha256"] or "", e.get("redirect") or ""))

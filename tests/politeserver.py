@@ -9,8 +9,8 @@ Extra routes (all GET; the others are LoopbackServer's):
   /once429/S/N.jpg        the first request of the server to any /once429/ path answers 429 with `Retry-After: S`;
                           every other one is /hold/N.jpg
 
-`log` holds (path, arrived, answered) per request, `time.monotonic()` of this process; `peak_in_flight` the most
-requests between arrival and answer at once (robots.txt included).
+`log` holds (path, arrived, answered) per request, `time.monotonic()` of this process (answered: when the answer
+starts); `peak_in_flight` the most requests between arrival and answer at once (robots.txt included).
 """
 
 from __future__ import annotations
@@ -35,17 +35,27 @@ class _PoliteHandler(_Handler):
 
     def do_GET(self) -> None:
         srv = self.server
-        path = self.path.split("?")[0]
-        arrived = time.monotonic()
+        self._path, self._arrived, self._answered = self.path.split("?")[0], time.monotonic(), False
         with srv.lock:
             srv.in_flight += 1
             srv.peak_in_flight = max(srv.peak_in_flight, srv.in_flight)
         try:
-            self._route(path)
+            self._route(self._path)
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
-                srv.log.append((path, arrived, time.monotonic()))
+            self._answer()
+
+    def _answer(self) -> None:
+        """The request stops counting as in flight when its answer starts: a client may send its next request as
+        soon as it has read this answer, before this thread runs again."""
+        if not self._answered:
+            self._answered = True
+            with self.server.lock:
+                self.server.in_flight -= 1
+                self.server.log.append((self._path, self._arrived, time.monotonic()))
+
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> None:
+        self._answer()
+        super()._send(status, body, content_type, headers)
 
     def _route(self, path: str) -> None:
         srv = self.server
