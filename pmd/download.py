@@ -2,7 +2,8 @@
 
 `download_chunk` fetches a chunk's URLs into memory with one of two backends (`DownloadOptions.backend`):
 - `http` (default): pmd's own client (pmd.http_client, pmd.download_http): keep-alive connection pools per host,
-  a DNS cache, at most `max_per_host` connections per host and process, backoff on 429/503 honouring Retry-After,
+  a DNS cache, at most `max_per_host` connections per host for the whole build (pmd.politeness), robots.txt
+  (pmd.robots), placeholders (pmd.placeholders), backoff on 429/503 honouring Retry-After,
   hosts interleaved, each image read with a byte cap and an overall deadline;
 - `img2dataset`: img2dataset's downloader run in-process (pmd.download_img2dataset): a new connection per image,
   whole bodies read; kept for comparison and as a fallback.
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 # manifest records what was respected.
 DEFAULT_DISALLOWED_DIRECTIVES: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 BACKENDS: tuple[str, ...] = ("http", "img2dataset")
-# Connections one process keeps to one host. PMD's images sit on few hosts (Flickr's CDN serves half of them); 16
-# keep-alive connections fetch a few hundred images/s from a CDN, and a cluster of N download processes still
-# opens at most 16 N connections to a host, where img2dataset opens one per image in flight.
+# Connections to one host (or catalog host group) for the whole build, every download process together
+# (pmd.politeness). PMD's images sit on few hosts (Flickr's CDN serves half of them); 16 keep-alive connections
+# fetch a few hundred images/s from a CDN, where img2dataset opens one per image in flight.
 DEFAULT_MAX_PER_HOST = 16
 
 
@@ -41,7 +42,7 @@ class DownloadOptions:
     user_agent_token: str | None = "pmd"
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES))
     backend: str = "http"  # one of BACKENDS
-    max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: concurrent connections per host and process
+    max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: requests in flight per host, the whole build (and process)
     max_retry_after: float = 30.0  # `http`: longest pause of a host that answered 429/503 (Retry-After capped)
     # `http`, for the whole build (pmd.politeness): requests per second to one host (budget key); 0: no cap
     max_rate_per_host: float = 0.0

@@ -5,6 +5,9 @@ from the next host, round robin, that has a free slot: fewer than `max_per_host`
 to it and no backoff running. So one slow or rate-limiting host holds at most `max_per_host` threads, and the others
 keep fetching from the other hosts. The slots and backoffs are the process's (`HostGate`, shared by every chunk a
 worker runs at the same time), so a host never sees more than `max_per_host` connections from one process.
+Across processes, each request also holds a lease of the build's budget (pmd.politeness: `max_per_host` and
+`max_rate_per_host` for the whole build, 429/503 pauses shared), after robots.txt allowed it (pmd.robots); a
+known placeholder fails `placeholder` (pmd.placeholders).
 
 Retries (`retries` more attempts) only for what may pass later: timeouts, connection errors, truncated bodies, 429
 and 5xx. A retried URL goes to the back of its host's queue. A 429 or 503 also pauses its host for Retry-After
