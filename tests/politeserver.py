@@ -6,6 +6,7 @@ Extra routes (all GET; the others are LoopbackServer's):
   /same/N.jpg             the same JPEG (the n=1 image) whatever N: one image under many URLs
   /gone/N.jpg             302 to /pw/images/en-us/photo_unavailable.png (Flickr's answer for a removed photo)
   /pw/images/en-us/photo_unavailable.png   a grey PNG
+  /noai-stall.jpg         `X-Robots-Tag: noai`, a Content-Length of 1 MB, 1 kB of body, then a 3 s stall
   /once429/S/N.jpg        the first request of the server to any /once429/ path answers 429 with `Retry-After: S`;
                           every other one is /hold/N.jpg
 
@@ -71,6 +72,17 @@ class _PoliteHandler(_Handler):
             self._send(302, b"", "text/plain", headers={"Location": "/pw/images/en-us/photo_unavailable.png"})
         elif path == "/pw/images/en-us/photo_unavailable.png":
             self._send(200, grey_png(), "image/png")
+        elif path == "/noai-stall.jpg":
+            self._answer()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(1 << 20))
+            self.send_header("X-Robots-Tag", "noai")
+            self.end_headers()
+            self.wfile.write(bytes(1024))
+            self.wfile.flush()
+            time.sleep(3.0)
+            self.close_connection = True
         elif path.startswith("/once429/"):
             _, _, seconds, name = path.split("/", 3)
             with srv.lock:

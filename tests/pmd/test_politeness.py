@@ -183,6 +183,17 @@ def test_an_unreachable_robots_txt_fails_the_rows_with_the_fetchs_reason(tmp_pat
     assert d.reason == "connection_error" and "robots.txt unavailable" in d.detail
 
 
+def test_x_robots_tag_is_read_before_the_body(server, tmp_path):
+    """The body would take 3 s (past the 2 s deadline): the opt-out comes from the headers at once."""
+    started = time.monotonic()
+    [d] = download_chunk(["k"], [server.url("/noai-stall.jpg")], DownloadOptions(timeout=2.0), tmp_path / "w")
+    assert d.reason == "opted_out" and time.monotonic() - started < 1.0
+    [d] = download_chunk(["k"], [server.url("/noai-stall.jpg")],
+                         DownloadOptions(timeout=1.0, disallowed_header_directives=[], respect_robots_txt=False),
+                         tmp_path / "w")
+    assert d.reason == "timeout"  # --ignore-robots: the body is read, and stalls
+
+
 # ----------------------------------------------------------------------------------------------- placeholders
 def test_a_redirect_to_flickrs_photo_unavailable_fails_placeholder_for_flickr_sources(server, tmp_path):
     urls = [server.url("/gone/1.jpg"), server.url("/img/2.jpg")]
