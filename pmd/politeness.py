@@ -289,6 +289,10 @@ def budget_for(options) -> LocalBudget | RemoteBudget:  # type: ignore[no-untype
         ("local", options.max_per_host, options.max_rate_per_host, options.max_retry_after, options.timeout)
     with _BUDGETS_LOCK:
         budget = _BUDGETS.get(key)
+        if budget is None and address:
+            # A worker process outlives builds (Ray reuses it): the client of an earlier build's server goes.
+            for old in [k for k in _BUDGETS if k[0] == "remote"]:
+                _BUDGETS.pop(old).close()  # type: ignore[attr-defined]
         if budget is None:
             budget = RemoteBudget(address) if address else LocalBudget(HostBudgets(
                 options.max_per_host, options.max_rate_per_host, options.max_retry_after,

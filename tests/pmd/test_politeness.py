@@ -228,3 +228,44 @@ def test_the_generic_rule_marks_every_row_of_a_digest_served_for_many_urls():
     assert marked.get_column(placeholders.PLACEHOLDER_URLS).to_list()[:1] == [25]
     assert not any(placeholders.mark(meta, 0).get_column(placeholders.PLACEHOLDER).to_list())
     assert sum(placeholders.mark(meta, 19).get_column(placeholders.PLACEHOLDER).to_list()) == 28 + 19 + 1
+
+
+# ------------------------------------------------------------------------------------------ flags and catalog
+def test_the_politeness_flags_reach_the_build_config(tmp_path):
+    from pmd.cli import _build_config, build_parser
+
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text("http://127.0.0.1/x.jpg\ta caption\n")
+    base = ["build", "conceptual_12m", str(tsv), "--out", str(tmp_path / "out")]
+    d = _build_config(build_parser().parse_args(base)).download
+    assert (d.max_per_host, d.max_rate_per_host, d.respect_robots_txt, d.placeholder_min_urls) == (16, 0.0, True, 20)
+    assert d.disallowed_header_directives
+    d = _build_config(build_parser().parse_args(
+        [*base, "--max-per-host", "4", "--max-rate-per-host", "2.5", "--ignore-robots",
+         "--placeholder-min-urls", "0"])).download
+    assert (d.max_per_host, d.max_rate_per_host, d.respect_robots_txt, d.placeholder_min_urls) == (4, 2.5, False, 0)
+    assert d.disallowed_header_directives == []
+    assert "budget_address" not in d.to_dict()
+    for bad in ({"max_rate_per_host": -1.0}, {"max_rate_per_host": float("inf")}, {"placeholder_min_urls": 1}):
+        with pytest.raises(ValueError):
+            DownloadOptions(**bad)
+
+
+def test_catalog_tables_are_checked(monkeypatch):
+    from pmd import catalog
+
+    raw = dict(catalog._raw_catalog())
+    monkeypatch.setattr(catalog, "_raw_catalog", lambda: {**raw, "host_group": [
+        {"name": "a", "domains": ["x.com"]}, {"name": "b", "domains": ["X.com"]}]})
+    catalog.host_groups.cache_clear()
+    with pytest.raises(catalog.CatalogError, match="in both 'a' and 'b'"):
+        catalog.host_groups()
+    monkeypatch.setattr(catalog, "_raw_catalog", lambda: {**raw, "placeholder": [
+        {"sources": ["sbu_captions"], "what": "w", "sha256": ["ABC"]}]})
+    catalog.placeholder_rules.cache_clear()
+    with pytest.raises(catalog.CatalogError, match="not a lowercase hex sha256"):
+        catalog.placeholder_rules()
+    monkeypatch.undo()
+    catalog.host_groups.cache_clear()
+    catalog.placeholder_rules.cache_clear()
+    assert [g.name for g in catalog.host_groups()][0] == "flickr"
