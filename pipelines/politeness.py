@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
+import urllib.parse
 from contextlib import contextmanager
 
 from pmd.politeness import start_service
@@ -24,14 +26,27 @@ def budget_service(config):  # type: ignore[no-untyped-def]
             not any(s.mode == "url" for s in config.sources):
         yield config
         return
-    bind = "127.0.0.1"
-    if resolve_address(config.ray_address) is not None:
-        import ray.util
-
-        bind = ray.util.get_node_ip_address()
+    bind = _bind_address(resolve_address(config.ray_address))
     d = config.download
     service = start_service(d.max_per_host, d.max_rate_per_host, d.max_retry_after, d.timeout, bind)
     try:
         yield dataclasses.replace(config, download=dataclasses.replace(d, budget_address=service.address))
     finally:
         service.stop()
+
+
+def _bind_address(ray_address: str | None) -> str:
+    """Loopback for a local build or a cluster whose head is on loopback (every node on this machine), else this
+    node's address as Ray sees it (the other nodes reach the driver there)."""
+    if ray_address is None:
+        return "127.0.0.1"
+    host = urllib.parse.urlsplit(ray_address if "://" in ray_address else f"ray://{ray_address}").hostname or ""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    import ray.util
+
+    return ray.util.get_node_ip_address()
