@@ -16,6 +16,10 @@ and the URLs are spread over several hosts the way PMD's are (one host serving ~
 
     python benchmarks/bench_build.py --images 2000 --connect-delay-ms 50 --hosts 8 --rounds 3
 
+With `--host-mix pmd` (issue 25) the hosts and their shares are those of PMD's URL sources in the catalog
+(`pmd_host_weights`: Flickr ~49%, i.redd.it ~18%, Wikimedia ~8%, the Open Images bucket ~2%, the long tail ~22%
+over `--tail-hosts`), and `pmd build` runs with its build-wide host budgets (pmd.politeness) on.
+
 Each host is its own server process on its own loopback port. Every round runs img2dataset alone, then `pmd build`
 with each download backend (`--backends`), the order rotated round to round, then the download alone with each
 backend (`download_chunk` in this process, threads x procs threads, no decode); medians over rounds are reported,
@@ -107,9 +111,36 @@ SERVERS = {"httpserver": "tests/httpserver.py", "asyncio": "benchmarks/loopback_
 HOST_WEIGHTS = (0.45, 0.2, 0.12, 0.08, 0.06, 0.04, 0.03, 0.02)
 
 
-def host_mix(n_images: int, ports: list[int], seed: int = 0) -> list[str]:
-    """n URLs over the hosts (ports) by HOST_WEIGHTS (cycled and renormalised past 8 hosts), shuffled."""
-    weights = [HOST_WEIGHTS[i % len(HOST_WEIGHTS)] for i in range(len(ports))]
+# `--host-mix pmd` (issue 25): the hosts of PMD's URL sources, weighted by their Table 2 pairs in the catalog
+# (manifests/sources.toml). Which host serves a source's images is read off its adapter's URLs: YFCC100M and SBU
+# are Flickr's (static/farm hosts: one budget), WIT Wikimedia's upload host, RedCaps i.redd.it (one host here; some
+# of its URLs are imgur's), Localized Narratives' Open Images the open-images-dataset S3 bucket; Conceptual
+# Captions 3M and 12M are the long tail of the web (`--tail-hosts` hosts here, equal shares). No image of the
+# catalog is on Google storage (only metadata files are).
+PMD_HOSTS = {"yfcc100m": "flickr", "sbu_captions": "flickr", "wit": "wikimedia", "red_caps": "reddit",
+             "localized_narratives__openimages": "open_images_s3", "conceptual_captions": "tail",
+             "conceptual_12m": "tail"}
+
+
+def pmd_host_weights(tail_hosts: int) -> list[tuple[str, float]]:
+    """(host, share of PMD's URL pairs), largest first; the tail's share split over `tail_hosts` hosts."""
+    sys.path.insert(0, str(ROOT))
+    from pmd.catalog import load_catalog
+
+    pairs: dict[str, int] = {}
+    for entry in load_catalog():
+        if entry.images == "url":
+            host = PMD_HOSTS[entry.name]
+            pairs[host] = pairs.get(host, 0) + entry.table2_pairs
+    total = sum(pairs.values())
+    named = sorted(((h, n / total) for h, n in pairs.items() if h != "tail"), key=lambda hw: -hw[1])
+    return named + [(f"tail{i}", pairs.get("tail", 0) / total / tail_hosts) for i in range(tail_hosts)]
+
+
+def host_mix(n_images: int, ports: list[int], seed: int = 0, weights: list[float] | None = None) -> list[str]:
+    """n URLs over the hosts (ports) by `weights` (default HOST_WEIGHTS, cycled and renormalised past 8 hosts),
+    shuffled."""
+    weights = weights or [HOST_WEIGHTS[i % len(HOST_WEIGHTS)] for i in range(len(ports))]
     rng = random.Random(seed)
     picks = rng.choices(range(len(ports)), weights=weights, k=n_images)
     return [f"http://127.0.0.1:{ports[h]}/img/{i}.jpg" for i, h in enumerate(picks)]
@@ -132,7 +163,9 @@ def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str =
         [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(out),
          "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
          "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--download-backend", backend,
-         "--executor", executor, "--json", "-q"], env)
+         "--executor", executor, "--json", "-q",
+         *(["--max-per-host", str(args.max_per_host)] if args.max_per_host else []),
+         *(["--max-rate-per-host", str(args.max_rate_per_host)] if args.max_rate_per_host else [])], env)
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     pairs = manifest["totals"]["pairs"]
@@ -197,6 +230,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--connect-delay-ms", type=float, default=0.0, help="server delay per new connection")
     parser.add_argument("--hosts", type=int, default=1, help="loopback hosts (ports) the URLs are spread over")
+    parser.add_argument("--host-mix", choices=("default", "pmd"), default="default",
+                        help="pmd: the hosts of PMD's URL sources by their catalog pairs (PMD_HOSTS; --hosts is "
+                             "then 4 + --tail-hosts)")
+    parser.add_argument("--tail-hosts", type=int, default=4, help="--host-mix pmd: hosts of the long tail")
+    parser.add_argument("--max-per-host", type=int, default=None, help="pmd build --max-per-host (default pmd's)")
+    parser.add_argument("--max-rate-per-host", type=float, default=None,
+                        help="pmd build --max-rate-per-host (default pmd's)")
     parser.add_argument("--backends", default="http,img2dataset", help="pmd build download backends to run")
     parser.add_argument("--executors", default="ray",
                         help="pmd build executors to run (ray, auto, local, pool): each but ray is named "
@@ -213,6 +253,10 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
+    mix = pmd_host_weights(args.tail_hosts) if args.host_mix == "pmd" else None
+    if mix:
+        args.hosts = len(mix)
+        print("host mix: " + ", ".join(f"{h} {w:.3f}" for h, w in mix), file=sys.stderr, flush=True)
     backends = [b for b in args.backends.split(",") if b]
     executors = [e for e in args.executors.split(",") if e]
 
@@ -233,7 +277,7 @@ def main() -> None:
         {f"download_only_{b}": [] for b in ("http", "img2dataset")}
     try:
         ports = [int(server.stdout.readline()) for server in servers]
-        urls = host_mix(args.images, ports)
+        urls = host_mix(args.images, ports, weights=[w for _, w in mix] if mix else None)
         captions = [f"generated image number {i}" for i in range(args.images)]
         pq.write_table(pa.table({"url": urls, "caption": captions}), work / "urls.parquet")
         (work / "cc12m.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
@@ -270,6 +314,8 @@ def main() -> None:
         "images": args.images, "served_size": args.size, "image_size": args.image_size, "threads": args.threads,
         "procs": args.procs, "chunk_rows": args.chunk_rows, "connect_delay_ms": args.connect_delay_ms,
         "hosts": args.hosts, "rounds": args.rounds, "server": args.server,
+        **({"host_mix": {h: round(w, 4) for h, w in mix}} if mix else {}),
+        "max_per_host": args.max_per_host, "max_rate_per_host": args.max_rate_per_host,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         **{name: median_run(rs) for name, rs in runs.items()},
     }

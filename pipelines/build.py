@@ -48,6 +48,7 @@ from pmd.images import ImageOptions
 from pmd.ingest import CANDIDATES_DIR, input_fingerprint, manifest_input, read_summary
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
 from pmd.shards import shard_name
+from pipelines.politeness import budget_service
 from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class BuildConfig:
             "sources": [{"name": s.name, "inputs": [str(p) for p in s.inputs], "images": [str(p) for p in s.images],
                          "options": dict(s.options)} for s in self.sources],
             "shard_rows": self.shard_rows, "row_group_rows": self.row_group_rows, "chunk_rows": self.chunk_rows,
-            "seed": self.seed, "image": dataclasses.asdict(self.image), "download": dataclasses.asdict(self.download),
+            "seed": self.seed, "image": dataclasses.asdict(self.image), "download": self.download.to_dict(),
             "executor": self.executor, "task_cpus": self.task_cpus, "retry_failures": self.retry_failures,
             "decontaminate": self.decontaminate.to_dict(),
         }
@@ -629,7 +630,7 @@ def _dedup(plan: _Plan, executor: _Executor) -> list[dict]:
     summaries: list[dict] = []
     for b in range(plan.layout.n_buckets):
         executor.submit(final.dedup_bucket, plan.config.dirs, b, plan.names, plan.takedowns_ref,
-                        on_done=summaries.append)
+                        plan.config.download.placeholder_min_urls, on_done=summaries.append)
     executor.drain()
     return sorted(summaries, key=lambda s: s["bucket"])
 
@@ -652,6 +653,7 @@ def _write(plan: _Plan, executor: _Executor, buckets: list[dict]) -> int:
     try:
         for b, offset in zip(range(plan.layout.n_buckets), offsets):
             executor.submit(final.write_bucket, out, b, offset, total, plan.layout, plan.takedowns_ref,
+                            plan.config.download.placeholder_min_urls,
                             on_done=lambda r: bar.update(len(r["shards"])), limit=plan.in_flight_buckets)
         executor.drain()
         for shard in range(n_shards):
@@ -727,6 +729,11 @@ def _source_entry(spec: SourceSpec, summary: dict, downloads: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------- run
 def run_build(config: BuildConfig) -> dict:
     """Build (or resume) the corpus in config.out; returns the manifest, also written to OUT/manifest.json."""
+    with budget_service(config) as config:  # host budgets for every download process of the build
+        return _run_build(config)
+
+
+def _run_build(config: BuildConfig) -> dict:
     started = time.perf_counter()
     out = config.out
     if not storage.is_remote(out):

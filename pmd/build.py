@@ -115,7 +115,8 @@ def _fetch_urls(task: ChunkTask, urls: list[str | None], transform) -> dict[str,
     if distinct:
         # Keys go through to the backend as given (here: the URL itself); each URL is fetched once per chunk.
         for d in download_chunk(distinct, distinct, task.download, work, transform,
-                                max_bytes=task.image_options.max_image_bytes):
+                                max_bytes=task.image_options.max_image_bytes, source=task.source,
+                                state_dir=task.path.parent.parent.parent):
             fetched[d.key] = (d.data, Stage.DOWNLOAD, d.reason, d.detail)
     return fetched
 

@@ -142,3 +142,44 @@ def citations() -> dict[str, Citation]:
         raise CatalogError(f"{CITATIONS_FILE}: needs one citation per key of {sorted(expected)}; "
                            f"has {sorted(c.key for c in rows)}")
     return found
+@dataclass(frozen=True)
+class HostGroup:
+    """Host names one site spreads over (a CDN's numbered hosts): one politeness budget (pmd.politeness)."""
+
+    name: str
+    domains: tuple[str, ...]  # a host is in the group when it is one of these or a subdomain of one
+
+
+@lru_cache(maxsize=1)
+def host_groups() -> tuple[HostGroup, ...]:
+    groups = _rows(_raw_catalog(), "host_group", HostGroup)
+    seen: dict[str, str] = {}
+    for g in groups:
+        for d in g.domains:
+            if d.lower() in seen:
+                raise CatalogError(f"host_group domain {d!r} is in both {seen[d.lower()]!r} and {g.name!r}")
+            seen[d.lower()] = g.name
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
+class PlaceholderRule:
+    """What a host serves in place of a removed image, for the listed sources (pmd.placeholders)."""
+
+    sources: tuple[str, ...]
+    what: str
+    redirect_paths: tuple[str, ...] = ()  # fnmatch patterns of a redirect's path (any host: mirrors and CDNs)
+    sha256: tuple[str, ...] = ()  # digests of the placeholder images' bytes as served
+
+
+@lru_cache(maxsize=1)
+def placeholder_rules() -> tuple[PlaceholderRule, ...]:
+    rules = _rows(_raw_catalog(), "placeholder", PlaceholderRule)
+    for rule in rules:
+        unknown = set(rule.sources) - set(SOURCE_NAMES)
+        if unknown:
+            raise CatalogError(f"placeholder {rule.what!r} names unknown sources {sorted(unknown)}")
+        bad = [d for d in rule.sha256 if len(d) != 64 or set(d) - set("0123456789abcdef")]
+        if bad:
+            raise CatalogError(f"placeholder {rule.what!r}: {bad[0]!r} is not a lowercase hex sha256")
+    return tuple(rules)

@@ -160,6 +160,9 @@ def _build_config(args: argparse.Namespace):
         "download.user_agent_token": args.user_agent_token, "download.backend": args.download_backend,
         "download.max_per_host": args.max_per_host,
         "download.disallowed_header_directives": [] if args.ignore_robots else None,
+        "download.respect_robots_txt": False if args.ignore_robots else None,
+        "download.max_rate_per_host": args.max_rate_per_host,
+        "download.placeholder_min_urls": args.placeholder_min_urls,
         # these add to the file's lists
         "decontaminate.against": Extend(args.decontaminate_against),
         "decontaminate.flickr_ids": Extend(args.eval_flickr_ids),
@@ -337,11 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
     p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
     p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent (default pmd)")
-    p.add_argument("--ignore-robots", action="store_true", help="do not honour X-Robots-Tag noai/noindex")
+    p.add_argument("--ignore-robots", action="store_true",
+                   help="do not honour robots.txt nor X-Robots-Tag noai/noindex (docs/build.md, Politeness)")
     p.add_argument("--download-backend", choices=("http", "img2dataset"), default=None,
                    help="URL image downloader (default http: keep-alive pools, polite per host)")
     p.add_argument("--max-per-host", type=int, default=None,
-                   help="http backend: connections per host and process (default 16)")
+                   help="http backend: connections per host (or catalog host group) for the whole build, every "
+                        "download process together (default 16)")
+    p.add_argument("--max-rate-per-host", type=float, default=None, metavar="R",
+                   help="http backend: requests per second per host (or host group) for the whole build (default 0: "
+                        "no rate cap)")
+    p.add_argument("--placeholder-min-urls", type=int, default=None, metavar="N",
+                   help="an image served for at least N distinct URLs fails as placeholder (default 20; 0: off)")
     p.add_argument("--retry-failures", action="store_true", default=None,
                    help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
     p.add_argument("--executor", choices=("auto", "ray", "pool", "local"), default=None,

@@ -82,6 +82,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for source, sets in result.get("eval_overlap", {}).items():
             console.print(f"evaluation images kept out of {source}: "
                           + ", ".join(f"{name} {n:,}" for name, n in sets.items()))
+        for p in result.get("placeholders", []):
+            what = f"sha256 {p['sha256']}" if p["sha256"] else f"redirect to {p.get('redirect')}"
+            console.print(f"placeholder ({p['rule']}) {what}: {p['rows']:,} rows, {p['urls']:,} URLs, e.g. "
+                          + ", ".join(p["sample_urls"][:3]))
     _print_problems(result["problems"])
     return 0 if result["trusted"] else 1
 

@@ -2,7 +2,8 @@
 
 `download_chunk` fetches a chunk's URLs into memory with one of two backends (`DownloadOptions.backend`):
 - `http` (default): pmd's own client (pmd.http_client, pmd.download_http): keep-alive connection pools per host,
-  a DNS cache, at most `max_per_host` connections per host and process, backoff on 429/503 honouring Retry-After,
+  a DNS cache, at most `max_per_host` connections per host for the whole build (pmd.politeness), robots.txt
+  (pmd.robots), placeholders (pmd.placeholders), backoff on 429/503 honouring Retry-After,
   hosts interleaved, each image read with a byte cap and an overall deadline;
 - `img2dataset`: img2dataset's downloader run in-process (pmd.download_img2dataset): a new connection per image,
   whole bodies read; kept for comparison and as a fallback.
@@ -13,6 +14,7 @@ docs/benchmarks.md (`benchmarks/bench_build.py --connect-delay-ms`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -26,9 +28,9 @@ log = logging.getLogger(__name__)
 # manifest records what was respected.
 DEFAULT_DISALLOWED_DIRECTIVES: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 BACKENDS: tuple[str, ...] = ("http", "img2dataset")
-# Connections one process keeps to one host. PMD's images sit on few hosts (Flickr's CDN serves half of them); 16
-# keep-alive connections fetch a few hundred images/s from a CDN, and a cluster of N download processes still
-# opens at most 16 N connections to a host, where img2dataset opens one per image in flight.
+# Connections to one host (or catalog host group) for the whole build, every download process together
+# (pmd.politeness). PMD's images sit on few hosts (Flickr's CDN serves half of them); 16 keep-alive connections
+# fetch a few hundred images/s from a CDN, where img2dataset opens one per image in flight.
 DEFAULT_MAX_PER_HOST = 16
 
 
@@ -40,8 +42,17 @@ class DownloadOptions:
     user_agent_token: str | None = "pmd"
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES))
     backend: str = "http"  # one of BACKENDS
-    max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: concurrent connections per host and process
+    max_per_host: int = DEFAULT_MAX_PER_HOST  # `http`: requests in flight per host, the whole build (and process)
     max_retry_after: float = 30.0  # `http`: longest pause of a host that answered 429/503 (Retry-After capped)
+    # `http`, for the whole build (pmd.politeness): requests per second to one host (budget key); 0: no cap
+    max_rate_per_host: float = 0.0
+    respect_robots_txt: bool = True  # `http`: robots.txt (pmd.robots); --ignore-robots turns it off
+    # images served for at least this many distinct URLs fail `placeholder` in the final phase (pmd.placeholders);
+    # 0 turns the rule off
+    placeholder_min_urls: int = 20
+    # host:port of the build's budget server (pmd.politeness), set by the build for its tasks; None: this
+    # process's own budgets. Wiring, not a setting: left out of to_dict (the manifest, the build's identity).
+    budget_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -56,7 +67,21 @@ class DownloadOptions:
             raise ValueError(f"download max_per_host must be a positive int, got {self.max_per_host!r}")
         if not self.max_retry_after >= 0:
             raise ValueError(f"download max_retry_after must be >= 0, got {self.max_retry_after!r}")
+        if not isinstance(self.max_rate_per_host, (int, float)) or isinstance(self.max_rate_per_host, bool) \
+                or not self.max_rate_per_host >= 0 or self.max_rate_per_host == float("inf"):
+            raise ValueError(f"download max_rate_per_host must be a finite number >= 0 (0: no cap), got "
+                             f"{self.max_rate_per_host!r}")
+        if not isinstance(self.placeholder_min_urls, int) or isinstance(self.placeholder_min_urls, bool) \
+                or self.placeholder_min_urls < 0 or self.placeholder_min_urls == 1:
+            raise ValueError(f"download placeholder_min_urls must be 0 (off) or an int >= 2, got "
+                             f"{self.placeholder_min_urls!r}")
         self.disallowed_header_directives = [str(d) for d in self.disallowed_header_directives]
+
+    def to_dict(self) -> dict:
+        """The settings (what the manifest records and the work state depends on)."""
+        d = dataclasses.asdict(self)
+        del d["budget_address"]
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +117,15 @@ def classify_error(message: str) -> str:
 
 def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, work_dir: Path,
                    transform: Callable[[bytes], Any] | None = None,
-                   max_bytes: int | None = None) -> Iterator[Downloaded]:
+                   max_bytes: int | None = None, source: str | None = None,
+                   state_dir: Path | None = None) -> Iterator[Downloaded]:
     """Download `urls` (one per key) into memory; yields one `Downloaded` per key, in input order.
 
     `transform`, if given, is applied to each image's bytes as soon as it arrives (it must not raise); its result
     is the `data` of that key. `max_bytes` caps one image's body (default: `ImageOptions().max_image_bytes`):
     past it the key fails with `too_large`. `work_dir` is scratch space for the img2dataset backend's input
-    file; it is removed at the end.
+    file; it is removed at the end. `source` picks the catalog's placeholders (None: every source's);
+    `state_dir` (the build's work directory) keeps the robots.txt answers every process of the build shares.
     """
     if max_bytes is None:
         from pmd.images import ImageOptions
@@ -111,7 +138,7 @@ def download_chunk(keys: list[str], urls: list[str], options: DownloadOptions, w
     else:
         from pmd import download_http
 
-        by_key = download_http.download(keys, urls, options, max_bytes, transform)
+        by_key = download_http.download(keys, urls, options, max_bytes, transform, source, state_dir)
     for key in keys:
         got = by_key.get(key)
         # A row the backend did not report is a failure with a reason, never a silent loss.

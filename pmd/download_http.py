@@ -5,6 +5,9 @@ from the next host, round robin, that has a free slot: fewer than `max_per_host`
 to it and no backoff running. So one slow or rate-limiting host holds at most `max_per_host` threads, and the others
 keep fetching from the other hosts. The slots and backoffs are the process's (`HostGate`, shared by every chunk a
 worker runs at the same time), so a host never sees more than `max_per_host` connections from one process.
+Across processes, each request also holds a lease of the build's budget (pmd.politeness: `max_per_host` and
+`max_rate_per_host` for the whole build, 429/503 pauses shared), after robots.txt allowed it (pmd.robots); a
+known placeholder fails `placeholder` (pmd.placeholders).
 
 Retries (`retries` more attempts) only for what may pass later: timeouts, connection errors, truncated bodies, 429
 and 5xx. A retried URL goes to the back of its host's queue. A 429 or 503 also pauses its host for Retry-After
@@ -23,10 +26,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from urllib3.util import parse_url
 
+from pmd import placeholders, politeness, robots
 from pmd.http_client import BACKOFF_STATUSES, Fetched, client_for
 
 log = logging.getLogger(__name__)
@@ -110,10 +115,56 @@ class _Item:
     attempts: int = 0
 
 
-def download(keys: list[str], urls: list[str], options, max_bytes: int,
-             transform: Callable[[bytes], Any] | None) -> dict[str, tuple[Any, str | None, str | None]]:
-    """key -> (data or transform(data), reason, detail) for every key. `options` is a pmd.download.DownloadOptions."""
+def _fetcher(options, max_bytes: int, source: str | None, state_dir: Path | None) -> Callable[[str], Fetched]:
+    """GET of one URL as the build allows it: robots.txt first (no request when it disallows), then a lease of
+    the host's budget for the whole build (pmd.politeness) held for the request; a 429/503 pauses the host for
+    every process; a redirect to a known placeholder, or its bytes, fail `placeholder`."""
     client = client_for(options.user_agent_token, options.max_per_host)
+    budget = politeness.budget_for(options)
+    known = placeholders.for_source(source)
+
+    def get(url: str, limit: int, directives: list[str], redirect_check) -> Fetched:  # type: ignore[no-untyped-def]
+        lease = budget.acquire(politeness.budget_key(url))
+        pause = 0.0
+        try:
+            result = client.fetch(url, options.timeout, limit, directives, redirect_check)
+            if result.status in BACKOFF_STATUSES:
+                pause = result.retry_after if result.retry_after is not None else politeness.DEFAULT_PAUSE_S
+        finally:
+            budget.release(lease, pause)
+        return result
+
+    rules = robots.robots_for(options.user_agent_token, state_dir / robots.ROBOTS_DIR if state_dir else None) \
+        if options.respect_robots_txt else None
+
+    def get_robots(url: str) -> Fetched:
+        return get(url, robots.MAX_ROBOTS_BYTES, [], None)
+
+    def redirect_check(location: str) -> tuple[str, str] | None:
+        detail = known.redirect(location)
+        return (placeholders.PLACEHOLDER, detail) if detail else None
+
+    def fetch(url: str) -> Fetched:
+        if rules is not None:
+            refused = rules.check(url, get_robots)
+            if refused is not None:
+                return Fetched(None, *refused)
+        result = get(url, max_bytes, options.disallowed_header_directives,
+                     redirect_check if known.redirect_paths else None)
+        if result.data is not None:
+            detail = known.body(result.data)
+            if detail:
+                return Fetched(None, placeholders.PLACEHOLDER, detail, result.status)
+        return result
+
+    return fetch
+
+
+def download(keys: list[str], urls: list[str], options, max_bytes: int,
+             transform: Callable[[bytes], Any] | None, source: str | None = None,
+             state_dir: Path | None = None) -> dict[str, tuple[Any, str | None, str | None]]:
+    """key -> (data or transform(data), reason, detail) for every key. `options` is a pmd.download.DownloadOptions."""
+    fetch = _fetcher(options, max_bytes, source, state_dir)
     gate = gate_for(options.max_per_host)
     queues: dict[str, deque[_Item]] = {}
     for key, url in zip(keys, urls):
@@ -165,8 +216,7 @@ def download(keys: list[str], urls: list[str], options, max_bytes: int,
                 result = Fetched(None, "download_error", "not fetched")
                 try:
                     item.attempts += 1
-                    result = client.fetch(item.url, options.timeout, max_bytes,
-                                          options.disallowed_header_directives)
+                    result = fetch(item.url)
                     retry = result.data is None and result.transient and item.attempts <= options.retries
                     if not retry:
                         data = result.data

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pmd import atomic, schema, storage
+from pmd import atomic, placeholders, schema, storage
 from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
                        ChunkTask, ipc_writer, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
@@ -324,23 +324,28 @@ def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _decide(table: pa.Table, takedowns: TakedownFilter | None = None
-            ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _decide(table: pa.Table, takedowns: TakedownFilter | None = None,
+            placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS
+            ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """(kept rows sorted in corpus order with their row number in `table`, duplicate rows with kept_key, rows
-    taken down with the id of the request naming them in `request`).
+    taken down with the id of the request naming them in `request`, placeholder rows).
 
-    Takedowns come after dedup: a row that would be kept but that a recorded request names is taken down, and its
-    duplicates stay duplicates (the pair is gone, not replaced by a copy of it)."""
-    meta = pl.from_arrow(table.select([schema.KEY, schema.IMAGE_SHA256, TEXT_HASH, SHUFFLE_HASH, SOURCE_INDEX,
-                                       CANDIDATE_INDEX])).with_row_index("row")
+    Placeholders come first (pmd.placeholders: an image served for `placeholder_min_urls` distinct URLs is no
+    pair at all, nor a duplicate of one). Takedowns come after dedup: a row that would be kept but that a recorded
+    request names is taken down, and its duplicates stay duplicates (the pair is gone, not replaced by a copy of
+    it)."""
+    meta = pl.from_arrow(table.select([schema.KEY, schema.IMAGE_SHA256, schema.IMAGE_URL, TEXT_HASH, SHUFFLE_HASH,
+                                       SOURCE_INDEX, CANDIDATE_INDEX])).with_row_index("row")
     requests = takedowns.match(table) if takedowns else [None] * table.num_rows
-    meta = meta.with_columns(pl.Series("request", requests, dtype=pl.String))
-    decided = dedup(meta)
+    meta = placeholders.mark(meta.with_columns(pl.Series("request", requests, dtype=pl.String)),
+                             placeholder_min_urls)
+    fake = meta.filter(pl.col(placeholders.PLACEHOLDER))
+    decided = dedup(meta.filter(~pl.col(placeholders.PLACEHOLDER)))
     first = decided.filter(pl.col("kept_key") == pl.col(schema.KEY))
     kept = first.filter(pl.col("request").is_null()).sort([SHUFFLE_HASH, schema.KEY])
     taken = first.filter(pl.col("request").is_not_null())
     duplicates = decided.filter(pl.col("kept_key") != pl.col(schema.KEY))
-    return kept, duplicates, taken
+    return kept, duplicates, taken, fake
 
 
 def _failure_rows(table: pa.Table, rows: pl.DataFrame, stage: str, reason: str, details: list[str]) -> pa.Table:
@@ -352,21 +357,25 @@ def _failure_rows(table: pa.Table, rows: pl.DataFrame, stage: str, reason: str, 
     return out.select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)
 
 
-def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None
-                 ) -> dict:
+def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None,
+                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS) -> dict:
     """Pass B1: decide the bucket's duplicates and takedowns (metadata only); writes and returns the bucket's
     summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b)."""
     paths = BuildDirs.of(out).paths
     if paths.dedup(b).exists():
         return _read_json(paths.dedup(b))
     table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
-    kept, duplicates, taken = _decide(table, takedowns)
+    kept, duplicates, taken, fake = _decide(table, takedowns, placeholder_min_urls)
     rows = _failure_rows(table, duplicates, *DUPLICATE,
                          [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()])
-    if taken.height:
+    if taken.height or fake.height:
         gone = _failure_rows(table, taken, TAKEDOWN, TAKEDOWN,
-                             [takedowns.detail(r) for r in taken.get_column("request").to_list()])
-        rows = pa.concat_tables([rows, gone])
+                             [takedowns.detail(r) for r in taken.get_column("request").to_list()] if takedowns
+                             else [])
+        fakes = _failure_rows(table, fake, DUPLICATE[0], placeholders.PLACEHOLDER,
+                              [placeholders.detail(d, n) for d, n in
+                               fake.select(schema.IMAGE_SHA256, placeholders.PLACEHOLDER_URLS).iter_rows()])
+        rows = pa.concat_tables([rows, gone, fakes])
         rows = rows.take(pc.sort_indices(rows, sort_keys=[(SOURCE_INDEX, "ascending"),
                                                           (CANDIDATE_INDEX, "ascending")]))
     write_ipc_atomic(rows, paths.duplicates(b))  # in (source_index, candidate_index) order
@@ -382,6 +391,8 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
         "duplicates_by_source": {source_names[i]: n for i, n in sorted(dup_by_source.iter_rows())},
         "takedowns_by_source": {source_names[i]: n for i, n in sorted(taken.group_by(SOURCE_INDEX).len().iter_rows())},
         "takedowns_by_request": _by_request(taken, source_names),
+        "placeholders_by_source": {source_names[i]: n
+                                   for i, n in sorted(fake.group_by(SOURCE_INDEX).len().iter_rows())},
         "takedown_requests": [r.id for r in takedowns.requests] if takedowns else [],
     }
     atomic.write_json(summary, paths.dedup(b))
@@ -434,7 +445,8 @@ def _write_shard(dirs: BuildDirs, shard: int, table: pa.Table, row_group_rows: i
 
 
 def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: Layout,
-                 takedowns: TakedownFilter | None = None) -> dict:
+                 takedowns: TakedownFilter | None = None,
+                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS) -> dict:
     """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
     dirs = BuildDirs.of(out)
     paths = dirs.paths
@@ -443,7 +455,7 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     started = time.perf_counter()
     pieces = _bucket_pieces(paths, b)
     table = _bucket_table(pieces, None)
-    kept, _, _ = _decide(table, takedowns)  # the decisions dedup_bucket made, with the same takedowns
+    kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, with the same inputs
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
     written = []
@@ -670,6 +682,8 @@ def accounting(source_names: list[str], ingest_counts: dict[str, dict], groups: 
             reasons[s]["duplicate"] += n
         for s, n in b.get("takedowns_by_source", {}).items():
             reasons[s][TAKEDOWN] += n
+        for s, n in b.get("placeholders_by_source", {}).items():
+            reasons[s][placeholders.PLACEHOLDER] += n
         unique_total += b["unique_images"]
     result = {}
     for s in source_names:

@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
@@ -62,6 +63,7 @@ BACKOFF_STATUSES = frozenset({429, 503})
 TRANSIENT_REASONS: frozenset[str] = frozenset({
     "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
     "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
+    "robots_unavailable",  # pmd.robots.ROBOTS_UNAVAILABLE: the host's robots.txt answered 5xx or not at all
 })
 
 
@@ -289,11 +291,15 @@ class HttpClient:
         self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=_MAX_REDIRECTS, status=0, other=0,
                                       raise_on_redirect=True, raise_on_status=False)
 
-    def fetch(self, url: str, timeout: float, max_bytes: int, disallowed_directives: list[str]) -> Fetched:
-        """GET `url` within `timeout` seconds, at most `max_bytes` (on the wire and decoded) held."""
+    def fetch(self, url: str, timeout: float, max_bytes: int, disallowed_directives: list[str],
+              redirect_check: Callable[[str], tuple[str, str] | None] | None = None) -> Fetched:
+        """GET `url` within `timeout` seconds, at most `max_bytes` (on the wire and decoded) held.
+
+        `redirect_check(location)`: (reason, detail) to fail a redirected request with, before its body is read
+        (pmd.placeholders), or None."""
         deadline = time.monotonic() + timeout
         try:
-            return self._fetch(url, deadline, max_bytes, disallowed_directives)
+            return self._fetch(url, deadline, max_bytes, disallowed_directives, redirect_check)
         except _Failure as e:
             return Fetched(None, e.reason, e.detail[:500])
 
@@ -314,11 +320,16 @@ class HttpClient:
                 raise _Failure(*_classify(e, body=False)) from None
         raise AssertionError("unreachable")
 
-    def _fetch(self, url: str, deadline: float, max_bytes: int, directives: list[str]) -> Fetched:
+    def _fetch(self, url: str, deadline: float, max_bytes: int, directives: list[str],
+               redirect_check: Callable[[str], tuple[str, str] | None] | None = None) -> Fetched:
         resp = self._open(url, deadline)
         reusable = False
         try:
             status = resp.status
+            for hop in (resp.retries.history if redirect_check is not None and resp.retries else ()):
+                refused = redirect_check(hop.redirect_location) if hop.redirect_location else None
+                if refused is not None:
+                    return Fetched(None, *refused, status)
             if not 200 <= status < 300:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in BACKOFF_STATUSES \
                     else None

@@ -37,7 +37,8 @@ def fingerprint(config) -> dict:
                      "images": input_fingerprint(s.images)} for s in config.sources],
         "chunk_rows": config.chunk_rows, "shard_rows": config.shard_rows, "row_group_rows": config.row_group_rows,
         "seed": config.seed, "image": dataclasses.asdict(config.image),
-        "download": {k: v for k, v in dataclasses.asdict(config.download).items() if k != "thread_count"},
+        # to_dict leaves out what the build sets itself (the budget service's address)
+        "download": {k: v for k, v in config.download.to_dict().items() if k != "thread_count"},
         "decontaminate": {**config.decontaminate.to_dict(),
                           "files": input_fingerprint(config.decontaminate.paths)},
     }

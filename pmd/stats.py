@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmd import schema, storage
+from pmd import placeholders, schema, storage
 from pmd.catalog import PAPER_AVG_WORDS, PAPER_TOTAL_PAIRS, load_catalog
 from pmd.decontaminate import eval_overlap_counts
 from pmd.licences import COMMERCIAL_USE, LICENCE, with_licences
@@ -653,6 +653,7 @@ def audit(root: Path, spill_dir: Path | None = None) -> dict:
         "total": total,
         "duplicates": duplicates,
         "eval_overlap": eval_overlap_counts(files.failures),  # source -> evaluation set -> pairs removed
+        "placeholders": placeholders.report(files.failures),  # pmd.placeholders: each one, with sample URLs
         "problems": problems,
         "trusted": not problems,
     }

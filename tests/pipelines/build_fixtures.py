@@ -135,3 +135,12 @@ def kill_build_mid_image_stage(cmd: list[str], work: Path, env: dict, chunks: in
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def url_build_config(source: str, inputs: list[Path], out: Path, **overrides):  # -> pipelines.build.BuildConfig
+    """The build config of one URL source whose images are on the tests' loopback servers (`overrides`: dotted
+    keys of load_config, e.g. "download.max_per_host"). Where the address guard's loopback allow-list goes."""
+    from pipelines.build import load_config
+
+    return load_config(None, {"sources": [{"name": source, "inputs": [str(p) for p in inputs]}], "out": str(out),
+                              "progress": False, **overrides})
