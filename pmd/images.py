@@ -6,20 +6,25 @@ as little as possible and the output is a pure function of (input bytes, options
 1. ``Image.open`` reads the header only. The pixel count is checked there (the decompression-bomb guard), and when
    there is no crop box so are the shorter side and the aspect ratio: all three are invariant under EXIF rotation,
    so an image that fails them is rejected before any pixel is decoded.
-2. A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``: libjpeg's DCT scaling,
-   deterministic for a given libjpeg build). Only without a crop box, whose coordinates are in full-size pixels.
+2. A JPEG at least twice the target is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``: libjpeg-turbo's DCT
+   scaling), the smallest scale that keeps the shorter side >= the target. Only without a crop box, whose
+   coordinates are in full-size pixels.
 3. ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a ``decode_error`` rather than an
    image padded with grey.
-4. EXIF orientation is applied (in place), the crop box (x, y, w, h, in the coordinates of the upright image) is
-   clamped and applied, and the checks run on the cropped size.
-5. Conversion to RGB (alpha composited onto white), resize so the shorter side is ``image_size`` (never upscale),
-   JPEG encode without EXIF or ICC data.
+4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
+   is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
+   crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
+   cropped size, RGB, resize.
+5. JPEG encode without EXIF or ICC data; optionally the pHash of the stored pixels (``with_phash``: the
+   evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
 
-Throughput (one core of this repo's shared 2-core dev machine, Pillow 13.0 with libjpeg-turbo, a 640x480 q90
-photo-like JPEG of ~150 KB to 341x256 q95): about 220 images/s, ~4.5 ms each (~2.0 ms decode, ~2 ms BICUBIC
-resize, ~0.3 ms encode); LANCZOS measured ~185 images/s. A 4000x3000 JPEG (2 MB) takes ~32 ms with the 1/4-scale
-draft decode instead of ~83 ms without. ``benchmarks/bench_images.py`` measures this path beside img2dataset's
-resizer (docs/benchmarks.md).
+Why this decoder and filter (measured, docs/benchmarks.md "One image", benchmarks/bench_images.py): libjpeg-turbo
+can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but on x86-64 those IDCTs have no SIMD path:
+they decode slower than the power-of-two scale above them and lose 1-7 dB PSNR against a full decode. pyvips'
+shrink-on-load was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``.
+INTER_AREA after the draft matches img2dataset's filter (its Resizer's quality) and is the cheapest antialiased
+resize measured (Pillow BICUBIC ~1.7x and BILINEAR ~1.1x its time). It is deterministic: the non-integer area
+resize sums fixed weights in a fixed order, integer factors average integers.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
@@ -34,24 +39,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 
-from PIL import ExifTags, Image, ImageFile, ImageOps
+import cv2
+import numpy as np
+from PIL import ExifTags, Image, ImageFile
 
 # Formats we accept. Restricting Image.open keeps exotic decoders (EPS shells out to Ghostscript; PSD, FITS, ...)
 # away from untrusted bytes downloaded from the web; every upstream PMD source serves one of these.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
-# BICUBIC rather than LANCZOS: both are antialiased convolutions in Pillow when downscaling, LANCZOS is ~20% slower
-# end to end (measured: 183 vs 220 images/s, 640x480 -> 256) for a difference invisible at training resolution.
-# reducing_gap=3.0: a box reduction first for large downscales, which per Pillow's docs is indistinguishable from
-# a full resample in most cases, at a fraction of the cost.
-_RESAMPLE = Image.Resampling.BICUBIC
-_REDUCING_GAP = 3.0
-# Draft (DCT-scaled JPEG decode) keeps at least this many times the target size, so the resize pass still has
-# real pixels to average (the same margin Image.thumbnail uses).
-_DRAFT_GAP = 2
+# One thread per resize: the build already runs one image stream per core, and OpenCV's own pool would only contend.
+cv2.setNumThreads(1)
+# Draft (DCT-scaled JPEG decode) keeps the shorter side >= this many times the target. 1: power-of-two DCT scaling
+# lost nothing measurable against a full decode (PSNR to the LANCZOS reference within 0.1 dB at 683x512 -> 256,
+# i.e. 1/2 scale straight to the target; benchmarks/bench_images.py --quality).
+_DRAFT_MARGIN = 1
+# EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose maps them).
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 REASONS: tuple[str, ...] = ("decode_error", "too_small", "aspect_ratio", "too_many_pixels", "bad_box", "too_large")
 
+_SWAPS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                    Image.Transpose.ROTATE_90})
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
@@ -97,6 +113,7 @@ class ProcessedImage:
     height: int
     original_width: int  # as decoded: upright (EXIF orientation applied), after the crop if any, full resolution
     original_height: int
+    phash: int | None = None  # pmd.decontaminate's 64-bit pHash of the stored pixels, when asked for
 
 
 class ImageRejected(Exception):
@@ -186,11 +203,15 @@ def process_image(
     raw: bytes,
     options: ImageOptions,
     crop_box: tuple[int, int, int, int] | None = None,
+    *,
+    with_phash: bool = False,
 ) -> ProcessedImage:
     """Decode ``raw``, check it, optionally crop ``(x, y, w, h)``, resize and re-encode as JPEG.
 
     Raises ImageRejected (reason in REASONS) for anything that must not become a shard row; any other exception
-    is a bug. The output bytes are identical for identical (raw, options, crop_box) with the same Pillow/libjpeg.
+    is a bug. The output bytes are identical for identical (raw, options, crop_box) with the same Pillow/libjpeg
+    and OpenCV. ``with_phash``: also the pHash of the stored image, from the pixels before encoding (within a
+    Hamming distance of 2 of the hash of the decoded JPEG, tests/pmd/test_decontaminate.py).
     """
     try:
         with _no_truncated_images():
@@ -208,13 +229,14 @@ def process_image(
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is that image's decode_error
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}") from None
 
-    if options.image_size and min(original) > options.image_size:
-        target = _target_size(original[0], original[1], options.image_size)
-        if rgb.size != target:
-            rgb = rgb.resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
     out = BytesIO()
     rgb.save(out, format="JPEG", quality=options.jpeg_quality, optimize=False)
     data = out.getvalue()
+    value = None
+    if with_phash:
+        from pmd.decontaminate import phash_pixels  # lazily: pmd.decontaminate pulls in pyarrow and the archives
+
+        value = phash_pixels(rgb)
     return ProcessedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -222,33 +244,48 @@ def process_image(
         height=rgb.size[1],
         original_width=original[0],
         original_height=original[1],
+        phash=value,
     )
+
+
+def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> Image.Image:
+    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size`` (``rgb`` may be DCT-scaled)."""
+    if not options.image_size or min(width, height) <= options.image_size:
+        return rgb
+    target = _target_size(width, height, options.image_size)
+    if rgb.size == target:
+        return rgb
+    return Image.fromarray(cv2.resize(np.asarray(rgb), target, interpolation=cv2.INTER_AREA))
 
 
 def _decode(
     im: ImageFile.ImageFile, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """The opened image as upright RGB (cropped, possibly DCT-downscaled) and its upright full-resolution size."""
+    """The opened image as upright, resized RGB (cropped first if asked) and its upright full-resolution size."""
     full_width, full_height = im.size
     if full_width * full_height > options.max_pixels:
         raise ImageRejected("too_many_pixels", f"{full_width}x{full_height} > {options.max_pixels} pixels")
     if crop_box is None:
         _check_size(full_width, full_height, options)
-        # Draft only when the image will be resized anyway and stays >= _DRAFT_GAP x the target after scaling.
-        if im.format in ("JPEG", "MPO") and options.image_size:
-            if min(full_width, full_height) >= 2 * _DRAFT_GAP * options.image_size:
-                side = _DRAFT_GAP * options.image_size
-                im.draft(None, (side, side))
+        if im.format in ("JPEG", "MPO") and options.image_size and min(full_width, full_height) > options.image_size:
+            # Pillow picks the largest of 1/2, 1/4, 1/8 that keeps both sides >= the requested size.
+            target = _target_size(full_width, full_height, options.image_size)
+            im.draft(None, (target[0] * _DRAFT_MARGIN, target[1] * _DRAFT_MARGIN))
 
     im.load()
-    # Read before exif_transpose, which deletes the tag; getexif() is cached, so this parses the EXIF block once.
-    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
-    ImageOps.exif_transpose(im, in_place=True)
+    # getexif() is cached, so this parses the EXIF block once.
+    method = _ORIENT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     if crop_box is None:
-        # The header size is pre-rotation; orientations 5-8 swap the axes.
-        original = (full_height, full_width) if orientation in (5, 6, 7, 8) else (full_width, full_height)
-        return _to_rgb(im), original
+        # Resize in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotate
+        # the small image rather than the decoded one.
+        rgb = _resize(_to_rgb(im), full_width, full_height, options)
+        if method is None:
+            return rgb, (full_width, full_height)
+        rgb = rgb.transpose(method)
+        # Orientations 5-8 swap the axes.
+        return rgb, ((full_height, full_width) if method in _SWAPS else (full_width, full_height))
+    upright = im if method is None else im.transpose(method)
     # Crop before the RGB conversion so only the kept region is converted.
-    cropped = im.crop(_clamp_box(crop_box, im.size[0], im.size[1]))
+    cropped = upright.crop(_clamp_box(crop_box, upright.size[0], upright.size[1]))
     _check_size(cropped.size[0], cropped.size[1], options)
-    return _to_rgb(cropped), cropped.size
+    return _resize(_to_rgb(cropped), cropped.size[0], cropped.size[1], options), cropped.size
