@@ -1,16 +1,18 @@
 """Decode, check, crop, resize and re-encode one image: the per-image work of the build stage.
 
-Every image is decoded exactly once with Pillow, from its bytes in memory. The order is chosen so that rejects cost
-as little as possible and the output is a pure function of (input bytes, options, crop box):
+Every image is decoded exactly once, from its bytes in memory: a JPEG (RGB or greyscale) with simplejpeg
+(libjpeg-turbo) straight into a numpy array, anything else (and a JPEG with a crop box) with Pillow. The order is
+chosen so that rejects cost as little as possible and the output is a pure function of (input bytes, options, crop
+box):
 
 1. ``Image.open`` reads the header only. The pixel count is checked there (the decompression-bomb guard), and when
    there is no crop box so are the shorter side and the aspect ratio: all three are invariant under EXIF rotation,
    so an image that fails them is rejected before any pixel is decoded.
-2. A JPEG at least twice the target is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``: libjpeg-turbo's DCT
-   scaling), the smallest scale that keeps the shorter side >= the target. Only without a crop box, whose
-   coordinates are in full-size pixels.
-3. ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a ``decode_error`` rather than an
-   image padded with grey.
+2. A JPEG at least 6x the target is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT scaling), the smallest
+   scale that keeps the shorter side >= 3x the target (the quality margin, ``_DRAFT_MARGIN``). Only without a crop
+   box, whose coordinates are in full-size pixels.
+3. Strict decoding: simplejpeg with ``strict=True``, Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES``
+   off, so a truncated file is a ``decode_error`` rather than an image padded with grey.
 4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
    is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
    crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
@@ -20,7 +22,8 @@ as little as possible and the output is a pure function of (input bytes, options
 
 Why this decoder and filter (measured, docs/benchmarks.md "One image", benchmarks/bench_images.py): libjpeg-turbo
 can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but on x86-64 those IDCTs have no SIMD path:
-they decode slower than the power-of-two scale above them and lose 1-7 dB PSNR against a full decode. pyvips'
+they decode no faster than the power-of-two scale above them (often slower) and, like every DCT scaling that ends
+near the target, lose several dB PSNR on real photos. pyvips'
 shrink-on-load was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``.
 INTER_AREA after the draft matches img2dataset's filter (its Resizer's quality) and is the cheapest antialiased
 resize measured (Pillow BICUBIC ~1.7x and BILINEAR ~1.1x its time). It is deterministic: the non-integer area
@@ -41,6 +44,7 @@ from io import BytesIO
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, ImageFile
 
 # Formats we accept. Restricting Image.open keeps exotic decoders (EPS shells out to Ghostscript; PSD, FITS, ...)
@@ -49,10 +53,12 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF",
 
 # One thread per resize: the build already runs one image stream per core, and OpenCV's own pool would only contend.
 cv2.setNumThreads(1)
-# Draft (DCT-scaled JPEG decode) keeps the shorter side >= this many times the target. 1: power-of-two DCT scaling
-# lost nothing measurable against a full decode (PSNR to the LANCZOS reference within 0.1 dB at 683x512 -> 256,
-# i.e. 1/2 scale straight to the target; benchmarks/bench_images.py --quality).
-_DRAFT_MARGIN = 1
+# Draft (DCT-scaled JPEG decode) keeps the shorter side >= this many times the target. DCT scaling lowpasses each
+# 8x8 block on its own, and real photos show it (block edges, ringing): measured against full decode + LANCZOS, on
+# real photos a 1/4-scale decode just above the target lost 5.7 dB PSNR (1400x1050 -> 350x263), one at 1.5x the
+# target 0.6 dB; at >= 3x (here: 1/2 of 2048x1536, 1/2 of 4000x3000, none for 1400x1050) 0.04-0.11 dB, against
+# img2dataset's full decode + INTER_AREA (benchmarks/bench_images.py --modes quality; docs/benchmarks.md).
+_DRAFT_MARGIN = 3
 # EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose maps them).
 _ORIENT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -217,7 +223,7 @@ def process_image(
         with _no_truncated_images():
             # Not closed explicitly: the source is an in-memory buffer, and the decoded image may be returned as is.
             im = Image.open(BytesIO(raw), formats=ALLOWED_FORMATS)
-            rgb, original = _decode(im, options, crop_box)
+            rgb, original = _decode(im, raw, options, crop_box)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -249,41 +255,63 @@ def process_image(
 
 
 def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> Image.Image:
-    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size`` (``rgb`` may be DCT-scaled)."""
+    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size``."""
     if not options.image_size or min(width, height) <= options.image_size:
         return rgb
+    return Image.fromarray(_resize_array(np.asarray(rgb), width, height, options))
+
+
+def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions) -> np.ndarray:
+    """The same on an array that may be DCT-scaled: one antialiased INTER_AREA resize, never up."""
+    if not options.image_size or min(width, height) <= options.image_size:
+        return pixels
     target = _target_size(width, height, options.image_size)
-    if rgb.size == target:
-        return rgb
-    return Image.fromarray(cv2.resize(np.asarray(rgb), target, interpolation=cv2.INTER_AREA))
+    if (pixels.shape[1], pixels.shape[0]) == target:
+        return pixels
+    return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+
+
+def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
+    """The DCT scale denominator (1, 2, 4, 8) of a JPEG: the largest that keeps the shorter side >= _DRAFT_MARGIN x
+    the target. Powers of two only: libjpeg-turbo's other M/8 scales have no SIMD IDCT (measured slower)."""
+    short = min(width, height)
+    need = _DRAFT_MARGIN * options.image_size
+    if not options.image_size or short <= options.image_size:
+        return 1
+    return next((s for s in (8, 4, 2) if -(-short // s) >= need), 1)
 
 
 def _decode(
-    im: ImageFile.ImageFile, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
+    im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """The opened image as upright, resized RGB (cropped first if asked) and its upright full-resolution size."""
     full_width, full_height = im.size
     if full_width * full_height > options.max_pixels:
         raise ImageRejected("too_many_pixels", f"{full_width}x{full_height} > {options.max_pixels} pixels")
-    if crop_box is None:
-        _check_size(full_width, full_height, options)
-        if im.format in ("JPEG", "MPO") and options.image_size and min(full_width, full_height) > options.image_size:
-            # Pillow picks the largest of 1/2, 1/4, 1/8 that keeps both sides >= the requested size.
-            target = _target_size(full_width, full_height, options.image_size)
-            im.draft(None, (target[0] * _DRAFT_MARGIN, target[1] * _DRAFT_MARGIN))
-
-    im.load()
-    # getexif() is cached, so this parses the EXIF block once.
+    # getexif() is cached and reads the header's EXIF block: no pixel is decoded for it.
     method = _ORIENT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     if crop_box is None:
-        # Resize in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotate
+        _check_size(full_width, full_height, options)
+        if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L"):
+            # simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to
+            # numpy cost ~1 ms at 1024x768); strict: a truncated or corrupt stream raises instead of being padded.
+            # CMYK and other JPEGs take Pillow's path below.
+            scale = _draft_scale(full_width, full_height, options)
+            short = -(-min(full_width, full_height) // scale)
+            axis = "min_height" if full_height <= full_width else "min_width"
+            at_least = {} if scale == 1 else {axis: short}
+            pixels = simplejpeg.decode_jpeg(raw, "RGB", strict=True, **at_least)
+            rgb = Image.fromarray(_resize_array(pixels, full_width, full_height, options))
+        else:
+            im.load()
+            rgb = _resize(_to_rgb(im), full_width, full_height, options)
+        # Resized in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotated:
         # the small image rather than the decoded one.
-        rgb = _resize(_to_rgb(im), full_width, full_height, options)
         if method is None:
             return rgb, (full_width, full_height)
-        rgb = rgb.transpose(method)
         # Orientations 5-8 swap the axes.
-        return rgb, ((full_height, full_width) if method in _SWAPS else (full_width, full_height))
+        return rgb.transpose(method), ((full_height, full_width) if method in _SWAPS else (full_width, full_height))
+    im.load()
     upright = im if method is None else im.transpose(method)
     # Crop before the RGB conversion so only the kept region is converted.
     cropped = upright.crop(_clamp_box(crop_box, upright.size[0], upright.size[1]))
