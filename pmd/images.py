@@ -11,8 +11,9 @@ box):
 2. A JPEG at least 6x the target is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT scaling), the smallest
    scale that keeps the shorter side >= 3x the target (the quality margin, ``_DRAFT_MARGIN``). Only without a crop
    box, whose coordinates are in full-size pixels.
-3. Strict decoding: simplejpeg with ``strict=True``, Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES``
-   off, so a truncated file is a ``decode_error`` rather than an image padded with grey.
+3. Strict decoding: Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a
+   ``decode_error`` rather than an image padded with grey. simplejpeg runs with ``strict=True`` and hands whatever
+   libjpeg warns about to Pillow, which decides as before.
 4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
    is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
    crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
@@ -281,6 +282,20 @@ def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
     return next((s for s in (8, 4, 2) if -(-short // s) >= need), 1)
 
 
+def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> np.ndarray | None:
+    """simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to numpy
+    cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
+    extraneous bytes before a marker that many web JPEGs carry) returns None: Pillow then decides as it always did
+    (truncated: decode_error; extraneous bytes: decoded). CMYK and other JPEGs never come here."""
+    scale = _draft_scale(width, height, options)
+    axis = "min_height" if height <= width else "min_width"
+    at_least = {} if scale == 1 else {axis: -(-min(width, height) // scale)}
+    try:
+        return simplejpeg.decode_jpeg(raw, "RGB", strict=True, **at_least)
+    except ValueError:
+        return None
+
+
 def _decode(
     im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -292,17 +307,14 @@ def _decode(
     method = _ORIENT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     if crop_box is None:
         _check_size(full_width, full_height, options)
-        if im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L"):
-            # simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to
-            # numpy cost ~1 ms at 1024x768); strict: a truncated or corrupt stream raises instead of being padded.
-            # CMYK and other JPEGs take Pillow's path below.
-            scale = _draft_scale(full_width, full_height, options)
-            short = -(-min(full_width, full_height) // scale)
-            axis = "min_height" if full_height <= full_width else "min_width"
-            at_least = {} if scale == 1 else {axis: short}
-            pixels = simplejpeg.decode_jpeg(raw, "RGB", strict=True, **at_least)
+        pixels = _decode_jpeg(raw, full_width, full_height, options) if im.format in ("JPEG", "MPO") and \
+            im.mode in ("RGB", "L") else None
+        if pixels is not None:
             rgb = Image.fromarray(_resize_array(pixels, full_width, full_height, options))
         else:
+            scale = _draft_scale(full_width, full_height, options) if im.format in ("JPEG", "MPO") else 1
+            if scale > 1:  # the same DCT scale as simplejpeg's (Pillow picks the largest power of two that fits)
+                im.draft(None, (full_width // scale, full_height // scale))
             im.load()
             rgb = _resize(_to_rgb(im), full_width, full_height, options)
         # Resized in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotated:

@@ -315,3 +315,30 @@ def test_draft_scale_keeps_the_margin_and_the_quality(monkeypatch, size, decoded
         return 10 * np.log10(255**2 / np.mean((a - reference) ** 2))
 
     assert psnr(out) >= 30 and psnr(out) >= psnr(peer) - 0.3, (psnr(out), psnr(peer))
+
+
+def test_jpeg_that_libjpeg_warns_about_is_decoded_as_pillow_always_did():
+    """Extraneous bytes before a marker (common in web JPEGs): the strict fast decoder refuses, Pillow decodes it
+    (same pixels as the clean file), at the same DCT scale; truncation stays a decode_error."""
+    import numpy as np
+    import simplejpeg
+
+    for size in ((640, 480), (2048, 1536)):
+        clean = _jpeg(*size)
+        sos = clean.index(b"\xff\xda")  # libjpeg: "3 extraneous bytes before marker 0xda"
+        noisy = clean[:sos] + b"\x00\x01\x02" + clean[sos:]
+        with pytest.raises(ValueError):
+            simplejpeg.decode_jpeg(noisy, strict=True)
+        a, b = process_image(clean, OPTS), process_image(noisy, OPTS)
+        assert (b.width, b.height, b.original_width, b.original_height) == (a.width, a.height, *size)
+        diff = np.abs(np.asarray(_decoded(a), dtype=int) - np.asarray(_decoded(b), dtype=int))
+        assert diff.mean() < 0.5, diff.mean()
+        assert _reject(noisy[: len(noisy) // 2]).reason == "decode_error"
+
+
+def test_greyscale_and_progressive_jpegs():
+    grey = process_image(_encode(_photo(800, 600).convert("L"), quality=90), OPTS)
+    out = _decoded(grey)
+    assert out.size == (341, 256) and out.getpixel((100, 100))[0] == out.getpixel((100, 100))[1]
+    progressive = process_image(_encode(_photo(1600, 1200), quality=90, progressive=True), OPTS)
+    assert (progressive.width, progressive.height) == (341, 256)
