@@ -97,6 +97,36 @@ def raw_predict_seconds(texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def predict_variants_seconds(texts: list[str], rounds: int = 3) -> dict[str, float]:
+    """Ways of calling fastText over the same texts (median of alternating rounds): the peer's loop, pmd's loop
+    over the binding (LanguageIdentifier.identify_many), and fastText's batch call on a list (`multilinePredict`: one
+    C++ call for the whole list; fasttext-predict's returns the labels only, no probabilities, and its Python
+    `predict(list)` wrapper fails unpacking that, so the binding is called directly)."""
+    import fasttext
+
+    from pmd.text import LanguageIdentifier, bundled_lid_model_path
+
+    model = fasttext.load_model(str(bundled_lid_model_path()))
+    lid = LanguageIdentifier()
+
+    def peer():
+        for text in texts:
+            model.predict(text, k=1)
+
+    variants = {"peer loop (model.predict per text)": peer,
+                "pmd loop (identify_many)": lambda: lid.identify_many(texts),
+                "batch (multilinePredict, labels only)": lambda: model.f.multilinePredict(
+                    [t + "\n" for t in texts], 1, 0.0, "replace")}
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+
+
 def run_ingest_subprocess(path: Path, out: Path, executor: str) -> dict:
     """`pmd ingest` in a child process, so its peak RSS (and its Ray workers') is measured alone."""
     code = (
@@ -124,6 +154,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/yfcc"))
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only compare the ways of calling fastText (peer loop, pmd's loop, batch predict)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -136,6 +168,10 @@ def main() -> None:
     size_mb = big.stat().st_size / 1e6
 
     texts = lid_texts(big)
+    if args.predict_only:
+        for name, seconds in predict_variants_seconds(texts).items():
+            print(f"{name:<40} {seconds:6.2f}s = {args.lines / seconds:>10,.0f} rows/s of the file", flush=True)
+        return
     peer_s = raw_predict_seconds(texts)
     # Both rates in rows of the same file: the peer only runs fastText on the texts the ingest sends to it.
     peer = args.lines / peer_s

@@ -182,10 +182,11 @@ def _stable_detail(detail: str | None) -> str:
     return _ADDRESS.sub("", detail or "")[:500]
 
 
-def _process(data: bytes, options: ImageOptions, box) -> object:
-    """ProcessedImage, or the ImageRejected that says why not (returned, so it can be cached per image)."""
+def _process(data: bytes, options: ImageOptions, box, with_phash: bool = False) -> object:
+    """ProcessedImage, or the ImageRejected that says why not (returned, so it can be cached per image).
+    `with_phash`: its pHash too, for the evaluation screen (computed from the pixels, not a second decode)."""
     try:
-        return process_image(data, options, box)
+        return process_image(data, options, box, with_phash=with_phash)
     except ImageRejected as e:
         return e
 
@@ -205,11 +206,12 @@ def _process_rows(task: ChunkTask) -> pa.Table:
     # Evaluation photos by Flickr id: failed before any download (pmd.eval_ids).
     screened = screen_candidates(task.eval_ids, cand)
     processed: dict[tuple, object] = {}
+    hashed = task.eval_index is not None
     if task.mode == "url":
         locators = [u if hit is None else None for u, hit in zip(cand.column(schema.IMAGE_URL).to_pylist(), screened)]
         # Without crop boxes (every URL source) each image is processed as it arrives, overlapping the downloads.
         inline = all(b is None for b in boxes)
-        fetched = _fetch_urls(task, locators, (lambda data: screen(_process(data, task.image_options, None),
+        fetched = _fetch_urls(task, locators, (lambda data: screen(_process(data, task.image_options, None, hashed),
                                                                    task.eval_index, ImageRejected)) if inline
                               else None)
         if inline:
@@ -243,7 +245,7 @@ def _process_rows(task: ChunkTask) -> pa.Table:
         result = processed.get(cache_key)
         if result is None:
             # Evaluation images by perceptual hash (pmd.decontaminate): a match becomes an eval_overlap failure.
-            result = processed[cache_key] = screen(_process(data, task.image_options, box), task.eval_index,
+            result = processed[cache_key] = screen(_process(data, task.image_options, box, hashed), task.eval_index,
                                                    ImageRejected)
         if isinstance(result, ImageRejected):
             out[STAGE][i] = _CHECK_STAGE.get(result.reason, Stage.CHECK)

@@ -2,14 +2,16 @@
 
 The user gives the evaluation images (`--decontaminate-against PATH`, repeatable: folders, zips, tars; each PATH is
 one evaluation set, named by its file or folder name). Each is hashed once with pHash (`imagehash.phash`: the DCT
-of a 32x32 greyscale thumbnail, 64 bits); every processed corpus image is hashed the same way and compared with all
-of them. A Hamming distance at or below the threshold is an overlap: the pair becomes a failure with reason
+of a 32x32 greyscale thumbnail, 64 bits); every processed corpus image is hashed the same way, from the pixels the
+image stage holds before it encodes them (`process_image(..., with_phash=True)`: no second decode), and compared
+with all of them. A Hamming distance at or below the threshold is an overlap: the pair becomes a failure with reason
 `eval_overlap` whose detail names the evaluation image (`SET!MEMBER (hamming D)`).
 
 The default threshold (`DEFAULT_THRESHOLD`) was chosen on measured distances of resized, re-encoded and cropped
 copies against distances between different images (benchmarks/eval_overlap_threshold.py, figures in
 docs/benchmarks.md). An evaluation set is small (Flickr30k test 1,000, COCO Karpathy val+test 10,000), so a
-comparison is one XOR and popcount over a uint64 array per corpus image.
+comparison is one XOR and popcount over a uint64 array per corpus image: ~0.02 ms at 10,000 hashes and ~0.1 ms at
+100,000 (benchmarks/bench_images.py --screen), where a multi-index would not pay for its lookups.
 """
 
 from __future__ import annotations
@@ -42,13 +44,29 @@ DEFAULT_THRESHOLD = 10
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 #: Between the evaluation set and the image in an `eval_overlap` detail: `SET!IMAGE ...`.
 SET_SEPARATOR = "!"
+#: The pHash the image stage computes from its pixels before encoding is within this Hamming distance of the hash of
+#: the stored JPEG decoded again (measured: 0 for 54 and 2 for 14 of 68 generated and real photos from 480 to 1536
+#: px tall, benchmarks/bench_images.py's sets; tests/pmd/test_decontaminate.py checks it). Small beside
+#: DEFAULT_THRESHOLD.
+PIXEL_HASH_TOLERANCE = 2
+_PHASH_SIDE = 32  # imagehash.phash's thumbnail (hash_size 8 x highfreq_factor 4)
 
 
 def phash(image: Image.Image) -> int:
     """The 64-bit pHash of an image as an int (EXIF orientation applied, so a rotated upload hashes as shown)."""
-    image = ImageOps.exif_transpose(image)
-    bits = imagehash.phash(image).hash.flatten()
-    return int(np.packbits(bits).view(">u8")[0])
+    return _as_int(imagehash.phash(ImageOps.exif_transpose(image)))
+
+
+def phash_pixels(image: Image.Image) -> int:
+    """The pHash of the image stage's own pixels (upright, resized, before they are encoded): the 32x32 LANCZOS
+    thumbnail is made after a box reduction (`reducing_gap=2`), 0.3 ms instead of 0.7 ms from 341x256, and the hash
+    stays within PIXEL_HASH_TOLERANCE of `phash` of the stored JPEG."""
+    thumbnail = image.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return _as_int(imagehash.phash(thumbnail))  # at 32x32 already: imagehash's own resize changes nothing
+
+
+def _as_int(value: imagehash.ImageHash) -> int:
+    return int(np.packbits(value.hash.flatten()).view(">u8")[0])
 
 
 def phash_bytes(data: bytes) -> int:
@@ -167,11 +185,13 @@ def iter_images(path: Path | str) -> Iterator[tuple[str, bytes]]:
 
 
 def screen(result: object, index: EvalHashIndex | None, reject: type[Exception]) -> object:
-    """The image stage's hook: a processed image (anything with `.data`, JPEG bytes) that matches an evaluation
-    image becomes `reject(EVAL_OVERLAP, detail)`; anything else (a rejection, no index) passes through."""
+    """The image stage's hook: a processed image (anything with `.data`, JPEG bytes, and `.phash`, its pHash or
+    None) that matches an evaluation image becomes `reject(EVAL_OVERLAP, detail)`; anything else (a rejection, no
+    index) passes through. Without `.phash` the stored JPEG is decoded and hashed."""
     if index is None or isinstance(result, Exception):
         return result
-    match = index.check_bytes(result.data)
+    value = getattr(result, "phash", None)
+    match = index.check_bytes(result.data) if value is None else index.check_hash(value)
     return result if match is None else reject(EVAL_OVERLAP, match.detail)
 
 

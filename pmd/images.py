@@ -1,25 +1,34 @@
 """Decode, check, crop, resize and re-encode one image: the per-image work of the build stage.
 
-Every image is decoded exactly once with Pillow, from its bytes in memory. The order is chosen so that rejects cost
-as little as possible and the output is a pure function of (input bytes, options, crop box):
+Every image is decoded exactly once, from its bytes in memory: a JPEG (RGB or greyscale) with simplejpeg
+(libjpeg-turbo) straight into a numpy array, anything else (and a JPEG with a crop box) with Pillow. The order is
+chosen so that rejects cost as little as possible and the output is a pure function of (input bytes, options, crop
+box):
 
 1. ``Image.open`` reads the header only. The pixel count is checked there (the decompression-bomb guard), and when
    there is no crop box so are the shorter side and the aspect ratio: all three are invariant under EXIF rotation,
    so an image that fails them is rejected before any pixel is decoded.
-2. A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``: libjpeg's DCT scaling,
-   deterministic for a given libjpeg build). Only without a crop box, whose coordinates are in full-size pixels.
-3. ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a ``decode_error`` rather than an
-   image padded with grey.
-4. EXIF orientation is applied (in place), the crop box (x, y, w, h, in the coordinates of the upright image) is
-   clamped and applied, and the checks run on the cropped size.
-5. Conversion to RGB (alpha composited onto white), resize so the shorter side is ``image_size`` (never upscale),
-   JPEG encode without EXIF or ICC data.
+2. A JPEG at least 6x the target is decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's DCT scaling), the smallest
+   scale that keeps the shorter side >= 3x the target (the quality margin, ``_DRAFT_MARGIN``). Only without a crop
+   box, whose coordinates are in full-size pixels.
+3. Strict decoding: Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a
+   ``decode_error`` rather than an image padded with grey. simplejpeg runs with ``strict=True`` and hands whatever
+   libjpeg warns about to Pillow, which decides as before.
+4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
+   is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
+   crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
+   cropped size, RGB, resize.
+5. JPEG encode without EXIF or ICC data; optionally the pHash of the stored pixels (``with_phash``: the
+   evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
 
-Throughput (one core of this repo's shared 2-core dev machine, Pillow 13.0 with libjpeg-turbo, a 640x480 q90
-photo-like JPEG of ~150 KB to 341x256 q95): about 220 images/s, ~4.5 ms each (~2.0 ms decode, ~2 ms BICUBIC
-resize, ~0.3 ms encode); LANCZOS measured ~185 images/s. A 4000x3000 JPEG (2 MB) takes ~32 ms with the 1/4-scale
-draft decode instead of ~83 ms without. ``benchmarks/bench_images.py`` measures this path beside img2dataset's
-resizer (docs/benchmarks.md).
+Why this decoder and filter (measured, docs/benchmarks.md "One image", benchmarks/bench_images.py): libjpeg-turbo
+can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but on x86-64 those IDCTs have no SIMD path:
+they decode no faster than the power-of-two scale above them (often slower) and, like every DCT scaling that ends
+near the target, lose several dB PSNR on real photos. pyvips'
+shrink-on-load was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``.
+INTER_AREA after the draft matches img2dataset's filter (its Resizer's quality) and is the cheapest antialiased
+resize measured (Pillow BICUBIC ~1.7x and BILINEAR ~1.1x its time). It is deterministic: the non-integer area
+resize sums fixed weights in a fixed order, integer factors average integers.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
@@ -34,7 +43,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 
-from PIL import ExifTags, Image, ImageFile, ImageOps
+import cv2
+import numpy as np
+import simplejpeg
+from PIL import ExifTags, Image, ImageFile
 
 from pmd.reasons import Reason
 
@@ -42,19 +54,30 @@ from pmd.reasons import Reason
 # away from untrusted bytes downloaded from the web; every upstream PMD source serves one of these.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
-# BICUBIC rather than LANCZOS: both are antialiased convolutions in Pillow when downscaling, LANCZOS is ~20% slower
-# end to end (measured: 183 vs 220 images/s, 640x480 -> 256) for a difference invisible at training resolution.
-# reducing_gap=3.0: a box reduction first for large downscales, which per Pillow's docs is indistinguishable from
-# a full resample in most cases, at a fraction of the cost.
-_RESAMPLE = Image.Resampling.BICUBIC
-_REDUCING_GAP = 3.0
-# Draft (DCT-scaled JPEG decode) keeps at least this many times the target size, so the resize pass still has
-# real pixels to average (the same margin Image.thumbnail uses).
-_DRAFT_GAP = 2
+# One thread per resize: the build already runs one image stream per core, and OpenCV's own pool would only contend.
+cv2.setNumThreads(1)
+# Draft (DCT-scaled JPEG decode) keeps the shorter side >= this many times the target. DCT scaling lowpasses each
+# 8x8 block on its own, and real photos show it (block edges, ringing): measured against full decode + LANCZOS, on
+# real photos a 1/4-scale decode just above the target lost 5.7 dB PSNR (1400x1050 -> 350x263), one at 1.5x the
+# target 0.6 dB; at >= 3x (here: 1/2 of 2048x1536, 1/2 of 4000x3000, none for 1400x1050) 0.04-0.11 dB, against
+# img2dataset's full decode + INTER_AREA (benchmarks/bench_images.py --modes quality; docs/benchmarks.md).
+_DRAFT_MARGIN = 3
+# EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose maps them).
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 REASONS: tuple[Reason, ...] = (Reason.DECODE_ERROR, Reason.TOO_SMALL, Reason.ASPECT_RATIO, Reason.TOO_MANY_PIXELS,
                                Reason.BAD_BOX, Reason.TOO_LARGE)
 
+_SWAPS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                    Image.Transpose.ROTATE_90})
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
@@ -100,6 +123,7 @@ class ProcessedImage:
     height: int
     original_width: int  # as decoded: upright (EXIF orientation applied), after the crop if any, full resolution
     original_height: int
+    phash: int | None = None  # pmd.decontaminate's 64-bit pHash of the stored pixels, when asked for
 
 
 class ImageRejected(Exception):
@@ -189,17 +213,21 @@ def process_image(
     raw: bytes,
     options: ImageOptions,
     crop_box: tuple[int, int, int, int] | None = None,
+    *,
+    with_phash: bool = False,
 ) -> ProcessedImage:
     """Decode ``raw``, check it, optionally crop ``(x, y, w, h)``, resize and re-encode as JPEG.
 
     Raises ImageRejected (reason in REASONS) for anything that must not become a shard row; any other exception
-    is a bug. The output bytes are identical for identical (raw, options, crop_box) with the same Pillow/libjpeg.
+    is a bug. The output bytes are identical for identical (raw, options, crop_box) with the same Pillow/libjpeg
+    and OpenCV. ``with_phash``: also the pHash of the stored image, from the pixels before encoding (within a
+    Hamming distance of 2 of the hash of the decoded JPEG, tests/pmd/test_decontaminate.py).
     """
     try:
         with _no_truncated_images():
             # Not closed explicitly: the source is an in-memory buffer, and the decoded image may be returned as is.
             im = Image.open(BytesIO(raw), formats=ALLOWED_FORMATS)
-            rgb, original = _decode(im, options, crop_box)
+            rgb, original = _decode(im, raw, options, crop_box)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -211,13 +239,14 @@ def process_image(
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is that image's decode_error
         raise ImageRejected(Reason.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
-    if options.image_size and min(original) > options.image_size:
-        target = _target_size(original[0], original[1], options.image_size)
-        if rgb.size != target:
-            rgb = rgb.resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
     out = BytesIO()
     rgb.save(out, format="JPEG", quality=options.jpeg_quality, optimize=False)
     data = out.getvalue()
+    value = None
+    if with_phash:
+        from pmd.decontaminate import phash_pixels  # lazily: pmd.decontaminate pulls in pyarrow and the archives
+
+        value = phash_pixels(rgb)
     return ProcessedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -225,33 +254,81 @@ def process_image(
         height=rgb.size[1],
         original_width=original[0],
         original_height=original[1],
+        phash=value,
     )
 
 
+def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> Image.Image:
+    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size``."""
+    if not options.image_size or min(width, height) <= options.image_size:
+        return rgb
+    return Image.fromarray(_resize_array(np.asarray(rgb), width, height, options))
+
+
+def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions) -> np.ndarray:
+    """The same on an array that may be DCT-scaled: one antialiased INTER_AREA resize, never up."""
+    if not options.image_size or min(width, height) <= options.image_size:
+        return pixels
+    target = _target_size(width, height, options.image_size)
+    if (pixels.shape[1], pixels.shape[0]) == target:
+        return pixels
+    return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+
+
+def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
+    """The DCT scale denominator (1, 2, 4, 8) of a JPEG: the largest that keeps the shorter side >= _DRAFT_MARGIN x
+    the target. Powers of two only: libjpeg-turbo's other M/8 scales have no SIMD IDCT (measured slower)."""
+    short = min(width, height)
+    need = _DRAFT_MARGIN * options.image_size
+    if not options.image_size or short <= options.image_size:
+        return 1
+    return next((s for s in (8, 4, 2) if -(-short // s) >= need), 1)
+
+
+def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> np.ndarray | None:
+    """simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to numpy
+    cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
+    extraneous bytes before a marker that many web JPEGs carry) returns None: Pillow then decides as it always did
+    (truncated: decode_error; extraneous bytes: decoded). CMYK and other JPEGs never come here."""
+    scale = _draft_scale(width, height, options)
+    axis = "min_height" if height <= width else "min_width"
+    at_least = {} if scale == 1 else {axis: -(-min(width, height) // scale)}
+    try:
+        return simplejpeg.decode_jpeg(raw, "RGB", strict=True, **at_least)
+    except ValueError:
+        return None
+
+
 def _decode(
-    im: ImageFile.ImageFile, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
+    im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """The opened image as upright RGB (cropped, possibly DCT-downscaled) and its upright full-resolution size."""
+    """The opened image as upright, resized RGB (cropped first if asked) and its upright full-resolution size."""
     full_width, full_height = im.size
     if full_width * full_height > options.max_pixels:
         raise ImageRejected(Reason.TOO_MANY_PIXELS, f"{full_width}x{full_height} > {options.max_pixels} pixels")
+    # getexif() is cached and reads the header's EXIF block: no pixel is decoded for it.
+    method = _ORIENT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     if crop_box is None:
         _check_size(full_width, full_height, options)
-        # Draft only when the image will be resized anyway and stays >= _DRAFT_GAP x the target after scaling.
-        if im.format in ("JPEG", "MPO") and options.image_size:
-            if min(full_width, full_height) >= 2 * _DRAFT_GAP * options.image_size:
-                side = _DRAFT_GAP * options.image_size
-                im.draft(None, (side, side))
-
+        pixels = _decode_jpeg(raw, full_width, full_height, options) if im.format in ("JPEG", "MPO") and \
+            im.mode in ("RGB", "L") else None
+        if pixels is not None:
+            rgb = Image.fromarray(_resize_array(pixels, full_width, full_height, options))
+        else:
+            scale = _draft_scale(full_width, full_height, options) if im.format in ("JPEG", "MPO") else 1
+            if scale > 1:  # the same DCT scale as simplejpeg's (Pillow picks the largest power of two that fits)
+                im.draft(None, (full_width // scale, full_height // scale))
+            im.load()
+            rgb = _resize(_to_rgb(im), full_width, full_height, options)
+        # Resized in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotated:
+        # the small image rather than the decoded one.
+        if method is None:
+            return rgb, (full_width, full_height)
+        # Orientations 5-8 swap the axes.
+        return rgb.transpose(method), ((full_height, full_width) if method in _SWAPS else (full_width, full_height))
     im.load()
-    # Read before exif_transpose, which deletes the tag; getexif() is cached, so this parses the EXIF block once.
-    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
-    ImageOps.exif_transpose(im, in_place=True)
-    if crop_box is None:
-        # The header size is pre-rotation; orientations 5-8 swap the axes.
-        original = (full_height, full_width) if orientation in (5, 6, 7, 8) else (full_width, full_height)
-        return _to_rgb(im), original
+    upright = im if method is None else im.transpose(method)
     # Crop before the RGB conversion so only the kept region is converted.
-    cropped = im.crop(_clamp_box(crop_box, im.size[0], im.size[1]))
+    cropped = upright.crop(_clamp_box(crop_box, upright.size[0], upright.size[1]))
     _check_size(cropped.size[0], cropped.size[1], options)
-    return _to_rgb(cropped), cropped.size
+    return _resize(_to_rgb(cropped), cropped.size[0], cropped.size[1], options), cropped.size

@@ -3,6 +3,7 @@ caught, different images not, exact threshold edges, sets read from folders and 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 import zipfile
@@ -15,8 +16,8 @@ import pytest
 from PIL import Image
 
 from pmd import schema
-from pmd.decontaminate import (DEFAULT_THRESHOLD, EVAL_OVERLAP, EvalHashIndex, Match, eval_overlap_counts,
-                               eval_set_of, hamming, phash, phash_bytes, screen)
+from pmd.decontaminate import (DEFAULT_THRESHOLD, EVAL_OVERLAP, PIXEL_HASH_TOLERANCE, EvalHashIndex, Match,
+                               eval_overlap_counts, eval_set_of, hamming, phash, phash_bytes, screen)
 from pmd.images import ImageOptions, ImageRejected, process_image
 
 
@@ -118,6 +119,44 @@ def test_screen_hook(eval_dir):
     assert screen(copy, None, ImageRejected) is copy
     failed = ImageRejected("too_small")
     assert screen(failed, index, ImageRejected) is failed
+
+
+def test_phash_from_the_pixels_is_the_stored_images_hash_within_the_tolerance():
+    """The image stage hashes the pixels it holds instead of decoding its own JPEG again: on photo-like images at
+    the build's common sizes (draft-decoded or not), rotated by EXIF and cropped, the hash is the stored image's."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    distances = []
+    for seed in range(8):
+        for size in ((480, 360), (640, 480), (1024, 768), (2048, 1536)):
+            raw = encode(picture(seed, size), "JPEG", quality=90, **({"exif": exif.tobytes()} if seed % 3 == 0 else {}))
+            box = (10, 20, size[0] // 2, size[1] // 2) if seed % 4 == 1 else None
+            result = process_image(raw, ImageOptions(), box, with_phash=True)
+            distances.append(hamming(result.phash, phash_bytes(result.data)))
+            assert process_image(raw, ImageOptions(), box).phash is None  # only computed when asked for
+    assert max(distances) <= PIXEL_HASH_TOLERANCE, distances
+    assert distances.count(0) >= len(distances) // 2
+
+
+def test_screen_uses_the_pixel_hash_when_given(eval_dir):
+    index = EvalHashIndex.build([eval_dir])
+    copy = process_image(encode(picture(4)), ImageOptions(), with_phash=True)
+    assert hamming(copy.phash, phash_bytes(copy.data)) <= PIXEL_HASH_TOLERANCE
+    rejected = screen(copy, index, ImageRejected)
+    assert isinstance(rejected, ImageRejected) and "images/1004.jpg" in rejected.detail
+    # The hash it carries is what is compared, not its bytes decoded again: a far hash on the same bytes passes.
+    far = dataclasses.replace(copy, phash=copy.phash ^ ((1 << 64) - 1))
+    assert screen(far, index, ImageRejected) is far
+
+
+def test_check_cost_is_flat_in_the_number_of_hashes():
+    """One vectorised XOR + popcount: 100,000 evaluation hashes answer exactly like a loop over Python ints."""
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 100_000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    index = EvalHashIndex(hashes, [str(i) for i in range(len(hashes))], np.zeros(len(hashes), np.int32), ["big"])
+    probe = int(hashes[77_777]) ^ 0b1011  # 3 bits from one of them
+    assert index.check_hash(probe) == Match("big", "77777", 3)
+    assert min(bin(int(h) ^ probe).count("1") for h in hashes[:1000]) == int(index.distances(probe)[:1000].min())
 
 
 def test_eval_overlap_counts(tmp_path):
