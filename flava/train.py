@@ -254,7 +254,7 @@ def _diff_keys(a, b, prefix=""):
 def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Train until ``cfg.run.steps`` (resuming from the latest checkpoint in ``run_dir``). Returns a summary."""
     run_dir = Path(run_dir)
-    info = setup_distributed(cfg.run.device)
+    info = setup_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
     try:
         return _train(cfg, run_dir, info)
     finally:
