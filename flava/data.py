@@ -682,7 +682,8 @@ class SourceLoader:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-            persistent_workers=True, pin_memory=False,
+            # pinned host memory: otherwise the trainer's non_blocking copies to the GPU are synchronous
+            persistent_workers=True, pin_memory=torch.cuda.is_available(),
         )
         self._it = iter(loader)
 

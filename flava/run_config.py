@@ -119,6 +119,10 @@ class RunSection:
     # the other ranks wait in a barrier: NCCL's default 10 minutes is too short for a large corpus
     # (or train it first: `data.tokenizer=DIR` skips that wait).
     dist_timeout_minutes: int = 60
+    # torch.use_deterministic_algorithms(True) (and cuBLAS's fixed workspace): on GPU the default kernels (atomic
+    # adds in backward, SDPA, scatter) make a fresh run and a resume differ in the last bits; on CPU both already
+    # reproduce exactly. Costs speed; an op without a deterministic GPU kernel raises (docs/pretrain.md).
+    deterministic: bool = False
 
 
 @dataclass

@@ -257,9 +257,20 @@ def _diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def apply_determinism(deterministic: bool) -> None:
+    """``run.deterministic``: deterministic kernels everywhere (before CUDA creates its cuBLAS handles, which read
+    CUBLAS_WORKSPACE_CONFIG once)."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Train until ``cfg.run.steps`` (resuming from the latest checkpoint in ``run_dir``). Returns a summary."""
     run_dir = Path(run_dir)
+    apply_determinism(cfg.run.deterministic)
     info = setup_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
     try:
         return _train(cfg, run_dir, info)
