@@ -149,3 +149,17 @@ def test_every_loss_input_is_fp32_under_bf16_autocast(monkeypatch):
     assert pair.logits_per_image.dtype == pair.logits_per_text.dtype == torch.float32
     assert len(seen) >= 2 + 1 + 2 + 1 + 1  # contrastive (2), ITM, MMM (2), MIM, MLM
     assert set(seen) == {torch.float32}, seen
+
+
+def test_encoder_output_is_a_pytree_node():
+    """FSDP2 (torch < 2.13) hooks only the tensors pytree finds in a module's output: an encoder's EncoderOutput
+    must flatten to its tensors, or the encoder's parameters get no gradient on the lent machines' torch 2.11."""
+    import torch.utils._pytree as pytree
+
+    from flava.model import EncoderOutput
+
+    a, b = torch.zeros(1), torch.ones(1)
+    leaves, spec = pytree.tree_flatten((EncoderOutput(a, b), EncoderOutput(b, a)))
+    assert len(leaves) == 4 and leaves[0] is a and leaves[1] is b
+    back = pytree.tree_unflatten(leaves, spec)
+    assert isinstance(back[0], EncoderOutput) and back[1].hidden is b
