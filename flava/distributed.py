@@ -7,6 +7,7 @@ sharding and "who writes" from the global ``RANK``; the process group is formed 
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -36,8 +37,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device_pref: str = "auto") -> DistInfo:
-    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
+def setup_distributed(device_pref: str = "auto", timeout_minutes: int = 60) -> DistInfo:
+    """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group.
+    ``timeout_minutes`` bounds every collective (``run.dist_timeout_minutes``; NCCL's default is 10)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,7 +55,10 @@ def setup_distributed(device_pref: str = "auto") -> DistInfo:
         if local_world > 1:  # share the cores instead of oversubscribing them N times
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -115,6 +115,15 @@ def global_contrastive_loss(
     would be an exact duplicate of that row's positive (an identical "negative" logit). Image columns all stay.
     Returns ``(loss, logits_per_image [B, W*B], logits_per_text [B, W*B])``; excluded entries are ``-inf``.
     """
+    # fp32 whatever the caller's autocast: at a scale near 100 a bf16 logit moves in steps of 0.5, which quantises
+    # the softmax; under autocast a matmul of fp32 inputs would still run (and return) in bf16
+    with torch.autocast(image_embedding.device.type, enabled=False):
+        return _contrastive_fp32(image_embedding, text_embedding, logit_scale, pos_mask, global_backprop,
+                                 exclude_negative_texts, group)
+
+
+def _contrastive_fp32(image_embedding, text_embedding, logit_scale, pos_mask, global_backprop,
+                      exclude_negative_texts, group) -> tuple[Tensor, Tensor, Tensor]:
     u = F.normalize(image_embedding.float(), dim=-1)
     v = F.normalize(text_embedding.float(), dim=-1)
     batch = u.shape[0]
@@ -162,8 +171,10 @@ def masked_prediction_loss(
     targets = labels[selected]
     if targets.numel() == 0:
         return logits.sum() * 0.0, logits
-    return F.cross_entropy(logits.float(), targets), logits
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), targets), logits
 
 
 def itm_loss(itm_logits: Tensor, itm_labels: Tensor) -> Tensor:
-    return F.cross_entropy(itm_logits.float(), itm_labels.reshape(-1).long())
+    with torch.autocast(itm_logits.device.type, enabled=False):
+        return F.cross_entropy(itm_logits.float(), itm_labels.reshape(-1).long())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -112,6 +113,12 @@ class TransformerStack(nn.Module):
 class EncoderOutput:
     hidden: Tensor  # [B, N, D] last layer output before the final LayerNorm (fusion input)
     last_hidden_state: Tensor  # [B, N, D] after the final LayerNorm
+
+
+# FSDP2 finds the tensors of a module's output with pytree to hook its pre-backward (re-gather, reduce-scatter);
+# before torch 2.13 it did not look inside an unregistered dataclass, so an encoder's parameters could silently get
+# no gradient. Registered, both fields are pytree leaves on every torch version.
+pytree.register_dataclass(EncoderOutput)
 
 
 def _attn_mask(padding_mask: Tensor | None) -> Tensor | None:

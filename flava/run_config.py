@@ -115,6 +115,14 @@ class RunSection:
     # The contrastive softmax spans the whole global batch (all micro-batches of all ranks) through gradient
     # caching, as the paper's 8192-way loss; false: per micro-batch (global_batch / accumulation columns).
     contrastive_gradient_cache: bool = False
+    # The process group's collective timeout. Rank 0 trains the WordPiece vocabulary (data.tokenizer unset) while
+    # the other ranks wait in a barrier: NCCL's default 10 minutes is too short for a large corpus
+    # (or train it first: `data.tokenizer=DIR` skips that wait).
+    dist_timeout_minutes: int = 60
+    # torch.use_deterministic_algorithms(True) (and cuBLAS's fixed workspace): on GPU the default kernels (atomic
+    # adds in backward, SDPA, scatter) make a fresh run and a resume differ in the last bits; on CPU both already
+    # reproduce exactly. Costs speed; an op without a deterministic GPU kernel raises (docs/pretrain.md).
+    deterministic: bool = False
 
 
 @dataclass
@@ -192,6 +200,8 @@ class RunConfig:
             raise ConfigError(f"run.precision must be auto, fp32 or bf16, got {r.precision!r}")
         if r.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"run.device must be auto, cpu or cuda, got {r.device!r}")
+        if r.dist_timeout_minutes < 1:
+            raise ConfigError(f"run.dist_timeout_minutes must be >= 1, got {r.dist_timeout_minutes}")
         if r.checkpoint_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ConfigError("run: checkpoint_every, log_every and keep_checkpoints must be >= 1")
         if (self.model.preset == "flava_full" and self.model.codebook == "random" and not self.model.pretrained

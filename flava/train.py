@@ -154,12 +154,18 @@ class ContrastiveCache:
         return term
 
 
-def cache_contrastive(model: FlavaForPretraining, batches: list[dict], autocast) -> ContrastiveCache:
+def cache_contrastive(model: FlavaForPretraining, batches, autocast) -> tuple[ContrastiveCache, list[dict]]:
     """Gradient caching (Gao et al. 2021): embed every micro-batch without a graph, compute the contrastive loss
-    over all of them (gathered over ranks), and keep its gradient w.r.t. each embedding."""
+    over all of them (gathered over ranks), and keep its gradient w.r.t. each embedding. Each micro-batch is
+    embedded as it arrives (the device works while the loader prepares the next); returns the cache and the
+    micro-batches, for the second pass."""
     cfg = model.config
-    with torch.no_grad(), autocast:
-        outs = [model(**inputs, embeddings_only=True) for inputs in batches]
+    kept, outs = [], []
+    for inputs in batches:
+        kept.append(inputs)
+        with torch.no_grad(), autocast:
+            outs.append(model(**inputs, embeddings_only=True))
+    batches = kept
     images = torch.cat([o.image_embedding.float() for o in outs]).requires_grad_()
     texts = torch.cat([o.text_embedding.float() for o in outs]).requires_grad_()
     scale = outs[0].logit_scale.detach().float().clone().requires_grad_()
@@ -172,7 +178,8 @@ def cache_contrastive(model: FlavaForPretraining, batches: list[dict], autocast)
     loss = loss * cfg.loss_weights.global_contrastive
     loss.backward()
     sizes = [len(o.image_embedding) for o in outs]
-    return ContrastiveCache(loss.detach(), images.grad.split(sizes), texts.grad.split(sizes), scale.grad)
+    cache = ContrastiveCache(loss.detach(), images.grad.split(sizes), texts.grad.split(sizes), scale.grad)
+    return cache, batches
 
 
 def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool) -> dict[str, Tensor]:
@@ -184,8 +191,7 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
     """
     cache = None
     if cached:
-        batches = list(batches)
-        cache = cache_contrastive(model, batches, autocast)
+        cache, batches = cache_contrastive(model, batches, autocast)
     losses: dict[str, Tensor] = {}
     for micro, inputs in enumerate(batches):
         if sync:
@@ -251,10 +257,21 @@ def _diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def apply_determinism(deterministic: bool) -> None:
+    """``run.deterministic``: deterministic kernels everywhere (before CUDA creates its cuBLAS handles, which read
+    CUBLAS_WORKSPACE_CONFIG once)."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Train until ``cfg.run.steps`` (resuming from the latest checkpoint in ``run_dir``). Returns a summary."""
     run_dir = Path(run_dir)
-    info = setup_distributed(cfg.run.device)
+    apply_determinism(cfg.run.deterministic)
+    info = setup_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
     try:
         return _train(cfg, run_dir, info)
     finally:

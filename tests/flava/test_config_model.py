@@ -122,3 +122,44 @@ def test_fsdp2_fully_shard_single_process():
         model.clamp_logit_scale_()
     finally:
         dist.destroy_process_group()
+
+
+def test_every_loss_input_is_fp32_under_bf16_autocast(monkeypatch):
+    """At a logit scale near 100 a bf16 logit moves in steps of 0.5: every cross-entropy (contrastive, ITM, MIM,
+    MLM, MMM) must see fp32 logits on every batch kind, whatever autocast the caller runs under."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.cross_entropy
+
+    def spy(logits, target, *a, **kw):
+        seen.append(logits.dtype)
+        return real(logits, target, *a, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    cfg = tiny()
+    model = FlavaForPretraining(cfg)
+    batch = make_batch(cfg)
+    image_only = {k: batch[k] for k in ("pixel_values", "patch_mask", "image_token_ids")}
+    text_only = {k: batch[k] for k in ("input_ids_masked", "attention_mask", "mlm_labels")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pair = model(**batch)
+        model(**image_only)
+        model(**text_only)
+    assert pair.logits_per_image.dtype == pair.logits_per_text.dtype == torch.float32
+    assert len(seen) >= 2 + 1 + 2 + 1 + 1  # contrastive (2), ITM, MMM (2), MIM, MLM
+    assert set(seen) == {torch.float32}, seen
+
+
+def test_encoder_output_is_a_pytree_node():
+    """FSDP2 (torch < 2.13) hooks only the tensors pytree finds in a module's output: an encoder's EncoderOutput
+    must flatten to its tensors, or the encoder's parameters get no gradient on the lent machines' torch 2.11."""
+    import torch.utils._pytree as pytree
+
+    from flava.model import EncoderOutput
+
+    a, b = torch.zeros(1), torch.ones(1)
+    leaves, spec = pytree.tree_flatten((EncoderOutput(a, b), EncoderOutput(b, a)))
+    assert len(leaves) == 4 and leaves[0] is a and leaves[1] is b
+    back = pytree.tree_unflatten(leaves, spec)
+    assert isinstance(back[0], EncoderOutput) and back[1].hidden is b

@@ -191,3 +191,43 @@ def test_bad_data_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no shards"):
         Source("pairs", [str(empty)])
+
+
+def test_txt_units_are_read_linearly(tmp_path, monkeypatch):
+    """Each .txt unit seeks to its own chunk: a pass reads every line about once (a rescan from line 0 for every
+    unit read ~units/2 times as many), and the rows are exactly the file's lines, in order, CRLF or not."""
+    import builtins
+
+    import flava.data as fdata
+
+    monkeypatch.setattr(fdata, "_TEXT_CHUNK", 10)
+    lines = [f"line {i} é" for i in range(205)]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(("\r\n".join(lines[:100]) + "\r\n" + "\n".join(lines[100:]) + "\n").encode())
+    source = fdata.Source("text", [str(path)])
+    read = {"lines": 0}
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def seek(self, *a):
+            return self.fh.seek(*a)
+
+        def __iter__(self):
+            for line in self.fh:
+                read["lines"] += 1
+                yield line
+
+    monkeypatch.setattr(fdata, "open", lambda *a, **kw: Counting(builtins.open(*a, **kw)), raising=False)
+    units = source.split_units(30)  # more streams than chunks: units cut inside a chunk too
+    got = [t for u in units for t in source.read(u, ("text",))["text"]]
+    assert got == lines
+    # a cut unit skips at most the rest of its chunk; a rescan from line 0 would read ~4,300 lines here
+    assert read["lines"] <= 2 * len(lines) + len(units), (read["lines"], len(units))

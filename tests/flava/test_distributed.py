@@ -126,3 +126,26 @@ def test_world_size_one_process_group_is_single_process_loss(tmp_path):
     finally:
         dist.destroy_process_group()
     assert torch.equal(got, ref)
+
+
+def test_process_group_gets_the_configured_timeout(monkeypatch):
+    """Rank 0 may train the tokenizer while the others wait in a barrier: the group's timeout is
+    run.dist_timeout_minutes, not NCCL's 10-minute default."""
+    import datetime
+
+    from flava import distributed as fd
+    from flava.run_config import ConfigError, RunConfig
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    model = {"preset": "flava_full", "allow_random_codebook": True}  # the defaults' text lengths fit flava_full
+    cfg = RunConfig.from_dict({"model": model, "run": {"dist_timeout_minutes": 90}})
+    fd.setup_distributed("cpu", cfg.run.dist_timeout_minutes)
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(minutes=90)
+    assert RunConfig().run.dist_timeout_minutes == 60
+    with pytest.raises(ConfigError, match="dist_timeout_minutes"):
+        RunConfig.from_dict({"model": model, "run": {"dist_timeout_minutes": 0}})

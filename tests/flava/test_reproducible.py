@@ -49,7 +49,7 @@ def test_merges_by_count_then_text():
 
 
 @pytest.mark.slow
-def test_two_fresh_runs_under_different_hash_seeds_are_identical(tmp_path):
+def test_two_fresh_cpu_runs_under_different_hash_seeds_are_identical(tmp_path):
     """No data.tokenizer: each run learns its vocabulary from the captions, then trains 2 steps."""
     data = make_build(tmp_path / "data", n=48, seed=5, size=32, shards=1, row_group_size=16)
     runs = []

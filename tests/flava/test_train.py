@@ -120,7 +120,7 @@ def _cli(*args, timeout=240) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_stop_and_resume_two_processes_matches_uninterrupted(data, tokenizer_dir, tmp_path):
+def test_stop_and_resume_two_cpu_gloo_processes_matches_uninterrupted(data, tokenizer_dir, tmp_path):
     """`--steps 5` then `--steps 9` on 2 processes (gloo, FSDP2, 2 dataloader workers each: the resume lands
     mid-round-robin) gives exactly the losses of a fresh `--steps 9`. Mixed kinds (pairs/images/text)."""
     common = ["train", "--config", "tiny", "--data", str(data), "--nproc", "2", "run.progress=false",
@@ -176,3 +176,22 @@ def test_throughput_samples_per_second_and_mfu_since_the_last_log():
     t.add(64, 3e12)
     # at 24 s: 128 samples in 4 s; 4e12 FLOPs in 4 s over 2 devices of 1e12 FLOP/s peak each
     assert t.record() == {"samples_per_s": 32.0, "mfu": 0.5}
+
+
+def test_run_deterministic_switches_on_deterministic_algorithms(monkeypatch):
+    """run.deterministic=true: torch.use_deterministic_algorithms and cuBLAS's fixed workspace (what makes a GPU
+    resume bit-exact; see docs/pretrain.md); false leaves torch's defaults alone."""
+    import torch
+
+    from flava.train import apply_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        apply_determinism(False)
+        assert torch.are_deterministic_algorithms_enabled() == before
+        apply_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)

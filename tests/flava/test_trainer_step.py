@@ -319,3 +319,35 @@ def test_every_collective_of_a_run_gets_device_tensors(tmp_path):
         # the step-end stop flag, the logged losses, the contrastive gathers, FSDP and the checkpoint all ran
         assert {"all_reduce", "all_gather"} <= set(res["seen"]), res["seen"]
     assert (run_dir / "checkpoints").is_dir()
+
+
+def test_cached_step_consumes_micro_batches_as_they_arrive_and_equals_one_big_batch():
+    """Gradient caching embeds each micro-batch when it arrives (no list(batches) first: the device would idle
+    through the whole step's loading), and its gradient equals that of one uncached batch ACCUM times larger."""
+    model = _model()
+    parts = _micro_batches(model.config, 0)
+    embedded = {"n": 0}
+    real_forward = model.forward
+
+    def counting_forward(*a, **kw):
+        embedded["n"] += bool(kw.get("embeddings_only"))
+        return real_forward(*a, **kw)
+
+    model.forward = counting_forward
+
+    def arriving():
+        for i, b in enumerate(parts):
+            assert embedded["n"] == i, f"micro-batch {i} fetched after {embedded['n']} embedding passes"
+            yield b
+
+    nothing = contextlib.nullcontext()
+    cached = forward_backward(model, arriving(), ACCUM, nothing, sync=False, cached=True)
+    assert embedded["n"] == ACCUM
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    big = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    ref = forward_backward(model, [big], 1, nothing, sync=False, cached=False)
+    torch.testing.assert_close(cached["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
