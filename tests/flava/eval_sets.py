@@ -56,6 +56,7 @@ def write_karpathy(root: Path, n_test: int = 20, n_train: int = 4, flickr: bool 
     """A Karpathy split file (COCO's layout, or Flickr30k's with bare file names) and the images (a zip for COCO,
     ``flickr30k-images/`` for Flickr30k); returns ``(json path, image path, [(jpeg, [captions])] of the test split
     whose image is present)``. The last ``missing`` test images are left out of the archive."""
+    root.mkdir(parents=True, exist_ok=True)
     rows = make_rows(n_test + n_train, seed=11, size=32)
     records, members, present = [], {}, []
     for i, r in enumerate(rows):
