@@ -44,7 +44,7 @@ class TaskConfig:
     karpathy_dataset: str | None = None
     images: list[str] = field(default_factory=list)
     # zero-shot
-    classes: str | None = None  # "imagenet", a file, or "a,b,c"
+    classes: str | None = None  # "imagenet", a file, or "a,b,c" (a linear probe on PMD shards labels by these)
     templates: str | None = None  # "imagenet" (default), "single", a file, or "a {}|b {}"
     format: str | None = None
     label_column: str = "label"
@@ -144,7 +144,8 @@ def run_task(task: TaskConfig, lm, device: str = "cpu") -> dict:
                                  label_key=task.label_key, split=task.split, limit=task.limit, device=device,
                                  fmt=task.format, label_column=task.label_column, lm=lm)
     return linear_probe.run(None, task.train, task.test, fmt=task.format, label_column=task.label_column,
-                            limit=task.limit, device=device, save_embeddings=task.save_embeddings, lm=lm)
+                            classes=load_classes(task.classes) if task.classes else None, limit=task.limit,
+                            device=device, save_embeddings=task.save_embeddings, lm=lm)
 
 
 def run_suite(model_path: str | os.PathLike, config: SuiteConfig | str | os.PathLike, out: str | os.PathLike,
