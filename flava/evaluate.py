@@ -157,8 +157,7 @@ def karpathy_rows(karpathy: str | os.PathLike, images: list[str], split: str = "
                   limit: int | None = None):
     """``(image ref, bytes or None, caption)`` of a Karpathy split (COCO / Flickr30k test, every caption), the
     images read from their archives or folder by pmd.eval_sets; ``limit`` counts images."""
-    from pmd.eval_sets import iter_karpathy_split
-    from pmd.sources.base import InputError
+    from pmd.eval_sets import EvalSetError, iter_karpathy_split
 
     try:
         for n, (entry, data, error) in enumerate(iter_karpathy_split(karpathy, images, split, dataset)):
@@ -168,7 +167,7 @@ def karpathy_rows(karpathy: str | os.PathLike, images: list[str], split: str = "
                 log.warning("%s: %s", entry.ref, error)
             for caption in entry.captions:
                 yield entry.ref, data, caption
-    except InputError as e:
+    except EvalSetError as e:
         raise DataError(str(e)) from None
 
 

@@ -29,6 +29,11 @@ KARPATHY_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.j
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
+class EvalSetError(ValueError):
+    """An evaluation set that cannot be read (the message names the file); callers outside pmd catch this, not
+    pmd.sources' InputError."""
+
+
 @dataclass(frozen=True, slots=True)
 class KarpathyImage:
     ref: str  # the image's member path as the split file names it
@@ -36,6 +41,13 @@ class KarpathyImage:
 
 
 def karpathy_images(path: Path | str, split: str = "test", dataset: str | None = None) -> list[KarpathyImage]:
+    try:
+        return _karpathy_images(path, split, dataset)
+    except InputError as e:
+        raise EvalSetError(str(e)) from None
+
+
+def _karpathy_images(path: Path | str, split: str = "test", dataset: str | None = None) -> list[KarpathyImage]:
     """The images of one split of a Karpathy split file, in file order, each with its raw captions.
 
     ``dataset`` picks the member of `caption_datasets.zip` (coco, flickr30k, flickr8k); for a plain JSON file it is
@@ -88,6 +100,9 @@ def iter_karpathy_split(
     tars, folders: pmd.archives). ``error`` (``missing_member: ...`` etc.) when an image cannot be read; the
     caller counts it."""
     entries = karpathy_images(path, split, dataset)
+    missing = [str(p) for p in images if not Path(p).exists()]
+    if missing:
+        raise EvalSetError(f"image archive(s) or folder(s) not found: {missing}")
     index = ArchiveIndex.build([Path(p) for p in images])
     try:
         by_base: dict[str, str | None] = {}
@@ -116,4 +131,5 @@ def iter_karpathy_split(
         index.close()
 
 
-__all__ = ["KARPATHY_FILES", "KARPATHY_SPLITS", "KarpathyImage", "iter_karpathy_split", "karpathy_images"]
+__all__ = ["EvalSetError", "KARPATHY_FILES", "KARPATHY_SPLITS", "KarpathyImage", "iter_karpathy_split",
+           "karpathy_images"]

@@ -96,6 +96,9 @@ def test_karpathy_zip_needs_the_dataset_and_counts_the_split(hf_dir, tmp_path, c
     assert "unknown Karpathy split" in capsys.readouterr().err
     assert main(["eval", "retrieval", "--checkpoint", str(hf_dir), "--karpathy", str(coco_json)]) == 2
     assert "needs the images" in capsys.readouterr().err
+    assert main(["eval", "retrieval", "--checkpoint", str(hf_dir), "--karpathy", str(coco_json), "--images",
+                 str(tmp_path / "nowhere.zip")]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
 def _suite_files(tmp_path: Path) -> Path:
