@@ -2,7 +2,11 @@
 
     flava train --config configs/tiny.yaml --data BUILD --out RUN [--steps N] [--nproc N] [key=value ...]
     flava eval retrieval --checkpoint RUN --data SHARDS [--split test] [--save-embeddings FILE.npz] [--json]
+    flava eval retrieval --checkpoint RUN --karpathy caption_datasets.zip --karpathy-dataset coco --images val2014.zip
     flava eval zeroshot --checkpoint RUN --data SHARDS --classes "red circle,blue square" [--single-template] [--json]
+    flava eval zeroshot --checkpoint RUN --data IMAGEFOLDER|TARS|PARQUET --classes imagenet [--templates FILE]
+    flava eval linear-probe --checkpoint RUN --train DATA --test DATA [--save-embeddings FILE.npz] [--json]
+    flava eval suite --checkpoint RUN --config eval.toml --out DIR [--paper]
     flava tokenizer train --data SHARDS --out DIR [--vocab-size N]
     flava export --checkpoint RUN --out DIR
     flava fetch-assets --config CONFIG --to DIR [key=value ...]
@@ -16,6 +20,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from pmd import redact
 
@@ -49,24 +54,52 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="zero-shot evaluation")
     esub = e.add_subparsers(dest="eval_command", required=True)
-    for name, helptext in (("retrieval", "image-text retrieval R@1/5/10"), ("zeroshot", "zero-shot classification")):
+    for name, helptext in (("retrieval", "image-text retrieval R@1/5/10"), ("zeroshot", "zero-shot classification"),
+                           ("linear-probe", "logistic regression on frozen image features (CLIP's protocol)"),
+                           ("suite", "the tasks of an eval.toml: one JSON and a Markdown table")):
         q = esub.add_parser(name, help=helptext)
         q.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or transformers FLAVA dir/name")
-        q.add_argument("--data", nargs="+", required=True, help="pair shards (held-out)")
-        q.add_argument("--split", default=None, help="only rows whose split column equals this")
-        q.add_argument("--limit", type=int, default=None, help="at most this many pair rows (default: the whole split)")
         q.add_argument("--device", default="cpu")
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "suite":
+            q.add_argument("--config", required=True, help="the suite's TOML file (example: configs/eval.toml)")
+            q.add_argument("--out", required=True, help="directory for results.json and results.md")
+            q.add_argument("--paper", action=argparse.BooleanOptionalAction, default=None,
+                           help="show the paper's figures (default: when the checkpoint is the published model)")
+            continue
+        q.add_argument("--limit", type=int, default=None, help="at most this many rows (default: the whole split)")
+        if name == "linear-probe":
+            q.add_argument("--train", nargs="+", required=True, help="labelled train split (any zeroshot format)")
+            q.add_argument("--test", nargs="+", required=True, help="labelled test split")
+            q.add_argument("--format", default=None,
+                           help="imagefolder, webdataset, parquet or shards (default: detected)")
+            q.add_argument("--label-column", default="label", help="Parquet label column")
+            q.add_argument("--seed", type=int, default=0, help="the held-out validation part's draw")
+            q.add_argument("--save-embeddings", default=None, metavar="FILE.npz",
+                           help="cache the features here; an existing file is read instead of running the model")
+            continue
+        q.add_argument("--data", nargs="+", default=None if name == "retrieval" else argparse.SUPPRESS,
+                       required=name != "retrieval", help="held-out pair shards, or a labelled image set")
+        q.add_argument("--split", default=None, help="only rows whose split column equals this")
         if name == "retrieval":
             q.add_argument("--save-embeddings", default=None, metavar="FILE.npz",
                            help="write image_embeddings, text_embeddings and text_image_index (each text's image)")
+            q.add_argument("--karpathy", default=None, help="Karpathy's dataset_coco.json / dataset_flickr30k.json "
+                                                           "or caption_datasets.zip (then --split defaults to test)")
+            q.add_argument("--karpathy-dataset", default=None, help="coco or flickr30k: the member of a zip")
+            q.add_argument("--images", nargs="+", default=None, help="the Karpathy split's image archives/folders")
         if name == "zeroshot":
-            q.add_argument("--classes", required=True, help="comma-separated class names, or a file with one a line")
+            q.add_argument("--classes", required=True,
+                           help="'imagenet' (bundled), comma-separated class names, or a file with one a line")
             q.add_argument("--templates", default=None,
-                           help="'|'-separated prompt templates with {} (default: CLIP's 80 ImageNet templates)")
+                           help="'|'-separated prompt templates with {}, a file, or 'imagenet' "
+                                "(default: CLIP's 80 ImageNet templates)")
             q.add_argument("--single-template", action="store_true",
                            help="only 'a photo of a {}.' instead of the 80-template ensemble")
             q.add_argument("--label-key", default="label", help="key of the true label in the meta JSON column")
+            q.add_argument("--format", default=None,
+                           help="imagefolder, webdataset, parquet or shards (default: detected)")
+            q.add_argument("--label-column", default="label", help="Parquet label column")
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tok_command", required=True)
@@ -140,24 +173,35 @@ def _cmd_eval(args) -> int:
     from .assets import check_model_arg
 
     check_model_arg(args.checkpoint)
+    if args.eval_command == "suite":
+        from .eval_suite import RESULTS_JSON, RESULTS_MD, run_suite
+
+        res = run_suite(args.checkpoint, args.config, args.out, device=args.device, paper=args.paper)
+        if args.json:
+            print(json.dumps(res, default=str))
+        else:
+            print((Path(args.out) / RESULTS_MD).read_text(), end="")
+            print(f"results: {Path(args.out) / RESULTS_JSON}")
+        return 0
     limit = args.limit or None
     if args.eval_command == "retrieval":
         res = evaluate.retrieval(args.checkpoint, args.data, split=args.split, limit=limit, device=args.device,
-                                 save_embeddings=args.save_embeddings)
-    else:
-        classes = args.classes
-        if os.path.isfile(classes):
-            with open(classes) as f:
-                names = [line.strip() for line in f if line.strip()]
-        else:
-            names = [c.strip() for c in classes.split(",") if c.strip()]
-        from .templates import SINGLE_TEMPLATE
+                                 save_embeddings=args.save_embeddings, karpathy=args.karpathy, images=args.images,
+                                 karpathy_dataset=args.karpathy_dataset)
+    elif args.eval_command == "linear-probe":
+        from .linear_probe import run
 
-        templates = args.templates.split("|") if args.templates else None
-        if templates is None and args.single_template:
-            templates = [SINGLE_TEMPLATE]
-        res = evaluate.zeroshot(args.checkpoint, args.data, names, templates, label_key=args.label_key,
-                                split=args.split, limit=limit, device=args.device)
+        res = run(args.checkpoint, args.train, args.test, fmt=args.format, label_column=args.label_column,
+                  limit=limit, device=args.device, save_embeddings=args.save_embeddings, seed=args.seed)
+    else:
+        from .eval_data import load_classes, load_templates
+
+        templates = load_templates(args.templates)
+        if args.templates is None and args.single_template:
+            templates = load_templates("single")
+        res = evaluate.zeroshot(args.checkpoint, args.data, load_classes(args.classes), templates,
+                                label_key=args.label_key, split=args.split, limit=limit, device=args.device,
+                                fmt=args.format, label_column=args.label_column)
     _print_result(res, args.json)
     return 0
 

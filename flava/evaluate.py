@@ -6,7 +6,6 @@ transformers FLAVA directory / hub name (e.g. RUN/final or facebook/flava-full, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -150,13 +149,39 @@ def retrieval_embeddings(
     """Embed each distinct image once and every caption: ``(image_emb [I, D], text_emb [T, D], text_image [T],
     counts)``. Images are embedded as they stream by (only a batch of pixels is held); captions of an image that
     does not decode are dropped and counted."""
+    rows = ((key, img, text) for key, img, text, _ in iter_eval_rows(list(data), split=split, limit=limit))
+    return pair_embeddings(lm, rows, device=device, batch_size=batch_size)
+
+
+def karpathy_rows(karpathy: str | os.PathLike, images: list[str], split: str = "test", dataset: str | None = None,
+                  limit: int | None = None):
+    """``(image ref, bytes or None, caption)`` of a Karpathy split (COCO / Flickr30k test, every caption), the
+    images read from their archives or folder by pmd.eval_sets; ``limit`` counts images."""
+    from pmd.eval_sets import EvalSetError, iter_karpathy_split
+
+    try:
+        for n, (entry, data, error) in enumerate(iter_karpathy_split(karpathy, images, split, dataset)):
+            if limit is not None and n >= limit:
+                return
+            if error:
+                log.warning("%s: %s", entry.ref, error)
+            for caption in entry.captions:
+                yield entry.ref, data, caption
+    except EvalSetError as e:
+        raise DataError(str(e)) from None
+
+
+@torch.no_grad()
+def pair_embeddings(lm: LoadedModel, rows, device="cpu", batch_size: int = 64,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """:func:`retrieval_embeddings` of any ``(image key, image bytes or None, caption)`` stream."""
     size = lm.model.config.image.image_size
     index: dict[str, int] = {}  # image key -> row in image_emb; -1 = undecodable
     pending: list[np.ndarray] = []
     img_out: list[torch.Tensor] = []
     texts: list[str] = []
     text_keys: list[str] = []
-    rows = dropped = n_images = 0
+    n_rows = dropped = n_images = 0
 
     def flush() -> None:
         if pending:
@@ -164,10 +189,12 @@ def retrieval_embeddings(
             img_out.append(F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1).cpu())
             pending.clear()
 
-    for key, img, text, _ in iter_eval_rows(list(data), split=split, limit=limit):
-        rows += 1
+    for key, img, text in rows:
+        n_rows += 1
         if key not in index:
             try:
+                if img is None:
+                    raise ValueError("unreadable")
                 pending.append(decode_eval(img, size))
             except Exception:  # noqa: BLE001 - an undecodable image is dropped and counted
                 index[key] = -1
@@ -186,8 +213,36 @@ def retrieval_embeddings(
     image_emb = torch.cat(img_out) if img_out else torch.zeros(0, dim)
     text_emb = embed_texts(lm, texts, device=device).cpu()
     text_image = torch.tensor([index[k] for k in text_keys], dtype=torch.long)
-    counts = {"rows": rows, "undecodable_images": sum(1 for v in index.values() if v < 0), "dropped_texts": dropped}
+    counts = {"rows": n_rows, "undecodable_images": sum(1 for v in index.values() if v < 0), "dropped_texts": dropped}
     return image_emb, text_emb, text_image, counts
+
+
+@torch.no_grad()
+def image_features(lm: LoadedModel, images, device="cpu", batch_size: int = 64) -> tuple[torch.Tensor, list[int]]:
+    """L2-normalised image embeddings of a stream of image bytes: ``(features [N, D], undecodable positions)``."""
+    size = lm.model.config.image.image_size
+    pending: list[np.ndarray] = []
+    out: list[torch.Tensor] = []
+    bad: list[int] = []
+
+    def flush() -> None:
+        if pending:
+            px = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).to(device)
+            out.append(F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1).cpu())
+            pending.clear()
+
+    for i, img in enumerate(images):
+        try:
+            if img is None:
+                raise ValueError("no image")
+            pending.append(decode_eval(img, size))
+        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted by the caller
+            bad.append(i)
+            continue
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return (torch.cat(out) if out else torch.zeros(0, lm.model.config.projection_dim)), bad
 
 
 @torch.no_grad()
@@ -203,16 +258,32 @@ def class_embeddings(lm: LoadedModel, classes: list[str], templates, device="cpu
 
 def retrieval(
     model_path: str | os.PathLike, data: list[str], split: str | None = None, limit: int | None = None,
-    device: str = "cpu", save_embeddings: str | os.PathLike | None = None,
+    device: str = "cpu", save_embeddings: str | os.PathLike | None = None, karpathy: str | os.PathLike | None = None,
+    images: list[str] | None = None, karpathy_dataset: str | None = None, lm: LoadedModel | None = None,
 ) -> dict:
     """Zero-shot image-text retrieval on the pairs of ``data`` (the whole split unless ``limit`` rows): images
     deduplicated, every caption kept, R@1/5/10 both ways by :func:`retrieval_ranks`. ``save_embeddings`` writes an
     ``.npz`` with ``image_embeddings``, ``text_embeddings`` and ``text_image_index`` (each text's image row), from
-    which :func:`retrieval_metrics` recomputes every figure."""
-    lm = load_for_eval(model_path, device)
-    image_emb, text_emb, text_image, counts = retrieval_embeddings(lm, data, split=split, limit=limit, device=device)
+    which :func:`retrieval_metrics` recomputes every figure.
+
+    With ``karpathy`` (Karpathy's split file, or caption_datasets.zip with ``karpathy_dataset``) the pairs are that
+    file's ``split`` (default test: COCO 5k / Flickr30k 1k) and the images are read from ``images`` (archives or
+    folders); ``data`` is then unused."""
+    lm = lm or load_for_eval(model_path, device)
+    if karpathy is not None:
+        if not images:
+            raise DataError("a Karpathy split file needs the images: give the image archive(s) or folder")
+        rows = karpathy_rows(karpathy, images, split or "test", karpathy_dataset, limit)
+        image_emb, text_emb, text_image, counts = pair_embeddings(lm, rows, device=device)
+        where = f"{karpathy} ({split or 'test'} split)"
+    else:
+        if not data:
+            raise DataError("no data: give held-out shards, or a Karpathy split file and its images")
+        image_emb, text_emb, text_image, counts = retrieval_embeddings(lm, data, split=split, limit=limit,
+                                                                       device=device)
+        where = f"{list(data)}" + (f" with split={split!r}" if split else "")
     if not len(text_emb):
-        raise DataError(f"no pairs found in {list(data)}" + (f" with split={split!r}" if split else ""))
+        raise DataError(f"no pairs found in {where}")
     if save_embeddings is not None:
         out = Path(save_embeddings)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,50 +299,51 @@ def retrieval(
 def zeroshot(
     model_path: str | os.PathLike, data: list[str], classes: list[str], templates: list[str] | None = None,
     label_key: str = "label", split: str | None = None, limit: int | None = None, device: str = "cpu",
+    fmt: str | None = None, label_column: str = "label", lm: LoadedModel | None = None,
 ) -> dict:
     """Classify images against prompts built from ``classes``. ``templates`` default to CLIP's 80 ImageNet prompts
-    (``flava.templates.IMAGENET_TEMPLATES``), ensembled as CLIP does (:func:`class_embeddings`). The true label of a
-    row is ``meta[label_key]`` when the shard's meta JSON has it, else the longest class name in its caption."""
+    (``flava.templates.IMAGENET_TEMPLATES``), ensembled as CLIP does (:func:`class_embeddings`). ``data`` is any of
+    flava.eval_data's formats (image folders, WebDataset tars, Parquet with ``label_column``, PMD shards whose label
+    is ``meta[label_key]`` or the longest class name in the caption)."""
+    from .eval_data import LabelMap, folder_names, iter_labelled
+
     templates = list(templates or IMAGENET_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DataError(f"prompt template(s) without a {{}} for the class name: {bad}")
-    lm = load_for_eval(model_path, device)
+    to_index = LabelMap(classes, folder_names(data, fmt))
+    lm = lm or load_for_eval(model_path, device)
     weights = class_embeddings(lm, classes, templates, device=device)
-    by_len = sorted(range(len(classes)), key=lambda i: -len(classes[i]))
     k5 = min(5, len(classes))
-    size = lm.model.config.image.image_size
     counts = {"n": 0, "top1": 0, "top5": 0, "rows": 0, "unlabelled": 0, "undecodable": 0}
-    pixels: list[np.ndarray] = []
+    images: list[bytes] = []
     labels: list[int] = []
 
     def flush() -> None:  # images are scored a batch at a time: nothing of the split is held
-        if not pixels:
+        if not images:
             return
-        px = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
-        with torch.no_grad():
-            img = F.normalize(lm.model.encode_image(normalize_images(px)).float(), dim=-1)
-        top = (img @ weights.to(img.device).t()).topk(k5, dim=1).indices.cpu()
-        y = torch.tensor(labels)
-        counts["n"] += len(y)
-        counts["top1"] += int((top[:, 0] == y).sum())
-        counts["top5"] += int((top == y[:, None]).any(1).sum())
-        pixels.clear()
+        img, bad_pos = image_features(lm, images, device=device)
+        counts["undecodable"] += len(bad_pos)
+        drop = set(bad_pos)
+        y = torch.tensor([lab for i, lab in enumerate(labels) if i not in drop], dtype=torch.long)
+        if len(y):
+            top = (img.to(weights.device) @ weights.t()).topk(k5, dim=1).indices.cpu()
+            counts["n"] += len(y)
+            counts["top1"] += int((top[:, 0] == y).sum())
+            counts["top5"] += int((top == y[:, None]).any(1).sum())
+        images.clear()
         labels.clear()
 
-    for _, image, text, meta in iter_eval_rows(list(data), split=split, limit=limit):
+    for image, raw in iter_labelled(list(data), fmt, classes, label_column=label_column, split=split, limit=limit,
+                                    label_key=label_key):
         counts["rows"] += 1
-        label = _label(meta, text, classes, by_len, label_key)
+        label = to_index(raw)
         if label is None:
             counts["unlabelled"] += 1
             continue
-        try:
-            pixels.append(decode_eval(image, size))
-        except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted
-            counts["undecodable"] += 1
-            continue
+        images.append(image)
         labels.append(label)
-        if len(pixels) >= 64:
+        if len(images) >= 64:
             flush()
     flush()
     n = counts["n"]
@@ -282,16 +354,3 @@ def zeroshot(
         "n": n, "rows": counts["rows"], "unlabelled": counts["unlabelled"], "undecodable": counts["undecodable"],
         "classes": len(classes), "chance_top1": 1.0 / len(classes), "model": lm.source,
     }
-
-
-def _label(meta: str | None, text: str, classes: list[str], by_len: list[int], label_key: str) -> int | None:
-    """The class of a row: ``meta[label_key]`` when it names a class, else the longest class name in the caption."""
-    if meta:
-        try:
-            value = json.loads(meta).get(label_key)
-            if value in classes:
-                return classes.index(value)
-        except (ValueError, AttributeError):
-            pass
-    low = text.lower()
-    return next((c for c in by_len if classes[c].lower() in low), None)

@@ -5,7 +5,8 @@
 2. serve the URL images from a loopback HTTP server (some broken on purpose);
 3. `pmd build` all of it into one shuffled corpus on the embedded Ray, then `pmd verify` and `pmd stats` with a
    report;
-4. train the tiny FLAVA with 2 processes (FSDP2, gloo) and evaluate zero-shot retrieval on held-out pairs;
+4. train the tiny FLAVA with 2 processes (FSDP2, gloo), evaluate zero-shot retrieval on held-out pairs, and end
+   with `flava eval suite`'s table (retrieval, zero-shot classification, linear probe) on the held-out images;
 5. say where everything is and what to try next.
 Every figure printed is computed by the run itself.
 """
@@ -77,6 +78,35 @@ def _heldout(build: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out / "heldout.parquet")
     return frame.height
+
+
+def _probe_train(build: Path, out: Path) -> int:
+    """One row per COCO train-split image: the linear probe's train set (its labels are the captions' classes)."""
+    frame = (pl.scan_parquet(sorted((build / "shards").glob("*.parquet")))
+             .filter((pl.col(schema.SOURCE) == "coco") & (pl.col(schema.SPLIT) == "train"))
+             .sort(schema.KEY).unique(subset=[schema.IMAGE_REF], keep="first", maintain_order=True)
+             .collect())
+    out.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out / "train.parquet")
+    return frame.height
+
+
+def _suite_config(out: Path) -> Path:
+    """The demo's `flava eval suite` file: retrieval, zero-shot and a linear probe, all on the held-out images."""
+    import tomli_w
+
+    from pmd_demo.drawings import COLOURS, SHAPES
+
+    classes = ",".join(f"{c} {s}" for s in SHAPES for c in COLOURS)
+    heldout = str(out / "heldout")
+    cfg = {"suite": {"name": "demo held-out evaluations"},
+           "task": [{"name": "coco_test_retrieval", "kind": "retrieval", "data": [heldout]},
+                    {"name": "shapes_zeroshot", "kind": "zeroshot", "data": [heldout], "classes": classes},
+                    {"name": "shapes_linear_probe", "kind": "linear_probe", "train": [str(out / "probe_train")],
+                     "test": [heldout], "classes": classes}]}
+    path = out / "eval.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    return path
 
 
 def _flava(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -168,10 +198,32 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     summary.update(train={"steps": last["step"], "first_loss": first["loss"], "last_loss": last["loss"]},
                    retrieval=retrieval, heldout_pairs=heldout_n, timings=timings)
 
+    # the whole suite on the held-out images: one JSON and one Markdown table (docs/pretrain.md, Evaluation)
+    t = time.perf_counter()
+    probe_n = _probe_train(build, out / "probe_train")
+    suite_cfg = _suite_config(out)
+    suite = _flava(["eval", "suite", "--checkpoint", str(run), "--config", str(suite_cfg), "--out",
+                    str(out / "eval"), "--json"], env)
+    timings["suite_s"] = time.perf_counter() - t
+    if suite.returncode != 0:
+        raise RuntimeError(f"flava eval suite failed ({suite.returncode}):\n{suite.stderr[-4000:]}")
+    from flava.eval_suite import table_rows
+
+    results = json.loads(suite.stdout.strip().splitlines()[-1])
+    table = Table(title=f"flava eval suite on the held-out images ({out / 'eval' / 'results.md'}; "
+                        f"linear probe trained on {probe_n} COCO train images)")
+    for col in ("task", "figure", "ours (%)"):
+        table.add_column(col, justify="left" if col != "ours (%)" else "right")
+    for name, fig, ours, _ in table_rows(results):
+        table.add_row(name, fig, f"{100 * ours:.1f}")
+    console.print(table)
+    summary["suite"] = results
+
     console.rule("[bold]5. where everything is")
     places = {"upstream files": inputs, "build config": config_path, "shards": build / "shards",
               "manifest": build / "manifest.json", "failures": build / "failures", "report": written["html"],
-              "training run": run, "metrics": run / "metrics.jsonl", "held-out pairs": out / "heldout"}
+              "training run": run, "metrics": run / "metrics.jsonl", "held-out pairs": out / "heldout",
+              "eval suite": out / "eval"}
     for what, where in places.items():
         console.print(f"  {what:>15}: {where}")
     console.print("next: "

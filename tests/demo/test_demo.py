@@ -50,6 +50,12 @@ def test_demo_runs_the_whole_chain_and_learns(tmp_path, capsys):
     for path in ("report/report.html", "report/composition.png", "build/manifest.json", "run/metrics.jsonl"):
         assert (out / path).exists(), path
     assert "zero-shot retrieval" in printed and "where everything is" in printed
+    # the demo ends with `flava eval suite` on the same held-out images: its retrieval is the figure above
+    suite = summary["suite"]["tasks"]
+    assert {k: suite["coco_test_retrieval"]["result"][k] for k in ("i2t_r1", "t2i_r5")} == \
+        {k: retrieval[k] for k in ("i2t_r1", "t2i_r5")}
+    assert suite["shapes_zeroshot"]["result"]["n"] == 18 and suite["shapes_linear_probe"]["result"]["n_test"] == 18
+    assert (out / "eval" / "results.md").is_file() and "flava eval suite" in printed
 
 
 def test_demo_config_validation(tmp_path):
