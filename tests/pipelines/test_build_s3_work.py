@@ -116,7 +116,7 @@ def test_a_build_on_s3_killed_in_each_phase_resumes_to_the_same_bytes(reference)
     """One run per phase, each killed there and the next resuming what it left (then killed in the next phase);
     the last run finishes. Every phase's work is thus resumed from a kill -9 once."""
     root, local = reference
-    out = "s3://pmd/killed"
+    out = "s3://pmd/killed-in-each-phase"  # moto's state is per process: test_build_s3 uses pmd/killed
     for phase, kill_at in PHASES.items():
         killed = pmd_build(root, out, kill_at=kill_at)
         assert killed.returncode == -9, (phase, killed.returncode, killed.stderr[-3000:])
