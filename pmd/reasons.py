@@ -63,6 +63,9 @@ class Reason(StrEnum):
     DOWNLOAD_ERROR = "download_error"
     REDIRECT_ERROR = "redirect_error"
     OPTED_OUT = "opted_out"  # X-Robots-Tag noai/noimageai/noindex/noimageindex
+    ROBOTS_DISALLOWED = "robots_disallowed"  # robots.txt disallows the URL (pmd.robots); never requested
+    ROBOTS_UNAVAILABLE = "robots_unavailable"  # robots.txt answered 5xx: disallowed for now, transient
+    PLACEHOLDER = "placeholder"  # a host's stand-in for a removed image (pmd.placeholders)
 
     # -- decode and check (pmd.images)
     DECODE_ERROR = "decode_error"

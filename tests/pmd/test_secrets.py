@@ -121,4 +121,4 @@ def test_no_secret_in_any_file_or_output(tmp_path, monkeypatch, capfd):
     assert any(name.endswith(".tar") for name in files) and any("shards/shard-" in name for name in files)
     assert any("events.out.tfevents" in name for name in files), sorted(files)
     assert f"pmd stats: error: memory://{redact.MASK}@bucket/build" in captured.err
-    assert f"input https:/{redact.MASK}@127.0.0.1:9/cc12m.tsv does not exist" in captured.err
+    assert f"https://{redact.MASK}@127.0.0.1:9/cc12m.tsv does not exist" in captured.err
