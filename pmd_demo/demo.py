@@ -80,7 +80,7 @@ def _heldout(build: Path, out: Path) -> int:
 
 
 def _flava(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flava.cli", *args]
+    cmd = [sys.executable, "-m", "pmd_cli.flava", *args]
     log.info("running %s", " ".join(cmd))
     return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pmd import atomic, schema
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.shards import verify
 from pmd.stats import locate_build
 from pmd.takedown import TakedownError, apply, read_request

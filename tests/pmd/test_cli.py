@@ -1,6 +1,6 @@
 import json
 
-from pmd.cli import main
+from pmd_cli.pmd import main
 from tests.real_fixtures import REAL
 
 
@@ -36,7 +36,7 @@ def test_errors_name_the_problem_and_exit_nonzero(tmp_path, capsys):
 
 
 def test_build_config_errors_and_the_one_exit_code_table(tmp_path, capsys):
-    from pmd.cli import exit_code
+    from pmd_cli.pmd import exit_code
 
     bad = tmp_path / "b.toml"
     bad.write_text('shard_rowz = 5\n[[sources]]\nname = "coco"\ninputs = ["x"]\n')

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
 
-    from pmd import cli_stats
+    from pmd_cli import stats as cli_stats
 
     cli_stats.add_parser(sub)
 
