@@ -60,6 +60,10 @@ _STATE_FORMAT = "pmd-archive-index"
 _STATE_VERSION = 1
 
 
+class ArchiveError(ValueError):
+    """An --images path that is neither a directory nor an archive pmd reads."""
+
+
 def _archive_kind(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(".zip"):
@@ -175,7 +179,7 @@ def _scan(path: Path) -> list[_Source]:
         return sources
     if not path.exists():
         raise FileNotFoundError(f"archive or directory not found: {path}")
-    raise ValueError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
+    raise ArchiveError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
 
 
 class ArchiveIndex:

@@ -33,6 +33,11 @@ from pmd.archives import ArchiveIndex
 
 log = logging.getLogger(__name__)
 
+
+class DecontaminationError(ValueError):
+    """An evaluation set that cannot be used: unreadable, empty, or named twice."""
+
+
 EVAL_OVERLAP = "eval_overlap"
 #: The failure stage of both screens (an overlapping image is not an image failure: it is removed on purpose).
 STAGE = "decontaminate"
@@ -110,7 +115,7 @@ class EvalHashIndex:
             path = Path(path)
             set_name = path.name
             if set_name in set_names:
-                raise ValueError(f"two evaluation sets are named {set_name!r}; give them different names")
+                raise DecontaminationError(f"two evaluation sets are named {set_name!r}; give them different names")
             set_id = len(set_names)
             set_names.append(set_name)
             found = bad = 0
@@ -126,7 +131,7 @@ class EvalHashIndex:
                 set_ids.append(set_id)
                 found += 1
             if not found:
-                raise ValueError(f"{path}: no readable image in this evaluation set")
+                raise DecontaminationError(f"{path}: no readable image in this evaluation set")
             log.info("evaluation set %s: %d images hashed, %d unreadable", set_name, found, bad)
         return cls(np.array(hashes, dtype=np.uint64), names, np.array(set_ids, dtype=np.int32), set_names,
                    threshold)
@@ -156,7 +161,8 @@ def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
     with ArchiveIndex.build([path]) as archive:
         refs = sorted(r for r in archive.refs() if Path(r).suffix.lower() in IMAGE_SUFFIXES)
         if not refs:
-            raise ValueError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
+            raise DecontaminationError(
+                f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
         for ref, data, error in archive.read_many(refs):
             if data is None:
                 log.warning("evaluation image %s!%s cannot be read (%s); left out", path.name, ref, error)
