@@ -56,7 +56,7 @@ def write_tiny_elements(path: Path, total: int) -> None:
 def run(source: str, inputs: list[Path], out: Path, options: list[str]) -> tuple[float, float, int]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", "from pmd.cli import main; raise SystemExit(main())", "ingest",
+    done = subprocess.run([sys.executable, "-c", "from pmd_cli.pmd import main; raise SystemExit(main())", "ingest",
                            source, *map(str, inputs), "--out", str(out), "--executor", "local", "-q", "--json",
                            *options], capture_output=True, text=True)
     elapsed = time.perf_counter() - start

@@ -38,7 +38,7 @@ THREADS = 0  # --threads
 
 
 def run(data: Path, out: Path, config: str, steps: int, nproc: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "flava.cli", "train", "--config", config, "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "pmd_cli.flava", "train", "--config", config, "--data", str(data), "--out", str(out),
            "--steps", str(steps), "run.progress=false", "run.tensorboard=false", "run.export_final=false",
            "run.checkpoint_every=100000", "run.log_every=1", *extra]
     if nproc > 1:

@@ -68,7 +68,7 @@ if [[ ! -f $DATA/manifest.json ]]; then
 make_build(sys.argv[1], n=int(sys.argv[2]), size=256, shards=4, row_group_size=256)" "$DATA" "$ROWS"
 fi
 
-ARGS=(-m flava.cli train --config flava_full --data "$DATA" --out "$RUN" --steps "$STEPS"
+ARGS=(-m pmd_cli.flava train --config flava_full --data "$DATA" --out "$RUN" --steps "$STEPS"
       run.precision=bf16 run.device=cuda "run.micro_batch_size=$MICRO" "run.global_batch_size=$GLOBAL"
       run.checkpoint_every=100000 run.log_every=1 run.export_final=false run.progress=false run.tensorboard=false
       model.codebook=random model.allow_random_codebook=true data.tokenizer=null data.tokenizer_vocab_size=30522

@@ -1,6 +1,6 @@
 """The FLAVA pretraining loop: FSDP2, precision, gradient accumulation, DCP checkpoints with exact resume, logging.
 
-Run it with ``flava train`` (one process, ``torchrun --nproc_per_node N -m flava.cli train ...`` or
+Run it with ``flava train`` (one process, ``torchrun --nproc_per_node N -m pmd_cli.flava train ...`` or
 ``flava train --nproc N``). One optimizer step = ``global_batch_size`` samples of ONE kind (pairs, images or text)
 chosen by ``flava.data.kind_for_step(seed, step)`` identically on every rank, in ``accumulation`` micro-batches of
 ``micro_batch_size`` per rank.

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pmd import storage
+from pmd.config_loader import ConfigError
 from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
 from pmd.sources import create_adapter
 from pmd.sources.inputs import require_file
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 RAY_MIN_INPUT_BYTES = 256 * 1024**2
 
 
+INGEST_EXECUTORS = ("auto", "local", "ray")
+
+
 @dataclass
 class IngestConfig:
     source: str
@@ -35,7 +39,7 @@ class IngestConfig:
     out: Path  # a local directory or, as a storage.RemotePath, a prefix on object storage
     options: Mapping[str, str] = field(default_factory=dict)
     chunk_records: int = 50_000
-    executor: str = "auto"  # "auto" | "local" | "ray"
+    executor: str = "auto"  # one of INGEST_EXECUTORS
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = True
@@ -43,12 +47,12 @@ class IngestConfig:
     def __post_init__(self) -> None:
         self.inputs = [storage.location(p) for p in self.inputs]
         self.out = storage.as_path(self.out)
-        if self.executor not in ("auto", "local", "ray"):
-            raise ValueError(f"executor must be auto, local or ray, not {self.executor!r}")
+        if self.executor not in INGEST_EXECUTORS:
+            raise ConfigError(f"executor must be one of {', '.join(INGEST_EXECUTORS)}, not {self.executor!r}")
         if self.chunk_records < 1:
-            raise ValueError("chunk_records must be positive")
+            raise ConfigError("chunk_records must be positive")
         if not self.inputs:
-            raise ValueError(f"no input files given for {self.source!r}")
+            raise ConfigError(f"no input files given for {self.source!r}")
 
     @property
     def source_dir(self) -> Path:

@@ -75,6 +75,10 @@ ARCHIVE_INDEX_DIR = "archive-index"
 _TAR_HEADER_BUFFER = 4 << 10
 
 
+class ArchiveError(ValueError):
+    """An --images path that is neither a directory nor an archive pmd reads."""
+
+
 def _archive_kind(path: Path | str) -> str | None:
     name = storage.basename(path).lower()
     if name.endswith(".zip"):
@@ -200,7 +204,7 @@ def _scan(path: Path | str, cache: str | Path | None = None) -> list[_Source]:
         return sources
     if not path.exists():
         raise FileNotFoundError(f"archive or directory not found: {path}")
-    raise ValueError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
+    raise ArchiveError(f"{path}: not a directory nor a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive")
 
 
 def _scan_remote(url: str, cache: str | Path | None) -> list[_Source]:

@@ -36,6 +36,11 @@ from pmd.reasons import Reason, Stage
 
 log = logging.getLogger(__name__)
 
+
+class DecontaminationError(ValueError):
+    """An evaluation set that cannot be used: unreadable, empty, or named twice."""
+
+
 EVAL_OVERLAP = Reason.EVAL_OVERLAP
 #: The failure stage of both screens (an overlapping image is not an image failure: it is removed on purpose).
 STAGE = Stage.DECONTAMINATE
@@ -129,7 +134,7 @@ class EvalHashIndex:
             path = storage.location(path)
             set_name = storage.basename(path)
             if set_name in set_names:
-                raise ValueError(f"two evaluation sets are named {set_name!r}; give them different names")
+                raise DecontaminationError(f"two evaluation sets are named {set_name!r}; give them different names")
             set_id = len(set_names)
             set_names.append(set_name)
             found = bad = 0
@@ -145,7 +150,7 @@ class EvalHashIndex:
                 set_ids.append(set_id)
                 found += 1
             if not found:
-                raise ValueError(f"{path}: no readable image in this evaluation set")
+                raise DecontaminationError(f"{path}: no readable image in this evaluation set")
             log.info("evaluation set %s: %d images hashed, %d unreadable", set_name, found, bad)
         return cls(np.array(hashes, dtype=np.uint64), names, np.array(set_ids, dtype=np.int32), set_names,
                    threshold)
@@ -175,7 +180,8 @@ def iter_images(path: Path | str) -> Iterator[tuple[str, bytes]]:
     with ArchiveIndex.build([path]) as archive:
         refs = sorted(r for r in archive.refs() if Path(r).suffix.lower() in IMAGE_SUFFIXES)
         if not refs:
-            raise ValueError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
+            raise DecontaminationError(
+                f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this evaluation set")
         for ref, data, error in archive.read_many(refs):
             if data is None:
                 log.warning("evaluation image %s!%s cannot be read (%s); left out", storage.basename(path), ref,

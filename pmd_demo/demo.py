@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pmd import report, schema, stats
+from pmd.config_loader import ConfigError
 from pmd.download import DownloadOptions
 from pmd.images import ImageOptions
 from pmd.shards import verify
@@ -55,9 +56,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if self.images < 20:
-            raise ValueError("the demo needs at least 20 images per source")
+            raise ConfigError("the demo needs at least 20 images per source")
         if self.train_steps < 1 or self.nproc < 1:
-            raise ValueError("train_steps and nproc must be positive")
+            raise ConfigError("train_steps and nproc must be positive")
 
 
 def _build_config(corpus: synthetic.SyntheticCorpus, config: DemoConfig, out: Path) -> BuildConfig:
@@ -110,7 +111,7 @@ def _suite_config(out: Path) -> Path:
 
 
 def _flava(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flava.cli", *args]
+    cmd = [sys.executable, "-m", "pmd_cli.flava", *args]
     log.info("running %s", " ".join(cmd))
     return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
 

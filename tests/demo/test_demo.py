@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipelines.build import load_config
-from pmd.cli import main
+from pmd_cli.pmd import main
 from pmd_demo.demo import DemoConfig
 
 # Held-out recall of the default demo (18 images, chance R@1 1/18 = 0.056, R@5 5/18 = 0.28), measured over data

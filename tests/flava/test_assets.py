@@ -22,7 +22,7 @@ COMMON = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0", "
 def _flava(args, env_extra, timeout=240):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "pmd_cli.flava", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
@@ -79,7 +79,7 @@ def test_select_files():
 
 def test_missing_asset_is_one_exact_line(tmp_path, capsys):
     # in process: conftest set HF_HUB_OFFLINE=1 before huggingface_hub was imported
-    from flava.cli import main
+    from pmd_cli.flava import main
 
     cfg = _config(tmp_path)
     build = make_build(tmp_path / "b", n=8, size=32, shards=1)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flava.cli import main
+from pmd_cli.flava import main
 
 from .shards import CLASSES, make_build
 
@@ -25,7 +25,7 @@ def built(tmp_path_factory):
     run = root / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run(
-        [sys.executable, "-m", "flava.cli", "train", "--config", "tiny", "--data", str(train), "--out", str(run),
+        [sys.executable, "-m", "pmd_cli.flava", "train", "--config", "tiny", "--data", str(train), "--out", str(run),
          "--steps", "3", *COMMON],
         capture_output=True, text=True, env=env, timeout=240,
     )
@@ -37,7 +37,7 @@ def built(tmp_path_factory):
 def test_eval_retrieval_json(built):
     _, held, run = built
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "flava.cli", "eval", "retrieval", "--checkpoint", str(run), "--data",
+    r = subprocess.run([sys.executable, "-m", "pmd_cli.flava", "eval", "retrieval", "--checkpoint", str(run), "--data",
                         str(held), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)

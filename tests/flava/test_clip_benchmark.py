@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flava.cli import main
+from pmd_cli.flava import main
 from flava.clip_benchmark_adapter import (
     CaptionedImages,
     ClipBenchmarkModel,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flava.cli import main
+from pmd_cli.flava import main
 from flava.data import DataError
 from flava.eval_data import LabelMap, detect_format, load_classes
 from flava.eval_suite import RESULTS_JSON, RESULTS_MD, is_conversion_of, load_suite

@@ -50,7 +50,7 @@ def _launch_nodes(data: Path, out: Path, tmp: Path) -> tuple[list[subprocess.Pop
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               f"--rdzv_id=flava-test-{port}", "--max-restarts=0", "-m", "flava.cli", *COMMON, "--data", str(data),
+               f"--rdzv_id=flava-test-{port}", "--max-restarts=0", "-m", "pmd_cli.flava", *COMMON, "--data", str(data),
                "--out", str(out)]
         logs.append(tmp / f"node{node}-{port}.log")
         with open(logs[-1], "w") as log:
@@ -108,7 +108,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topology")
     data = make_build(tmp / "data", n=96, seed=0, size=32, shards=2, row_group_size=16)
     ref = tmp / "ref"
-    r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(ref),
+    r = subprocess.run([sys.executable, "-m", "pmd_cli.flava", *COMMON, "--data", str(data), "--out", str(ref),
                         "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     want = _metrics(ref)
@@ -151,7 +151,7 @@ def test_two_process_checkpoint_resumes_on_one_process(reference, tmp_path):
     for step, path in ckpt_mod.list_checkpoints(run):
         if step > 3:
             shutil.rmtree(path)
-    r = subprocess.run([sys.executable, "-m", "flava.cli", *COMMON, "--data", str(data), "--out", str(run)],
+    r = subprocess.run([sys.executable, "-m", "pmd_cli.flava", *COMMON, "--data", str(data), "--out", str(run)],
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "written by 2 process(es) x 1 worker(s), this run has 1 x 1" in r.stderr

@@ -57,7 +57,7 @@ def test_two_fresh_cpu_runs_under_different_hash_seeds_are_identical(tmp_path):
         out = tmp_path / f"run{seed}"
         env = dict(os.environ, PYTHONHASHSEED=seed, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         r = subprocess.run(
-            [sys.executable, "-m", "flava.cli", "train", "--config", "tiny", "--data", str(data), "--out", str(out),
+            [sys.executable, "-m", "pmd_cli.flava", "train", "--config", "tiny", "--data", str(data), "--out", str(out),
              "--steps", "2", "run.progress=false", "run.tensorboard=false", "run.export_final=false",
              "data.num_workers=0", "data.tokenizer_vocab_size=200", "data.ratios={pairs: 1.0}"],
             capture_output=True, text=True, env=env, timeout=300,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flava.cli import main
+from pmd_cli.flava import main
 from flava.data import decode_eval, normalize_images
 from flava.evaluate import class_embeddings, load_for_eval, retrieval_metrics
 from flava.templates import IMAGENET_TEMPLATES

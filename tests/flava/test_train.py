@@ -115,7 +115,7 @@ def test_checkpoint_metadata_unpickler_refuses_arbitrary_objects(tmp_path):
 # ------------------------------------------------------------------------------------------------------- resume
 def _cli(*args, timeout=240) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "pmd_cli.flava", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         return result
 
     setattr(owner, name, dying)
-    from pmd.cli import main as pmd_main
+    from pmd_cli.pmd import main as pmd_main
 
     return pmd_main(args)
 

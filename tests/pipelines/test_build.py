@@ -20,7 +20,7 @@ from PIL import Image
 from pipelines.build import BuildConfig, BuildError, load_config, run_build
 from pmd import schema
 from pmd.build import read_chunk, write_ipc_atomic
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.final import dedup
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer

@@ -15,7 +15,7 @@ import pytest
 
 from pipelines.build import default_work_dir, load_config, run_build
 from pmd import atomic, stats, storage
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.export import ExportOptions, export
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer

@@ -71,7 +71,7 @@ def pmd_build(root: Path, out: str, *, kill_at: tuple[str, int] | None = None, h
               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`pmd build --config ... --out OUT` in a fresh process (killed with SIGKILL at `kill_at`: MODULE:ATTR, N)."""
     prefix = ["-m", "tests.pipelines.kill_at", kill_at[0], str(kill_at[1]), "--"] if kill_at else \
-        ["-c", "import sys; from pmd.cli import main; sys.exit(main(sys.argv[1:]))"]
+        ["-c", "import sys; from pmd_cli.pmd import main; sys.exit(main(sys.argv[1:]))"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     if home is not None:

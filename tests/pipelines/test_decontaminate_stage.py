@@ -10,7 +10,7 @@ from PIL import Image
 from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.archives import ArchiveIndex
-from pmd.cli import _build_config, build_parser
+from pmd_cli.pmd import _build_config, build_parser
 from pmd.decontaminate import EVAL_OVERLAP, STAGE, EvalHashIndex
 from pmd.eval_screen import EvalScreenOptions
 from pmd.images import ImageOptions
@@ -89,7 +89,7 @@ def test_local_build_keeps_an_evaluation_image_out(tmp_path, capsys):
     import zipfile
 
     from pmd import stats
-    from pmd.cli import main
+    from pmd_cli.pmd import main
     from tests.pmd.sources._karpathy_fixtures import image
 
     images, members = [], {}

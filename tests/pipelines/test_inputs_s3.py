@@ -203,7 +203,7 @@ def test_a_build_whose_inputs_are_on_s3_writes_the_same_shards(s3, tmp_path):
 def test_the_command_line_keeps_input_urls_as_urls(tmp_path):
     """`pmd build coco s3://b/dataset_coco.json ...`: every input flag keeps its URL (a Path would fold `//`), and a
     config file's URLs are not made relative to the file; local paths still are."""
-    from pmd.cli import _build_config, build_parser
+    from pmd_cli.pmd import _build_config, build_parser
 
     args = build_parser().parse_args([
         "build", "coco", "s3://b/up/dataset_coco.json", "--images", "s3://b/up/val2014.zip", "--images",

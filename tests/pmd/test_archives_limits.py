@@ -167,7 +167,7 @@ def test_loose_file_that_grows_past_the_cap_after_its_size_was_read(tmp_path: Pa
 
 
 def test_cli_and_config_carry_max_image_bytes(tmp_path: Path) -> None:
-    from pmd.cli import _build_config, build_parser
+    from pmd_cli.pmd import _build_config, build_parser
 
     args = build_parser().parse_args(["build", "coco", str(tmp_path / "dataset_coco.json"), "--out",
                                       str(tmp_path / "out"), "--max-image-bytes", "12345"])

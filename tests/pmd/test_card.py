@@ -19,7 +19,7 @@ from PIL import Image
 
 from pmd import card, schema
 from pmd.catalog import catalog_entry, citations
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.croissant import CROISSANT_FILE
 from pmd.manifest import Manifest
 from pmd.shards import verify

@@ -4,7 +4,7 @@ import pytest
 
 from pmd import catalog
 from pmd.catalog import PAPER_TOTAL_PAIRS, CatalogError, _parse, load_catalog
-from pmd.cli import main
+from pmd_cli.pmd import main
 from pmd.schema import SOURCE_NAMES
 
 

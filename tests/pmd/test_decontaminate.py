@@ -185,7 +185,7 @@ def test_phash_bytes_decodes_any_format():
 
 def test_pmd_stats_reports_overlaps_per_source_and_set(tmp_path, capsys):
     from pmd import stats
-    from pmd.cli import main
+    from pmd_cli.pmd import main
     from tests.pmd.build_fixture import shard_row, write_build
 
     overlap = [{"key": f"sbu_captions/{i}", "source": "sbu_captions", "image_url": f"http://x/{i}.jpg",

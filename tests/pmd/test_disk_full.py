@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pmd import atomic
-from pmd.cli import main
+from pmd_cli.pmd import main
 from tests.pipelines.build_fixtures import make_coco
 
 pytestmark = pytest.mark.slow

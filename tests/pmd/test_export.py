@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from pmd import schema
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.export import ExportError, ExportOptions, export
 from tests.pmd.build_fixture import known_build
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pmd.cli import main as pmd_main
+from pmd_cli.pmd import main as pmd_main
 from pmd.fetch import FetchError, fetch, plan
 
 WIT_NAMES = [f"wit_v1.train.all-0000{i}-of-00010.tsv.gz" for i in range(10)]

@@ -17,10 +17,6 @@ import pmd
 BANNED = ("ray", "torch", "pipelines")
 # Packages above the library, which only the commands' composition root may import.
 ABOVE = (*BANNED, "pmd_demo", "flava")
-# Item 6 of issue 23 moves the `pmd` command out of the library (a package above it that composes library,
-# pipelines and demo); until then pmd.cli imports pipelines and pmd_demo inside its command functions. It is the
-# only module allowed to, and only until that move: remove it from here then.
-KNOWN_EXCEPTIONS = {"pmd.cli"}
 
 _IMPORT_ALL = """
 import importlib, json, pkgutil, sys
@@ -57,7 +53,9 @@ def _imported(path: Path) -> set[str]:
     return names
 
 
-def test_no_pmd_module_but_the_known_exception_imports_a_package_above_the_library():
+def test_no_pmd_module_imports_a_package_above_the_library():
+    """The commands' composition root (pmd_cli/) is the only code that imports library, pipelines, demo and
+    trainer together; no library module may, not even inside a function."""
     root = Path(pmd.__file__).parent
     offenders = {}
     for name in _modules():
@@ -68,6 +66,4 @@ def test_no_pmd_module_but_the_known_exception_imports_a_package_above_the_libra
         above = sorted(_imported(path) & set(ABOVE))
         if above:
             offenders[name] = above
-    assert set(offenders) <= KNOWN_EXCEPTIONS, offenders
-    stale = [name for name in KNOWN_EXCEPTIONS if name in _modules() and name not in offenders]
-    assert not stale, f"{stale} no longer import above the library: drop them from KNOWN_EXCEPTIONS"
+    assert offenders == {}

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pmd import storage
-from pmd.cli import main
+from pmd_cli.pmd import main
 from pmd.lease import LEASE_FILE, Holder, Lease, LeaseConfig, LeaseHeld, LeaseLost, current_holder, lease_path
 from pmd.manifest import ManifestMissing
 from tests.pmd.build_fixture import known_build

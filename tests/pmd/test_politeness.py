@@ -232,7 +232,7 @@ def test_the_generic_rule_marks_every_row_of_a_digest_served_for_many_urls():
 
 # ------------------------------------------------------------------------------------------ flags and catalog
 def test_the_politeness_flags_reach_the_build_config(tmp_path):
-    from pmd.cli import _build_config, build_parser
+    from pmd_cli.pmd import _build_config, build_parser
 
     tsv = tmp_path / "cc12m.tsv"
     tsv.write_text("http://127.0.0.1/x.jpg\ta caption\n")

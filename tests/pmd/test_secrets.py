@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pmd import redact, storage
-from pmd.cli import main
+from pmd_cli.pmd import main
 from tests.pipelines.build_fixtures import make_coco
 from tests.s3server import s3_server
 
@@ -69,7 +69,7 @@ def _bucket_files(env: dict) -> dict[str, list[str]]:
 
 
 def test_no_secret_in_any_file_or_output(tmp_path, monkeypatch, capfd):
-    from flava.cli import main as flava_main
+    from pmd_cli.flava import main as flava_main
 
     with s3_server() as env:
         for k, v in env.items():

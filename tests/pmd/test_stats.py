@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pmd import spill, stats
-from pmd.cli import main
+from pmd_cli.pmd import main
 from tests.pmd.build_fixture import known_build, shard_row, write_build
 from tests.pmd.stats_fixture import crafted_build, crafted_rows
 

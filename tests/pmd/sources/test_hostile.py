@@ -123,7 +123,7 @@ def test_cli_refuses_the_reported_nested_bracket_file_under_a_2_gib_cap(tmp_path
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
-    done = subprocess.run([sys.executable, "-c", "from pmd.cli import main; raise SystemExit(main())", "ingest",
+    done = subprocess.run([sys.executable, "-c", "from pmd_cli.pmd import main; raise SystemExit(main())", "ingest",
                            "red_caps", str(deep), "--out", str(tmp_path / "out"), "-q"], capture_output=True,
                           text=True, timeout=120, cwd=REPO, env=CAPPED_ENV, preexec_fn=cap)
     assert done.returncode == 2, done.stderr[-2000:]

@@ -20,8 +20,9 @@ from pmd.storage import STORAGE_OPTION_ARGS, STORAGE_OPTION_KWARGS
 log = logging.getLogger("pmd")
 
 # The errors a user can cause, each with the exit code of the command it ends: printed as one line, without a
-# traceback; anything else is a bug and keeps its traceback. The first match wins. Classes are named by module and
-# looked up only once their module is loaded, so mapping an error never imports Ray or the build.
+# traceback. Only these classes: a ValueError or KeyError our own code raises is a bug and keeps its traceback.
+# The first match wins. Classes are named by module and looked up only once their module is loaded, so mapping an
+# error never imports Ray or the build.
 USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
     # (module, class, only for this command, exit code)
     ("pmd.atomic", "OutOfSpace", None, 1),  # disk full or a store's quota: one line naming the file and phase
@@ -31,10 +32,23 @@ USER_ERRORS: tuple[tuple[str, str, str | None, int], ...] = (
     ("builtins", "RuntimeError", "demo", 1),  # a demo stage that failed
     ("pmd.fetch", "FetchError", None, 2),
     ("pmd.sources.base", "InputError", None, 2),
+    ("pmd.sources", "UnknownSourceError", None, 2),
+    ("pmd.sources.limits", "LimitExceeded", None, 2),
+    ("pmd.config_loader", "ConfigError", None, 2),
+    ("pmd.manifest", "ManifestError", None, 2),
+    ("pmd.storage", "StorageError", None, 2),
+    ("pmd.takedown", "TakedownError", None, 2),
+    ("pmd.export", "ExportError", None, 2),
+    ("pmd.catalog", "CatalogError", None, 2),
+    ("pmd.archives", "ArchiveError", None, 2),
+    ("pmd.decontaminate", "DecontaminationError", None, 2),
+    ("pmd_cli.pmd", "UsageError", None, 2),
     ("builtins", "FileNotFoundError", None, 2),  # a build or input directory that is not there
-    ("builtins", "ValueError", None, 2),  # pmd.config_loader.ConfigError among them
-    ("builtins", "KeyError", None, 2),
 )
+
+
+class UsageError(ValueError):
+    """Arguments that do not go together (the parser cannot say it: e.g. --config beside a one-source form)."""
 
 
 def exit_code(command: str, exc: BaseException) -> int | None:
@@ -143,9 +157,9 @@ def _build_config(args: argparse.Namespace):
     from pipelines.build import load_config
 
     if args.config and (args.source or args.inputs or args.images or args.option):
-        raise ValueError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
+        raise UsageError("give either --config FILE or SOURCE INPUT... [--images PATH], not both")
     if not args.config and (not args.source or not args.inputs):
-        raise ValueError("give SOURCE INPUT... (or --config FILE)")
+        raise UsageError("give SOURCE INPUT... (or --config FILE)")
     one_source = None if args.config else [{"name": args.source, "inputs": args.inputs, "images": args.images,
                                             "options": parse_assignments(args.option)}]
     flags = {
@@ -282,6 +296,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from pathlib import Path
+
+    from pipelines.build import EXECUTORS, POOL_MAX_CANDIDATES, BuildConfig
+    from pipelines.ingest import INGEST_EXECUTORS, IngestConfig
+    from pmd.download import BACKENDS, DownloadOptions
+    from pmd.eval_screen import EvalScreenOptions
+    from pmd.export import FORMATS as EXPORT_FORMATS
+    from pmd.export import ExportOptions
+    from pmd.fetch import fetch
+    from pmd.images import ImageOptions
+    from pmd_cli.defaults import default_of, field_default, keyword_default, shown
+    from pmd_demo.demo import DemoConfig
+
     parser = argparse.ArgumentParser(prog="pmd", description="Rebuild PMD from its public sources.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,23 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory; writes OUT/SOURCE/{candidates,rejects}/")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, e.g. -o lang_threshold=0.6 for yfcc100m")
-    p.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
-                   help="where chunks run: auto = Ray for inputs over 256 MB or when a cluster is named")
+    p.add_argument("--executor", choices=INGEST_EXECUTORS, default=field_default(IngestConfig, "executor"),
+                   help="where chunks run: auto = Ray for inputs over 256 MB or when a cluster is named "
+                        + default_of(IngestConfig, "executor"))
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
-    p.add_argument("--chunk-records", type=int, default=50_000, help="records per part file (unit of work)")
+    p.add_argument("--chunk-records", type=int, default=field_default(IngestConfig, "chunk_records"),
+                   help="records per part file (unit of work) " + default_of(IngestConfig, "chunk_records"))
     p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)  # inputs may be URLs (docs/build.md)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ingest)
 
-    from pmd import cli_stats
+    from pmd_cli import stats as cli_stats
 
     cli_stats.add_parser(sub)
 
     p = sub.add_parser("demo", help="the whole system offline: generate, serve, build, verify, audit, train, eval")
     p.add_argument("--out", default="pmd-demo", help="where everything goes (default: ./pmd-demo)")
     p.add_argument("--quick", action="store_true", help="CI size: fewer images and training steps")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {DemoConfig(out=Path('.')).train_steps}; "
+                        f"--quick {DemoConfig.quick(Path('.')).train_steps})")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build", help="sources -> images -> dedup -> shuffled Parquet shards + failures + manifest")
@@ -327,40 +358,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", action="append", default=[], metavar="PATH",
                    help="archive(s) or directory holding the images (archive sources); repeatable")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="adapter option")
-    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default 10000)")
-    p.add_argument("--row-group-rows", type=int, default=None, help="rows per Parquet row group (default 1000)")
-    p.add_argument("--chunk-rows", type=int, default=None, help="candidates per image task (default 2000)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle seed (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="shorter side after resize; 0 keeps the size")
-    p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality of stored images (default 95)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per shard " + default_of(BuildConfig, "shard_rows"))
+    p.add_argument("--row-group-rows", type=int, default=None,
+                   help="rows per Parquet row group " + default_of(BuildConfig, "row_group_rows"))
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="candidates per image task " + default_of(BuildConfig, "chunk_rows"))
+    p.add_argument("--seed", type=int, default=None, help="shuffle seed " + default_of(BuildConfig, "seed"))
+    p.add_argument("--image-size", type=int, default=None,
+                   help="shorter side after resize; 0 keeps the size " + default_of(ImageOptions, "image_size"))
+    p.add_argument("--jpeg-quality", type=int, default=None,
+                   help="JPEG quality of stored images " + default_of(ImageOptions, "jpeg_quality"))
     p.add_argument("--max-image-bytes", type=int, default=None,
                    help="bytes of one image (download body or archive member) above which the row fails as "
-                        "too_large (default 32 MiB)")
-    p.add_argument("--timeout", type=float, default=None, help="download timeout in seconds (default 10)")
-    p.add_argument("--retries", type=int, default=None, help="download retries (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="download threads per task (default 64)")
-    p.add_argument("--user-agent-token", default=None, help="token added to the User-Agent (default pmd)")
+                        "too_large " + default_of(ImageOptions, "max_image_bytes"))
+    p.add_argument("--timeout", type=float, default=None,
+                   help="download timeout in seconds " + default_of(DownloadOptions, "timeout"))
+    p.add_argument("--retries", type=int, default=None,
+                   help="download retries " + default_of(DownloadOptions, "retries"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="download threads per task " + default_of(DownloadOptions, "thread_count"))
+    p.add_argument("--user-agent-token", default=None,
+                   help="token added to the User-Agent " + default_of(DownloadOptions, "user_agent_token"))
     p.add_argument("--ignore-robots", action="store_true",
                    help="do not honour robots.txt nor X-Robots-Tag noai/noindex (docs/build.md, Politeness)")
-    p.add_argument("--download-backend", choices=("http", "img2dataset"), default=None,
-                   help="URL image downloader (default http: keep-alive pools, polite per host)")
+    p.add_argument("--download-backend", choices=BACKENDS, default=None,
+                   help="URL image downloader: http (keep-alive pools, polite per host) or img2dataset "
+                        + default_of(DownloadOptions, "backend"))
     p.add_argument("--max-per-host", type=int, default=None,
                    help="http backend: connections per host (or catalog host group) for the whole build, every "
-                        "download process together (default 16)")
+                        "download process together " + default_of(DownloadOptions, "max_per_host"))
     p.add_argument("--max-rate-per-host", type=float, default=None, metavar="R",
-                   help="http backend: requests per second per host (or host group) for the whole build (default 0: "
-                        "no rate cap)")
+                   help="http backend: requests per second per host (or host group) for the whole build "
+                        + default_of(DownloadOptions, "max_rate_per_host") + "; 0: no rate cap")
     p.add_argument("--placeholder-min-urls", type=int, default=None, metavar="N",
-                   help="an image served for at least N distinct URLs fails as placeholder (default 20; 0: off)")
+                   help="an image served for at least N distinct URLs fails as placeholder "
+                        + default_of(DownloadOptions, "placeholder_min_urls") + "; 0: off")
     p.add_argument("--retry-failures", action="store_true", default=None,
                    help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
-    p.add_argument("--executor", choices=("auto", "ray", "pool", "local"), default=None,
-                   help="auto (default: pool for small builds, else ray), ray, pool (a thread pool in this process) "
-                        "or local (in-process, one task at a time)")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help=f"auto (pool up to {POOL_MAX_CANDIDATES:,} candidates without a cluster, else ray), ray, "
+                        "pool (a process pool on this machine, no Ray) or local (in-process, one task at a time) "
+                        + default_of(BuildConfig, "executor"))
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs of the embedded local Ray or the pool (default: all)")
-    p.add_argument("--task-cpus", type=float, default=None, help="CPUs per image/shard task (default 1)")
+    p.add_argument("--task-cpus", type=float, default=None,
+                   help="CPUs per image/shard task " + default_of(BuildConfig, "task_cpus"))
     p.add_argument("--json", action="store_true", help="print accounting and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--decontaminate-against", action="append", default=[], metavar="PATH",
@@ -371,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "captions_*2014.json (repeatable): candidates that are these Flickr photos fail as "
                         "eval_overlap before download")
     p.add_argument("--eval-hash-threshold", type=int, default=None,
-                   help="largest pHash Hamming distance taken as the same image (default 10)")
+                   help="largest pHash Hamming distance taken as the same image "
+                        + default_of(EvalScreenOptions, "threshold"))
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("verify", help="re-read every shard of a build against its manifest")
@@ -390,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", help="source names (default: all), see `pmd sources`")
     p.add_argument("--to", required=True, help="directory for the files and fetched.json")
     p.add_argument("--mirror", default=None, help="fetch HOST/PATH from this base URL instead (a cache or mirror)")
-    p.add_argument("--attempts", type=int, default=5, help="tries per file, each resuming the last (default 5)")
-    p.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds (default 60)")
+    p.add_argument("--attempts", type=int, default=keyword_default(fetch, "attempts"),
+                   help=f"tries per file, each resuming the last (default {keyword_default(fetch, 'attempts')})")
+    p.add_argument("--timeout", type=float, default=keyword_default(fetch, "timeout"),
+                   help=f"connect/read timeout in seconds (default {shown(keyword_default(fetch, 'timeout'))})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch_metadata)
 
@@ -407,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a built corpus in another format (WebDataset tars)")
     p.add_argument("build", help="the build directory")
-    p.add_argument("--format", choices=("webdataset",), required=True, help="output format")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="output format")
     p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="pairs per tar (default 10000)")
+    p.add_argument("--shard-size", type=int, default=field_default(ExportOptions, "shard_size"),
+                   help="pairs per tar " + default_of(ExportOptions, "shard_size"))
     p.add_argument(*STORAGE_OPTION_ARGS, **STORAGE_OPTION_KWARGS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)

@@ -26,11 +26,11 @@ from pmd import redact
 
 
 def _user_errors():
-    from .assets import AssetError, FetchError
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .run_config import ConfigError
-    from .tokenizer import TokenizerError
+    from flava.assets import AssetError, FetchError
+    from flava.checkpoint import CheckpointError
+    from flava.data import DataError
+    from flava.run_config import ConfigError
+    from flava.tokenizer import TokenizerError
 
     return (ConfigError, DataError, CheckpointError, TokenizerError, AssetError, FetchError)
 
@@ -138,20 +138,20 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _cmd_train(args, argv) -> int:
-    from .assets import check_assets
-    from .run_config import load_train_config
+    from flava.assets import check_assets
+    from flava.run_config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, args.data, args.images, args.text, args.steps)
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # validated here first, so a bad config fails once and clearly instead of in every child
-        from .distributed import launch_local
+        from flava.distributed import launch_local
 
         cfg.validate(args.nproc)
         check_assets(cfg, args.config, args.overrides)
-        return launch_local(["-m", "flava.cli", *_without_nproc(argv)], args.nproc)
+        return launch_local(["-m", "pmd_cli.flava", *_without_nproc(argv)], args.nproc)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per node; the other ranks read the cache
         check_assets(cfg, args.config, args.overrides)
-    from .train import train
+    from flava.train import train
 
     summary = train(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -169,12 +169,12 @@ def _print_result(res: dict, as_json: bool) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from . import evaluate
-    from .assets import check_model_arg
+    from flava import evaluate
+    from flava.assets import check_model_arg
 
     check_model_arg(args.checkpoint)
     if args.eval_command == "suite":
-        from .eval_suite import RESULTS_JSON, RESULTS_MD, run_suite
+        from flava.eval_suite import RESULTS_JSON, RESULTS_MD, run_suite
 
         res = run_suite(args.checkpoint, args.config, args.out, device=args.device, paper=args.paper)
         if args.json:
@@ -189,12 +189,12 @@ def _cmd_eval(args) -> int:
                                  save_embeddings=args.save_embeddings, karpathy=args.karpathy, images=args.images,
                                  karpathy_dataset=args.karpathy_dataset)
     elif args.eval_command == "linear-probe":
-        from .linear_probe import run
+        from flava.linear_probe import run
 
         res = run(args.checkpoint, args.train, args.test, fmt=args.format, label_column=args.label_column,
                   limit=limit, device=args.device, save_embeddings=args.save_embeddings, seed=args.seed)
     else:
-        from .eval_data import load_classes, load_templates
+        from flava.eval_data import load_classes, load_templates
 
         templates = load_templates(args.templates)
         if args.templates is None and args.single_template:
@@ -207,8 +207,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_tokenizer(args) -> int:
-    from .data import iter_texts
-    from .tokenizer import train_wordpiece
+    from flava.data import iter_texts
+    from flava.tokenizer import train_wordpiece
 
     tok = train_wordpiece(iter_texts(args.data, limit=args.limit), args.out, vocab_size=args.vocab_size)
     print(json.dumps({"out": args.out, "vocab_size": len(tok)}))
@@ -216,8 +216,8 @@ def _cmd_tokenizer(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .assets import check_model_arg
-    from .convert import export_checkpoint
+    from flava.assets import check_model_arg
+    from flava.convert import export_checkpoint
 
     check_model_arg(args.checkpoint)
     ckpt = export_checkpoint(args.checkpoint, args.out)
@@ -226,7 +226,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_fetch_assets(args) -> int:
-    from .assets import fetch_assets
+    from flava.assets import fetch_assets
 
     manifest = fetch_assets(args.config, args.to, args.overrides)
     if args.json:
