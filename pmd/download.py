@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pmd import netguard, resolver
+from pmd.resolver import DEFAULT_CONCURRENCY as DEFAULT_DNS_CONCURRENCY
+from pmd.resolver import DEFAULT_TIMEOUT_S as DEFAULT_DNS_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 
 # X-Robots-Tag directives that opt an image out of AI training: img2dataset's default list, spelled out so the
@@ -50,6 +54,14 @@ class DownloadOptions:
     # images served for at least this many distinct URLs fail `placeholder` in the final phase (pmd.placeholders);
     # 0 turns the rule off
     placeholder_min_urls: int = 20
+    # networks a download may connect to beside the globally routable addresses (pmd.netguard, docs/build.md
+    # "Network safety"): CIDRs such as "10.1.0.0/16" for a mirror; `--allow-network CIDR`. Empty: only global
+    # addresses (no loopback, private, link-local, CGNAT ...) are connected to.
+    allow_networks: list[str] = field(default_factory=list)
+    # IP[:PORT] of a DNS resolver to ask (pmd.resolver: a local caching resolver); None: the system's getaddrinfo
+    resolver: str | None = None
+    dns_timeout: float = DEFAULT_DNS_TIMEOUT_S  # seconds one name's lookup may take (then `dns_error`, transient)
+    dns_concurrency: int = DEFAULT_DNS_CONCURRENCY  # lookups at once per download process
     # host:port of the build's budget server (pmd.politeness), set by the build for its tasks; None: this
     # process's own budgets. Wiring, not a setting: left out of to_dict (the manifest, the build's identity).
     budget_address: str | None = None
@@ -63,6 +75,10 @@ class DownloadOptions:
             raise ValueError("download thread_count must be positive")
         if self.backend not in BACKENDS:
             raise ValueError(f"download backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "img2dataset":
+            from pmd.download_img2dataset import WARNING
+
+            log.warning(WARNING)
         if not isinstance(self.max_per_host, int) or isinstance(self.max_per_host, bool) or self.max_per_host < 1:
             raise ValueError(f"download max_per_host must be a positive int, got {self.max_per_host!r}")
         if not self.max_retry_after >= 0:
@@ -76,6 +92,18 @@ class DownloadOptions:
             raise ValueError(f"download placeholder_min_urls must be 0 (off) or an int >= 2, got "
                              f"{self.placeholder_min_urls!r}")
         self.disallowed_header_directives = [str(d) for d in self.disallowed_header_directives]
+        if isinstance(self.allow_networks, str):
+            raise ValueError(f"download allow_networks must be a list of CIDRs, got the string {self.allow_networks!r}")
+        # normalised ("127.0.0.1" -> "127.0.0.1/32"): what the manifest records is what was admitted
+        self.allow_networks = [str(n) for n in netguard.parse_networks(self.allow_networks, "download allow_networks")]
+        if self.resolver is not None:
+            resolver.parse_nameserver(str(self.resolver))
+        if not isinstance(self.dns_timeout, (int, float)) or isinstance(self.dns_timeout, bool) \
+                or not 0 < self.dns_timeout < float("inf"):
+            raise ValueError(f"download dns_timeout must be a positive number of seconds, got {self.dns_timeout!r}")
+        if not isinstance(self.dns_concurrency, int) or isinstance(self.dns_concurrency, bool) \
+                or self.dns_concurrency < 1:
+            raise ValueError(f"download dns_concurrency must be a positive int, got {self.dns_concurrency!r}")
 
     def to_dict(self) -> dict:
         """The settings (what the manifest records and the work state depends on)."""

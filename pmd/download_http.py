@@ -119,7 +119,8 @@ def _fetcher(options, max_bytes: int, source: str | None, state_dir: Path | None
     """GET of one URL as the build allows it: robots.txt first (no request when it disallows), then a lease of
     the host's budget for the whole build (pmd.politeness) held for the request; a 429/503 pauses the host for
     every process; a redirect to a known placeholder, or its bytes, fail `placeholder`."""
-    client = client_for(options.user_agent_token, options.max_per_host)
+    client = client_for(options.user_agent_token, options.max_per_host, options.allow_networks, options.resolver,
+                        options.dns_timeout, options.dns_concurrency)
     budget = politeness.budget_for(options)
     known = placeholders.for_source(source)
 

@@ -18,18 +18,37 @@ read): a huge body is held in memory whole before it is found `too_large`; a bod
 byte per `timeout` is read to its end however long that takes; each image opens a new connection (no keep-alive,
 no per-host limit or backoff). urllib does not decode `Content-Encoding`, so a body starting with the gzip magic is
 inflated here, capped at `max_bytes` (`too_large` past it), as the `http` backend does for a gzip-encoded body.
+
+The address guard (pmd.netguard) cannot sit inside img2dataset's urllib: it neither sees the address urllib
+connects to nor the redirect hops. So each URL's host is resolved here before the chunk is handed over (`precheck`,
+the process's DNS cache) and a URL whose host resolves only to refused addresses fails `blocked_address` (a name
+that does not resolve fails `dns_nxdomain` / `dns_error`; a scheme other than http/https `download_error`, so
+urllib never opens a file:// or ftp:// URL). What remains open, and is said in docs/build.md and in a warning when
+this backend is chosen: urllib resolves the name a second time (DNS rebinding could answer differently) and follows
+redirects to any address.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from urllib3.util import parse_url
+
+from pmd.netguard import BLOCKED_ADDRESS, AddressGuard, scheme_allowed
+from pmd.resolver import ResolveError, resolver_for
+
+log = logging.getLogger(__name__)
+
+WARNING = ("download backend img2dataset: the address guard only pre-checks each URL's host; img2dataset resolves it "
+           "again and follows redirects to any address (docs/build.md, Network safety)")
 
 _KEY_COLUMN = "pmd_key"  # img2dataset reserves `key` for its own sample ids
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -81,6 +100,42 @@ def _collecting_writer(results: dict, transform: Callable[[bytes], Any] | None, 
     return CollectingWriter
 
 
+def precheck(urls: list[str], options) -> list[tuple[str, str] | None]:
+    """Per URL: None if it may be handed to img2dataset, else (reason, detail): not http(s), its host does not
+    resolve, or every address it resolves to is refused by the guard (`options.allow_networks` admitted)."""
+    guard = AddressGuard.from_strings(options.allow_networks)
+    resolver = resolver_for(options.resolver, options.dns_timeout, options.dns_concurrency)
+    hosts: dict[str, tuple[str, str] | None] = {}
+    verdicts: list[tuple[str, str] | None | str] = []
+    for url in urls:
+        try:
+            u = parse_url(url)
+        except Exception as e:  # noqa: BLE001 - urllib3's LocationParseError and friends: not a URL we fetch
+            verdicts.append(("download_error", f"unparseable URL: {e}"[:500]))
+            continue
+        if not scheme_allowed(u.scheme) or not u.host:
+            verdicts.append(("download_error", f"URL scheme {u.scheme!r} is not fetched (http and https only)"))
+            continue
+        verdicts.append(u.host)
+        hosts.setdefault(u.host, None)
+
+    def judge(host: str) -> tuple[str, str] | None:
+        try:
+            addresses = resolver.resolve(host)
+        except ResolveError as e:
+            return e.reason, str(e)
+        kinds = [guard.refusal(a) for a in addresses]
+        if all(k is not None for k in kinds):
+            shown = host if host == addresses[0] else f"{host} ({addresses[0]})"
+            return BLOCKED_ADDRESS, f"{shown} is a {kinds[0]} address: not connected (img2dataset pre-check)"
+        return None
+
+    with ThreadPoolExecutor(max(1, min(options.dns_concurrency, len(hosts)))) as pool:
+        for host, verdict in zip(list(hosts), pool.map(judge, list(hosts))):
+            hosts[host] = verdict
+    return [hosts[v] if isinstance(v, str) else v for v in verdicts]
+
+
 def download(keys: list[str], urls: list[str], options, work_dir: Path, max_bytes: int,
              transform: Callable[[bytes], Any] | None,
              classify: Callable[[str], str]) -> dict[str, tuple[Any, str | None, str | None]]:
@@ -90,6 +145,16 @@ def download(keys: list[str], urls: list[str], options, work_dir: Path, max_byte
     from img2dataset.resizer import Resizer
 
     results: dict[str, tuple[Any, str | None, str | None]] = {}
+    passed_keys, passed_urls = [], []
+    for key, url, refused in zip(keys, urls, precheck(urls, options)):
+        if refused is None:
+            passed_keys.append(key)
+            passed_urls.append(url)
+        else:
+            results[key] = (None, *refused)
+    if not passed_keys:
+        return results
+    keys, urls = passed_keys, passed_urls
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)

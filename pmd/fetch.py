@@ -7,6 +7,11 @@ Each file is written to `NAME.part` and renamed when complete. An interrupted tr
 process) resumes with an HTTP range request from the bytes already on disk, within the same run (up to `attempts`
 tries) and across runs; a server that ignores ranges sends the whole file again. `DIR/fetched.json` records each
 file's URL, size and sha256, so a rerun skips what is done and a user can check the files later.
+
+Connections go through the address guard (pmd.netguard, as the download stage's do): an upstream host, or a
+redirect hop, that resolves to a loopback, private, link-local ... address fails its file with `blocked_address`
+and is not retried. `mirror`'s own addresses (resolved once at the start) are admitted for this command, and
+`allow_networks` admits more (CIDRs).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import urllib3
 from tqdm.auto import tqdm
 
 from pmd import atomic
+from pmd.http_client import GuardRefused, guarded_pool_manager
+from pmd.netguard import BLOCKED_ADDRESS, AddressGuard, BlockedAddress, parse_networks
+from pmd.resolver import ResolveError, resolver_for
 from pmd.catalog import ManualStep, load_catalog, manual_steps
 from pmd.shards import file_sha256
 
@@ -152,16 +160,35 @@ def _transfer(http: urllib3.PoolManager, url: str, part: Path, timeout: float, p
         r.release_conn()
 
 
+def _guard(mirror: str | None, allow_networks: Sequence[str]) -> AddressGuard:
+    """The address guard of this command: `allow_networks`, plus the addresses `mirror`'s host resolves to now."""
+    try:
+        guard = AddressGuard(parse_networks(allow_networks, "--allow-network"))
+    except ValueError as exc:
+        raise FetchError(str(exc)) from None
+    if not mirror:
+        return guard
+    host = urllib3.util.parse_url(mirror).host
+    if not host:
+        raise FetchError(f"--mirror {mirror!r} names no host")
+    try:
+        addresses = resolver_for().resolve(host)
+    except ResolveError as exc:
+        raise FetchError(f"--mirror: {exc}") from None
+    return guard.admit(addresses)
+
+
 def fetch(to: Path, sources: Sequence[str] = (), mirror: str | None = None, attempts: int = 5,
-          timeout: float = 60.0, progress: bool = True) -> dict:
+          timeout: float = 60.0, progress: bool = True, allow_networks: Sequence[str] = ()) -> dict:
     """Fetch (or finish fetching) the metadata files of `sources` into `to`; returns the summary it records."""
     if attempts < 1:
         raise FetchError("attempts must be >= 1")
+    guard = _guard(mirror, allow_networks)
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     the_plan = plan(sources)
     record = _load_record(to)
-    http = urllib3.PoolManager(num_pools=8)
+    http = guarded_pool_manager(guard, resolver_for(), num_pools=8)
     fetched, skipped, failed = [], [], {}
     for item in the_plan.files:
         final = to / item.name
@@ -179,6 +206,15 @@ def fetch(to: Path, sources: Sequence[str] = (), mirror: str | None = None, atte
                 _transfer(http, url, part, timeout, progress, item.name)
                 error = None
                 break
+            except urllib3.exceptions.MaxRetryError as exc:
+                refused = exc.reason.cause if isinstance(exc.reason, GuardRefused) else None
+                error = f"{type(exc).__name__}: {exc}"
+                if isinstance(refused, BlockedAddress):  # the same answer every time: not retried
+                    error = f"{BLOCKED_ADDRESS}: {refused}"
+                    break
+                log.warning("%s: attempt %d/%d cut short (%s); resuming from byte %d", item.name, attempt, attempts,
+                            error, part.stat().st_size if part.exists() else 0)
+                time.sleep(min(2.0 ** attempt * 0.1, 5.0))
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: attempt %d/%d cut short (%s); resuming from byte %d", item.name, attempt, attempts,

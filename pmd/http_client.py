@@ -1,4 +1,5 @@
-"""The pooled HTTP client of the download stage: keep-alive per host, a DNS cache, bounded reads of one image.
+"""The pooled HTTP client of the download stage: keep-alive per host, a DNS cache, the address guard, bounded
+reads of one image.
 
 PMD's URL images sit on few hosts (Flickr's CDN, Wikimedia, one Open Images bucket, a handful of RedCaps hosts), so
 reusing connections saves a TCP (and TLS) handshake per image. urllib3 does the protocol work: one connection pool
@@ -17,6 +18,12 @@ What one `fetch` bounds, whatever the server does:
 - a Content-Length larger than the body: the read waits for the missing bytes until the deadline (`timeout`), or
   the server closes (`truncated_body`).
 
+Every new connection resolves its host once (pmd.resolver: cached, bounded; `dns_nxdomain` / `dns_error`),
+keeps the addresses the address guard admits (pmd.netguard: no loopback, private, link-local ... unless
+allowed) and connects to exactly those, never to a second answer of the name; a host whose every address is
+refused fails `blocked_address` before any packet is sent to it. Redirects open their connections the same way,
+so each hop is checked; only http and https URLs are fetched or followed (urllib3 knows no other scheme here).
+
 Failure reasons are the download reasons of docs/build-format.md. The User-Agent and the X-Robots-Tag opt-out rules
 are img2dataset's (same string, same directive parsing), so both download backends identify and opt out alike.
 """
@@ -24,14 +31,12 @@ are img2dataset's (same string, same directive parsing), so both download backen
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import re
 import socket
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,8 +53,12 @@ from urllib3.exceptions import (
     ProtocolError,
     ResponseError,
     SSLError,
+    URLSchemeUnknown,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+from pmd.netguard import AddressGuard, BlockedAddress
+from pmd.resolver import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ResolveError, Resolver, resolver_for
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ TRANSIENT_REASONS: frozenset[str] = frozenset({
     "timeout", "connection_error", "truncated_body", "download_error", "http_408", "http_425", "http_429",
     "http_500", "http_502", "http_503", "http_504", "http_520", "http_521", "http_522", "http_523", "http_524",
     "robots_unavailable",  # pmd.robots.ROBOTS_UNAVAILABLE: the host's robots.txt answered 5xx or not at all
+    "dns_error",  # pmd.resolver.DNS_ERROR: the resolver failed or timed out (NXDOMAIN is permanent)
 })
 
 
@@ -110,97 +120,66 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class DnsCache:
-    """host -> resolved addresses for `ttl` seconds (failures for `negative_ttl`), at most `max_entries` hosts.
+class GuardRefused(NewConnectionError):
+    """A connection not opened: its host did not resolve (`cause` a ResolveError) or resolved only to addresses
+    the guard refuses (`cause` a BlockedAddress). A NewConnectionError, so urllib3 gives up at once (connect=0)."""
 
-    New connections are rare with keep-alive, but a build of 70M URLs still opens many (each task, each host,
-    reconnects after idle closes); the system resolver is often not caching at all inside containers.
-    """
+    def __init__(self, conn, cause: BlockedAddress | ResolveError):  # type: ignore[no-untyped-def]
+        super().__init__(conn, str(cause))
+        self.cause = cause
 
-    def __init__(self, ttl: float = 300.0, negative_ttl: float = 30.0, max_entries: int = 4096):
-        self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
-        self._entries: OrderedDict[tuple[str, int], tuple[float, object]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.lookups = 0  # resolver calls made (a test checks the cache is used)
-
-    def resolve(self, host: str, port: int) -> list[str]:
-        key = (host, port)
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > now:
-                self._entries.move_to_end(key)
-                cached = entry[1]
-                if isinstance(cached, OSError):
-                    raise cached
-                return cached  # type: ignore[return-value]
-        try:
-            self.lookups += 1
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            result: object = list(dict.fromkeys(info[4][0] for info in infos))
-            ttl = self.ttl
-        except OSError as e:
-            result, ttl = e, self.negative_ttl
-        with self._lock:
-            self._entries[key] = (now + ttl, result)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        if isinstance(result, OSError):
-            raise result
-        return result  # type: ignore[return-value]
+    @property
+    def reason_and_detail(self) -> tuple[str, str]:
+        if isinstance(self.cause, BlockedAddress):
+            return "blocked_address", str(self.cause)
+        return self.cause.reason, str(self.cause)
 
 
-DNS = DnsCache()  # one per process: every client and pool shares it
+class _GuardedConnection:
+    """Resolve the host once, keep the addresses `guard` admits, connect to exactly those; `host` (Host header,
+    TLS SNI and certificate) stays the name. The client sets `guard` and `resolver` on a subclass of its own."""
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-class _CachedDnsMixin:
-    """Connect to the cached addresses of the host; `host` (Host header, TLS SNI and certificate) stays the name."""
+    guard: AddressGuard = AddressGuard()
+    resolver: Resolver | None = None
 
     def _new_conn(self):  # type: ignore[no-untyped-def]
-        name = self._dns_host  # type: ignore[attr-defined]
-        if _is_ip(name):
-            return super()._new_conn()  # type: ignore[misc]
+        original = self._dns_host  # type: ignore[attr-defined]
+        name = original.strip("[]").rstrip(".")
         try:
-            addresses = DNS.resolve(name.rstrip("."), self.port)  # type: ignore[attr-defined]
-        except socket.gaierror as e:
-            raise NameResolutionError(self.host, self, e) from e  # type: ignore[attr-defined, arg-type]
+            addresses = (self.resolver or resolver_for()).resolve(name)
+        except ResolveError as e:
+            raise GuardRefused(self, e) from None
+        admitted = [a for a in addresses if self.guard.refusal(a) is None]
+        if not admitted:
+            first = addresses[0]
+            raise GuardRefused(self, BlockedAddress(name, first, self.guard.refusal(first) or "refused"))
         last: Exception | None = None
-        for address in addresses:
-            self._dns_host = address
+        for address in admitted:
+            self._dns_host = address  # an IP literal: create_connection's getaddrinfo only parses it
             try:
                 return super()._new_conn()  # type: ignore[misc]
-            except NameResolutionError:
-                raise
             except NewConnectionError as e:  # refused/unreachable: the next address (a timeout is not retried)
                 last = e
             finally:
-                self._dns_host = name
+                self._dns_host = original
         raise last or NewConnectionError(self, f"no address for {name}")  # type: ignore[arg-type]
 
 
-class _HTTPConnection(_CachedDnsMixin, HTTPConnection):
-    pass
+def guarded_pool_manager(guard: AddressGuard, resolver: Resolver | None = None, **kwargs) -> urllib3.PoolManager:
+    """A urllib3 PoolManager whose every connection (redirect hops included) goes through `guard` and `resolver`
+    (`pmd fetch-metadata`'s; the download client builds its own the same way)."""
+    manager = urllib3.PoolManager(**kwargs)
+    manager.pool_classes_by_scheme = _pool_classes(guard, resolver)
+    return manager
 
 
-class _HTTPSConnection(_CachedDnsMixin, HTTPSConnection):
-    pass
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+def _pool_classes(guard: AddressGuard, resolver: Resolver | None) -> dict[str, type]:
+    """urllib3 pool classes whose connections check with `guard` and resolve with `resolver`."""
+    attrs = {"guard": guard, "resolver": resolver}
+    http_conn = type("_HTTPConnection", (_GuardedConnection, HTTPConnection), attrs)
+    https_conn = type("_HTTPSConnection", (_GuardedConnection, HTTPSConnection), attrs)
+    return {"http": type("_HTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("_HTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,13 +259,16 @@ class HttpClient:
     `num_pools` bounds how many hosts keep open pools (least recently used closed first).
     """
 
-    def __init__(self, user_agent_token: str | None = "pmd", max_per_host: int = 16, num_pools: int = 512):
+    def __init__(self, user_agent_token: str | None = "pmd", max_per_host: int = 16, num_pools: int = 512,
+                 guard: AddressGuard | None = None, resolver: Resolver | None = None):
         self.user_agent_token = user_agent_token
         self.max_per_host = max_per_host
+        self.guard = guard if guard is not None else AddressGuard()  # on by default: nothing but global addresses
+        self.resolver = resolver
         self._manager = urllib3.PoolManager(num_pools=num_pools, maxsize=max_per_host, block=True,
                                             headers={"User-Agent": user_agent(user_agent_token),
                                                      "Accept-Encoding": "identity"})
-        self._manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self._manager.pool_classes_by_scheme = _pool_classes(self.guard, resolver)
         # Redirects only: every other retry is the caller's (it requeues, honouring the host's backoff).
         self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=_MAX_REDIRECTS, status=0, other=0,
                                       raise_on_redirect=True, raise_on_status=False)
@@ -427,6 +409,11 @@ _TIMEOUT_VALUE = re.compile(r" ?\((?:read |connect |total )?timeout=[^)]*\)")
 
 def _classify(error: BaseException, body: bool) -> tuple[str, str]:
     """An exception of urllib3 or the socket layer -> (reason, detail)."""
+    if isinstance(error, GuardRefused):
+        reason, detail = error.reason_and_detail
+        return reason, detail[:500]
+    if isinstance(error, URLSchemeUnknown):
+        return "download_error", f"URL scheme {error.scheme!r} is not fetched (http and https only)"
     detail = _TIMEOUT_VALUE.sub("", f"{type(error).__name__}: {error}")[:500]
     if isinstance(error, ResponseError) and "redirect" in str(error):
         return "redirect_error", detail
@@ -449,13 +436,19 @@ _CLIENTS: dict[tuple, HttpClient] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def client_for(user_agent_token: str | None, max_per_host: int) -> HttpClient:
-    """The process's client for these settings: connections kept alive across the chunks a worker runs."""
-    key = (user_agent_token, max_per_host)
+def client_for(user_agent_token: str | None, max_per_host: int, allow_networks: tuple[str, ...] | list[str] = (),
+               nameserver: str | None = None, dns_timeout: float = DEFAULT_TIMEOUT_S,
+               dns_concurrency: int = DEFAULT_CONCURRENCY) -> HttpClient:
+    """The process's client for these settings: connections kept alive across the chunks a worker runs.
+    `allow_networks` admits those networks beside the global addresses (pmd.netguard); the rest picks the
+    process's resolver (pmd.resolver.resolver_for)."""
+    key = (user_agent_token, max_per_host, tuple(allow_networks), nameserver, dns_timeout, dns_concurrency)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            client = _CLIENTS[key] = HttpClient(user_agent_token, max_per_host)
+            client = _CLIENTS[key] = HttpClient(user_agent_token, max_per_host,
+                                                guard=AddressGuard.from_strings(allow_networks),
+                                                resolver=resolver_for(nameserver, dns_timeout, dns_concurrency))
         return client
 
 

@@ -66,6 +66,9 @@ class Reason(StrEnum):
     ROBOTS_DISALLOWED = "robots_disallowed"  # robots.txt disallows the URL (pmd.robots); never requested
     ROBOTS_UNAVAILABLE = "robots_unavailable"  # robots.txt answered 5xx: disallowed for now, transient
     PLACEHOLDER = "placeholder"  # a host's stand-in for a removed image (pmd.placeholders)
+    BLOCKED_ADDRESS = "blocked_address"  # not a globally routable address, nor allowed (pmd.netguard); never sent
+    DNS_NXDOMAIN = "dns_nxdomain"  # the host name does not exist / has no address (pmd.resolver): permanent
+    DNS_ERROR = "dns_error"  # the resolver failed or timed out (pmd.resolver): transient
 
     # -- decode and check (pmd.images)
     DECODE_ERROR = "decode_error"

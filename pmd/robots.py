@@ -78,7 +78,9 @@ def answer_from(origin_: str, fetched: Fetched, now: float) -> RobotsAnswer:
         return RobotsAnswer(origin_, now, fetched.status, fetched.data.decode("utf-8", "replace"))
     if fetched.status is not None and 400 <= fetched.status < 500:
         return RobotsAnswer(origin_, now, fetched.status, None)
-    unreachable = fetched.status is None and fetched.reason in ("connection_error", "timeout")
+    # not reached at all: the rows fail as their own request would have (blocked_address and dns_* included)
+    unreachable = fetched.status is None and fetched.reason in ("connection_error", "timeout", "blocked_address",
+                                                                 "dns_nxdomain", "dns_error")
     return RobotsAnswer(origin_, now, fetched.status, None, f"{fetched.reason}: {fetched.detail}",
                         fetched.reason if unreachable else ROBOTS_UNAVAILABLE)  # type: ignore[arg-type]
 

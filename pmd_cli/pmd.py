@@ -177,6 +177,8 @@ def _build_config(args: argparse.Namespace):
         "download.respect_robots_txt": False if args.ignore_robots else None,
         "download.max_rate_per_host": args.max_rate_per_host,
         "download.placeholder_min_urls": args.placeholder_min_urls,
+        "download.allow_networks": Extend(args.allow_network),  # adds to the file's list
+        "download.resolver": args.resolver, "download.dns_timeout": args.dns_timeout,
         # these add to the file's lists
         "decontaminate.against": Extend(args.decontaminate_against),
         "decontaminate.flickr_ids": Extend(args.eval_flickr_ids),
@@ -262,7 +264,7 @@ def cmd_fetch_metadata(args: argparse.Namespace) -> int:
     from pmd.fetch import describe_manual, fetch
 
     summary = fetch(Path(args.to), args.sources, mirror=args.mirror, attempts=args.attempts,
-                    timeout=args.timeout, progress=not args.quiet)
+                    timeout=args.timeout, progress=not args.quiet, allow_networks=args.allow_network)
     console = _console()
     table = Table(title=f"pmd fetch-metadata -> {args.to}")
     for col in ("file", "status", "bytes", "sha256"):
@@ -394,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placeholder-min-urls", type=int, default=None, metavar="N",
                    help="an image served for at least N distinct URLs fails as placeholder "
                         + default_of(DownloadOptions, "placeholder_min_urls") + "; 0: off")
+    p.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                   help="also connect to this network (a mirror, a test server), e.g. 10.1.0.0/16 or 127.0.0.1/32; "
+                        "repeatable. Without it only globally routable addresses are fetched: loopback, private, "
+                        "link-local (cloud metadata), CGNAT ... fail as blocked_address (docs/build.md, Network "
+                        "safety) " + default_of(DownloadOptions, "allow_networks"))
+    p.add_argument("--resolver", default=None, metavar="ADDR",
+                   help="ask this DNS resolver (IP[:PORT], e.g. a local caching resolver) instead of the system's "
+                        + default_of(DownloadOptions, "resolver"))
+    p.add_argument("--dns-timeout", type=float, default=None, metavar="S",
+                   help="seconds one DNS lookup may take, then the row fails dns_error (transient) "
+                        + default_of(DownloadOptions, "dns_timeout"))
     p.add_argument("--retry-failures", action="store_true", default=None,
                    help="download again the rows whose last failure is transient (timeouts, 429, 5xx, ...)")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
@@ -434,7 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-metadata", help="download the catalog's public upstream metadata files (resumable)")
     p.add_argument("sources", nargs="*", help="source names (default: all), see `pmd sources`")
     p.add_argument("--to", required=True, help="directory for the files and fetched.json")
-    p.add_argument("--mirror", default=None, help="fetch HOST/PATH from this base URL instead (a cache or mirror)")
+    p.add_argument("--mirror", default=None, help="fetch HOST/PATH from this base URL instead (a cache or mirror); "
+                   "its host's addresses are admitted by the address guard for this command")
+    p.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                   help="also connect to this network (repeatable); otherwise only global addresses and --mirror's")
     p.add_argument("--attempts", type=int, default=keyword_default(fetch, "attempts"),
                    help=f"tries per file, each resuming the last (default {keyword_default(fetch, 'attempts')})")
     p.add_argument("--timeout", type=float, default=keyword_default(fetch, "timeout"),

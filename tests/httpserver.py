@@ -214,8 +214,8 @@ class LoopbackServer(ThreadingHTTPServer):
 
     def __init__(self, image_size: tuple[int, int] = (64, 48), sleep_s: float = 3.0, port: int = 0,
                  connect_delay_s: float = 0.0, huge_bytes: int = 64 * 2**20, bomb_bytes: int = 2**30,
-                 trickle_s: float = 1.0):
-        super().__init__(("127.0.0.1", port), _Handler)
+                 trickle_s: float = 1.0, host: str = "127.0.0.1"):
+        super().__init__((host, port), _Handler)
         self.image_size = image_size
         self.sleep_s = sleep_s
         self.connect_delay_s = connect_delay_s
@@ -253,7 +253,7 @@ class LoopbackServer(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
     def url(self, path: str) -> str:
         return self.base_url + path

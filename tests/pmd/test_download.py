@@ -12,8 +12,10 @@ import pytest
 from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd import schema
 from pmd.download import BACKENDS, DownloadOptions, classify_error, download_chunk
-from pmd.http_client import DnsCache, HttpClient, is_disallowed, parse_retry_after
+from pmd.http_client import HttpClient, is_disallowed, parse_retry_after
+from pmd.resolver import Resolver
 from pmd.images import ImageOptions
+from tests.loopback import loopback_guard, loopback_options
 from tests.httpserver import (BAD_CASES, GOOD_REDIRECTS, HOSTILE_CASES, LoopbackServer, bomb_png, gzip_zeros,
                               jpeg)
 
@@ -59,7 +61,7 @@ def test_download_chunk_reasons(server, tmp_path, backend):
     paths = ["/img/1.jpg", *GOOD_REDIRECTS, "/gzip.jpg", "/status/404", "/noai.jpg", "/sleep.jpg", "/huge.jpg",
              "/gzip-bomb.jpg"]
     got = {d.key: d for d in download_chunk(paths, [server.url(p) for p in paths],
-                                            DownloadOptions(timeout=0.8, thread_count=8, backend=backend),
+                                            loopback_options(timeout=0.8, thread_count=8, backend=backend),
                                             tmp_path / "w", max_bytes=MAX_BYTES)}
     assert list(got) == paths  # input order, one result per key
     assert all(got[p].data and got[p].data[:2] == b"\xff\xd8" for p in ["/img/1.jpg", *GOOD_REDIRECTS])
@@ -71,7 +73,7 @@ def test_download_chunk_reasons(server, tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_robots_directives_can_be_ignored(server, tmp_path, backend):
     [d] = download_chunk(["k"], [server.url("/noai.jpg")],
-                         DownloadOptions(disallowed_header_directives=[], backend=backend), tmp_path / "w")
+                         loopback_options(disallowed_header_directives=[], backend=backend), tmp_path / "w")
     assert d.reason is None and d.data
 
 
@@ -88,7 +90,7 @@ def test_url_chunk_every_bad_case(server, tmp_path, backend):
     path = tmp_path / "images" / "t" / "chunk-00000.arrow"
     started = time.monotonic()
     summary = run_chunk(ChunkTask("t", 0, table, path, ImageOptions(image_size=32, max_image_bytes=MAX_BYTES),
-                                  seed=0, mode="url", download=DownloadOptions(timeout=0.8, backend=backend)))
+                                  seed=0, mode="url", download=loopback_options(timeout=0.8, backend=backend)))
     # Every case runs in parallel, each bounded by the 0.8 s deadline (the trickle alone would take 4 minutes).
     assert time.monotonic() - started < 10
     assert summary["rows"] == n and summary["ok"] == 3
@@ -106,7 +108,7 @@ def test_url_chunk_every_bad_case(server, tmp_path, backend):
 
 def test_byte_cap_holds_memory_and_time(server):
     """A body 4x the cap is given up after about the cap (the server's write is cut short), not read whole."""
-    client = HttpClient(max_per_host=2)
+    client = HttpClient(max_per_host=2, guard=loopback_guard())
     for path in ("/huge.jpg", "/huge-chunked.jpg"):
         got = client.fetch(server.url(path), timeout=2.0, max_bytes=MAX_BYTES, disallowed_directives=[])
         assert (got.data, got.reason) == (None, "too_large"), path
@@ -118,7 +120,7 @@ def test_byte_cap_holds_memory_and_time(server):
 
 
 def test_trickle_ends_at_the_deadline(server):
-    client = HttpClient(max_per_host=2)
+    client = HttpClient(max_per_host=2, guard=loopback_guard())
     started = time.monotonic()
     got = client.fetch(server.url("/trickle.jpg"), timeout=0.7, max_bytes=MAX_BYTES, disallowed_directives=[])
     elapsed = time.monotonic() - started
@@ -131,21 +133,21 @@ def test_retry_after_is_honoured(server, tmp_path, backend):
     url = server.url(f"/retry-after/2/1/{backend == 'http'}{time.monotonic_ns()}.jpg".replace("True", "1")
                      .replace("False", "2"))
     started = time.monotonic()
-    [d] = download_chunk(["k"], [url], DownloadOptions(timeout=2.0, retries=2, backend=backend), tmp_path / "w")
+    [d] = download_chunk(["k"], [url], loopback_options(timeout=2.0, retries=2, backend=backend), tmp_path / "w")
     elapsed = time.monotonic() - started
     assert d.reason is None and d.data[:2] == b"\xff\xd8"
     if backend == "http":
         assert 2.0 <= elapsed < 4.0
     # Without retries the first answer is the row's failure.
     [d] = download_chunk(["k"], [server.url(f"/retry-after/1/0/{time.monotonic_ns() % 10**6}.jpg")],
-                         DownloadOptions(timeout=2.0, backend=backend), tmp_path / "w")
+                         loopback_options(timeout=2.0, backend=backend), tmp_path / "w")
     assert d.reason == "http_429"
 
 
 def test_max_retry_after_bounds_the_pause(server, tmp_path):
     url = server.url(f"/retry-after/1/3600/{time.monotonic_ns() % 10**6}.jpg")
     started = time.monotonic()
-    [d] = download_chunk(["k"], [url], DownloadOptions(timeout=2.0, retries=1, max_retry_after=0.3), tmp_path / "w")
+    [d] = download_chunk(["k"], [url], loopback_options(timeout=2.0, retries=1, max_retry_after=0.3), tmp_path / "w")
     assert d.reason is None and time.monotonic() - started < 1.5
 
 
@@ -157,7 +159,7 @@ def test_no_host_sees_more_than_max_per_host_connections(tmp_path):
     try:
         urls = [servers[i % 4].url(f"/img/{i}.jpg") for i in range(200)]
         keys = [str(i) for i in range(200)]
-        got = list(download_chunk(keys, urls, DownloadOptions(timeout=5.0, thread_count=32, max_per_host=3),
+        got = list(download_chunk(keys, urls, loopback_options(timeout=5.0, thread_count=32, max_per_host=3),
                                   tmp_path / "w"))
         assert [d.data for d in got] == [jpeg(i, 16, 16) for i in range(200)]
         for srv in servers:
@@ -178,7 +180,7 @@ def test_a_slow_host_does_not_stall_the_others(tmp_path):
         done: list[float] = []
         started = time.monotonic()
         got = list(download_chunk([str(i) for i in range(106)], urls,
-                                  DownloadOptions(timeout=0.5, thread_count=8, max_per_host=2), tmp_path / "w",
+                                  loopback_options(timeout=0.5, thread_count=8, max_per_host=2), tmp_path / "w",
                                   lambda data: done.append(time.monotonic() - started) or data))
         elapsed = time.monotonic() - started
         assert [d.reason for d in got] == ["timeout"] * 6 + [None] * 100
@@ -196,7 +198,7 @@ def test_both_backends_send_the_same_user_agent(tmp_path):
     for backend in BACKENDS:
         srv = LoopbackServer(image_size=(16, 16)).start()
         try:
-            [d] = download_chunk(["k"], [srv.url("/img/1.jpg")], DownloadOptions(backend=backend), tmp_path / "w")
+            [d] = download_chunk(["k"], [srv.url("/img/1.jpg")], loopback_options(backend=backend), tmp_path / "w")
             assert d.reason is None
             agents.append(srv.user_agents)
         finally:
@@ -209,7 +211,7 @@ def test_img2dataset_backend_opens_a_connection_per_image(server, tmp_path):
     srv = LoopbackServer(image_size=(16, 16)).start()
     try:
         got = list(download_chunk([str(i) for i in range(20)], [srv.url(f"/img/{i}.jpg") for i in range(20)],
-                                  DownloadOptions(backend="img2dataset", thread_count=4), tmp_path / "w"))
+                                  loopback_options(backend="img2dataset", thread_count=4), tmp_path / "w"))
         assert all(d.reason is None for d in got) and srv.connections == 20
     finally:
         srv.stop()
@@ -218,25 +220,21 @@ def test_img2dataset_backend_opens_a_connection_per_image(server, tmp_path):
 def test_dns_cache_resolves_once_and_caches_failures(monkeypatch):
     calls = []
 
+    import socket
+
     def fake(host, port, *args):
         calls.append(host)
         if host == "bad.invalid":
-            import socket
-            raise socket.gaierror("no such host")
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(2, 1, 6, "", ("10.0.0.1", port)), (2, 1, 6, "", ("10.0.0.2", port)), (2, 1, 6, "", ("10.0.0.1", port))]
 
-    monkeypatch.setattr("pmd.http_client.socket.getaddrinfo", fake)
-    cache = DnsCache(ttl=60, negative_ttl=60)
-    assert cache.resolve("a.example", 80) == ["10.0.0.1", "10.0.0.2"] == cache.resolve("a.example", 80)
+    monkeypatch.setattr("socket.getaddrinfo", fake)  # nothing connects here: only the cache is exercised
+    cache = Resolver(timeout=2.0)
+    assert cache.resolve("a.example") == ["10.0.0.1", "10.0.0.2"] == cache.resolve("A.example.")
     for _ in range(2):
         with pytest.raises(OSError):
-            cache.resolve("bad.invalid", 80)
-    assert calls == ["a.example", "bad.invalid"]
-
-
-def test_unresolvable_host_is_a_connection_error(tmp_path):
-    [d] = download_chunk(["k"], ["http://no-such-host.invalid/x.jpg"], DownloadOptions(timeout=2.0), tmp_path / "w")
-    assert d.reason == "connection_error"
+            cache.resolve("bad.invalid")
+    assert calls == ["a.example", "bad.invalid"] and cache.lookups == 2
 
 
 def test_refused_and_bad_urls(tmp_path):
@@ -246,7 +244,7 @@ def test_refused_and_bad_urls(tmp_path):
     port = s.getsockname()[1]
     s.close()
     got = list(download_chunk(["a", "b"], [f"http://127.0.0.1:{port}/x.jpg", "ftp://example.com/x.jpg"],
-                              DownloadOptions(timeout=2.0), tmp_path / "w"))
+                              loopback_options(timeout=2.0), tmp_path / "w"))
     assert [d.reason for d in got] == ["connection_error", "download_error"]
 
 
@@ -281,7 +279,7 @@ def test_worker_bug_fails_the_chunk(server, tmp_path):
     def boom(data):
         raise RuntimeError("transform bug")
     with pytest.raises(RuntimeError, match="transform bug"):
-        list(download_chunk(["k"], [server.url("/img/1.jpg")], DownloadOptions(), tmp_path / "w", boom))
+        list(download_chunk(["k"], [server.url("/img/1.jpg")], loopback_options(), tmp_path / "w", boom))
     assert threading.active_count() < 200
 
 
@@ -309,15 +307,13 @@ def test_host_backoff_doubles_without_retry_after_and_is_capped():
 
 
 def test_connections_use_the_dns_cache(server):
-    from pmd.http_client import DNS
-
     port = server.server_address[1]
-    client = HttpClient(max_per_host=1)
-    before = DNS.lookups
+    resolver = Resolver()
+    client = HttpClient(max_per_host=1, guard=loopback_guard(), resolver=resolver)
     for _ in range(3):
         # A server-closed connection each time (huge-chunked closes): every fetch opens a new one.
         assert client.fetch(f"http://localhost:{port}/huge-chunked.jpg", 2.0, MAX_BYTES, []).reason == "too_large"
-    assert DNS.lookups - before <= 1 and ("localhost", port) in DNS._entries
+    assert server.connections >= 3 and resolver.lookups == 1 and "localhost" in resolver._entries
 
 
 def test_a_keep_alive_connection_closed_under_us_is_retried_once(server, monkeypatch):
@@ -325,7 +321,7 @@ def test_a_keep_alive_connection_closed_under_us_is_retried_once(server, monkeyp
 
     from urllib3.exceptions import MaxRetryError, ProtocolError
 
-    client = HttpClient(max_per_host=2)
+    client = HttpClient(max_per_host=2, guard=loopback_guard())
     real = client._manager.urlopen
     failures = []
 
@@ -350,7 +346,7 @@ def test_a_host_refusing_everything_is_given_up_in_the_chunk(tmp_path):
     srv = LoopbackServer().start()
     try:
         got = list(download_chunk([str(i) for i in range(60)], [srv.url(f"/status/503?{i}") for i in range(60)],
-                                  DownloadOptions(timeout=2.0, thread_count=8, max_per_host=2, max_retry_after=0.1),
+                                  loopback_options(timeout=2.0, thread_count=8, max_per_host=2, max_retry_after=0.1),
                                   tmp_path / "w"))
         assert [d.reason for d in got] == ["http_503"] * 60
         asked = sum("not asked again" not in d.detail for d in got)
@@ -364,7 +360,7 @@ def test_a_host_refusing_everything_is_given_up_in_the_chunk(tmp_path):
 def test_timeout_detail_is_the_same_in_every_run(server):
     """urllib3 names the read timeout it was given (the time left before the deadline, a new float each run); the
     failure's detail must not, or the failures file differs between identical builds."""
-    client = HttpClient("pmd", 4)
+    client = HttpClient("pmd", 4, guard=loopback_guard())
     details = set()
     for _ in range(2):
         got = client.fetch(server.url("/sleep.jpg"), 0.3, MAX_BYTES, [])

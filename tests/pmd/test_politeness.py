@@ -15,6 +15,7 @@ from pmd import placeholders, politeness, robots, schema
 from pmd.download import DownloadOptions, download_chunk
 from pmd.http_client import is_transient
 from pmd_demo.drawings import numbered_jpeg as jpeg
+from tests.loopback import loopback_options
 from tests.politeserver import PoliteServer, grey_png
 
 
@@ -130,7 +131,7 @@ def test_robots_disallowed_urls_fail_unrequested_and_robots_txt_is_fetched_once(
     srv = PoliteServer(image_size=(16, 16), robots_txt=ROBOTS, robots_status=200).start()
     try:
         paths = [f"/img/{i}.jpg" for i in range(6)] + [f"/private/{i}.jpg" for i in range(4)]
-        opts = DownloadOptions(timeout=2.0, thread_count=8)
+        opts = loopback_options(timeout=2.0, thread_count=8)
         got = list(download_chunk(paths, [srv.url(p) for p in paths], opts, tmp_path / "w", state_dir=tmp_path))
         assert [d.reason for d in got] == [None] * 6 + [robots.ROBOTS_DISALLOWED] * 4
         assert got[6].detail == f"disallowed by {robots.origin(srv.url('/'))}/robots.txt for pmd"
@@ -145,11 +146,11 @@ def test_robots_disallowed_urls_fail_unrequested_and_robots_txt_is_fetched_once(
         assert other.check(srv.url("/private/x.jpg"), lambda url: pytest.fail("fetched again")) is not None
         assert len(srv.requests("/robots.txt")) == 1
         # The build's token picks its group: otherbot may fetch nothing.
-        [d] = download_chunk(["k"], [srv.url("/img/1.jpg")], DownloadOptions(user_agent_token="otherbot"),
+        [d] = download_chunk(["k"], [srv.url("/img/1.jpg")], loopback_options(user_agent_token="otherbot"),
                              tmp_path / "w", state_dir=tmp_path)
         assert d.reason == robots.ROBOTS_DISALLOWED
         # --ignore-robots: everything is asked for.
-        [d] = download_chunk(["k"], [srv.url("/private/1.jpg")], DownloadOptions(respect_robots_txt=False),
+        [d] = download_chunk(["k"], [srv.url("/private/1.jpg")], loopback_options(respect_robots_txt=False),
                              tmp_path / "w")
         assert d.reason == "http_404" and len(srv.requests("/private/")) == 1
     finally:
@@ -161,7 +162,7 @@ def test_robots_disallowed_urls_fail_unrequested_and_robots_txt_is_fetched_once(
 def test_robots_4xx_allows_all_and_5xx_disallows_for_now(tmp_path, status, reason):
     srv = PoliteServer(image_size=(16, 16), robots_txt="User-agent: *\nDisallow: /\n", robots_status=status).start()
     try:
-        [d] = download_chunk(["k"], [srv.url("/img/3.jpg")], DownloadOptions(timeout=2.0), tmp_path / "w",
+        [d] = download_chunk(["k"], [srv.url("/img/3.jpg")], loopback_options(timeout=2.0), tmp_path / "w",
                              state_dir=tmp_path)
         assert d.reason == reason
         assert len(srv.requests("/img/")) == (1 if reason is None else 0)
@@ -179,17 +180,17 @@ def test_an_unreachable_robots_txt_fails_the_rows_with_the_fetchs_reason(tmp_pat
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    [d] = download_chunk(["k"], [f"http://127.0.0.1:{port}/x.jpg"], DownloadOptions(timeout=1.0), tmp_path / "w")
+    [d] = download_chunk(["k"], [f"http://127.0.0.1:{port}/x.jpg"], loopback_options(timeout=1.0), tmp_path / "w")
     assert d.reason == "connection_error" and "robots.txt unavailable" in d.detail
 
 
 def test_x_robots_tag_is_read_before_the_body(server, tmp_path):
     """The body would take 3 s (past the 2 s deadline): the opt-out comes from the headers at once."""
     started = time.monotonic()
-    [d] = download_chunk(["k"], [server.url("/noai-stall.jpg")], DownloadOptions(timeout=2.0), tmp_path / "w")
+    [d] = download_chunk(["k"], [server.url("/noai-stall.jpg")], loopback_options(timeout=2.0), tmp_path / "w")
     assert d.reason == "opted_out" and time.monotonic() - started < 1.0
     [d] = download_chunk(["k"], [server.url("/noai-stall.jpg")],
-                         DownloadOptions(timeout=1.0, disallowed_header_directives=[], respect_robots_txt=False),
+                         loopback_options(timeout=1.0, disallowed_header_directives=[], respect_robots_txt=False),
                          tmp_path / "w")
     assert d.reason == "timeout"  # --ignore-robots: the body is read, and stalls
 
@@ -197,11 +198,11 @@ def test_x_robots_tag_is_read_before_the_body(server, tmp_path):
 # ----------------------------------------------------------------------------------------------- placeholders
 def test_a_redirect_to_flickrs_photo_unavailable_fails_placeholder_for_flickr_sources(server, tmp_path):
     urls = [server.url("/gone/1.jpg"), server.url("/img/2.jpg")]
-    got = list(download_chunk(["a", "b"], urls, DownloadOptions(timeout=2.0), tmp_path / "w", source="sbu_captions"))
+    got = list(download_chunk(["a", "b"], urls, loopback_options(timeout=2.0), tmp_path / "w", source="sbu_captions"))
     assert [d.reason for d in got] == [placeholders.PLACEHOLDER, None]
     assert got[0].detail.endswith("/pw/images/en-us/photo_unavailable.png")
     # A source without Flickr URLs has no such rule: the PNG is an image like any other.
-    [d] = download_chunk(["a"], urls[:1], DownloadOptions(timeout=2.0), tmp_path / "w", source="wit")
+    [d] = download_chunk(["a"], urls[:1], loopback_options(timeout=2.0), tmp_path / "w", source="wit")
     assert d.reason is None and d.data == grey_png()
 
 
