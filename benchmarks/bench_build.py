@@ -48,6 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+# The address guard refuses loopback unless allowed: the benchmark's servers listen on 127.0.0.1 only.
+LOOPBACK_NETWORKS = ("127.0.0.1/32",)
+ALLOW_LOOPBACK = [a for n in LOOPBACK_NETWORKS for a in ("--allow-network", n)]
 PYTHON = sys.executable
 PMD = str(Path(sys.executable).with_name("pmd"))
 
@@ -163,7 +166,7 @@ def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str =
         [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(out),
          "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
          "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--download-backend", backend,
-         "--executor", executor, "--json", "-q",
+         "--executor", executor, "--json", "-q", *ALLOW_LOOPBACK,
          *(["--max-per-host", str(args.max_per_host)] if args.max_per_host else []),
          *(["--max-rate-per-host", str(args.max_rate_per_host)] if args.max_rate_per_host else [])], env)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -179,7 +182,8 @@ def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from pmd.download import DownloadOptions, download_chunk
 
-    options = DownloadOptions(timeout=args.timeout, thread_count=args.threads * args.procs, backend=backend)
+    options = DownloadOptions(timeout=args.timeout, thread_count=args.threads * args.procs, backend=backend,
+                              allow_networks=list(LOOPBACK_NETWORKS))
     if backend == "img2dataset":
         import img2dataset.downloader  # noqa: F401 - its imports (cv2, albumentations) take seconds: not timed
     from pmd.http_client import close_clients
@@ -199,7 +203,8 @@ def warm_servers(urls: list[str], timeout: float) -> None:
     from pmd.http_client import close_clients
 
     started = time.perf_counter()
-    ok = sum(d.reason is None for d in download_chunk(urls, urls, DownloadOptions(timeout=timeout, thread_count=32),
+    ok = sum(d.reason is None for d in download_chunk(urls, urls, DownloadOptions(timeout=timeout, thread_count=32,
+                                                                                      allow_networks=list(LOOPBACK_NETWORKS)),
                                                       Path(tempfile.gettempdir())))
     close_clients()
     if ok != len(urls):

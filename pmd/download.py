@@ -58,7 +58,8 @@ class DownloadOptions:
     # "Network safety"): CIDRs such as "10.1.0.0/16" for a mirror; `--allow-network CIDR`. Empty: only global
     # addresses (no loopback, private, link-local, CGNAT ...) are connected to.
     allow_networks: list[str] = field(default_factory=list)
-    # IP[:PORT] of a DNS resolver to ask (pmd.resolver: a local caching resolver); None: the system's getaddrinfo
+    # IP[:PORT] of a DNS resolver to ask (pmd.resolver: a local caching resolver); None: the system's getaddrinfo.
+    # It and dns_concurrency are wiring, left out of to_dict like budget_address.
     resolver: str | None = None
     dns_timeout: float = DEFAULT_DNS_TIMEOUT_S  # seconds one name's lookup may take (then `dns_error`, transient)
     dns_concurrency: int = DEFAULT_DNS_CONCURRENCY  # lookups at once per download process
@@ -108,7 +109,9 @@ class DownloadOptions:
     def to_dict(self) -> dict:
         """The settings (what the manifest records and the work state depends on)."""
         d = dataclasses.asdict(self)
-        del d["budget_address"]
+        # how to reach things, not what is fetched: a rerun may change them and keep its work state
+        for wiring in ("budget_address", "resolver", "dns_concurrency"):
+            del d[wiring]
         return d
 
 

@@ -9,6 +9,10 @@ Across processes, each request also holds a lease of the build's budget (pmd.pol
 `max_rate_per_host` for the whole build, 429/503 pauses shared), after robots.txt allowed it (pmd.robots); a
 known placeholder fails `placeholder` (pmd.placeholders).
 
+Before anything is asked of a host, its name is resolved and checked by the address guard (pmd.netguard,
+`HttpClient.refusal`): a refused host's rows fail `blocked_address` (or `dns_nxdomain` / `dns_error`) without
+a robots.txt request or a budget lease.
+
 Retries (`retries` more attempts) only for what may pass later: timeouts, connection errors, truncated bodies, 429
 and 5xx. A retried URL goes to the back of its host's queue. A 429 or 503 also pauses its host for Retry-After
 seconds (bounded by `max_retry_after`), or without one for 1, 2, 4 ... seconds while the host keeps answering so.
@@ -146,6 +150,11 @@ def _fetcher(options, max_bytes: int, source: str | None, state_dir: Path | None
         return (placeholders.PLACEHOLDER, detail) if detail else None
 
     def fetch(url: str) -> Fetched:
+        # The address guard first: a host that is refused (or does not resolve) costs no robots.txt request, and
+        # its rows fail with the guard's own reason and detail. The connection checks again (and each redirect).
+        refused = client.refusal(url)
+        if refused is not None:
+            return Fetched(None, *refused)
         if rules is not None:
             refused = rules.check(url, get_robots)
             if refused is not None:

@@ -42,8 +42,8 @@ from typing import Any
 import pyarrow as pa
 from urllib3.util import parse_url
 
-from pmd.netguard import BLOCKED_ADDRESS, AddressGuard, scheme_allowed
-from pmd.resolver import ResolveError, resolver_for
+from pmd.netguard import AddressGuard, scheme_allowed
+from pmd.resolver import check_host, resolver_for
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,7 @@ def precheck(urls: list[str], options) -> list[tuple[str, str] | None]:
         hosts.setdefault(u.host, None)
 
     def judge(host: str) -> tuple[str, str] | None:
-        try:
-            addresses = resolver.resolve(host)
-        except ResolveError as e:
-            return e.reason, str(e)
-        kinds = [guard.refusal(a) for a in addresses]
-        if all(k is not None for k in kinds):
-            shown = host if host == addresses[0] else f"{host} ({addresses[0]})"
-            return BLOCKED_ADDRESS, f"{shown} is a {kinds[0]} address: not connected (img2dataset pre-check)"
-        return None
+        return check_host(host, guard, resolver)
 
     with ThreadPoolExecutor(max(1, min(options.dns_concurrency, len(hosts)))) as pool:
         for host, verdict in zip(list(hosts), pool.map(judge, list(hosts))):

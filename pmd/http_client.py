@@ -56,9 +56,10 @@ from urllib3.exceptions import (
     URLSchemeUnknown,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import parse_url
 
 from pmd.netguard import AddressGuard, BlockedAddress
-from pmd.resolver import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ResolveError, Resolver, resolver_for
+from pmd.resolver import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ResolveError, Resolver, check_host, resolver_for
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,17 @@ class HttpClient:
         # Redirects only: every other retry is the caller's (it requeues, honouring the host's backoff).
         self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=_MAX_REDIRECTS, status=0, other=0,
                                       raise_on_redirect=True, raise_on_status=False)
+
+    def refusal(self, url: str) -> tuple[str, str] | None:
+        """(reason, detail) if `url` is refused before any request: its host resolves only to addresses the guard
+        refuses, or not at all; None otherwise (the connection checks again, and every redirect hop)."""
+        try:
+            host = parse_url(url).host
+        except LocationValueError:
+            return None  # fetch fails it with its own reason
+        if not host:
+            return None
+        return check_host(host.strip("[]").rstrip("."), self.guard, self.resolver or resolver_for())
 
     def fetch(self, url: str, timeout: float, max_bytes: int, disallowed_directives: list[str],
               redirect_check: Callable[[str], tuple[str, str] | None] | None = None) -> Fetched:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from pmd.netguard import literal_address
+from pmd.netguard import BLOCKED_ADDRESS, AddressGuard, BlockedAddress, literal_address
 from pmd.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,19 @@ def _result(value: list[str] | ResolveError) -> list[str]:
     if isinstance(value, ResolveError):
         raise value
     return value
+
+
+def check_host(host: str, guard: AddressGuard, resolver: Resolver) -> tuple[str, str] | None:
+    """Before any request to `host`: (reason, detail) if it does not resolve, or resolves only to addresses
+    `guard` refuses (`blocked_address`); None if a connection may be tried (to the admitted addresses)."""
+    try:
+        addresses = resolver.resolve(host)
+    except ResolveError as e:
+        return e.reason, str(e)
+    kinds = [guard.refusal(a) for a in addresses]
+    if all(k is not None for k in kinds):
+        return BLOCKED_ADDRESS, str(BlockedAddress(host, addresses[0], kinds[0] or "refused"))
+    return None
 
 
 _RESOLVERS: dict[tuple, Resolver] = {}

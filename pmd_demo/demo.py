@@ -13,6 +13,7 @@ Every figure printed is computed by the run itself.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import polars as pl
 from rich.console import Console
@@ -61,13 +63,16 @@ class DemoConfig:
             raise ConfigError("train_steps and nproc must be positive")
 
 
-def _build_config(corpus: synthetic.SyntheticCorpus, config: DemoConfig, out: Path) -> BuildConfig:
-    """The build: small shards and chunks so that even the demo has several of each; 2 CPUs."""
+def _build_config(corpus: synthetic.SyntheticCorpus, config: DemoConfig, out: Path, base_url: str) -> BuildConfig:
+    """The build: small shards and chunks so that even the demo has several of each; 2 CPUs. The address guard
+    admits the demo's own server (`base_url`'s address) and nothing else of loopback (docs/build.md)."""
+    host = urlsplit(base_url).hostname or ""
     sources = [SourceSpec(name, inputs, corpus.archives.get(name, [])) for name, inputs in corpus.inputs.items()]
     return BuildConfig(sources=sources, out=out, shard_rows=250, row_group_rows=50, chunk_rows=100, seed=config.seed,
                        executor="ray", num_cpus=2, task_cpus=0.5,
                        image=ImageOptions(image_size=config.image_size, min_side=16),
-                       download=DownloadOptions(timeout=5.0, retries=0, thread_count=16))
+                       download=DownloadOptions(timeout=5.0, retries=0, thread_count=16,
+                                                allow_networks=[str(ipaddress.ip_network(host))]))
 
 
 def _heldout(build: Path, out: Path) -> int:
@@ -142,7 +147,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
         console.rule("[bold]2. pmd build (embedded Ray)")
         # Written first and read back: the build that runs is the file a user can rerun with `pmd build --config`.
         config_path = out / "build.toml"
-        config_path.write_text(config_to_toml(_build_config(corpus, config, build)))
+        config_path.write_text(config_to_toml(_build_config(corpus, config, build, base_url)))
         t = time.perf_counter()
         manifest = run_build(load_config(config_path))
         timings["build_s"] = time.perf_counter() - t

@@ -24,3 +24,8 @@ def loopback_guard():  # -> pmd.netguard.AddressGuard
     from pmd.netguard import AddressGuard
 
     return AddressGuard.from_strings(LOOPBACK_NETWORKS)
+
+
+def toml_allow_line() -> str:
+    """`allow_networks = [...]` of a build config's [download] table (a line, newline included)."""
+    return "allow_networks = [" + ", ".join(f'"{n}"' for n in LOOPBACK_NETWORKS) + "]\n"

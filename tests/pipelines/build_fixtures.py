@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pmd_demo.drawings import numbered_jpeg
 from tests.httpserver import BAD_CASES, GOOD_REDIRECTS, LoopbackServer
+from tests.loopback import LOOPBACK_NETWORKS, toml_allow_line
 
 
 @dataclass
@@ -115,6 +116,7 @@ def two_source_config(*, shard_rows: int, chunk_rows: int, seed: int, image_size
     return (f"shard_rows = {shard_rows}\nchunk_rows = {chunk_rows}\nseed = {seed}\n"
             + (f'executor = "{executor}"\n' if executor else "")
             + f"[image]\nimage_size = {image_size}\n[download]\ntimeout = {timeout}\nthread_count = {thread_count}\n"
+            + toml_allow_line()  # the URL source's images are on a loopback server
             + '[[sources]]\nname = "conceptual_12m"\ninputs = ["in/cc12m.tsv"]\n'
             + '[[sources]]\nname = "coco"\ninputs = ["in/dataset_coco.json"]\n'
             + 'images = ["in/val2014.zip", "in/train2014.zip"]\n')
@@ -143,4 +145,4 @@ def url_build_config(source: str, inputs: list[Path], out: Path, **overrides):  
     from pipelines.build import load_config
 
     return load_config(None, {"sources": [{"name": source, "inputs": [str(p) for p in inputs]}], "out": str(out),
-                              "progress": False, **overrides})
+                              "progress": False, "download.allow_networks": list(LOOPBACK_NETWORKS), **overrides})

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.build import BuildConfig, SourceSpec, run_build
 from pmd.http_client import TRANSIENT_REASONS, is_transient
-from pmd.download import DownloadOptions
+from tests.loopback import loopback_options
 from pmd.images import ImageOptions
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
@@ -40,8 +40,8 @@ def image_bytes_in_work(out: Path) -> int:
 
 def config(tsv: Path, out: Path, retry: bool) -> BuildConfig:
     return BuildConfig(sources=[SourceSpec("conceptual_12m", [tsv])], out=out, shard_rows=4, chunk_rows=8,
-                       seed=3, image=ImageOptions(image_size=32), download=DownloadOptions(timeout=2.0,
-                                                                                          thread_count=8),
+                       seed=3, image=ImageOptions(image_size=32),
+                       download=loopback_options(timeout=2.0, thread_count=8),
                        executor="local", progress=False, retry_failures=retry)
 
 

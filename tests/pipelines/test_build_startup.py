@@ -31,6 +31,7 @@ image_size = 32
 [download]
 timeout = 2.0
 thread_count = 8
+allow_networks = ["127.0.0.1/32"]
 [[sources]]
 name = "conceptual_12m"
 inputs = ["in/cc12m.tsv"]

@@ -22,6 +22,7 @@ from pmd.ingest import input_fingerprint, read_summary
 from pmd.takedown import read_request
 from tests.archive_files import write_tar
 from tests.httpserver import LoopbackServer
+from tests.loopback import toml_allow_line
 from tests.pipelines.build_fixtures import make_cc12m, make_coco
 from tests.s3server import s3_server
 
@@ -148,8 +149,8 @@ def test_eval_ids_decontamination_sets_and_takedown_lists_are_read_from_s3(s3, t
 
 def build_config(root: Path, inputs: str, against: str) -> str:
     return ("shard_rows = 30\nchunk_rows = 16\nseed = 5\nexecutor = \"pool\"\nnum_cpus = 2\n"
-            "[image]\nimage_size = 24\n[download]\ntimeout = 3.0\nthread_count = 8\n"
-            f'[decontaminate]\nagainst = ["{against}"]\n'
+            "[image]\nimage_size = 24\n[download]\ntimeout = 3.0\nthread_count = 8\n" + toml_allow_line()
+            + f'[decontaminate]\nagainst = ["{against}"]\n'
             f'[[sources]]\nname = "conceptual_12m"\ninputs = ["{inputs}/cc12m.tsv"]\n'
             f'[[sources]]\nname = "coco"\ninputs = ["{inputs}/dataset_coco.json"]\n'
             f'images = ["{inputs}/val2014.tar", "{inputs}/train2014.zip"]\n')

@@ -298,9 +298,9 @@ def test_a_retried_row_comes_back_but_a_pair_taken_down_by_url_does_not(tmp_path
     """A URL source: a transient failure succeeds on retry, while a URL named by two rows (downloaded once) is
     taken down; a mirror URL of the same image is another pair and stays."""
     from pipelines.build import BuildConfig, SourceSpec, run_build
-    from pmd.download import DownloadOptions
     from pmd.images import ImageOptions
     from tests.httpserver import LoopbackServer
+    from tests.loopback import loopback_options
 
     server = LoopbackServer(image_size=(64, 48), sleep_s=2.0).start()
     try:
@@ -314,7 +314,7 @@ def test_a_retried_row_comes_back_but_a_pair_taken_down_by_url_does_not(tmp_path
         def config(out: Path, retry: bool) -> BuildConfig:
             return BuildConfig(sources=[SourceSpec("conceptual_12m", [tsv])], out=out, shard_rows=4, chunk_rows=4,
                                seed=3, image=ImageOptions(image_size=32),
-                               download=DownloadOptions(timeout=2.0, thread_count=4), executor="local",
+                               download=loopback_options(timeout=2.0, thread_count=4), executor="local",
                                progress=False, retry_failures=retry)
 
         out = tmp_path / "out"

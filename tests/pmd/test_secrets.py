@@ -86,7 +86,7 @@ def test_no_secret_in_any_file_or_output(tmp_path, monkeypatch, capfd):
                        f"ftp://user:{SECRETS['url in a rejected record']}@127.0.0.1/x.jpg\tnot an http url\n")
         config = tmp_path / "build.toml"
         config.write_text('shard_rows = 16\nchunk_rows = 8\nseed = 1\nexecutor = "pool"\nnum_cpus = 2\n'
-                          "[download]\ntimeout = 2\n"
+                          "[download]\ntimeout = 2\nallow_networks = [\"127.0.0.1/32\"]\n"
                           f'[[sources]]\nname = "conceptual_12m"\ninputs = ["{tsv}"]\n'
                           f'[[sources]]\nname = "coco"\ninputs = ["{coco.karpathy}"]\n'
                           f'images = ["{coco.zips[0]}", "{coco.zips[1]}"]\n')
