@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -319,3 +320,114 @@ def test_resolver_times_out(monkeypatch):
 def test_reasons_are_members():
     assert {Reason.BLOCKED_ADDRESS, Reason.DNS_NXDOMAIN, Reason.DNS_ERROR} <= set(Reason)
     assert Stage.DOWNLOAD == "download" and LOOPBACK_NETWORKS == ("127.0.0.1/32", "::1/128")
+
+
+# -------------------------------------------------------------------------------------------- pmd build, e2e
+def _outcome(out) -> dict[str, tuple[str, str, str]]:
+    """caption's row -> (stage, reason, detail) of its failure, or ("shard", "", "") for a shard row."""
+    import polars as pl
+
+    from pmd import schema
+
+    failures = pl.read_parquet(out / "failures")
+    got = {r[schema.IMAGE_URL]: (r[schema.STAGE], r[schema.REASON], r[schema.DETAIL])
+           for r in failures.iter_rows(named=True)}
+    if list((out / "shards").glob("*.parquet")):
+        shards = pl.read_parquet(out / "shards")
+        got.update({u: ("shard", "", "") for u in shards.get_column(schema.IMAGE_URL).to_list()})
+    return got
+
+
+@pytest.mark.slow
+def test_pmd_build_refuses_loopback_unless_allowed_on_the_command_line(servers, stub_dns, tmp_path):
+    from pmd_cli.pmd import main
+
+    good, trap = servers
+    port = good.server_address[1]
+    redirect = RedirectServer({"/to-trap.jpg": trap.url("/img/3.jpg")})
+    urls = {"good": good.url("/img/1.jpg"), "localhost": f"http://localhost:{port}/img/2.jpg",
+            "redirect": redirect.url("/to-trap.jpg"), "metadata": f"http://metadata.google.internal:{port}/img/4.jpg",
+            "integer": f"http://2130706434:{port}/img/5.jpg"}  # 127.0.0.2, the trap, as one integer
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text("".join(f"{u}\ta photo of the {name} case\n" for name, u in urls.items()))
+    common = ["build", "conceptual_12m", str(tsv), "--executor", "local", "--timeout", "2", "-q"]
+    try:
+        assert main([*common, "--out", str(tmp_path / "closed")]) == 0
+        closed = _outcome(tmp_path / "closed")
+        assert {u: closed[u][:2] for u in urls.values()} == {u: (Stage.DOWNLOAD, Reason.BLOCKED_ADDRESS)
+                                                             for u in urls.values()}
+        assert good.connections == 0 and trap.connections == 0 and redirect.seen == []
+
+        assert main([*common, "--out", str(tmp_path / "open"), "--allow-network", "127.0.0.1/32"]) == 0
+        opened = _outcome(tmp_path / "open")
+    finally:
+        redirect.stop()
+    assert opened[urls["good"]][0] == opened[urls["localhost"]][0] == "shard"
+    for name in ("redirect", "metadata", "integer"):
+        stage, reason, detail = opened[urls[name]]
+        assert (stage, reason) == (Stage.DOWNLOAD, Reason.BLOCKED_ADDRESS) and "loopback" in detail, (name, detail)
+    assert "127.0.0.2 is a loopback address" in opened[urls["redirect"]][2]  # the redirect hop, refused
+    assert redirect.seen == ["/robots.txt", "/to-trap.jpg"] and trap.connections == 0  # the second saw nothing
+    manifest = __import__("json").loads((tmp_path / "open" / "manifest.json").read_text())
+    assert manifest["config"]["download"]["allow_networks"] == ["127.0.0.1/32"]
+
+
+@pytest.mark.slow
+def test_a_resolver_failure_is_retried_by_retry_failures(servers, stub_dns, tmp_path, monkeypatch):
+    from pipelines.build import run_build
+    from tests.pipelines.build_fixtures import url_build_config
+
+    good, _ = servers
+    url = f"http://flaky-dns.example:{good.server_address[1]}/img/7.jpg"
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text(f"{url}\ta photo behind a flaky resolver\nhttp://gone.example/x.jpg\ta photo of nothing\n")
+    answer = {"flaky-dns.example": "servfail"}
+    real_fake = socket.getaddrinfo
+
+    def fake(host, port, *args):
+        if host == "flaky-dns.example":
+            if answer["flaky-dns.example"] == "servfail":
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real_fake(host, port, *args)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    out = tmp_path / "out"
+    first = run_build(url_build_config("conceptual_12m", [tsv], out, executor="local"))
+    assert first["accounting"]["conceptual_12m"]["failures_by_reason"] == {"dns_error": 1, "dns_nxdomain": 1}
+    answer["flaky-dns.example"] = "answers"
+    resolver_mod.clear_caches()  # a new `pmd build` process starts with an empty cache
+    second = run_build(url_build_config("conceptual_12m", [tsv], out, executor="local", retry_failures=True))
+    acc = second["accounting"]["conceptual_12m"]
+    assert acc["failures_by_reason"] == {"dns_nxdomain": 1} and acc["pairs"] == 1  # NXDOMAIN is not retried
+
+
+# ----------------------------------------------------------------------------------------- pmd fetch-metadata
+CC12M_PATH = "/storage.googleapis.com/conceptual_12m/cc12m.tsv"  # the catalog's cc12m.tsv under a --mirror
+
+
+def test_fetch_metadata_admits_the_mirror_and_refuses_a_redirect_from_it(servers, stub_dns, tmp_path, monkeypatch):
+    from pmd.fetch import fetch
+
+    good, trap = servers
+    STUB = {**STUB_NAMES, "mirror.internal": [["127.0.0.1"]]}
+    monkeypatch.setattr(sys.modules[__name__], "STUB_NAMES", STUB)
+    # A mirror named by a name that resolves to loopback: admitted for this command (the server answers 404 for the
+    # path: a request reached it).
+    summary = fetch(tmp_path / "a", ["conceptual_12m"], mirror=f"http://mirror.internal:{good.server_address[1]}",
+                    attempts=1, progress=False)
+    assert summary["failed"] == {"cc12m.tsv": f"http://mirror.internal:{good.server_address[1]}{CC12M_PATH}: HTTP 404"}
+    assert good.connections == 1
+    # The mirror redirects to 127.0.0.2: refused, at once (not retried), and the second server sees nothing.
+    redirect = RedirectServer({CC12M_PATH: trap.url("/cc12m.tsv")})
+    try:
+        summary = fetch(tmp_path / "b", ["conceptual_12m"], mirror=redirect.url(""), attempts=5, progress=False)
+    finally:
+        redirect.stop()
+    assert summary["failed"]["cc12m.tsv"].startswith("blocked_address: 127.0.0.2 is a loopback address")
+    assert redirect.seen == [CC12M_PATH] and trap.connections == 0
+    # Without --mirror (or --allow-network) nothing of loopback is admitted.
+    from pmd.fetch import _guard
+
+    assert _guard(None, []).refusal("127.0.0.1") == "loopback"
+    assert _guard(None, ["127.0.0.1/32"]).refusal("127.0.0.1") is None
