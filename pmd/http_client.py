@@ -58,8 +58,9 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import parse_url
 
-from pmd.netguard import AddressGuard, BlockedAddress
-from pmd.resolver import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, ResolveError, Resolver, check_host, resolver_for
+from pmd.netguard import AddressGuard, BlockedAddress, scheme_allowed
+from pmd.resolver import (DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S, DNS_NXDOMAIN, ResolveError, Resolver, check_host,
+                          resolver_for)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class _GuardedConnection:
             addresses = (self.resolver or resolver_for()).resolve(name)
         except ResolveError as e:
             raise GuardRefused(self, e) from None
+        if not addresses:
+            raise GuardRefused(self, ResolveError(name, DNS_NXDOMAIN, "no address"))
         admitted = [a for a in addresses if self.guard.refusal(a) is None]
         if not admitted:
             first = addresses[0]
@@ -278,9 +281,12 @@ class HttpClient:
         """(reason, detail) if `url` is refused before any request: its host resolves only to addresses the guard
         refuses, or not at all; None otherwise (the connection checks again, and every redirect hop)."""
         try:
-            host = parse_url(url).host
+            u = parse_url(url)
         except LocationValueError:
             return None  # fetch fails it with its own reason
+        if not scheme_allowed(u.scheme or "http"):  # urllib3 reads a URL without a scheme as http
+            return "download_error", f"URL scheme {u.scheme!r} is not fetched (http and https only)"
+        host = u.host
         if not host:
             return None
         return check_host(host.strip("[]").rstrip("."), self.guard, self.resolver or resolver_for())

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -86,14 +88,21 @@ class Resolver:
                  max_entries: int = 65536):
         self.nameserver = parse_nameserver(nameserver) if nameserver else None
         self.timeout, self.ttl, self.negative_ttl, self.max_entries = timeout, ttl, negative_ttl, max_entries
+        self.concurrency = concurrency
         self._entries: OrderedDict[str, tuple[float, list[str] | ResolveError]] = OrderedDict()
+        self._start()
+        self.lookups = 0  # names looked up (cache misses): a test checks the cache holds
+        _ALL.add(self)
+
+    def _start(self) -> None:
+        """Locks, slots and threads: new ones in a forked child (the parent's may be held, its threads are gone)."""
         self._lock = threading.Lock()
         self._pending: dict[str, threading.Event] = {}
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self._slots = threading.BoundedSemaphore(self.concurrency)
         # getaddrinfo cannot be given a timeout: it runs on these threads (as many as lookups may run) and is
         # waited for `timeout` seconds; one that hangs longer keeps its thread, so at most `concurrency` can.
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pmd-dns") if not self.nameserver else None
-        self.lookups = 0  # names looked up (cache misses): a test checks the cache holds
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pmd-dns") \
+            if not self.nameserver else None
 
     def resolve(self, host: str) -> list[str]:
         """The addresses of `host` (an IP literal in any spelling is its address, with no lookup), best first."""
@@ -180,6 +189,10 @@ class Resolver:
         return list(dict.fromkeys(addresses))
 
 
+_ALL: weakref.WeakSet[Resolver] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [r._start() for r in list(_ALL)])
+
+
 def _result(value: list[str] | ResolveError) -> list[str]:
     if isinstance(value, ResolveError):
         raise value
@@ -194,6 +207,8 @@ def check_host(host: str, guard: AddressGuard, resolver: Resolver) -> tuple[str,
     except ResolveError as e:
         return e.reason, str(e)
     kinds = [guard.refusal(a) for a in addresses]
+    if not addresses:
+        return DNS_NXDOMAIN, f"{host}: no address"
     if all(k is not None for k in kinds):
         return BLOCKED_ADDRESS, str(BlockedAddress(host, addresses[0], kinds[0] or "refused"))
     return None
