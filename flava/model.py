@@ -388,6 +388,37 @@ class FlavaForPretraining(nn.Module):
             self.mim_head, self.mlm_head, self.mmm_image_head, self.mmm_text_head, self.itm_head,
         ]
 
+    def gradient_parameters(self, kind: str) -> set[str]:
+        """Names of the trainable parameters that a ``kind`` step ("pairs", "images", "text") must give a gradient,
+        under this config's loss weights: the trainer's step-1 check (``flava.train.check_gradients``) compares
+        them with the gradients that arrived. The encoders' poolers serve weight import/export only; an encoder's
+        final LayerNorm feeds contrastive/MIM/MLM, never the fusion (which reads the pre-norm states)."""
+        w = self.config.loss_weights
+        pools = ("image_encoder.pooler.", "text_encoder.pooler.", "multimodal_encoder.pooler.")
+        prefixes: set[str] = set()
+        if kind == "images" and w.mim > 0:
+            prefixes |= {"image_encoder.", "mim_head."}
+        elif kind == "text" and w.mlm > 0:
+            prefixes |= {"text_encoder.", "mlm_head."}
+        elif kind == "pairs":
+            heads = {"itm_head.": w.itm, "mmm_image_head.": w.mmm_image, "mmm_text_head.": w.mmm_text}
+            fusion = {h for h, weight in heads.items() if weight > 0}
+            if fusion:
+                prefixes |= fusion | {"image_encoder.", "text_encoder.", "image_to_mm.", "text_to_mm.",
+                                      "multimodal_encoder."}
+            if w.global_contrastive > 0:
+                prefixes |= {"image_encoder.", "text_encoder.", "image_projection.", "text_projection.",
+                             "logit_scale"}
+        elif kind not in ("images", "text"):
+            raise ValueError(f"unknown batch kind {kind!r}")
+        skip = set(pools)
+        if kind == "pairs" and w.global_contrastive <= 0:
+            skip |= {"image_encoder.norm.", "text_encoder.norm."}
+        return {
+            n for n, p in self.named_parameters()
+            if p.requires_grad and n.startswith(tuple(prefixes)) and not n.startswith(tuple(skip))
+        }
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamp the parameter in place (call after ``optimizer.step()``; works on an FSDP2-sharded parameter)."""

@@ -211,6 +211,26 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
     return losses
 
 
+class GradientCheckError(RuntimeError):
+    """A parameter the step's losses depend on received no gradient (e.g. FSDP2 hooks that never fired)."""
+
+
+def check_gradients(model: FlavaForPretraining, kind: str, step: int) -> None:
+    """After the first backward of each batch kind: every parameter that kind must train has a gradient. FSDP2
+    before torch 2.13 did not see tensors inside unregistered dataclass outputs, and the parameters behind them
+    then silently got none; this turns any such gap (an output detached, a hook lost) into an error at once.
+    Only ``.grad is None`` is read: no device synchronisation."""
+    expected = model.gradient_parameters(kind)
+    missing = sorted(n for n, p in model.named_parameters() if n in expected and p.grad is None)
+    if missing:
+        more = f" and {len(missing) - 12} more" if len(missing) > 12 else ""
+        raise GradientCheckError(
+            f"step {step} ({kind}): {len(missing)} of {len(expected)} trainable parameters received no gradient: "
+            f"{', '.join(missing[:12])}{more}. Their outputs do not reach the loss through autograd (under FSDP2 "
+            "a module output FSDP cannot see into: register it with torch.utils._pytree, see flava.model)"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------------------------
@@ -364,6 +384,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     throughput = Throughput(device, info.world_size)
     sums: dict[str, torch.Tensor] = {}
     last_saved = step
+    grads_checked: set[str] = set()
     try:
         while step < stop_at:
             kind = kind_for_step(cfg.run.seed, step, cfg.data.ratios)
@@ -371,6 +392,9 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
             batches = micro_batches(loader, kind, accum, device, codebook, text_lengths)
             cached = gradient_cache and kind == "pairs"
             step_losses = forward_backward(model, batches, accum, autocast, sync, cached)
+            if kind not in grads_checked:
+                check_gradients(model, kind, step + 1)
+                grads_checked.add(kind)
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
