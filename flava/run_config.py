@@ -123,6 +123,9 @@ class RunSection:
     # adds in backward, SDPA, scatter) make a fresh run and a resume differ in the last bits; on CPU both already
     # reproduce exactly. Costs speed; an op without a deterministic GPU kernel raises (docs/pretrain.md).
     deterministic: bool = False
+    # Rehearse an NCCL run's device placement on CPU (flava.devcheck): a host tensor handed to a device group's
+    # collective (which gloo accepts and NCCL rejects) raises. A Python call per torch op: CI and debugging only.
+    check_devices: bool = False
 
 
 @dataclass

@@ -33,11 +33,12 @@ from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
 )
 from .convert import export_final
+from .devcheck import device_check
 from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, shard_model, teardown
 from .init_weights import apply_init_configs, load_encoder_init
 from .losses import global_contrastive_loss, positive_pair_mask
 from .metrics import MetricsWriter, Throughput, flops_per_sample, log_record
-from .model import FlavaForPretraining, FlavaPretrainingOutput
+from .model import FlavaForPretraining, FlavaPretrainingOutput, masked_positions
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
 from .tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer, train_wordpiece
@@ -108,10 +109,21 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
-def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
-    """Worker batch (uint8 pixels) -> model inputs on ``device``; the frozen codebook makes the MIM targets."""
+def prepare_batch(batch: dict, device: torch.device, codebook, ignore_index: int = -100) -> dict:
+    """Worker batch (uint8 pixels) -> model inputs on ``device``; the frozen codebook makes the MIM targets. The
+    masked positions are found here, on the host copies (``masked_positions``), so that the step needs no host
+    sync; pinned, so that their copy does not wait for the device either."""
     out = {}
     nb = device.type == "cuda"
+
+    def host_positions(mask: Tensor) -> Tensor:
+        idx = masked_positions(mask.cpu())
+        return (idx.pin_memory() if nb else idx).to(device, non_blocking=nb)
+
+    if "patch_mask" in batch:
+        out["mim_positions"] = host_positions(batch["patch_mask"].bool())
+    if "mlm_labels" in batch:
+        out["mlm_positions"] = host_positions(batch["mlm_labels"].ne(ignore_index))
     if "pixels" in batch:
         out["pixel_values"] = normalize_images(batch["pixels"].to(device, non_blocking=nb))
         cb_pixels = map_pixels(batch["codebook_pixels"].to(device, non_blocking=nb).float() / 255.0)
@@ -123,10 +135,10 @@ def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
     return out
 
 
-def micro_batches(loader, kind: str, n: int, device, codebook, text_lengths: list[int]):
+def micro_batches(loader, kind: str, n: int, device, codebook, text_lengths: list[int], ignore_index: int = -100):
     """The step's ``n`` micro-batches, prepared one at a time; records each one's text length (for FLOPs)."""
     for _ in range(n):
-        inputs = prepare_batch(loader.next(kind), device, codebook)
+        inputs = prepare_batch(loader.next(kind), device, codebook, ignore_index)
         ids = inputs.get("input_ids", inputs.get("input_ids_masked"))
         text_lengths.append(0 if ids is None else int(ids.shape[1]))
         yield inputs
@@ -292,8 +304,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     apply_determinism(cfg.run.deterministic)
     info = setup_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
+    check = device_check([info.host_group]) if cfg.run.check_devices else contextlib.nullcontext()
     try:
-        return _train(cfg, run_dir, info)
+        with check:
+            return _train(cfg, run_dir, info)
     finally:
         teardown(info)
 
@@ -389,7 +403,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
         while step < stop_at:
             kind = kind_for_step(cfg.run.seed, step, cfg.data.ratios)
             text_lengths: list[int] = []
-            batches = micro_batches(loader, kind, accum, device, codebook, text_lengths)
+            batches = micro_batches(loader, kind, accum, device, codebook, text_lengths, mcfg.ce_ignore_index)
             cached = gradient_cache and kind == "pairs"
             step_losses = forward_backward(model, batches, accum, autocast, sync, cached)
             if kind not in grads_checked:
