@@ -31,6 +31,9 @@ class ModelSection:
     pretrained: str | None = None  # transformers FLAVA dir or hub name (facebook/flava-full) to start from
     codebook: str = "random"  # "random" (offline tests/demo) | a dir / file / hub name (facebook/flava-image-codebook)
     codebook_seed: int = 0
+    # The frozen dVAE's weights and compute: fp32 | bf16. bf16 halves its cost (~20% of a flava_full pair step in
+    # fp32) and changes some target ids (agreement with fp32 in docs/pretrain.md)
+    codebook_dtype: str = "fp32"
     # "random" gives MIM / MMM-image targets that mean nothing; flava_full refuses it unless this is set (benchmarks)
     allow_random_codebook: bool = False
     # Encoder-only initial weights (paper section 3.3; flava.init_weights): a transformers ViT (DINO ViT-B/16
@@ -199,6 +202,8 @@ class RunConfig:
                 f"run.global_batch_size ({r.global_batch_size}) is not divisible by micro_batch_size x world size "
                 f"({r.micro_batch_size} x {world_size})"
             )
+        if self.model.codebook_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"model.codebook_dtype must be fp32 or bf16, got {self.model.codebook_dtype!r}")
         if r.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"run.precision must be auto, fp32 or bf16, got {r.precision!r}")
         if r.device not in ("auto", "cpu", "cuda"):

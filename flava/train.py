@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt_mod
-from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
+from .codebook import CODEBOOK_DTYPES, RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
@@ -99,7 +99,7 @@ def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
         raise ConfigError(
             f"codebook vocabulary {cb.vocab_size} != model image.vocab_size {mcfg.image.vocab_size}"
         )
-    return cb.to(device)
+    return cb.to(device, dtype=CODEBOOK_DTYPES[cfg.model.codebook_dtype])
 
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
