@@ -107,15 +107,18 @@ def require_shared(path: Path, info: DistInfo, what: str) -> None:
         )
 
 
-def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
+def shard_model(model: FlavaForPretraining, dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
     """FSDP2: every transformer layer, every encoder (its embeddings and final norm), every head and projection,
     then the root. Under bf16 the root keeps fp32 parameters: all it still holds is ``logit_scale``, whose bf16
     value moves in steps of 1.5-3% of the temperature (the other units compute in bf16, see docs/pretrain.md).
-    The codebook is not part of the model, so never sharded or optimised."""
+    The codebook is not part of the model, so never sharded or optimised. ``reshard_after_forward=False``
+    (``run.reshard_after_forward``) keeps each unit's gathered weights until its backward; with
+    ``forward_backward(reshard=False)`` until the step's last backward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
     kw = {"mp_policy": mp} if mp is not None else {}
+    kw["reshard_after_forward"] = reshard_after_forward
     for layer in model.transformer_layers():
         fully_shard(layer, **kw)
     for enc in model.encoders():

@@ -102,6 +102,14 @@ def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
     return cb.to(device, dtype=CODEBOOK_DTYPES[cfg.model.codebook_dtype])
 
 
+def compile_layers(model: FlavaForPretraining) -> None:
+    """``run.compile``: torch.compile every transformer layer in place (before FSDP2 wraps it, as torchtitan does:
+    the layers are the repeated, compute-bound part; the heads' gathers and the losses' dynamic shapes stay eager).
+    The layers of a stack share one compiled graph."""
+    for layer in model.transformer_layers():
+        layer.compile()
+
+
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     p = cfg.run.precision
     if p == "auto":
@@ -194,12 +202,14 @@ def cache_contrastive(model: FlavaForPretraining, batches, autocast) -> tuple[Co
     return cache, batches
 
 
-def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool) -> dict[str, Tensor]:
+def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool,
+                     reshard: bool = True) -> dict[str, Tensor]:
     """Forward and backward of the ``accum`` micro-batches of one step; returns the step's (detached) losses.
 
     The gradient is that of the mean loss over the micro-batches. With ``cached`` (pair steps) the contrastive
     loss is instead one loss over the whole global batch (``cache_contrastive``) and each micro-batch backpropagates
-    its share of it through the cached embedding gradients. ``sync``: FSDP reduce-scatters only on the last one.
+    its share of it through the cached embedding gradients. ``sync``: FSDP reduce-scatters only on the last one;
+    with ``reshard=False`` it also keeps the gathered weights until the last one (``run.reshard_after_forward``).
     """
     cache = None
     if cached:
@@ -208,6 +218,8 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
     for micro, inputs in enumerate(batches):
         if sync:
             model.set_requires_gradient_sync(micro == accum - 1)
+            if not reshard:
+                model.set_reshard_after_backward(micro == accum - 1)
         with autocast:
             out = model(**inputs, global_contrastive=cache is None)
         loss = out.loss / accum if out.loss is not None else 0.0
@@ -339,8 +351,10 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     model.set_gradient_checkpointing(bool(cfg.run.activation_checkpointing))
     model.to(device).train()
     codebook = build_codebook(cfg, mcfg, device)
+    if cfg.run.compile:
+        compile_layers(model)
     if info.distributed:
-        shard_model(model, dtype)
+        shard_model(model, dtype, cfg.run.reshard_after_forward)
     autocast = (
         torch.autocast(device.type, dtype=dtype)
         if (dtype != torch.float32 and not info.distributed)
@@ -383,10 +397,20 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    pending: list[ckpt_mod.PendingSave] = []  # run.async_checkpoint: the save still being written
+
+    def finish_saves() -> None:
+        while pending:
+            pending.pop().wait()
+
     def save(at: int) -> None:
+        finish_saves()  # one save in flight at a time: its host copy of the state is the memory cost
         meta = {**meta_common, "step": at, "scheduler": _jsonable(scheduler.state_dict())}
         rank_state = {"rng": ckpt_mod.rng_state(), "loader": loader.state_dict()}
-        ckpt_mod.save_checkpoint(run_dir, at, model, optimizer, meta, rank_state, keep=cfg.run.keep_checkpoints)
+        res = ckpt_mod.save_checkpoint(run_dir, at, model, optimizer, meta, rank_state, keep=cfg.run.keep_checkpoints,
+                                       async_save=cfg.run.async_checkpoint, process_group=info.host_group)
+        if cfg.run.async_checkpoint:
+            pending.append(res)
 
     progress = None
     if info.is_main and cfg.run.progress:
@@ -405,7 +429,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
             text_lengths: list[int] = []
             batches = micro_batches(loader, kind, accum, device, codebook, text_lengths, mcfg.ce_ignore_index)
             cached = gradient_cache and kind == "pairs"
-            step_losses = forward_backward(model, batches, accum, autocast, sync, cached)
+            step_losses = forward_backward(model, batches, accum, autocast, sync, cached,
+                                           reshard=cfg.run.reshard_after_forward)
             if kind not in grads_checked:
                 check_gradients(model, kind, step + 1)
                 grads_checked.add(kind)
@@ -445,6 +470,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
                 break
         if last_saved != step:
             save(step)
+        finish_saves()
         if cfg.run.export_final and step >= stop_at:
             export_final(model, mcfg, run_dir, info)
     finally:

@@ -244,7 +244,8 @@ def _run_worker(rank: int, port: int, data: str, run_dir: str, out_dir: str) -> 
     torch.set_num_threads(1)
     seen: list[str] = []
     for name in COLLECTIVES:
-        setattr(dist, name, _counted(name, getattr(dist, name), seen))
+        if hasattr(dist, name):
+            setattr(dist, name, _counted(name, getattr(dist, name), seen))
     cfg = load_run_config("tiny", [
         "run.progress=false", "run.tensorboard=false", "data.num_workers=0", f"data.pairs=[{data}]",
         "run.global_batch_size=8", "run.micro_batch_size=2", "run.contrastive_gradient_cache=true",
