@@ -8,6 +8,9 @@ own step functions and loader, FLOPs counted by torch.utils.flop_counter on the 
     python3 benchmarks/gpu_check.py --out DIR                      # GPU: flava_full, bf16
     python3 benchmarks/gpu_check.py --dry-run --out DIR            # CPU: tiny, gloo, fp32; every part but the GPU
 
+The dry run also checks every collective's tensors against its group's device (``flava.devcheck``), which NCCL
+would enforce and gloo does not.
+
 Per kind: ``samples_per_s`` (median of the measured steps), ``step_s``, ``loader_wait_share`` (median share of a
 step spent waiting for the loader), ``peak_mem_gib``, FLOPs per step (``model_flops``: the model's forward and
 backward; ``codebook_flops``; ``recompute_flops``: what activation checkpointing adds), ``mfu`` (model FLOPs over
@@ -39,6 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flava import checkpoint as ckpt_mod  # noqa: E402
+from flava.devcheck import device_check  # noqa: E402
 from flava.data import MultiSourceLoader, Source, build_specs, iter_texts  # noqa: E402
 from flava.distributed import DistInfo, shard_model  # noqa: E402
 from flava.metrics import peak_flops  # noqa: E402
@@ -294,13 +298,16 @@ def run(args) -> dict:
     h = Harness(args)
     h.out.mkdir(parents=True, exist_ok=True)
     h.setup()
+    # dry run: the collectives' tensors are checked against their group's device as NCCL would (flava.devcheck)
+    check = device_check([h.info.host_group]) if h.dry else contextlib.nullcontext()
     try:
-        if args.peak_tflops is not None:
-            peak = args.peak_tflops * 1e12
-        else:
-            peak = 1e12 if h.dry else peak_flops(h.device)  # dry-run: nominal, so the figures' path runs
-        kinds = {kind: h.measure_kind(kind, peak) for kind in KINDS}
-        ckpt = h.checkpoint_phase()
+        with check:
+            if args.peak_tflops is not None:
+                peak = args.peak_tflops * 1e12
+            else:
+                peak = 1e12 if h.dry else peak_flops(h.device)  # dry-run: nominal, so the figures' path runs
+            kinds = {kind: h.measure_kind(kind, peak) for kind in KINDS}
+            ckpt = h.checkpoint_phase()
     finally:
         h.close()
     dev = "cpu (dry run)" if h.dry else torch.cuda.get_device_name(h.device)
@@ -311,7 +318,8 @@ def run(args) -> dict:
                    "activation_checkpointing": bool(h.cfg.run.activation_checkpointing),
                    "reshard_after_forward": h.cfg.run.reshard_after_forward, "compile": h.cfg.run.compile,
                    "codebook_dtype": h.cfg.model.codebook_dtype, "loader_workers": h.cfg.data.num_workers,
-                   "prefetch_window": h.cfg.data.prefetch_window, "overrides": args.overrides},
+                   "prefetch_window": h.cfg.data.prefetch_window, "collective_device_check": h.dry,
+                   "overrides": args.overrides},
         "process_group": f"{h.backend}, 1 process, FSDP2 (fully_shard per layer, encoder, head and root)",
         "kinds": kinds, "checkpoint": ckpt, "wall_s": time.perf_counter() - t0,
     }

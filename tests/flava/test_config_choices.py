@@ -76,7 +76,7 @@ def test_async_save_holds_its_steps_state_and_is_no_checkpoint_until_finished(tm
 
 
 @pytest.mark.slow
-def test_resume_from_async_saves_equals_resume_from_sync_saves(tmp_path):
+def test_resume_from_async_saves_equals_resume_from_sync_saves_cpu(tmp_path):
     data = make_build(tmp_path / "data", n=64, seed=0, size=32, shards=1, row_group_size=16)
     base = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0", f"data.pairs=[{data}]",
             "run.checkpoint_every=2", "run.export_final=false", "data.tokenizer_vocab_size=200",
@@ -161,7 +161,7 @@ def _reshard_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_keeping_gathered_weights_gives_the_same_step_with_fewer_gathers(tmp_path):
+def test_keeping_gathered_weights_gives_the_same_step_with_fewer_gathers_cpu(tmp_path):
     for res in spawn_ranks(_reshard_worker, 2, str(tmp_path)):
         assert "error" not in res, res["error"]
         on, off = res[True], res[False]

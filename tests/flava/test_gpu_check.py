@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh --dry-run on CPU: every part of the GPU check but the GPU (a one-process gloo group,
-FSDP2, each step kind, FLOP counting, sync and async DCP saves, loads and resumes) runs and writes one JSON with
-every figure present and finite; the resumes reproduce the step after each checkpoint exactly (CPU)."""
+FSDP2, each step kind, FLOP counting, sync and async DCP saves, loads and resumes, every collective's tensors
+checked against its group's device) runs and writes one JSON with every figure present and finite; the resumes
+reproduce the step after each checkpoint exactly (CPU)."""
 
 import json
 import math
@@ -19,7 +20,7 @@ from gpu_check import KIND_KEYS, KINDS, RESULT_KEYS  # noqa: E402
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_writes_one_json_with_finite_figures(tmp_path):
+def test_gpu_check_dry_run_cpu_writes_one_json_with_finite_figures(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     t = time.perf_counter()
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path),
@@ -30,7 +31,7 @@ def test_gpu_check_dry_run_writes_one_json_with_finite_figures(tmp_path):
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert json.loads(r.stdout.strip().splitlines()[-1]) == res  # the same JSON on stdout
     assert set(RESULT_KEYS) <= set(res) and res["process_group"].startswith("gloo, 1 process, FSDP2")
-    assert res["config"]["activation_checkpointing"] is True
+    assert res["config"]["activation_checkpointing"] is True and res["config"]["collective_device_check"] is True
     for kind in KINDS:
         rec = res["kinds"][kind]
         for key in KIND_KEYS:
