@@ -172,9 +172,13 @@ def _tensor_states(model, optimizer) -> tuple[dict, dict, dict]:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike, step: int, model, optimizer, meta: dict, rank_state: dict, keep: int = 3
-) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    run_dir: str | os.PathLike, step: int, model, optimizer, meta: dict, rank_state: dict, keep: int = 3,
+    async_save: bool = False, process_group=None,
+) -> "Path | PendingSave":
+    """Collective: every rank calls it. Returns the checkpoint directory; with ``async_save`` a ``PendingSave``
+    whose ``wait()`` (collective, on every rank) finishes it: the state is copied to host memory here and written
+    by a background thread (``torch.distributed.checkpoint.async_save``, its collectives on ``process_group``, a
+    gloo group: NCCL is not for a second thread) while training goes on."""
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     final = checkpoint_dir(run_dir, step)
@@ -186,20 +190,47 @@ def save_checkpoint(
     if distributed:
         dist.barrier()
     msd, ostate, _ = _tensor_states(model, optimizer)
+    future = None
     with _quiet_single_process():
-        dcp.save({"model": msd, "optim": ostate}, checkpoint_id=str(tmp))
+        if async_save:
+            future = dcp.async_save({"model": msd, "optim": ostate}, checkpoint_id=str(tmp),
+                                    process_group=process_group)
+        else:
+            dcp.save({"model": msd, "optim": ostate}, checkpoint_id=str(tmp))
     (tmp / f"rank-{rank}.json").write_text(json.dumps(rank_state))
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "COMPLETE").write_text(str(step))
-        replace_directory(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-    return final
+    pending = PendingSave(future, Path(run_dir), step, tmp, final, meta, keep)
+    return pending if async_save else pending.wait()
+
+
+class PendingSave:
+    """A checkpoint whose tensors are still being written; ``wait()`` (collective) marks it COMPLETE and renames
+    it. Until then it is not a checkpoint (``list_checkpoints`` ignores it)."""
+
+    def __init__(self, future, run_dir: Path, step: int, tmp: Path, final: Path, meta: dict, keep: int) -> None:
+        self.future, self.run_dir, self.step = future, run_dir, step
+        self.tmp, self.final, self.meta, self.keep = tmp, final, meta, keep
+
+    def wait(self) -> Path:
+        if self.future is not None:
+            result = self.future.result()
+            # a staged save answers with an object holding the upload's future (newer torch)
+            upload = getattr(result, "upload_completion", None)
+            if upload is not None:
+                upload.result()
+            self.future = None
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
+            (self.tmp / "COMPLETE").write_text(str(self.step))
+            replace_directory(self.tmp, self.final)
+            for _, old in list_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if distributed:
+            dist.barrier()
+        return self.final
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model, optimizer) -> dict:

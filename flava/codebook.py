@@ -41,11 +41,16 @@ def _hf_config(cfg: CodebookConfig):
     )
 
 
+CODEBOOK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.codebook_dtype
+
+
 class ImageCodebook:
-    """Frozen fp32 dVAE encoder; ``codebook(pixels)`` -> token ids ``[B, (H/8)*(W/8)]`` (int64)."""
+    """Frozen dVAE encoder (fp32 unless ``to(dtype=...)``); ``codebook(pixels)`` -> token ids
+    ``[B, (H/8)*(W/8)]`` (int64)."""
 
     def __init__(self, model) -> None:
         self.model = model.float().eval()
+        self.dtype = torch.float32
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -57,8 +62,11 @@ class ImageCodebook:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device) -> "ImageCodebook":
-        self.model.to(device=device, dtype=torch.float32)
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ImageCodebook":
+        """``dtype``: the weights' and the compute's (``model.codebook_dtype``); bf16 halves the codebook's
+        ~52 GFLOP per 224 px image at the cost of some token ids (flava.train, docs/pretrain.md)."""
+        self.dtype = dtype or self.dtype
+        self.model.to(device=device, dtype=self.dtype)
         return self
 
     @torch.no_grad()
@@ -67,10 +75,10 @@ class ImageCodebook:
 
     @torch.no_grad()
     def token_ids(self, pixel_values: Tensor) -> Tensor:
-        """``[B, 3, 8g, 8g]`` map_pixels-ed images -> ``[B, g*g]`` codebook ids. Always fp32: under bf16 autocast
-        about 1.5% of the tokens change (measured with random weights, transformers 5.23, CPU)."""
+        """``[B, 3, 8g, 8g]`` map_pixels-ed images -> ``[B, g*g]`` codebook ids, computed in ``self.dtype`` (not
+        under the caller's autocast: fp32 by default; bf16 changes some ids, tests/flava/test_codebook.py)."""
         self.model.eval()
-        x = pixel_values.to(device=self.device, dtype=torch.float32)
+        x = pixel_values.to(device=self.device, dtype=self.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.model(x)
         return logits.argmax(dim=1).flatten(1)

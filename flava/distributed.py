@@ -27,6 +27,9 @@ class DistInfo:
     world_size: int
     local_rank: int  # index on this node: the GPU
     device: torch.device
+    # a gloo group beside the default one, for the host-side flags of the loop (the stop request): a flag on the
+    # device would cost a device->host sync every step, and NCCL takes no host tensor
+    host_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -59,7 +62,10 @@ def setup_distributed(device_pref: str = "auto", timeout_minutes: int = 60) -> D
             "nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    return DistInfo(rank, world, local_rank, device)
+    host_group = None
+    if world > 1:
+        host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank, world, local_rank, device, host_group)
 
 
 def launch_local(args: list[str], nproc: int) -> int:
@@ -76,12 +82,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is true on one. The tensor lives on the run's device: NCCL has no CPU
-    backend, so a host tensor here would fail every multi-GPU step."""
+    """True on every rank if ``flag`` is true on one. Asked every step, so on the host: a host tensor in the gloo
+    ``host_group`` (a device tensor would make the host wait for the device every step, and NCCL, the default
+    group on GPU, takes no host tensor)."""
     if not info.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.host_group)
     return bool(t.item())
 
 
@@ -100,15 +107,18 @@ def require_shared(path: Path, info: DistInfo, what: str) -> None:
         )
 
 
-def shard_model(model: FlavaForPretraining, dtype: torch.dtype) -> None:
+def shard_model(model: FlavaForPretraining, dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
     """FSDP2: every transformer layer, every encoder (its embeddings and final norm), every head and projection,
     then the root. Under bf16 the root keeps fp32 parameters: all it still holds is ``logit_scale``, whose bf16
     value moves in steps of 1.5-3% of the temperature (the other units compute in bf16, see docs/pretrain.md).
-    The codebook is not part of the model, so never sharded or optimised."""
+    The codebook is not part of the model, so never sharded or optimised. ``reshard_after_forward=False``
+    (``run.reshard_after_forward``) keeps each unit's gathered weights until its backward; with
+    ``forward_backward(reshard=False)`` until the step's last backward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
     kw = {"mp_policy": mp} if mp is not None else {}
+    kw["reshard_after_forward"] = reshard_after_forward
     for layer in model.transformer_layers():
         fully_shard(layer, **kw)
     for enc in model.encoders():

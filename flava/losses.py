@@ -157,22 +157,40 @@ def masked_prediction_loss(
     labels: Tensor,
     ignore_index: int = -100,
     row_mask: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of ``head(hidden)`` at the positions whose label is not ``ignore_index``.
 
     Only the selected positions go through ``head`` (the vocab projection is the expensive part).
     ``hidden [B, N, D]``, ``labels [B, N]``, ``row_mask [B]`` optionally restricts rows (ITM positives).
+    ``positions``: the flat indices (into ``B*N``) of the labelled positions, computed on the host before the batch
+    went to the device (``flava.train.prepare_batch``). With them the step has no data-dependent shape on the device:
+    boolean indexing (``hidden[selected]``) calls nonzero, which waits for the device to finish every queued kernel
+    before the host can go on. Rows outside ``row_mask`` are then weighted 0 instead of removed (same mean).
     Returns ``(loss, logits [n_selected, V])``; with nothing selected the loss is an exact, attached zero.
     """
-    selected = labels.ne(ignore_index)
-    if row_mask is not None:
-        selected = selected & row_mask.reshape(-1, 1)
-    logits = head(hidden[selected])
-    targets = labels[selected]
-    if targets.numel() == 0:
+    if positions is None:
+        selected = labels.ne(ignore_index)
+        if row_mask is not None:
+            selected = selected & row_mask.reshape(-1, 1)
+        logits = head(hidden[selected])
+        targets = labels[selected]
+        if targets.numel() == 0:
+            return logits.sum() * 0.0, logits
+        with torch.autocast(logits.device.type, enabled=False):
+            return F.cross_entropy(logits.float(), targets), logits
+    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+    if positions.numel() == 0:  # a host-side shape: no synchronisation
         return logits.sum() * 0.0, logits
+    targets = labels.reshape(-1).index_select(0, positions)
+    weight = targets.ne(ignore_index).float()
+    if row_mask is not None:
+        rows = row_mask.reshape(-1, 1).expand(labels.shape).reshape(-1).index_select(0, positions)
+        weight = weight * rows.float()
     with torch.autocast(logits.device.type, enabled=False):
-        return F.cross_entropy(logits.float(), targets), logits
+        ce = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=ignore_index)
+        # the sum over an empty selection is 0 (attached), as above
+        return (ce * weight).sum() / weight.sum().clamp(min=1.0), logits
 
 
 def itm_loss(itm_logits: Tensor, itm_labels: Tensor) -> Tensor:

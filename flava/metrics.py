@@ -122,7 +122,8 @@ class MetricsWriter:
 
 
 def log_record(step: int, kind: str, sums: dict, lr: float, grad_norm, info: DistInfo, device) -> dict:
-    """One logged step: its losses (mean over ranks), learning rate and gradient norm."""
+    """One logged step: its losses (mean over ranks), learning rate and gradient norm, read from the device in ONE
+    transfer (called every ``run.log_every`` steps only: each read waits for the device to finish the step)."""
     names = ["loss", *LOSS_NAMES]
     vec = torch.stack([sums[n] if n in sums else torch.zeros((), device=device) for n in names]).float()
     present = [n in sums for n in names]
@@ -130,6 +131,9 @@ def log_record(step: int, kind: str, sums: dict, lr: float, grad_norm, info: Dis
         vec = vec.clone()
         dist.all_reduce(vec)
         vec /= info.world_size
+    if grad_norm is not None:  # the same on every rank: not averaged
+        g = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        vec = torch.cat([vec, g.detach().reshape(1).float().to(vec.device)])
     vals = vec.cpu().tolist()
     rec = {"step": step, "kind": kind}
     for n, p, v in zip(names, present, vals):
@@ -137,6 +141,5 @@ def log_record(step: int, kind: str, sums: dict, lr: float, grad_norm, info: Dis
             rec[n] = v
     rec["lr"] = lr
     if grad_norm is not None:
-        g = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        rec["grad_norm"] = float(g)
+        rec["grad_norm"] = vals[len(names)]
     return rec

@@ -388,6 +388,37 @@ class FlavaForPretraining(nn.Module):
             self.mim_head, self.mlm_head, self.mmm_image_head, self.mmm_text_head, self.itm_head,
         ]
 
+    def gradient_parameters(self, kind: str) -> set[str]:
+        """Names of the trainable parameters that a ``kind`` step ("pairs", "images", "text") must give a gradient,
+        under this config's loss weights: the trainer's step-1 check (``flava.train.check_gradients``) compares
+        them with the gradients that arrived. The encoders' poolers serve weight import/export only; an encoder's
+        final LayerNorm feeds contrastive/MIM/MLM, never the fusion (which reads the pre-norm states)."""
+        w = self.config.loss_weights
+        pools = ("image_encoder.pooler.", "text_encoder.pooler.", "multimodal_encoder.pooler.")
+        prefixes: set[str] = set()
+        if kind == "images" and w.mim > 0:
+            prefixes |= {"image_encoder.", "mim_head."}
+        elif kind == "text" and w.mlm > 0:
+            prefixes |= {"text_encoder.", "mlm_head."}
+        elif kind == "pairs":
+            heads = {"itm_head.": w.itm, "mmm_image_head.": w.mmm_image, "mmm_text_head.": w.mmm_text}
+            fusion = {h for h, weight in heads.items() if weight > 0}
+            if fusion:
+                prefixes |= fusion | {"image_encoder.", "text_encoder.", "image_to_mm.", "text_to_mm.",
+                                      "multimodal_encoder."}
+            if w.global_contrastive > 0:
+                prefixes |= {"image_encoder.", "text_encoder.", "image_projection.", "text_projection.",
+                             "logit_scale"}
+        elif kind not in ("images", "text"):
+            raise ValueError(f"unknown batch kind {kind!r}")
+        skip = set(pools)
+        if kind == "pairs" and w.global_contrastive <= 0:
+            skip |= {"image_encoder.norm.", "text_encoder.norm."}
+        return {
+            n for n, p in self.named_parameters()
+            if p.requires_grad and n.startswith(tuple(prefixes)) and not n.startswith(tuple(skip))
+        }
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamp the parameter in place (call after ``optimizer.step()``; works on an FSDP2-sharded parameter)."""
@@ -431,6 +462,8 @@ class FlavaForPretraining(nn.Module):
         itm_labels: Tensor | None = None,
         embeddings_only: bool = False,
         global_contrastive: bool = True,
+        mim_positions: Tensor | None = None,
+        mlm_positions: Tensor | None = None,
     ) -> FlavaPretrainingOutput:
         """One pretraining step's forward; the batch kind follows from the inputs (as in transformers):
 
@@ -447,6 +480,9 @@ class FlavaForPretraining(nn.Module):
         encoders and projections (``image_embedding``, ``text_embedding``, ``logit_scale``; no loss), and
         ``global_contrastive=False`` runs everything but the contrastive loss, whose gradient the caller supplies.
         Both go through ``forward`` so that FSDP2's hooks gather the parameters.
+
+        ``mim_positions`` / ``mlm_positions``: flat indices of the masked patches / labelled tokens
+        (``masked_positions``), computed on the host; with them the masked-prediction losses need no host sync.
         """
         if embeddings_only:
             out = FlavaPretrainingOutput(loss=None, losses=FlavaLosses(), logit_scale=self.clamped_logit_scale())
@@ -474,7 +510,8 @@ class FlavaForPretraining(nn.Module):
             if patch_mask is None:
                 out.image = img
             if mim_labels is not None and w.mim > 0:
-                loss, _ = masked_prediction_loss(self.mim_head, img.last_hidden_state[:, 1:], mim_labels, ignore)
+                loss, _ = masked_prediction_loss(self.mim_head, img.last_hidden_state[:, 1:], mim_labels, ignore,
+                                                 positions=mim_positions)
                 losses.mim = loss * w.mim
         elif has_text and not has_image:
             ids = input_ids_masked if input_ids_masked is not None else input_ids
@@ -484,12 +521,12 @@ class FlavaForPretraining(nn.Module):
                 out.text = txt
             if mlm_labels is not None and w.mlm > 0:
                 seq = txt.last_hidden_state[:, -mlm_labels.shape[1] :]
-                loss, _ = masked_prediction_loss(self.mlm_head, seq, mlm_labels, ignore)
+                loss, _ = masked_prediction_loss(self.mlm_head, seq, mlm_labels, ignore, positions=mlm_positions)
                 losses.mlm = loss * w.mlm
         elif has_image and has_text:
             self._pair_forward(
                 out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
-                patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive,
+                patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive, mim_positions, mlm_positions,
             )
         else:
             raise ValueError("FlavaForPretraining.forward needs pixel_values and/or input_ids")
@@ -504,7 +541,8 @@ class FlavaForPretraining(nn.Module):
 
     def _pair_forward(
         self, out, pixel_values, input_ids, input_ids_masked, attention_mask, token_type_ids, position_ids,
-        patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive=True,
+        patch_mask, mim_labels, mlm_labels, itm_labels, global_contrastive=True, mim_positions=None,
+        mlm_positions=None,
     ) -> None:
         cfg, w, losses = self.config, self.config.loss_weights, out.losses
         ignore = cfg.ce_ignore_index
@@ -539,12 +577,12 @@ class FlavaForPretraining(nn.Module):
         if mim_labels is not None and w.mmm_image > 0:
             n_img = img_h.shape[1] - 1  # patches; fused layout is [CLS_M, CLS_I, patches, text]
             seq = mm.last_hidden_state[:, 2 : 2 + n_img]
-            loss, _ = masked_prediction_loss(self.mmm_image_head, seq, mim_labels, ignore, pos)
+            loss, _ = masked_prediction_loss(self.mmm_image_head, seq, mim_labels, ignore, pos, mim_positions)
             losses.mmm_image = loss * w.mmm_image
 
         if mlm_labels is not None and w.mmm_text > 0:
             seq = mm.last_hidden_state[:, -mlm_labels.shape[1] :]
-            loss, _ = masked_prediction_loss(self.mmm_text_head, seq, mlm_labels, ignore, pos)
+            loss, _ = masked_prediction_loss(self.mmm_text_head, seq, mlm_labels, ignore, pos, mlm_positions)
             losses.mmm_text = loss * w.mmm_text
 
         out.image_embedding = self.image_projection(out.image.last_hidden_state[:, 0])
@@ -562,6 +600,14 @@ class FlavaForPretraining(nn.Module):
                 exclude_negative_texts=cfg.contrastive_exclude_itm_negatives,
             )
             losses.global_contrastive = gc * w.global_contrastive
+
+
+def masked_positions(mask: Tensor) -> Tensor:
+    """Flat indices of the true entries of a host ``[B, N]`` mask (``forward``'s ``*_positions``). Call it before
+    the batch moves to the device: on the device, nonzero is a synchronisation."""
+    if mask.device.type != "cpu":
+        raise ValueError("masked_positions expects the host copy of the mask (on the device it would synchronise)")
+    return torch.nonzero(mask.reshape(-1)).reshape(-1)
 
 
 def _split(out: EncoderOutput, n: int) -> list[EncoderOutput]:

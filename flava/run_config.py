@@ -31,6 +31,9 @@ class ModelSection:
     pretrained: str | None = None  # transformers FLAVA dir or hub name (facebook/flava-full) to start from
     codebook: str = "random"  # "random" (offline tests/demo) | a dir / file / hub name (facebook/flava-image-codebook)
     codebook_seed: int = 0
+    # The frozen dVAE's weights and compute: fp32 | bf16. bf16 halves its cost (~20% of a flava_full pair step in
+    # fp32) and changes some target ids (agreement with fp32 in docs/pretrain.md)
+    codebook_dtype: str = "fp32"
     # "random" gives MIM / MMM-image targets that mean nothing; flava_full refuses it unless this is set (benchmarks)
     allow_random_codebook: bool = False
     # Encoder-only initial weights (paper section 3.3; flava.init_weights): a transformers ViT (DINO ViT-B/16
@@ -78,6 +81,9 @@ class DataSection:
     mask_patches: int | None = None  # masked patches per image; None: 75/196 of the grid (BEiT)
     mask_min_block: int | None = None  # smallest masking block; None: 16/196 of the grid, at least 1
     pad_to_longest: bool = True  # text tensors padded to the batch's longest sequence, not to *_max_length
+    # each loader worker reads its next shuffle window in a background thread while it serves the current one
+    # (same order and resume; one more window in memory)
+    prefetch_window: bool = True
 
     def active_kinds(self) -> list[str]:
         return [k for k in KINDS if float(self.ratios.get(k, 0.0)) > 0]
@@ -123,6 +129,18 @@ class RunSection:
     # adds in backward, SDPA, scatter) make a fresh run and a resume differ in the last bits; on CPU both already
     # reproduce exactly. Costs speed; an op without a deterministic GPU kernel raises (docs/pretrain.md).
     deterministic: bool = False
+    # Rehearse an NCCL run's device placement on CPU (flava.devcheck): a host tensor handed to a device group's
+    # collective (which gloo accepts and NCCL rejects) raises. A Python call per torch op: CI and debugging only.
+    check_devices: bool = False
+    # FSDP2 reshard_after_forward for the layers, encoders and heads. false: the gathered (bf16) weights are kept
+    # from the forward through the step's last backward, so an accumulation step gathers them once instead of twice
+    # per micro-batch (flava_full: +0.7 GB per GPU of bf16 weights; ~29 GB less traffic per GPU per step at accum 16)
+    reshard_after_forward: bool = True
+    # torch.compile of every transformer layer (before FSDP2 wraps it): fused kernels; the first steps compile
+    compile: bool = False
+    # torch.distributed.checkpoint.async_save: the step goes on while the checkpoint is written (the state is first
+    # copied to host memory); the previous save is finished before the next one and at exit
+    async_checkpoint: bool = False
 
 
 @dataclass
@@ -196,6 +214,8 @@ class RunConfig:
                 f"run.global_batch_size ({r.global_batch_size}) is not divisible by micro_batch_size x world size "
                 f"({r.micro_batch_size} x {world_size})"
             )
+        if self.model.codebook_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"model.codebook_dtype must be fp32 or bf16, got {self.model.codebook_dtype!r}")
         if r.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"run.precision must be auto, fp32 or bf16, got {r.precision!r}")
         if r.device not in ("auto", "cpu", "cuda"):

@@ -27,17 +27,18 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt_mod
-from .codebook import RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
+from .codebook import CODEBOOK_DTYPES, RANDOM_CODEBOOK_WARNING, load_codebook, map_pixels, random_codebook
 from .config import FlavaConfig
 from .data import (
     MultiSourceLoader, Source, build_specs, iter_texts, kind_for_step, normalize_images, reshard_loader_states,
 )
 from .convert import export_final
+from .devcheck import device_check
 from .distributed import DistInfo, any_rank, barrier, require_shared, setup_distributed, shard_model, teardown
 from .init_weights import apply_init_configs, load_encoder_init
 from .losses import global_contrastive_loss, positive_pair_mask
 from .metrics import MetricsWriter, Throughput, flops_per_sample, log_record
-from .model import FlavaForPretraining, FlavaPretrainingOutput
+from .model import FlavaForPretraining, FlavaPretrainingOutput, masked_positions
 from .optim import build_optimizer, build_scheduler
 from .run_config import ConfigError, RunConfig
 from .tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer, train_wordpiece
@@ -98,7 +99,15 @@ def build_codebook(cfg: RunConfig, mcfg: FlavaConfig, device):
         raise ConfigError(
             f"codebook vocabulary {cb.vocab_size} != model image.vocab_size {mcfg.image.vocab_size}"
         )
-    return cb.to(device)
+    return cb.to(device, dtype=CODEBOOK_DTYPES[cfg.model.codebook_dtype])
+
+
+def compile_layers(model: FlavaForPretraining) -> None:
+    """``run.compile``: torch.compile every transformer layer in place (before FSDP2 wraps it, as torchtitan does:
+    the layers are the repeated, compute-bound part; the heads' gathers and the losses' dynamic shapes stay eager).
+    The layers of a stack share one compiled graph."""
+    for layer in model.transformer_layers():
+        layer.compile()
 
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -108,10 +117,21 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
-def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
-    """Worker batch (uint8 pixels) -> model inputs on ``device``; the frozen codebook makes the MIM targets."""
+def prepare_batch(batch: dict, device: torch.device, codebook, ignore_index: int = -100) -> dict:
+    """Worker batch (uint8 pixels) -> model inputs on ``device``; the frozen codebook makes the MIM targets. The
+    masked positions are found here, on the host copies (``masked_positions``), so that the step needs no host
+    sync; pinned, so that their copy does not wait for the device either."""
     out = {}
     nb = device.type == "cuda"
+
+    def host_positions(mask: Tensor) -> Tensor:
+        idx = masked_positions(mask.cpu())
+        return (idx.pin_memory() if nb else idx).to(device, non_blocking=nb)
+
+    if "patch_mask" in batch:
+        out["mim_positions"] = host_positions(batch["patch_mask"].bool())
+    if "mlm_labels" in batch:
+        out["mlm_positions"] = host_positions(batch["mlm_labels"].ne(ignore_index))
     if "pixels" in batch:
         out["pixel_values"] = normalize_images(batch["pixels"].to(device, non_blocking=nb))
         cb_pixels = map_pixels(batch["codebook_pixels"].to(device, non_blocking=nb).float() / 255.0)
@@ -123,10 +143,10 @@ def prepare_batch(batch: dict, device: torch.device, codebook) -> dict:
     return out
 
 
-def micro_batches(loader, kind: str, n: int, device, codebook, text_lengths: list[int]):
+def micro_batches(loader, kind: str, n: int, device, codebook, text_lengths: list[int], ignore_index: int = -100):
     """The step's ``n`` micro-batches, prepared one at a time; records each one's text length (for FLOPs)."""
     for _ in range(n):
-        inputs = prepare_batch(loader.next(kind), device, codebook)
+        inputs = prepare_batch(loader.next(kind), device, codebook, ignore_index)
         ids = inputs.get("input_ids", inputs.get("input_ids_masked"))
         text_lengths.append(0 if ids is None else int(ids.shape[1]))
         yield inputs
@@ -182,12 +202,14 @@ def cache_contrastive(model: FlavaForPretraining, batches, autocast) -> tuple[Co
     return cache, batches
 
 
-def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool) -> dict[str, Tensor]:
+def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: bool,
+                     reshard: bool = True) -> dict[str, Tensor]:
     """Forward and backward of the ``accum`` micro-batches of one step; returns the step's (detached) losses.
 
     The gradient is that of the mean loss over the micro-batches. With ``cached`` (pair steps) the contrastive
     loss is instead one loss over the whole global batch (``cache_contrastive``) and each micro-batch backpropagates
-    its share of it through the cached embedding gradients. ``sync``: FSDP reduce-scatters only on the last one.
+    its share of it through the cached embedding gradients. ``sync``: FSDP reduce-scatters only on the last one;
+    with ``reshard=False`` it also keeps the gathered weights until the last one (``run.reshard_after_forward``).
     """
     cache = None
     if cached:
@@ -196,6 +218,8 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
     for micro, inputs in enumerate(batches):
         if sync:
             model.set_requires_gradient_sync(micro == accum - 1)
+            if not reshard:
+                model.set_reshard_after_backward(micro == accum - 1)
         with autocast:
             out = model(**inputs, global_contrastive=cache is None)
         loss = out.loss / accum if out.loss is not None else 0.0
@@ -209,6 +233,26 @@ def forward_backward(model, batches, accum: int, autocast, sync: bool, cached: b
         losses["global_contrastive"] = cache.loss.float()
         losses["loss"] = losses.get("loss", 0.0) + cache.loss.float()
     return losses
+
+
+class GradientCheckError(RuntimeError):
+    """A parameter the step's losses depend on received no gradient (e.g. FSDP2 hooks that never fired)."""
+
+
+def check_gradients(model: FlavaForPretraining, kind: str, step: int) -> None:
+    """After the first backward of each batch kind: every parameter that kind must train has a gradient. FSDP2
+    before torch 2.13 did not see tensors inside unregistered dataclass outputs, and the parameters behind them
+    then silently got none; this turns any such gap (an output detached, a hook lost) into an error at once.
+    Only ``.grad is None`` is read: no device synchronisation."""
+    expected = model.gradient_parameters(kind)
+    missing = sorted(n for n, p in model.named_parameters() if n in expected and p.grad is None)
+    if missing:
+        more = f" and {len(missing) - 12} more" if len(missing) > 12 else ""
+        raise GradientCheckError(
+            f"step {step} ({kind}): {len(missing)} of {len(expected)} trainable parameters received no gradient: "
+            f"{', '.join(missing[:12])}{more}. Their outputs do not reach the loss through autograd (under FSDP2 "
+            "a module output FSDP cannot see into: register it with torch.utils._pytree, see flava.model)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -272,8 +316,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     apply_determinism(cfg.run.deterministic)
     info = setup_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
+    check = device_check([info.host_group]) if cfg.run.check_devices else contextlib.nullcontext()
     try:
-        return _train(cfg, run_dir, info)
+        with check:
+            return _train(cfg, run_dir, info)
     finally:
         teardown(info)
 
@@ -305,8 +351,10 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     model.set_gradient_checkpointing(bool(cfg.run.activation_checkpointing))
     model.to(device).train()
     codebook = build_codebook(cfg, mcfg, device)
+    if cfg.run.compile:
+        compile_layers(model)
     if info.distributed:
-        shard_model(model, dtype)
+        shard_model(model, dtype, cfg.run.reshard_after_forward)
     autocast = (
         torch.autocast(device.type, dtype=dtype)
         if (dtype != torch.float32 and not info.distributed)
@@ -349,10 +397,20 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    pending: list[ckpt_mod.PendingSave] = []  # run.async_checkpoint: the save still being written
+
+    def finish_saves() -> None:
+        while pending:
+            pending.pop().wait()
+
     def save(at: int) -> None:
+        finish_saves()  # one save in flight at a time: its host copy of the state is the memory cost
         meta = {**meta_common, "step": at, "scheduler": _jsonable(scheduler.state_dict())}
         rank_state = {"rng": ckpt_mod.rng_state(), "loader": loader.state_dict()}
-        ckpt_mod.save_checkpoint(run_dir, at, model, optimizer, meta, rank_state, keep=cfg.run.keep_checkpoints)
+        res = ckpt_mod.save_checkpoint(run_dir, at, model, optimizer, meta, rank_state, keep=cfg.run.keep_checkpoints,
+                                       async_save=cfg.run.async_checkpoint, process_group=info.host_group)
+        if cfg.run.async_checkpoint:
+            pending.append(res)
 
     progress = None
     if info.is_main and cfg.run.progress:
@@ -364,13 +422,18 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
     throughput = Throughput(device, info.world_size)
     sums: dict[str, torch.Tensor] = {}
     last_saved = step
+    grads_checked: set[str] = set()
     try:
         while step < stop_at:
             kind = kind_for_step(cfg.run.seed, step, cfg.data.ratios)
             text_lengths: list[int] = []
-            batches = micro_batches(loader, kind, accum, device, codebook, text_lengths)
+            batches = micro_batches(loader, kind, accum, device, codebook, text_lengths, mcfg.ce_ignore_index)
             cached = gradient_cache and kind == "pairs"
-            step_losses = forward_backward(model, batches, accum, autocast, sync, cached)
+            step_losses = forward_backward(model, batches, accum, autocast, sync, cached,
+                                           reshard=cfg.run.reshard_after_forward)
+            if kind not in grads_checked:
+                check_gradients(model, kind, step + 1)
+                grads_checked.add(kind)
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -407,6 +470,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: DistInfo) -> dict:
                 break
         if last_saved != step:
             save(step)
+        finish_saves()
         if cfg.run.export_final and step >= stop_at:
             export_final(model, mcfg, run_dir, info)
     finally:

@@ -139,6 +139,7 @@ def test_process_group_gets_the_configured_timeout(monkeypatch):
     seen = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "new_group", lambda backend, **kw: seen.update(host_group=(backend, kw["timeout"])))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -146,6 +147,7 @@ def test_process_group_gets_the_configured_timeout(monkeypatch):
     cfg = RunConfig.from_dict({"model": model, "run": {"dist_timeout_minutes": 90}})
     fd.setup_distributed("cpu", cfg.run.dist_timeout_minutes)
     assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(minutes=90)
+    assert seen["host_group"] == ("gloo", datetime.timedelta(minutes=90))  # the loop's host-side flags
     assert RunConfig().run.dist_timeout_minutes == 60
     with pytest.raises(ConfigError, match="dist_timeout_minutes"):
         RunConfig.from_dict({"model": model, "run": {"dist_timeout_minutes": 0}})

@@ -6,16 +6,15 @@ collective of a 2-process run gets tensors on the run's device (a checked wrappe
 import contextlib
 import math
 import os
-import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from flava.config import LossWeights, tiny
+from flava.devcheck import COLLECTIVES
 from flava.masking import itm_negatives
 from flava.model import FlavaForPretraining
 from flava.train import forward_backward, shard_model
@@ -228,48 +227,9 @@ def test_collate_pads_to_the_longest_caption(tmp_path):
 
 
 # ---- collectives on the run's device ---------------------------------------------------------------------------
-_FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
-              torch.rand, torch.randn, torch.randint, torch.linspace}
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
-                "broadcast", "reduce", "all_to_all_single", "gather", "scatter")
-_FLAVA_DIR = os.path.dirname(sys.modules["flava"].__file__)
-
-
-class HostTensors(TorchFunctionMode):
-    """Simulates an accelerator run on the CPU: a tensor the project creates without a device is a host tensor, so
-    is anything computed from one; moving it ``.to(a device)`` makes it a device tensor. (On a GPU the former would
-    be on the CPU, where an NCCL group has no backend.)"""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in _FACTORIES:
-            host = kwargs.get("device") is None and sys._getframe(1).f_code.co_filename.startswith(_FLAVA_DIR)
-        elif func in (torch.Tensor.to, torch.Tensor.cuda):
-            moved = "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:])
-            host = _is_host(args[0]) and not moved
-        else:
-            flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-            host = any(_is_host(t) for t in flat)
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                with contextlib.suppress(AttributeError, RuntimeError):
-                    t._host_tensor = host
-        return out
-
-
-def _is_host(t) -> bool:
-    return isinstance(t, torch.Tensor) and getattr(t, "_host_tensor", False)
-
-
-def _checked(name, fn, seen):
+def _counted(name, fn, seen):
     def wrapper(*args, **kwargs):
-        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         seen.append(name)
-        bad = [tuple(t.shape) for t in tensors if _is_host(t)]
-        if bad:
-            raise RuntimeError(f"host tensor(s) {bad} reached dist.{name}")
         return fn(*args, **kwargs)
 
     return wrapper
@@ -283,17 +243,18 @@ def _run_worker(rank: int, port: int, data: str, run_dir: str, out_dir: str) -> 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     seen: list[str] = []
-    for name in _COLLECTIVES:
-        setattr(dist, name, _checked(name, getattr(dist, name), seen))
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, _counted(name, getattr(dist, name), seen))
     cfg = load_run_config("tiny", [
         "run.progress=false", "run.tensorboard=false", "data.num_workers=0", f"data.pairs=[{data}]",
         "run.global_batch_size=8", "run.micro_batch_size=2", "run.contrastive_gradient_cache=true",
         "run.checkpoint_every=2", "run.export_final=false", "data.tokenizer_vocab_size=200", "run.steps=3",
+        "run.check_devices=true",
     ])
     error = ""
     try:
-        with HostTensors():
-            train(cfg, run_dir)
+        train(cfg, run_dir)
     except Exception:  # noqa: BLE001 - reported to the test
         error = traceback.format_exc()
     torch.save({"error": error, "seen": sorted(set(seen))}, os.path.join(out_dir, f"rank{rank}.pt"))
