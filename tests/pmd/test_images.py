@@ -301,6 +301,8 @@ def test_draft_scale_keeps_the_margin_and_the_quality(monkeypatch, size, decoded
             seen.append((pixels.shape[1], pixels.shape[0]))
             return pixels
 
+        encode_jpeg = staticmethod(simplejpeg.encode_jpeg)
+
     monkeypatch.setattr(images, "simplejpeg", Spy)
     raw = _edgy(*size)
     out = np.asarray(_decoded(process_image(raw, OPTS)), dtype=np.float64)
