@@ -2,8 +2,9 @@
 quality; the cost of the evaluation-image screen; the scaled JPEG decoders it was chosen from.
 
 Both take the same JPEG bytes and return a JPEG whose shorter side is 256 px (aspect kept, quality 95): ours with
-simplejpeg (power-of-two DCT-scaled decode), INTER_AREA, Pillow's encode, sha256, img2dataset with OpenCV (full decode,
-INTER_AREA, encode). Images, per size (500x375, 640x480, 1024x768, 2048x1536), JPEG q90:
+simplejpeg (power-of-two DCT-scaled decode), exact halvings + bicubic to 2x the target + a 2x2 mean
+(`pmd.images._antialiased`), OpenCV's encode, sha256, img2dataset with OpenCV (full decode, INTER_AREA, encode).
+Images, per size (500x375, 640x480, 1024x768, 2048x1536), JPEG q90:
 - "texture": generated, gradients plus 1/f noise over five octaves plus pixel noise (photo-like JPEG sizes and
   detail at every scale);
 - "photo": real photographs cropped to 4:3 and resized (LANCZOS) to the size: matplotlib's grace_hopper.jpg (always
@@ -122,16 +123,16 @@ def img2dataset_resizer() -> Callable[[bytes], bytes]:
 
 
 def floor(data: bytes) -> bytes:
-    """The chosen decoder's part alone: simplejpeg's decode at the scale process_image picks, and the JPEG encode of
-    an image of the output's size (the decoded one cut to it: no resize, no checks, no hash)."""
+    """The chosen codecs' part alone: simplejpeg's decode at the scale process_image picks, and OpenCV's JPEG
+    encode of an image of the output's size (the decoded one cut to it: no resize, no checks, no hash)."""
     import simplejpeg
 
     h, w, _, _ = simplejpeg.decode_jpeg_header(data)
     scale = _draft_scale(w, h, OPTIONS)
     kw = {} if scale == 1 else {("min_height" if h <= w else "min_width"): -(-min(w, h) // scale)}
-    pixels = simplejpeg.decode_jpeg(data, "RGB", **kw)
+    pixels = simplejpeg.decode_jpeg(data, "BGR", fastupsample=True, **kw)
     tw, th = _target_size(w, h, TARGET)
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels[:th, :tw]), 95, "RGB", "420")
+    return cv2.imencode(".jpg", np.ascontiguousarray(pixels[:th, :tw]), (cv2.IMWRITE_JPEG_QUALITY, 95))[1].tobytes()
 
 
 def _rounds(contenders: dict[str, Callable[[bytes], object]], images: list[bytes], rounds: int) -> dict[str, float]:
