@@ -14,21 +14,22 @@ box):
 3. Strict decoding: Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a
    ``decode_error`` rather than an image padded with grey. simplejpeg runs with ``strict=True`` and hands whatever
    libjpeg warns about to Pillow, which decides as before.
-4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
-   is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
-   crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
+4. Without a crop box: the pixels (BGR, alpha composited onto white), one antialiased resize so the shorter side
+   is ``image_size`` (``_antialiased``; never upscale), then the EXIF orientation, on the small array. With a crop
+   box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
    cropped size, RGB, resize.
-5. JPEG encode without EXIF or ICC data; optionally the pHash of the stored pixels (``with_phash``: the
-   evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
+5. JPEG encode (OpenCV's, the bytes Pillow's gave) without EXIF or ICC data; optionally the pHash of the stored
+   pixels (``with_phash``: the evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
 
-Why this decoder and filter (measured, docs/benchmarks.md "One image", benchmarks/bench_images.py): libjpeg-turbo
-can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but on x86-64 those IDCTs have no SIMD path:
-they decode no faster than the power-of-two scale above them (often slower) and, like every DCT scaling that ends
-near the target, lose several dB PSNR on real photos. pyvips'
-shrink-on-load was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``.
-INTER_AREA after the draft matches img2dataset's filter (its Resizer's quality) and is the cheapest antialiased
-resize measured (Pillow BICUBIC ~1.7x and BILINEAR ~1.1x its time). It is deterministic: the non-integer area
-resize sums fixed weights in a fixed order, integer factors average integers.
+Why this decoder and filter (measured, docs/benchmarks.md "One image at the decoder's limit",
+benchmarks/bench_images.py): libjpeg-turbo can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but
+on x86-64 those IDCTs have no SIMD path: they decode no faster than the power-of-two scale above them (often slower)
+and, like every DCT scaling that ends near the target, lose several dB PSNR on real photos. pyvips' shrink-on-load
+was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``. The resize: one
+INTER_AREA (img2dataset's filter) at a non-integer ratio is OpenCV's scalar general path and cost more than the
+decode; ``_antialiased`` reaches the same geometry in SIMD steps at about half the time, with PSNR to a full decode
++ LANCZOS higher on real photos and within 0.2 dB on generated texture. All steps are integer arithmetic on uint8,
+so the output is deterministic.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
@@ -295,10 +296,11 @@ def _antialiased(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
     Why not one INTER_AREA, img2dataset's filter: at a non-integer ratio OpenCV runs its scalar general area path,
     1.2-2.4 ms for 500x375-1024x768 to 341x256, more than the decode; these steps cost 0.55-0.9 ms (measured,
     docs/benchmarks.md). Quality against full decode + LANCZOS: higher than INTER_AREA on real photos (the bicubic
-    step keeps edges INTER_AREA's box blurs), within 0.25 dB below it on the generated texture set. Every step maps
+    step keeps edges INTER_AREA's box blurs), within 0.2 dB below it on the generated texture set. Every step maps
     the whole image onto the whole target (no crop, no pad), so nothing shifts by a fraction of a pixel; an odd
     side that would need halving falls back to the single INTER_AREA. All three filters run in fixed-point integer
-    arithmetic on uint8: the same bytes for the same input and OpenCV.
+    arithmetic on uint8: the same bytes for the same input and OpenCV. (The integer 2x2 mean rounds halves up:
+    outputs are 0.15-0.4 of a level brighter than INTER_AREA's on average, tests/pmd/test_images.py.)
     """
     width, height = target
     double = (2 * width, 2 * height)
@@ -322,8 +324,8 @@ def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
 
 
 def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> np.ndarray | None:
-    """simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to numpy
-    cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
+    """simplejpeg (libjpeg-turbo) decodes straight into the BGR array the resize reads (Pillow's RGBX copy to
+    numpy cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
     extraneous bytes before a marker that many web JPEGs carry) returns None: Pillow then decides as it always did
     (truncated: decode_error; extraneous bytes: decoded). CMYK and other JPEGs never come here."""
     scale = _draft_scale(width, height, options)
