@@ -108,13 +108,13 @@ class YfccAdapter(SourceAdapter):
         pairs: list[pa.Table] = []
         python_rows: list[Pair | Reject] = []
         by_layout: dict[int, list[Record]] = {25: [], 23: []}
-        # The usual chunk (all ASCII, no CR, no JSON line, one layout) is checked on the joined lines at C speed
-        # and that join is the CSV reader's input; any other chunk takes the per-line checks below. A line never
-        # holds a newline (records are lines), so "\n{" finds every line that starts with "{".
+        # The usual chunk (all ASCII, no CR, no "{" at all, so no JSON line; one layout) is checked on the joined
+        # lines at C speed (single-byte searches: ~20 ms a 50,000-line chunk instead of ~40 for the loop) and that
+        # join is the CSV reader's input; any other chunk takes the per-line checks below.
         raws = [record.raw for record in records]
         blob = b"\n".join(raws)
         counts = set(map(bytes.count, raws, repeat(b"\t"))) if (
-            blob.isascii() and b"\r" not in blob and b"\n{" not in blob and blob[:1] != b"{") else set()
+            blob.isascii() and b"\r" not in blob and b"{" not in blob) else set()
         if len(counts) == 1 and (n := counts.pop() + 1) in by_layout:
             p, r = self._convert_tsv(list(records), _LAYOUTS[n], blob)
             return (pa.concat_tables([p, pairs_table([], self.name)]),
