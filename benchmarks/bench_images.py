@@ -2,8 +2,9 @@
 quality; the cost of the evaluation-image screen; the scaled JPEG decoders it was chosen from.
 
 Both take the same JPEG bytes and return a JPEG whose shorter side is 256 px (aspect kept, quality 95): ours with
-simplejpeg (power-of-two DCT-scaled decode), INTER_AREA, Pillow's encode, sha256, img2dataset with OpenCV (full decode,
-INTER_AREA, encode). Images, per size (500x375, 640x480, 1024x768, 2048x1536), JPEG q90:
+simplejpeg (power-of-two DCT-scaled decode), exact halvings + bicubic to 2x the target + a 2x2 mean
+(`pmd.images._antialiased`), OpenCV's encode, sha256, img2dataset with OpenCV (full decode, INTER_AREA, encode).
+Images, per size (500x375, 640x480, 1024x768, 2048x1536), JPEG q90:
 - "texture": generated, gradients plus 1/f noise over five octaves plus pixel noise (photo-like JPEG sizes and
   detail at every scale);
 - "photo": real photographs cropped to 4:3 and resized (LANCZOS) to the size: matplotlib's grace_hopper.jpg (always
@@ -19,6 +20,8 @@ Modes (all by default):
   reference: full decode + Pillow LANCZOS to the same size.
 - screen: the added cost per image of the pHash screen: hashing the held pixels (`phash_pixels`), and one check
   against 10,000 and 100,000 evaluation hashes; beside the former way (decode the stored JPEG, hash it, check).
+- filters: the resize alone on the decoded pixels: one INTER_AREA (uint8, img2dataset's; float32) against
+  process_image's steps (`_antialiased`), time and PSNR after the encode.
 - decoders: each scaled decoder that is importable (Pillow draft, OpenCV IMREAD_REDUCED, simplejpeg with its M/8
   choice and restricted to powers of two, PyTurboJPEG, pyvips) decoding to a shorter side >= 256, then INTER_AREA
   to the target: time and PSNR to the reference.
@@ -41,7 +44,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from pmd.decontaminate import EvalHashIndex, phash_bytes, phash_pixels
-from pmd.images import ImageOptions, _draft_scale, _target_size, process_image
+from pmd.images import ImageOptions, _antialiased, _draft_scale, _target_size, process_image
 
 SIZES = ((500, 375), (640, 480), (1024, 768), (2048, 1536))
 TARGET = 256
@@ -122,18 +125,16 @@ def img2dataset_resizer() -> Callable[[bytes], bytes]:
 
 
 def floor(data: bytes) -> bytes:
-    """The chosen decoder's part alone: simplejpeg's decode at the scale process_image picks, and the JPEG encode of
-    an image of the output's size (the decoded one cut to it: no resize, no checks, no hash)."""
+    """The chosen codecs' part alone: simplejpeg's decode at the scale process_image picks, and OpenCV's JPEG
+    encode of an image of the output's size (the decoded one cut to it: no resize, no checks, no hash)."""
     import simplejpeg
 
     h, w, _, _ = simplejpeg.decode_jpeg_header(data)
     scale = _draft_scale(w, h, OPTIONS)
     kw = {} if scale == 1 else {("min_height" if h <= w else "min_width"): -(-min(w, h) // scale)}
-    pixels = simplejpeg.decode_jpeg(data, "RGB", **kw)
+    pixels = simplejpeg.decode_jpeg(data, "BGR", fastupsample=True, **kw)
     tw, th = _target_size(w, h, TARGET)
-    buf = io.BytesIO()
-    Image.fromarray(pixels[:th, :tw]).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+    return cv2.imencode(".jpg", np.ascontiguousarray(pixels[:th, :tw]), (cv2.IMWRITE_JPEG_QUALITY, 95))[1].tobytes()
 
 
 def _rounds(contenders: dict[str, Callable[[bytes], object]], images: list[bytes], rounds: int) -> dict[str, float]:
@@ -314,13 +315,45 @@ def decoders(all_sets: dict, rounds: int) -> None:
             flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ filters
+def filters(all_sets: dict, rounds: int) -> None:
+    """The resize alone, on the pixels process_image decodes (same scale): one INTER_AREA on uint8 (img2dataset's),
+    the same on float32 (OpenCV's vectorised float path, same output), and pmd's steps; then PSNR after the q95
+    encode to full decode + LANCZOS."""
+    import simplejpeg
+
+    def encode(pixels):
+        return cv2.imencode(".jpg", pixels, (cv2.IMWRITE_JPEG_QUALITY, 95))[1].tobytes()
+
+    contenders = {
+        "INTER_AREA": lambda p, t: cv2.resize(p, t, interpolation=cv2.INTER_AREA),
+        "INTER_AREA float32": lambda p, t: np.rint(cv2.resize(p.astype(np.float32), t, interpolation=cv2.INTER_AREA)
+                                                   ).astype(np.uint8),
+        "pmd steps": _antialiased,
+    }
+    print("resize alone on the decoded pixels: ms per image | PSNR dB after encode (vs full decode + LANCZOS)")
+    for (width, height), sets in all_sets.items():
+        scale = _draft_scale(width, height, OPTIONS)
+        kw = {} if scale == 1 else {"min_height": -(-height // scale)}
+        target = _target_size(width, height, TARGET)
+        for kind, images in sets.items():
+            pixels = [simplejpeg.decode_jpeg(d, "BGR", fastupsample=True, **kw) for d in images]
+            refs = [reference(d) for d in images]
+            m = _rounds({n: (lambda _, f=f, px=pixels, t=target: [f(p, t) for p in px]) for n, f in contenders.items()},
+                        [b""], rounds)
+            scores = {n: np.mean([psnr(_rgb(encode(f(p, target))), r) for p, r in zip(pixels, refs)])
+                      for n, f in contenders.items()}
+            print(f"{width:>5}x{height:<4} {kind:>8} | " + " | ".join(
+                f"{n} {m[n] / len(pixels):.2f} ms {scores[n]:.2f} dB" for n in contenders), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--images", type=int, default=12, help="generated images per size and round")
     parser.add_argument("--photos", type=Path, action="append", default=[], help="folder of real photos (repeatable)")
-    parser.add_argument("--modes", nargs="+", default=["speed", "quality", "screen", "decoders"],
-                        choices=["speed", "quality", "screen", "decoders"])
+    parser.add_argument("--modes", nargs="+", default=["speed", "quality", "screen", "filters", "decoders"],
+                        choices=["speed", "quality", "screen", "filters", "decoders"])
     args = parser.parse_args()
     cv2.setNumThreads(1)  # img2dataset's Resizer sets the same for itself
     photos = load_photos(args.photos)
@@ -332,6 +365,8 @@ def main() -> None:
         quality(all_sets)
     if "screen" in args.modes:
         screen_cost(all_sets[(640, 480)]["texture"], args.rounds)
+    if "filters" in args.modes:
+        filters(all_sets, args.rounds)
     if "decoders" in args.modes:
         decoders(all_sets, args.rounds)
     print(f"load average {os.getloadavg()[0]:.1f}")

@@ -14,21 +14,22 @@ box):
 3. Strict decoding: Pillow's ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated file is a
    ``decode_error`` rather than an image padded with grey. simplejpeg runs with ``strict=True`` and hands whatever
    libjpeg warns about to Pillow, which decides as before.
-4. Without a crop box: conversion to RGB (alpha composited onto white), one antialiased resize so the shorter side
-   is ``image_size`` (OpenCV's INTER_AREA; never upscale), then the EXIF orientation, on the small image. With a
-   crop box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
+4. Without a crop box: the pixels (BGR, alpha composited onto white), one antialiased resize so the shorter side
+   is ``image_size`` (``_antialiased``; never upscale), then the EXIF orientation, on the small array. With a crop
+   box (x, y, w, h, in the coordinates of the upright image): orientation, clamp and crop, the checks on the
    cropped size, RGB, resize.
-5. JPEG encode without EXIF or ICC data; optionally the pHash of the stored pixels (``with_phash``: the
-   evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
+5. JPEG encode (OpenCV's, the bytes Pillow's gave) without EXIF or ICC data; optionally the pHash of the stored
+   pixels (``with_phash``: the evaluation-image screen of pmd.decontaminate, so nothing is decoded a second time).
 
-Why this decoder and filter (measured, docs/benchmarks.md "One image", benchmarks/bench_images.py): libjpeg-turbo
-can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but on x86-64 those IDCTs have no SIMD path:
-they decode no faster than the power-of-two scale above them (often slower) and, like every DCT scaling that ends
-near the target, lose several dB PSNR on real photos. pyvips'
-shrink-on-load was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``.
-INTER_AREA after the draft matches img2dataset's filter (its Resizer's quality) and is the cheapest antialiased
-resize measured (Pillow BICUBIC ~1.7x and BILINEAR ~1.1x its time). It is deterministic: the non-integer area
-resize sums fixed weights in a fixed order, integer factors average integers.
+Why this decoder and filter (measured, docs/benchmarks.md "One image at the decoder's limit",
+benchmarks/bench_images.py): libjpeg-turbo can also scale by 3/8, 5/8, 6/8 and 7/8 (simplejpeg, PyTurboJPEG), but
+on x86-64 those IDCTs have no SIMD path: they decode no faster than the power-of-two scale above them (often slower)
+and, like every DCT scaling that ends near the target, lose several dB PSNR on real photos. pyvips' shrink-on-load
+was slower than Pillow here, and OpenCV's IMREAD_REDUCED_* gives the same scales as ``draft``. The resize: one
+INTER_AREA (img2dataset's filter) at a non-integer ratio is OpenCV's scalar general path and cost more than the
+decode; ``_antialiased`` reaches the same geometry in SIMD steps at about half the time, with PSNR to a full decode
++ LANCZOS higher on real photos and within 0.2 dB on generated texture. All steps are integer arithmetic on uint8,
+so the output is deterministic.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
@@ -76,6 +77,16 @@ _ORIENT = {
 REASONS: tuple[Reason, ...] = (Reason.DECODE_ERROR, Reason.TOO_SMALL, Reason.ASPECT_RATIO, Reason.TOO_MANY_PIXELS,
                                Reason.BAD_BOX, Reason.TOO_LARGE)
 
+# The same transposes on an (h, w, 3) array, checked against Pillow's in tests/pmd/test_images.py.
+_ORIENT_ARRAY = {
+    Image.Transpose.FLIP_LEFT_RIGHT: lambda a: a[:, ::-1],
+    Image.Transpose.ROTATE_180: lambda a: a[::-1, ::-1],
+    Image.Transpose.FLIP_TOP_BOTTOM: lambda a: a[::-1],
+    Image.Transpose.TRANSPOSE: lambda a: a.transpose(1, 0, 2),
+    Image.Transpose.ROTATE_270: lambda a: np.rot90(a, -1),
+    Image.Transpose.TRANSVERSE: lambda a: np.rot90(a, -1)[::-1],
+    Image.Transpose.ROTATE_90: lambda a: np.rot90(a, 1),
+}
 _SWAPS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
                     Image.Transpose.ROTATE_90})
 _WHITE = (255, 255, 255)
@@ -227,7 +238,7 @@ def process_image(
         with _no_truncated_images():
             # Not closed explicitly: the source is an in-memory buffer, and the decoded image may be returned as is.
             im = Image.open(BytesIO(raw), formats=ALLOWED_FORMATS)
-            rgb, original = _decode(im, raw, options, crop_box)
+            bgr, original = _decode(im, raw, options, crop_box)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -239,39 +250,66 @@ def process_image(
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is that image's decode_error
         raise ImageRejected(Reason.DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
-    out = BytesIO()
-    rgb.save(out, format="JPEG", quality=options.jpeg_quality, optimize=False)
-    data = out.getvalue()
+    # OpenCV's encoder takes the array as it is (BGR, contiguous): no Image.fromarray copy, ~0.1 ms less than
+    # Pillow's save, and the same bytes (both call libjpeg-turbo with its defaults: 4:2:0, baseline, not optimised,
+    # no EXIF or ICC; tests/pmd/test_images.py). simplejpeg's encoder was as fast but 0.3 dB PSNR lower.
+    ok, encoded = cv2.imencode(".jpg", bgr, (cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} image")  # a bug: every checked image encodes
+    data = encoded.tobytes()
     value = None
     if with_phash:
         from pmd.decontaminate import phash_pixels  # lazily: pmd.decontaminate pulls in pyarrow and the archives
 
-        value = phash_pixels(rgb)
+        value = phash_pixels(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))  # a contiguous copy: fast
     return ProcessedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
-        width=rgb.size[0],
-        height=rgb.size[1],
+        width=bgr.shape[1],
+        height=bgr.shape[0],
         original_width=original[0],
         original_height=original[1],
         phash=value,
     )
 
 
-def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> Image.Image:
-    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size``."""
-    if not options.image_size or min(width, height) <= options.image_size:
-        return rgb
-    return Image.fromarray(_resize_array(np.asarray(rgb), width, height, options))
+def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> np.ndarray:
+    """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size``, as a BGR array (the channel
+    order of the JPEG path and of OpenCV's encoder), swapped on the small image."""
+    return cv2.cvtColor(_resize_array(np.asarray(rgb), width, height, options), cv2.COLOR_RGB2BGR)
 
 
 def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions) -> np.ndarray:
-    """The same on an array that may be DCT-scaled: one antialiased INTER_AREA resize, never up."""
+    """The same on an array that may be DCT-scaled: one antialiased resize (`_antialiased`), never up."""
     if not options.image_size or min(width, height) <= options.image_size:
         return pixels
     target = _target_size(width, height, options.image_size)
     if (pixels.shape[1], pixels.shape[0]) == target:
         return pixels
+    return _antialiased(pixels, target)
+
+
+def _antialiased(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """Downscale to ``target`` (w, h) in exact steps: INTER_AREA halvings while the image stays >= 2x the target
+    (a 2x2 mean, OpenCV's SIMD fast path), a bicubic resample to exactly 2x the target, and a last 2x2 mean.
+
+    Why not one INTER_AREA, img2dataset's filter: at a non-integer ratio OpenCV runs its scalar general area path,
+    1.2-2.4 ms for 500x375-1024x768 to 341x256, more than the decode; these steps cost 0.55-0.9 ms (measured,
+    docs/benchmarks.md). Quality against full decode + LANCZOS: higher than INTER_AREA on real photos (the bicubic
+    step keeps edges INTER_AREA's box blurs), within 0.2 dB below it on the generated texture set. Every step maps
+    the whole image onto the whole target (no crop, no pad), so nothing shifts by a fraction of a pixel; an odd
+    side that would need halving falls back to the single INTER_AREA. All three filters run in fixed-point integer
+    arithmetic on uint8: the same bytes for the same input and OpenCV. (The integer 2x2 mean rounds halves up:
+    outputs are 0.15-0.4 of a level brighter than INTER_AREA's on average, tests/pmd/test_images.py.)
+    """
+    width, height = target
+    double = (2 * width, 2 * height)
+    while pixels.shape[1] >= double[0] and pixels.shape[0] >= double[1] and pixels.shape[1::-1] != double:
+        if pixels.shape[1] % 2 or pixels.shape[0] % 2:
+            return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(pixels, (pixels.shape[1] // 2, pixels.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if pixels.shape[1::-1] != double:  # now under 2x the target: an upscale, which bicubic interpolates cleanly
+        pixels = cv2.resize(pixels, double, interpolation=cv2.INTER_CUBIC)
     return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
 
 
@@ -286,23 +324,26 @@ def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
 
 
 def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> np.ndarray | None:
-    """simplejpeg (libjpeg-turbo) decodes straight into the array the resize reads (Pillow's RGBX copy to numpy
-    cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
+    """simplejpeg (libjpeg-turbo) decodes straight into the BGR array the resize reads (Pillow's RGBX copy to
+    numpy cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
     extraneous bytes before a marker that many web JPEGs carry) returns None: Pillow then decides as it always did
     (truncated: decode_error; extraneous bytes: decoded). CMYK and other JPEGs never come here."""
     scale = _draft_scale(width, height, options)
     axis = "min_height" if height <= width else "min_width"
     at_least = {} if scale == 1 else {axis: -(-min(width, height) // scale)}
     try:
-        return simplejpeg.decode_jpeg(raw, "RGB", strict=True, **at_least)
+        # fastupsample: chroma replicated instead of libjpeg's triangle filter (the merged SIMD upsampler, ~6%
+        # faster); the antialiased resize that follows makes the filter moot (PSNR equal or higher, measured).
+        return simplejpeg.decode_jpeg(raw, "BGR", fastupsample=True, strict=True, **at_least)
     except ValueError:
         return None
 
 
 def _decode(
     im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """The opened image as upright, resized RGB (cropped first if asked) and its upright full-resolution size."""
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The opened image as upright, resized pixels (cropped first if asked; a C-contiguous uint8 BGR array) and its
+    upright full-resolution size."""
     full_width, full_height = im.size
     if full_width * full_height > options.max_pixels:
         raise ImageRejected(Reason.TOO_MANY_PIXELS, f"{full_width}x{full_height} > {options.max_pixels} pixels")
@@ -313,19 +354,20 @@ def _decode(
         pixels = _decode_jpeg(raw, full_width, full_height, options) if im.format in ("JPEG", "MPO") and \
             im.mode in ("RGB", "L") else None
         if pixels is not None:
-            rgb = Image.fromarray(_resize_array(pixels, full_width, full_height, options))
+            bgr = _resize_array(pixels, full_width, full_height, options)
         else:
             scale = _draft_scale(full_width, full_height, options) if im.format in ("JPEG", "MPO") else 1
             if scale > 1:  # the same DCT scale as simplejpeg's (Pillow picks the largest power of two that fits)
                 im.draft(None, (full_width // scale, full_height // scale))
             im.load()
-            rgb = _resize(_to_rgb(im), full_width, full_height, options)
+            bgr = _resize(_to_rgb(im), full_width, full_height, options)
         # Resized in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotated:
         # the small image rather than the decoded one.
         if method is None:
-            return rgb, (full_width, full_height)
+            return bgr, (full_width, full_height)
         # Orientations 5-8 swap the axes.
-        return rgb.transpose(method), ((full_height, full_width) if method in _SWAPS else (full_width, full_height))
+        return (np.ascontiguousarray(_ORIENT_ARRAY[method](bgr)),
+                (full_height, full_width) if method in _SWAPS else (full_width, full_height))
     im.load()
     upright = im if method is None else im.transpose(method)
     # Crop before the RGB conversion so only the kept region is converted.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+from itertools import repeat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,17 @@ class YfccAdapter(SourceAdapter):
         pairs: list[pa.Table] = []
         python_rows: list[Pair | Reject] = []
         by_layout: dict[int, list[Record]] = {25: [], 23: []}
+        # The usual chunk (all ASCII, no CR, no "{" at all, so no JSON line; one layout) is checked on the joined
+        # lines at C speed (single-byte searches: ~20 ms a 50,000-line chunk instead of ~40 for the loop) and that
+        # join is the CSV reader's input; any other chunk takes the per-line checks below.
+        raws = [record.raw for record in records]
+        blob = b"\n".join(raws)
+        counts = set(map(bytes.count, raws, repeat(b"\t"))) if (
+            blob.isascii() and b"\r" not in blob and b"{" not in blob) else set()
+        if len(counts) == 1 and (n := counts.pop() + 1) in by_layout:
+            p, r = self._convert_tsv(list(records), _LAYOUTS[n], blob)
+            return (pa.concat_tables([p, pairs_table([], self.name)]),
+                    pa.concat_tables([rejects_table([], self.name), r]))
         for record in records:
             raw = record.raw
             if raw[:1] == b"{":
@@ -148,9 +160,12 @@ class YfccAdapter(SourceAdapter):
 
         return column(langs, pl.String), column(scores, pl.Float64)
 
-    def _convert_tsv(self, group: list[Record], fields: tuple[str, ...]) -> tuple[pa.Table, pa.Table]:
+    def _convert_tsv(self, group: list[Record], fields: tuple[str, ...], blob: bytes | None = None
+                     ) -> tuple[pa.Table, pa.Table]:
+        """``blob``: the group's lines joined by newlines, when the caller already has it."""
         opts = self.options
-        blob = b"\n".join(r.raw for r in group)
+        if blob is None:
+            blob = b"\n".join(r.raw for r in group)
         df = pl.read_csv(io.BytesIO(blob), separator="\t", has_header=False, quote_char=None, infer_schema=False,
                          new_columns=list(fields)).fill_null("")  # an empty field is "" upstream, not missing
         if df.height != len(group):  # cannot happen after the per-line checks; never mis-align rows silently

@@ -301,6 +301,8 @@ def test_draft_scale_keeps_the_margin_and_the_quality(monkeypatch, size, decoded
             seen.append((pixels.shape[1], pixels.shape[0]))
             return pixels
 
+        encode_jpeg = staticmethod(simplejpeg.encode_jpeg)
+
     monkeypatch.setattr(images, "simplejpeg", Spy)
     raw = _edgy(*size)
     out = np.asarray(_decoded(process_image(raw, OPTS)), dtype=np.float64)
@@ -342,3 +344,57 @@ def test_greyscale_and_progressive_jpegs():
     assert out.size == (341, 256) and out.getpixel((100, 100))[0] == out.getpixel((100, 100))[1]
     progressive = process_image(_encode(_photo(1600, 1200), quality=90, progressive=True), OPTS)
     assert (progressive.width, progressive.height) == (341, 256)
+
+
+# ------------------------------------------------------------------------------------------------ resize, encode
+def test_orientation_on_the_array_is_pillows_transpose():
+    import numpy as np
+
+    import pmd.images as images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert set(images._ORIENT_ARRAY) == set(images._ORIENT.values())
+    for method, fn in images._ORIENT_ARRAY.items():
+        assert np.array_equal(fn(pixels), np.asarray(Image.fromarray(pixels).transpose(method))), method
+
+
+def test_encoded_bytes_are_pillows():
+    """OpenCV's encoder gives the bytes Pillow's save gave for the same pixels (no resize here: 200x150 < 256)."""
+    picture = _photo(200, 150)
+    for quality in (95, 60):
+        out = process_image(_encode(picture, "PNG"), ImageOptions(jpeg_quality=quality))
+        assert out.data == _encode(picture, "JPEG", quality=quality)
+
+
+@pytest.mark.parametrize(("size", "steps"), [((500, 375), "bicubic"), ((640, 480), "bicubic"),
+                                             ((1024, 768), "halve+bicubic"), ((1600, 1200), "2 halvings+bicubic"),
+                                             ((682, 512), "one 2x2 mean"), ((1025, 769), "odd: INTER_AREA")])
+def test_antialiased_steps_map_the_whole_image(size, steps):
+    """Every path lands each output pixel where a single INTER_AREA puts it. On a ramp and on its negative (where
+    any antialiased filter gives the mean of its window) the difference to INTER_AREA splits into a shift (opposite
+    signs on the two ramps) and a rounding bias (the same sign): the shift stays under 0.05 output pixels (dropping
+    one source column would shift 1024x768 by 0.17), the bias under half a level (OpenCV's integer 2x2 mean rounds
+    halves up, +1/8 a step); a side that cannot halve exactly is INTER_AREA's output itself."""
+    import cv2
+    import numpy as np
+
+    from pmd.images import _antialiased, _target_size
+
+    width, height = size
+    target = _target_size(width, height, 256)
+    y, x = np.mgrid[0:height, 0:width]
+    for axis, ramp, slope in (("x", x * 200 // width + 20, 200 / target[0]), ("y", y * 200 // height + 20,
+                                                                              200 / target[1])):
+        diffs = []
+        for pixels in (ramp, 255 - ramp):
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2).astype(np.uint8)
+            ours = _antialiased(pixels, target).astype(int)
+            area = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA).astype(int)
+            assert ours.shape == area.shape == (target[1], target[0], 3)
+            if steps.startswith("odd") or steps == "one 2x2 mean":
+                assert np.array_equal(ours, area)
+            inner = (ours - area)[2:-2, 2:-2]  # bicubic's edge handling differs from the box's at the very border
+            assert np.abs(inner).max() <= 1, (steps, axis)
+            diffs.append(inner.mean())
+        shift, bias = (diffs[0] - diffs[1]) / 2 / slope, (diffs[0] + diffs[1]) / 2
+        assert abs(shift) < 0.05 and abs(bias) < 0.5, (steps, axis, shift, bias)

@@ -202,3 +202,23 @@ def test_meta_holds_every_other_field_as_published(tmp_path):
     expected = {n: v for n, v in zip(_FIELDS_25, fields) if n not in _NOT_META} | {"text_field": "description"}
     assert pair.meta == meta_json(expected)
     assert json.loads(pair.meta)["user_nickname"] == 'say "hi"\\ \x01 ünï'
+
+
+def test_whole_chunk_fast_path_equals_the_per_line_path():
+    """A clean chunk (ASCII, one layout) is checked on its joined lines; the same lines beside one bad line (which
+    sends the chunk through the per-line checks) give the same pairs and rejects, plus that line's reject."""
+    from pmd.sources.base import Record
+
+    adapter = create_adapter("yfcc100m")
+    lines = [yfcc_line(100 + i, title="Old+church+in+the+village" if i % 3 else "",
+                       description=["A+walk+along+the+river+after+the+rain", "Der+Hund+spielt+im+Schnee",
+                                    "two+words", "%3Cb%3ESunset%3C%2Fb%3E+over+the+harbour+%26amp%3B+boats"][i % 4],
+                       marker="1" if i == 7 else "0") for i in range(24)]
+    records = [Record(raw=line.encode(), input_file="f", position=i) for i, line in enumerate(lines)]
+    bad = Record(raw=b"only\tthree\tfields", input_file="f", position=99)
+    fast = adapter.convert_tables(records, None)
+    slow = adapter.convert_tables([*records, bad], None)
+    assert fast[0].equals(slow[0]) and fast[0].num_rows > 0
+    assert slow[1].num_rows == fast[1].num_rows + 1 and fast[1].num_rows > 0
+    assert slow[1].slice(1).equals(fast[1])
+    assert slow[1].column("reason")[0].as_py() == "wrong_field_count"
