@@ -76,6 +76,9 @@ def pmd_build(root: Path, out: str, *, kill_at: tuple[str, int] | None = None, h
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     if home is not None:
         env["HOME"] = str(home)
+        # matplotlib's font cache is a tool's cache, not the build's state: it goes to its own folder, outside the
+        # $HOME this test watches (on a machine without one, matplotlib builds it under $HOME/.cache).
+        env["MPLCONFIGDIR"] = str(home.parent / "matplotlib-cache")
     return subprocess.run([sys.executable, *prefix, "build", "--config", str(root / "build.toml"), "--out", out, "-q"],
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
