@@ -7,7 +7,11 @@ keep fetching from the other hosts. The slots and backoffs are the process's (`H
 worker runs at the same time), so a host never sees more than `max_per_host` connections from one process.
 Across processes, each request also holds a lease of the build's budget (pmd.politeness: `max_per_host` and
 `max_rate_per_host` for the whole build, 429/503 pauses shared), after robots.txt allowed it (pmd.robots); a
-known placeholder fails `placeholder` (pmd.placeholders).
+known placeholder fails `placeholder` (pmd.placeholders). Redirects are followed hop by hop (pmd.http_client), and
+each target goes through the same checks before it is requested: a known placeholder Location fails
+`placeholder`, the address guard's pre-check, the target origin's robots.txt (`robots_disallowed`), and its
+request holds a lease of the target host's budget (a 429/503 there pauses that host). The per-process slots
+below stay with the URL's own host.
 
 Before anything is asked of a host, its name is resolved and checked by the address guard (pmd.netguard,
 `HttpClient.refusal`): a refused host's rows fail `blocked_address` (or `dns_nxdomain` / `dns_error`) without
@@ -36,7 +40,7 @@ from typing import Any
 from urllib3.util import parse_url
 
 from pmd import placeholders, politeness, robots
-from pmd.http_client import BACKOFF_STATUSES, Fetched, client_for
+from pmd.http_client import BACKOFF_STATUSES, Fetched, Hops, client_for
 
 log = logging.getLogger(__name__)
 
@@ -119,31 +123,47 @@ class _Item:
     attempts: int = 0
 
 
+class _BuildHops(Hops):
+    """The build's rules for every request of a fetch, redirect hops included: a redirect target's robots.txt
+    (`rules`, None when robots are not respected, or for a robots.txt fetch itself), and a lease of the build's
+    budget of the host each request goes to, its 429/503 pausing that host for every process."""
+
+    def __init__(self, budget, rules: robots.Robots | None, get_robots: Callable[[str], Fetched] | None):  # type: ignore[no-untyped-def]
+        self.budget, self.rules, self.get_robots = budget, rules, get_robots
+
+    def check(self, url: str) -> tuple[str, str] | None:
+        if self.rules is None or self.get_robots is None:
+            return None
+        return self.rules.check(url, self.get_robots)
+
+    def acquire(self, url: str) -> object:
+        return self.budget.acquire(politeness.budget_key(url))
+
+    def release(self, lease: object, status: int | None, retry_after: float | None) -> None:
+        pause = 0.0
+        if status in BACKOFF_STATUSES:
+            pause = retry_after if retry_after is not None else politeness.DEFAULT_PAUSE_S
+        self.budget.release(lease, pause)
+
+
 def _fetcher(options, max_bytes: int, source: str | None, state_dir: Path | None) -> Callable[[str], Fetched]:
-    """GET of one URL as the build allows it: robots.txt first (no request when it disallows), then a lease of
-    the host's budget for the whole build (pmd.politeness) held for the request; a 429/503 pauses the host for
-    every process; a redirect to a known placeholder, or its bytes, fail `placeholder`."""
+    """GET of one URL as the build allows it, the URL and every redirect target alike: the address guard's
+    pre-check, robots.txt (no request when it disallows), then a lease of the request's host budget for the whole
+    build (pmd.politeness) held for that request; a 429/503 pauses its host for every process; a redirect to a known
+    placeholder fails `placeholder` before the placeholder is requested, its bytes after."""
     client = client_for(options.user_agent_token, options.max_per_host, options.allow_networks, options.resolver,
                         options.dns_timeout, options.dns_concurrency)
     budget = politeness.budget_for(options)
     known = placeholders.for_source(source)
-
-    def get(url: str, limit: int, directives: list[str], redirect_check) -> Fetched:  # type: ignore[no-untyped-def]
-        lease = budget.acquire(politeness.budget_key(url))
-        pause = 0.0
-        try:
-            result = client.fetch(url, options.timeout, limit, directives, redirect_check)
-            if result.status in BACKOFF_STATUSES:
-                pause = result.retry_after if result.retry_after is not None else politeness.DEFAULT_PAUSE_S
-        finally:
-            budget.release(lease, pause)
-        return result
-
     rules = robots.robots_for(options.user_agent_token, state_dir / robots.ROBOTS_DIR if state_dir else None) \
         if options.respect_robots_txt else None
+    # A robots.txt request (and its redirects) is leased like any other, but not checked against robots.txt.
+    robots_hops = _BuildHops(budget, None, None)
 
     def get_robots(url: str) -> Fetched:
-        return get(url, robots.MAX_ROBOTS_BYTES, [], None)
+        return client.fetch(url, options.timeout, robots.MAX_ROBOTS_BYTES, [], None, robots_hops)
+
+    hops = _BuildHops(budget, rules, get_robots)
 
     def redirect_check(location: str) -> tuple[str, str] | None:
         detail = known.redirect(location)
@@ -159,8 +179,8 @@ def _fetcher(options, max_bytes: int, source: str | None, state_dir: Path | None
             refused = rules.check(url, get_robots)
             if refused is not None:
                 return Fetched(None, *refused)
-        result = get(url, max_bytes, options.disallowed_header_directives,
-                     redirect_check if known.redirect_paths else None)
+        result = client.fetch(url, options.timeout, max_bytes, options.disallowed_header_directives,
+                              redirect_check if known.redirect_paths else None, hops)
         if result.data is not None:
             detail = known.body(result.data)
             if detail:

@@ -4,10 +4,20 @@ reads of one image.
 PMD's URL images sit on few hosts (Flickr's CDN, Wikimedia, one Open Images bucket, a handful of RedCaps hosts), so
 reusing connections saves a TCP (and TLS) handshake per image. urllib3 does the protocol work: one connection pool
 per (scheme, host, port), each holding at most `max_per_host` connections (`block=True`: a request waits for a free
-one rather than opening more), redirects followed across hosts (at most 10, as urllib does for img2dataset).
+one rather than opening more).
+
+Redirects are followed here, not inside urllib3, one request per hop: at most _MAX_REDIRECTS (10, as urllib does
+for img2dataset; one more redirect fails `redirect_error`), 301/302/303/307/308 with a Location, resolved against
+the hop's URL (a relative Location works), http and https only. Before a redirect target is requested: the
+caller's `redirect_check` on the Location (pmd.placeholders: a known placeholder is never requested), the
+address guard's pre-check of the target (`refusal`), then the caller's `Hops.check` (pmd.download_http: the
+target origin's robots.txt); each hop's request holds its own host's lease (`Hops.acquire`/`release`: the build's
+host budget, a 429/503 pausing the host that answered it) and none is held between hops. A redirect's short body
+is read (or its connection closed) before the next hop, so a kept-alive connection goes back to its pool clean.
 
 What one `fetch` bounds, whatever the server does:
-- time: one deadline per attempt (`timeout` seconds from the first byte sent, connect + headers + body), not only a
+- time: one deadline per attempt (`timeout` seconds from the first byte sent, connect + headers + body, every
+  redirect hop included; time spent waiting for a hop's lease or its robots.txt is not counted), not only a
   per-read socket timeout: before every read the socket timeout is set to the time left, so a body that trickles a
   byte a second ends as `timeout` at the deadline;
 - memory: a declared Content-Length above `max_bytes` is `too_large` before any body byte is read; the body is read
@@ -22,7 +32,7 @@ Every new connection resolves its host once (pmd.resolver: cached, bounded; `dns
 keeps the addresses the address guard admits (pmd.netguard: no loopback, private, link-local ... unless
 allowed) and connects to exactly those, never to a second answer of the name; a host whose every address is
 refused fails `blocked_address` before any packet is sent to it. Redirects open their connections the same way,
-so each hop is checked; only http and https URLs are fetched or followed (urllib3 knows no other scheme here).
+so each hop is checked again at connection time; only http and https URLs are fetched or followed.
 
 Failure reasons are the download reasons of docs/build-format.md. The User-Agent and the X-Robots-Tag opt-out rules
 are img2dataset's (same string, same directive parsing), so both download backends identify and opt out alike.
@@ -39,6 +49,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -186,6 +197,27 @@ def _pool_classes(guard: AddressGuard, resolver: Resolver | None) -> dict[str, t
             "https": type("_HTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})}
 
 
+class Hops:
+    """What a fetch's caller decides about each of its requests, redirect targets included (pmd.download_http's:
+    robots.txt and the build's host budgets). This base decides nothing and holds nothing."""
+
+    def check(self, url: str) -> tuple[str, str] | None:
+        """Before the redirect target `url` is requested (after the placeholder and address-guard checks):
+        (reason, detail) to fail the fetch with, `url` never requested; None to go on."""
+        return None
+
+    def acquire(self, url: str) -> object:
+        """What the request of `url` holds while it runs (a lease of its host's budget); handed to `release`."""
+        return None
+
+    def release(self, lease: object, status: int | None, retry_after: float | None) -> None:
+        """The request `lease` was acquired for is over: `status` its answer (None: none came), `retry_after`
+        the Retry-After seconds of a 429/503."""
+
+
+NO_HOPS = Hops()
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
     data: bytes | None  # the decoded body; None on failure
@@ -273,9 +305,10 @@ class HttpClient:
                                             headers={"User-Agent": user_agent(user_agent_token),
                                                      "Accept-Encoding": "identity"})
         self._manager.pool_classes_by_scheme = _pool_classes(self.guard, resolver)
-        # Redirects only: every other retry is the caller's (it requeues, honouring the host's backoff).
-        self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=_MAX_REDIRECTS, status=0, other=0,
-                                      raise_on_redirect=True, raise_on_status=False)
+        # No retry at all: the caller requeues (honouring the host's backoff), and `_fetch` follows redirects itself
+        # so that each target is checked (placeholder, address guard, robots.txt) and leased before it is asked.
+        self._retries = urllib3.Retry(total=None, connect=0, read=0, redirect=0, status=0, other=0,
+                                      raise_on_redirect=False, raise_on_status=False)
 
     def refusal(self, url: str) -> tuple[str, str] | None:
         """(reason, detail) if `url` is refused before any request: its host resolves only to addresses the guard
@@ -292,14 +325,16 @@ class HttpClient:
         return check_host(host.strip("[]").rstrip("."), self.guard, self.resolver or resolver_for())
 
     def fetch(self, url: str, timeout: float, max_bytes: int, disallowed_directives: list[str],
-              redirect_check: Callable[[str], tuple[str, str] | None] | None = None) -> Fetched:
+              redirect_check: Callable[[str], tuple[str, str] | None] | None = None,
+              hops: Hops | None = None) -> Fetched:
         """GET `url` within `timeout` seconds, at most `max_bytes` (on the wire and decoded) held.
 
-        `redirect_check(location)`: (reason, detail) to fail a redirected request with, before its body is read
-        (pmd.placeholders), or None."""
+        `redirect_check(location)`: (reason, detail) to fail a redirect with before its target is requested
+        (pmd.placeholders), or None. `hops`: the caller's check of each redirect target and the lease each
+        request holds (module docstring); the first URL is the caller's to check before calling."""
         deadline = time.monotonic() + timeout
         try:
-            return self._fetch(url, deadline, max_bytes, disallowed_directives, redirect_check)
+            return self._fetch(url, deadline, max_bytes, disallowed_directives, redirect_check, hops or NO_HOPS)
         except _Failure as e:
             return Fetched(None, e.reason, e.detail[:500])
 
@@ -307,8 +342,8 @@ class HttpClient:
         for attempt in (0, 1):
             left = _time_left(deadline)
             try:
-                return self._manager.urlopen("GET", url, preload_content=False, decode_content=False,
-                                             retries=self._retries, pool_timeout=left,
+                return self._manager.urlopen("GET", url, redirect=False, preload_content=False,
+                                             decode_content=False, retries=self._retries, pool_timeout=left,
                                              timeout=urllib3.Timeout(connect=left, read=left))
             except (MaxRetryError, ProtocolError) as e:
                 reason = (e.reason or e) if isinstance(e, MaxRetryError) else e
@@ -321,15 +356,56 @@ class HttpClient:
         raise AssertionError("unreachable")
 
     def _fetch(self, url: str, deadline: float, max_bytes: int, directives: list[str],
-               redirect_check: Callable[[str], tuple[str, str] | None] | None = None) -> Fetched:
-        resp = self._open(url, deadline)
+               redirect_check: Callable[[str], tuple[str, str] | None] | None, hops: Hops) -> Fetched:
+        for hop in range(_MAX_REDIRECTS + 1):
+            asked = time.monotonic()
+            lease = hops.acquire(url)
+            # The deadline bounds the time on the wire: a wait for the host's budget (or, below, for a target's
+            # robots.txt) is the build's politeness, not the server's slowness, and must not end as `timeout`.
+            deadline += time.monotonic() - asked
+            status: int | None = None
+            retry_after: float | None = None
+            try:
+                resp = self._open(url, deadline)
+                status = resp.status
+                location = resp.get_redirect_location()  # a str only for 301/302/303/307/308 with a Location
+                if not location:
+                    result = self._answer(resp, deadline, max_bytes, directives)
+                    retry_after = result.retry_after
+                    return result
+                self._discard(resp, deadline)
+            finally:
+                hops.release(lease, status, retry_after)  # no lease is held between hops (nor while checking)
+            if hop == _MAX_REDIRECTS:
+                raise _Failure("redirect_error", f"too many redirects (more than {_MAX_REDIRECTS}): the last to "
+                                                 f"{location}")
+            target = urljoin(url, location)
+            refused = redirect_check(location) if redirect_check is not None else None
+            if refused is not None:
+                return Fetched(None, *refused, status)
+            asked = time.monotonic()
+            refused = self.refusal(target) or hops.check(target)
+            deadline += time.monotonic() - asked
+            if refused is not None:
+                return Fetched(None, refused[0], refused[1][:500])
+            url = target
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _discard(resp, deadline: float) -> None:  # type: ignore[no-untyped-def]
+        """A redirect answer's body read (a short one) so that its connection serves the next request, or the
+        connection closed; either way given back to its pool."""
+        try:
+            if not _drain_small(resp, deadline):
+                resp.close()  # unread bytes must not reach the next request on this connection
+        finally:
+            resp.release_conn()  # always: a pool with block=True loses the slot of a connection never returned
+
+    def _answer(self, resp, deadline: float, max_bytes: int, directives: list[str]) -> Fetched:  # type: ignore[no-untyped-def]
+        """The Fetched of a final (not redirected) answer; its connection given back, reusable when read whole."""
         reusable = False
         try:
             status = resp.status
-            for hop in (resp.retries.history if redirect_check is not None and resp.retries else ()):
-                refused = redirect_check(hop.redirect_location) if hop.redirect_location else None
-                if refused is not None:
-                    return Fetched(None, *refused, status)
             if not 200 <= status < 300:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in BACKOFF_STATUSES \
                     else None
@@ -404,9 +480,12 @@ def _read_body(resp, deadline: float, max_bytes: int, declared: int | None, deco
 
 
 def _drain_small(resp, deadline: float) -> bool:  # type: ignore[no-untyped-def]
-    """Read a short error body so its connection can serve the next request; False if it was not read whole."""
+    """Read a short error or redirect body so its connection can serve the next request; False if it was not read
+    whole. A chunked body is read up to _ERROR_BODY_DRAIN; one with neither length nor chunks ends only when the
+    server closes: not read."""
     declared = _content_length(resp)
-    if declared is None or declared > _ERROR_BODY_DRAIN:
+    chunked = "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower()
+    if (declared is None and not chunked) or (declared is not None and declared > _ERROR_BODY_DRAIN):
         return False
     try:
         _read_body(resp, min(deadline, time.monotonic() + 1.0), _ERROR_BODY_DRAIN, declared, None)

@@ -250,7 +250,8 @@ def test_a_redirect_to_a_refused_address_fails_and_the_second_server_sees_nothin
         redirect.stop()
     assert [d.reason for d in got] == [Reason.BLOCKED_ADDRESS, None, "download_error", "download_error"]
     assert got[0].detail.startswith(f"{TRAP_HOST} is a loopback address"), got[0].detail
-    assert "No host" in got[2].detail and "'ftp'" in got[3].detail  # urllib3 opens no file:// and no ftp://
+    # The redirect's target is refused before any request: only http and https are followed.
+    assert "'file'" in got[2].detail and "'ftp'" in got[3].detail
     assert trap.connections == 0 and good.connections == 1
 
 
