@@ -9,6 +9,8 @@ Extra routes (all GET; the others are LoopbackServer's):
   /noai-stall.jpg         `X-Robots-Tag: noai`, a Content-Length of 1 MB, 1 kB of body, then a 3 s stall
   /once429/S/N.jpg        the first request of the server to any /once429/ path answers 429 with `Retry-After: S`;
                           every other one is /hold/N.jpg
+  /chain/N/K.jpg          N > 0: 302 to the relative `../N-1/K.jpg`; N = 0: 301 to `/img/K.jpg` (N + 1 redirects)
+  any path of `redirects` 302 to the Location it maps to (another server, a relative path ...)
 
 `log` holds (path, arrived, answered) per request, `time.monotonic()` of this process (answered: when the answer
 starts); `peak_in_flight` the most requests between arrival and answer at once (robots.txt included).
@@ -61,7 +63,13 @@ class _PoliteHandler(_Handler):
     def _route(self, path: str) -> None:
         srv = self.server
         w, h = srv.image_size
-        if path == "/robots.txt":
+        if path in srv.redirects:
+            self._send(302, b"", "text/plain", headers={"Location": srv.redirects[path]})
+        elif path.startswith("/chain/"):
+            _, _, n, name = path.split("/", 3)
+            location = f"../{int(n) - 1}/{name}" if int(n) > 0 else f"/img/{name}"
+            self._send(302 if int(n) > 0 else 301, b"", "text/plain", headers={"Location": location})
+        elif path == "/robots.txt":
             self._send(srv.robots_status, srv.robots_txt.encode(), "text/plain")
         elif path.startswith("/hold/"):
             time.sleep(srv.hold_s)
@@ -99,8 +107,10 @@ class _PoliteHandler(_Handler):
 
 
 class PoliteServer(LoopbackServer):
-    def __init__(self, hold_s: float = 0.05, robots_txt: str = "", robots_status: int = 404, **kwargs):
+    def __init__(self, hold_s: float = 0.05, robots_txt: str = "", robots_status: int = 404,
+                 redirects: dict[str, str] | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.redirects: dict[str, str] = dict(redirects or {})  # path -> Location (may be set after start)
         self.RequestHandlerClass = _PoliteHandler
         self.hold_s = hold_s
         self.robots_txt, self.robots_status = robots_txt, robots_status

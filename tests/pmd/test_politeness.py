@@ -201,6 +201,7 @@ def test_a_redirect_to_flickrs_photo_unavailable_fails_placeholder_for_flickr_so
     got = list(download_chunk(["a", "b"], urls, loopback_options(timeout=2.0), tmp_path / "w", source="sbu_captions"))
     assert [d.reason for d in got] == [placeholders.PLACEHOLDER, None]
     assert got[0].detail.endswith("/pw/images/en-us/photo_unavailable.png")
+    assert server.requests("/pw/") == []  # the Location decided: the placeholder itself was never requested
     # A source without Flickr URLs has no such rule: the PNG is an image like any other.
     [d] = download_chunk(["a"], urls[:1], loopback_options(timeout=2.0), tmp_path / "w", source="wit")
     assert d.reason is None and d.data == grey_png()
@@ -229,6 +230,113 @@ def test_the_generic_rule_marks_every_row_of_a_digest_served_for_many_urls():
     assert marked.get_column(placeholders.PLACEHOLDER_URLS).to_list()[:1] == [25]
     assert not any(placeholders.mark(meta, 0).get_column(placeholders.PLACEHOLDER).to_list())
     assert sum(placeholders.mark(meta, 19).get_column(placeholders.PLACEHOLDER).to_list()) == 28 + 19 + 1
+
+
+# ------------------------------------------------------------------------------------------------- redirects
+@pytest.fixture
+def two_servers():
+    """A redirects to B: two loopback servers (two ports: two origins, two budget keys), each with its own log."""
+    a = PoliteServer(image_size=(16, 16)).start()
+    b = PoliteServer(image_size=(16, 16), robots_txt=ROBOTS, robots_status=200, hold_s=0.1).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_a_redirect_target_is_checked_against_its_own_origins_robots_txt(two_servers, tmp_path):
+    a, b = two_servers
+    a.redirects.update({"/to-private/1.jpg": b.url("/private/1.jpg"), "/to-public/2.jpg": b.url("/img/2.jpg"),
+                        "/to-private/3.jpg": b.url("/private/3.jpg")})
+    paths = ["/to-private/1.jpg", "/to-public/2.jpg", "/to-private/3.jpg"]
+    got = list(download_chunk(paths, [a.url(p) for p in paths], loopback_options(timeout=2.0, thread_count=4),
+                              tmp_path / "w", state_dir=tmp_path))
+    assert [d.reason for d in got] == [robots.ROBOTS_DISALLOWED, None, robots.ROBOTS_DISALLOWED]
+    assert got[0].detail == f"disallowed by {robots.origin(b.url('/'))}/robots.txt for pmd"
+    assert got[1].data == jpeg(2, 16, 16)
+    # B was asked for its robots.txt once and for the allowed image; never for a disallowed path.
+    assert sorted(r[0] for r in b.log) == ["/img/2.jpg", "/robots.txt"]
+    assert sorted(r[0] for r in a.log) == ["/robots.txt", *sorted(paths)]
+    # --ignore-robots: the target is asked for (and answers 404).
+    [d] = download_chunk(["k"], [a.url("/to-private/1.jpg")], loopback_options(respect_robots_txt=False),
+                         tmp_path / "w")
+    assert d.reason == "http_404" and len(b.requests("/private/1.jpg")) == 1
+
+
+def test_a_redirect_to_a_known_placeholder_is_never_requested(two_servers, tmp_path):
+    a, b = two_servers
+    a.redirects["/to-gone/1.jpg"] = b.url("/pw/images/en-us/photo_unavailable.png")
+    urls = [a.url("/to-gone/1.jpg"), a.url("/gone/2.jpg")]  # to another server; a relative Location on A itself
+    got = list(download_chunk(["a", "b"], urls, loopback_options(timeout=2.0), tmp_path / "w", source="sbu_captions"))
+    assert [d.reason for d in got] == [placeholders.PLACEHOLDER] * 2
+    assert got[0].detail.endswith(b.url("/pw/images/en-us/photo_unavailable.png"))
+    assert b.log == [] and a.requests("/pw/") == []  # not even B's robots.txt: the Location alone decided
+
+
+def test_a_redirect_chain_longer_than_the_limit_fails_redirect_error(server, tmp_path):
+    from pmd.http_client import _MAX_REDIRECTS
+
+    assert _MAX_REDIRECTS == 10
+    urls = [server.url("/chain/9/1.jpg"), server.url("/chain/10/2.jpg")]  # 10 redirects; 11
+    got = list(download_chunk(["ok", "long"], urls, loopback_options(timeout=2.0), tmp_path / "w"))
+    assert got[0].reason is None and got[0].data == jpeg(1, 16, 16)  # relative `../N-1/1.jpg` Locations resolved
+    assert got[1].reason == "redirect_error" and "too many redirects" in got[1].detail
+    assert len([r for r in server.log if r[0].endswith("/1.jpg")]) == 11  # 10 redirects + the image
+    assert len([r for r in server.log if r[0].endswith("/2.jpg")]) == 11  # 11 redirects, the image never asked
+    assert server.requests("/img/2.jpg") == []
+
+
+def test_a_redirect_hop_counts_in_its_targets_host_budget(two_servers, tmp_path):
+    """max_per_host 1, two downloads at once as two processes would be (two user-agent tokens: two clients, two
+    connection pools, one budget): B's own URLs in one, redirects from A to B in the other. B never has more than
+    one request in flight: each hop holds a lease of B's budget, not of A's."""
+    a, b = two_servers
+    b.robots_status = 404
+    for i in range(6):
+        a.redirects[f"/a/{i}.jpg"] = b.url(f"/hold/{i}.jpg")
+    jobs = {"pmd": [a.url(f"/a/{i}.jpg") for i in range(6)], "pmd-other": [b.url(f"/hold/{10 + i}.jpg")
+                                                                           for i in range(6)]}
+    results: dict[str, list] = {}
+
+    def run(token: str) -> None:
+        urls = jobs[token]
+        opts = loopback_options(timeout=5.0, thread_count=4, max_per_host=1, user_agent_token=token)
+        results[token] = list(download_chunk(urls, urls, opts, tmp_path / token))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [d.reason for t in jobs for d in results[t]] == [None] * 12
+    assert len(b.requests("/hold/")) == 12 and b.peak_in_flight == 1
+
+
+def test_a_429_on_a_redirect_hop_pauses_the_target_host(two_servers, tmp_path):
+    a, b = two_servers
+    b.robots_status = 404
+    a.redirects["/to-429/1.jpg"] = b.url("/once429/1/1.jpg")
+    opts = loopback_options(timeout=2.0, retries=0)
+    [d] = download_chunk(["k"], [a.url("/to-429/1.jpg")], opts, tmp_path / "w")
+    assert d.reason == "http_429"
+    # B's budget is paused for the Retry-After second: B's next request waits for it (A's host was not the one).
+    [d] = download_chunk(["k"], [b.url("/img/2.jpg")], opts, tmp_path / "w")
+    assert d.reason is None
+    [(_, arrived, _)] = b.requests("/img/2.jpg")
+    assert arrived - b.refused_at >= 0.9
+
+
+def test_a_redirect_keeps_the_connections_alive(two_servers):
+    """Each hop's connection goes back to its pool read to the end: 20 redirected fetches, one connection each."""
+    from pmd.http_client import HttpClient
+    from tests.loopback import loopback_guard
+
+    a, b = two_servers
+    for i in range(20):
+        a.redirects[f"/k/{i}.jpg"] = b.url(f"/img/{i}.jpg")
+    client = HttpClient(max_per_host=2, guard=loopback_guard())
+    for i in range(20):
+        assert client.fetch(a.url(f"/k/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
+    assert a.connections == 1 and b.connections == 1
 
 
 # ------------------------------------------------------------------------------------------ flags and catalog
