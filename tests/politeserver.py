@@ -10,6 +10,8 @@ Extra routes (all GET; the others are LoopbackServer's):
   /once429/S/N.jpg        the first request of the server to any /once429/ path answers 429 with `Retry-After: S`;
                           every other one is /hold/N.jpg
   /chain/N/K.jpg          N > 0: 302 to the relative `../N-1/K.jpg`; N = 0: 301 to `/img/K.jpg` (N + 1 redirects)
+  /moved-chunked/N.jpg    302 to /img/N.jpg with a short chunked body (a connection that stays usable once read)
+  /moved-close/N.jpg      302 to /img/N.jpg with a body of no length, ended by closing the connection
   any path of `redirects` 302 to the Location it maps to (another server, a relative path ...)
 
 `log` holds (path, arrived, answered) per request, `time.monotonic()` of this process (answered: when the answer
@@ -65,6 +67,15 @@ class _PoliteHandler(_Handler):
         w, h = srv.image_size
         if path in srv.redirects:
             self._send(302, b"", "text/plain", headers={"Location": srv.redirects[path]})
+        elif path.startswith(("/moved-chunked/", "/moved-close/")):
+            self._answer()
+            self.send_response(302)
+            self.send_header("Location", f"/img/{path.rsplit('/', 1)[1]}")
+            chunked = path.startswith("/moved-chunked/")
+            self.send_header("Transfer-Encoding" if chunked else "Connection", "chunked" if chunked else "close")
+            self.end_headers()
+            self.wfile.write(b"5\r\nmoved\r\n6\r\n here.\r\n0\r\n\r\n" if chunked else b"moved here.")
+            self.close_connection = not chunked
         elif path.startswith("/chain/"):
             _, _, n, name = path.split("/", 3)
             location = f"../{int(n) - 1}/{name}" if int(n) > 0 else f"/img/{name}"

@@ -337,6 +337,14 @@ def test_a_redirect_keeps_the_connections_alive(two_servers):
     for i in range(20):
         assert client.fetch(a.url(f"/k/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
     assert a.connections == 1 and b.connections == 1
+    # A chunked redirect body is read to its end: the same connection serves the hop and the next fetches.
+    for i in range(5):
+        assert client.fetch(b.url(f"/moved-chunked/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
+    assert b.connections == 1
+    # A body that only the server's close ends is not waited for: that connection is closed, the hop opens another.
+    for i in range(3):
+        assert client.fetch(b.url(f"/moved-close/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
+    assert b.connections == 4
 
 
 # ------------------------------------------------------------------------------------------ flags and catalog
