@@ -1,6 +1,6 @@
 """The final phase of `pmd build`: finished chunks -> deduplicated, globally shuffled shards, failures, accounting.
 
-Library code, no Ray: every function here is one task's work on files under OUT/work/final; `pipelines/build.py`
+Library code, no Ray: every function here is one task's work on files under OUT/work/final; `pmd.build_plan`
 schedules them and holds only counts and small per-group/per-bucket summaries (never a row per candidate).
 
 The corpus order is a total order on kept rows, fixed by the finished chunks and the configuration alone:
@@ -149,6 +149,10 @@ class FinalPaths:
 
     def entry(self, shard: int) -> Path:
         return self.root / "entries" / f"shard-{shard:05d}.json"
+
+    def failures_marker(self, source: str) -> Path:
+        """failures/SOURCE.parquet's manifest entry and the digest of what it was written from (pmd.build_plan)."""
+        return self.root / "failures" / f"{source}.json"
 
     @property
     def unbuild_state(self) -> Path:
