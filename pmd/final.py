@@ -187,6 +187,16 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def finished_elsewhere(marker: storage.WorkPath) -> dict:
+    """The result of a task whose inputs another attempt of it consumed (Ray re-running a task beside its first
+    attempt): that attempt wrote its marker before deleting them, so the marker exists, and it is the result. A
+    task that consumes its inputs checks its marker again after reading them: inputs found missing (or a listing
+    come back empty) while its marker exists mean another attempt finished, never that there were none."""
+    if not marker.exists():
+        raise FileNotFoundError(f"{marker}: the task's inputs are gone and no attempt of it has finished")
+    return json.loads(marker.read_text())
+
+
 def _raise_open_files_limit() -> None:
     """A scatter task keeps one piece open per bucket: thousands at PMD's size, over the usual soft limit of 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -226,6 +236,13 @@ class _PieceWriters:
             f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
             self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
         self.open[bucket][1].write_table(pa.concat_tables(tables).combine_chunks())
+
+    def abort(self) -> None:
+        """Drop every piece not committed (a task that stops half way leaves no piece of its own)."""
+        for f, _ in self.open.values():
+            f.abort()
+        self.open.clear()
+        self.buffers.clear()
 
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
@@ -285,17 +302,22 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         failed_path = paths.failed(source, group, 1)
         rows: Counter = Counter()
         tagged: Counter = Counter()
-        with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
-            for chunk in chunk_paths:
-                table = read_chunk(storage.as_path(chunk))
-                rows.update(table.column(SOURCE_INDEX).to_pylist())
-                ok = pc.is_null(table.column(REASON))
-                failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
-                if failed.num_rows:
-                    failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
-                    tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
-                _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
-            bucket_rows = writers.commit()
+        try:
+            with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
+                for chunk in chunk_paths:
+                    table = read_chunk(storage.as_path(chunk))
+                    rows.update(table.column(SOURCE_INDEX).to_pylist())
+                    ok = pc.is_null(table.column(REASON))
+                    failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
+                    if failed.num_rows:
+                        failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
+                        tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(),
+                                          failed.column(REASON).to_pylist()))
+                    _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
+                bucket_rows = writers.commit()
+        except FileNotFoundError:
+            writers.abort()
+            return finished_elsewhere(marker)  # another attempt consumed the chunks, its marker written first
         summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
                    "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
                    "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
@@ -457,8 +479,12 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     if paths.written(b).exists():
         return _read_json(paths.written(b))
     started = time.perf_counter()
-    pieces = _bucket_pieces(paths, b)
-    table = _bucket_table(pieces, None)
+    try:
+        table = _bucket_table(_bucket_pieces(paths, b), None)
+    except FileNotFoundError:
+        table = None  # consumed meanwhile by another attempt
+    if table is None or paths.written(b).exists():  # a listing read after another attempt deleted the pieces
+        return finished_elsewhere(paths.written(b))
     kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, with the same inputs
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
@@ -487,10 +513,17 @@ def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
     if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
         entry = _read_json(paths.entry(shard))
     else:
-        fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
-        if not fragments:
+        try:
+            fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
+            table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks() if fragments else None
+        except FileNotFoundError:
+            table = None
+        # Another attempt merged them (shard, then entry, then the fragments deleted): a listing read while it
+        # deleted may be partial, so its entry decides once the fragments are read.
+        if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
+            return _read_json(paths.entry(shard))
+        if table is None:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
-        table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
         entry = _write_shard(dirs, shard, table, row_group_rows)
     storage.remove_tree(paths.fragment_dir(shard))
     return entry
