@@ -24,7 +24,6 @@ from pmd import build_plan
 from pmd.build_config import (EXECUTORS, WORK_DIR, BuildConfig, SourceSpec, config_to_toml, default_work_dir,
                               load_config)
 from pmd.build_plan import BuildError, code_version
-from pmd.build_plan import _run_url_chunk as _run_url_chunk
 from pmd.build_plan import candidates as _candidates
 from pipelines.executors import Executor, LocalExecutor, PoolExecutor, RayExecutor
 from pipelines.politeness import budget_service

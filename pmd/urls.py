@@ -1,6 +1,6 @@
 """URL dedup before download: every URL is fetched once, by the chunk of its first row, for all rows naming it.
 
-Library code, no Ray (pipelines/build.py schedules it). Before the image stage, the candidates of the URL sources
+Library code, no Ray (pmd.build_plan schedules it). Before the image stage, the candidates of the URL sources
 are regrouped so that a chunk holds its own rows whose URL is seen there first (in source order, then candidate
 order) plus every later row, of any source, naming one of those URLs. The image stage then downloads each distinct
 URL of a chunk once (pmd.build) and so each URL of the whole build once. Rows keep their own source and candidate
