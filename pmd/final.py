@@ -577,7 +577,14 @@ def retry_group(out: BuildDirs | str, source: str, group: int, attempt: int, tas
     if summary["attempts"] >= attempt:
         return summary
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
-    failed = read_ipc(failed_path)
+    try:
+        failed = read_ipc(failed_path)
+    except FileNotFoundError:
+        # Another attempt of this round finished meanwhile: it wrote the marker before deleting the old failures.
+        summary = _read_json(marker)
+        if summary["attempts"] >= attempt:
+            return summary
+        raise
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
     position = pa.array(range(failed.num_rows), pa.int64())  # rows keep their place in the failures
     again = failed.append_column("_pos", position).filter(transient)
@@ -635,7 +642,10 @@ def unbuild_shard(out: BuildDirs | str, shard: int, layout: Layout, seed: int, b
     path = dirs.output(shard_name(shard))
     if not storage.exists(path):
         return
-    table = pq.read_table(storage.open_input(path))
+    try:
+        table = pq.read_table(storage.open_input(path))
+    except FileNotFoundError:
+        return  # another attempt unbuilt it meanwhile (its pieces are durable before it deletes the shard)
     lo = shard * layout.shard_rows
     hi = min(lo + layout.shard_rows, max((o + k for _, o, k in buckets), default=lo))
     where = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
@@ -684,8 +694,11 @@ def reopen_bucket(out: BuildDirs | str, b: int) -> None:
     decisions are forgotten. A duplicate never wins against its kept row, so it needs no image; a row taken down
     (in the same file) is taken down again, so it needs none either."""
     paths = BuildDirs.of(out).paths
-    if paths.duplicates(b).exists():
-        dups = read_ipc(paths.duplicates(b))
+    try:
+        dups = read_ipc(paths.duplicates(b)) if paths.duplicates(b).exists() else None
+    except FileNotFoundError:
+        dups = None  # another attempt reopened the bucket meanwhile: its piece is written, the file deleted last
+    if dups is not None:
         if dups.num_rows:
             piece = {n: dups.column(n) for n in METADATA_COLUMNS}
             piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(dups.num_rows, pa.string())

@@ -55,12 +55,12 @@ def inputs(tmp_path_factory):
     server.stop()
 
 
-def config(inputs, out: str) -> BuildConfig:
+def config(inputs, out: str, retry: bool = False) -> BuildConfig:
     tsv, coco = inputs
     return BuildConfig(sources=[SourceSpec("conceptual_12m", [tsv]), SourceSpec("coco", [coco.karpathy], coco.zips)],
                        out=out, shard_rows=8, row_group_rows=4, chunk_rows=10, seed=1,
                        image=ImageOptions(image_size=32), download=loopback_options(timeout=2.0, thread_count=4),
-                       executor="local", progress=False)
+                       executor="local", progress=False, retry_failures=retry)
 
 
 def _without_timings(value):
@@ -76,40 +76,46 @@ class TwoAttempts(InProcessExecutor):
     """Every task runs twice, as Ray's re-run of a task beside its first attempt; both results must agree.
 
     "together": both attempts start at once (a barrier), their writes interleave as they come;
-    "late": the second attempt saw the work state from before the first finished (its first existence check, the
-    task's own marker or output, answers "absent"), and goes on after the first attempt has finished: it finds the
-    inputs the first attempt consumed already deleted."""
+    "late": the second attempt starts first, makes its first existence check (its marker or output: absent), and
+    stops there until the first attempt has finished; it then goes on from what it saw, and finds the inputs the
+    first attempt consumed deleted (a task Ray re-ran because it thought the first attempt's node lost)."""
 
     def __init__(self, mode: str):
         self.mode = mode
         self.names: list[str] = []
-        self.stale: set[int] = set()  # threads whose next existence check answers "absent"
+        self.paused: dict[int, tuple[threading.Event, threading.Event]] = {}  # thread -> (checked, resume)
 
     def submit(self, fn, *args, on_done=lambda _: None, limit=None, name=None) -> None:
-        barrier = threading.Barrier(2) if self.mode == "together" else None
         results: list = [None, None]
         errors: list = []
+        barrier = threading.Barrier(2) if self.mode == "together" else None
+        checked, resume = threading.Event(), threading.Event()
 
         def attempt(i: int) -> None:
             if barrier is not None:
                 barrier.wait()
             elif i == 1:
-                self.stale.add(threading.get_ident())
+                self.paused[threading.get_ident()] = (checked, resume)
             try:
                 results[i] = fn(*args)
             except BaseException as e:  # noqa: BLE001 - reported below, with the task's name
                 errors.append(e)
             finally:
-                self.stale.discard(threading.get_ident())
+                self.paused.pop(threading.get_ident(), None)
 
-        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(2)]
+        first, second = (threading.Thread(target=attempt, args=(i,)) for i in range(2))
         if barrier is not None:
-            for t in threads:
-                t.start()
-        for t in threads:
-            if barrier is None:
-                t.start()
-            t.join()
+            first.start()
+            second.start()
+            first.join()
+        else:
+            second.start()
+            while not checked.wait(0.01) and second.is_alive():
+                pass
+            first.start()
+            first.join()
+            resume.set()
+        second.join()
         if errors:
             raise AssertionError(f"{name}: an attempt failed beside another one") from errors[0]
         assert _without_timings(results[0]) == _without_timings(results[1]), name
@@ -117,15 +123,18 @@ class TwoAttempts(InProcessExecutor):
         on_done(results[0])
 
     def patch(self, monkeypatch) -> None:
-        real = storage.RemotePath.exists
+        real = storage.exists  # RemotePath.exists asks it too
 
-        def exists(path) -> bool:
-            if threading.get_ident() in self.stale:
-                self.stale.discard(threading.get_ident())
-                return False
-            return real(path)
+        def exists(location) -> bool:
+            pause = self.paused.pop(threading.get_ident(), None)
+            answer = real(location)
+            if pause is not None:
+                checked, resume = pause
+                checked.set()
+                resume.wait()
+            return answer
 
-        monkeypatch.setattr(storage.RemotePath, "exists", exists)
+        monkeypatch.setattr(storage, "exists", exists)
 
 
 def objects(prefix: str, under: str) -> dict[str, bytes]:
@@ -165,4 +174,16 @@ def test_two_attempts_of_every_task_leave_the_bytes_of_one(s3, inputs, monkeypat
     # The manifest: one write, the last of the build (its presence means everything else is in place).
     manifest_url = storage.join(raced, "manifest.json")
     assert writes.count(manifest_url) == 1 and writes[-1] == manifest_url
-    assert writes.index(manifest_url) == len(writes) - 1
+
+    # A retry round: the shards taken back to pieces, every group retried, the final passes again, all raced.
+    build_plan.run(config(inputs, single, retry=True), InProcessExecutor())
+    writes.clear()
+    executor.names.clear()
+    manifest = build_plan.run(config(inputs, raced, retry=True), executor)
+    assert {"unbuild", "retry"} <= {n.split("/")[0] for n in executor.names}
+    for under in ("shards", "failures"):
+        assert objects(raced, under) == objects(single, under) != {}
+    reference = json.loads(storage.read_text(storage.join(single, "manifest.json")))
+    assert manifest["shards"] == reference["shards"] and manifest["accounting"] == reference["accounting"]
+    assert verify(raced) == []
+    assert writes.count(manifest_url) == 1 and writes[-1] == manifest_url
