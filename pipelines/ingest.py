@@ -1,27 +1,23 @@
 """`pmd ingest`: upstream metadata files -> candidate pairs + rejects, in-process or spread over Ray.
 
-The driver streams records out of the upstream files (decompression is sequential anyway) and hands chunks of them
-to workers; at most a few chunks are in flight, so memory stays constant whatever the input size. Each chunk is
-converted by the source adapter and written as one part file by the worker, so the local and the Ray path produce
-the same parts.
+This module chooses and starts the executor (pipelines.executors: in-process, or Ray for large inputs and named
+clusters); the plan is library code, pmd.ingest.ingest_source: the driver streams records out of the upstream files
+and submits one task per chunk (`process_chunk`, one part file each), a few in flight, so memory stays constant
+whatever the input size, and every executor writes the same parts.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from pmd import storage
 from pmd.config_loader import ConfigError
-from pmd.ingest import IngestCounts, chunk_size, iter_chunks, prepare_output, process_chunk, write_summary
-from pmd.sources import create_adapter
-from pmd.sources.inputs import require_file
-from pipelines.ray_runtime import TASK_RETRIES, ray_session, resolve_address
+from pmd.ingest import CHUNK_RECORDS, ingest_source, prepare_source
+from pipelines.executors import Executor, LocalExecutor, RayExecutor
+from pipelines.ray_runtime import ray_session, resolve_address
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +34,7 @@ class IngestConfig:
     inputs: list[Path | str]  # local paths or URLs (pmd.storage)
     out: Path  # a local directory or, as a storage.RemotePath, a prefix on object storage
     options: Mapping[str, str] = field(default_factory=dict)
-    chunk_records: int = 50_000
+    chunk_records: int = CHUNK_RECORDS
     executor: str = "auto"  # one of INGEST_EXECUTORS
     ray_address: str | None = None
     num_cpus: int | None = None
@@ -68,67 +64,20 @@ class IngestConfig:
 
 
 def run_ingest(config: IngestConfig) -> dict:
-    """Ingest one source; returns the summary that is also written to OUT/SOURCE/ingest.json."""
-    adapter = create_adapter(config.source, config.options)
-    for path in config.inputs:
-        require_file(path)
-    # Before any output is cleared: loading the lookups (Visual Genome's image data, the Karpathy ids) fails on an
-    # unreadable input, and the earlier run is then left intact.
-    context = adapter.prepare(config.inputs)
-    prepare_output(config.source_dir)
-    executor = config.choose_executor()
-    started = time.perf_counter()
-    counts = IngestCounts()
-    bar = tqdm(desc=f"ingest {config.source}", unit=" records", unit_scale=True, disable=not config.progress)
-    chunks = iter_chunks(adapter, config.inputs, config.chunk_records)
-    try:
-        if executor == "local":
-            parts = 0
-            for index, chunk in enumerate(chunks):
-                counts.add(process_chunk(adapter, context, chunk, index, config.source_dir))
-                parts = index + 1
-                bar.update(chunk_size(chunk))
-        else:
-            parts = _run_on_ray(config, adapter, context, chunks, counts, bar)
-    finally:
-        bar.close()
-    summary = write_summary(config.source_dir, config.source, config.inputs, config.options, counts, parts,
-                            time.perf_counter() - started, executor)
-    log.info("ingested %s: %d records -> %d pairs, %d rejects", config.source, counts.records, counts.pairs,
-             counts.rejects)
+    """Ingest one source (pmd.ingest.ingest_source) on the executor chosen; returns the summary that is also written
+    to OUT/SOURCE/ingest.json."""
+    prepared = prepare_source(config.source, config.inputs, config.options)
+    if config.choose_executor() == "local":
+        summary = _ingest(config, LocalExecutor(), prepared)
+    else:
+        with ray_session(config.ray_address, config.num_cpus):
+            summary = _ingest(config, RayExecutor(task_cpus=1), prepared)
+    counts = summary["counts"]
+    log.info("ingested %s: %d records -> %d pairs, %d rejects", config.source, counts["records"], counts["pairs"],
+             counts["rejects"])
     return summary
 
 
-def _run_on_ray(config: IngestConfig, adapter, context, chunks, counts: IngestCounts, bar) -> int:
-    import ray
-
-    with ray_session(config.ray_address, config.num_cpus):
-        remote_chunk = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(process_chunk)
-        # Put once in the object store: every task gets a reference, not its own copy of the context (a few MB for
-        # Visual Genome's image data, docs/sources.md).
-        adapter_ref, context_ref = ray.put(adapter), ray.put(context)
-        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        in_flight: dict = {}
-        parts = 0
-
-        def collect(ready: Sequence) -> None:
-            for ref in ready:
-                counts.add(ray.get(ref))
-                bar.update(in_flight.pop(ref))
-
-        try:
-            for index, chunk in enumerate(chunks):
-                if len(in_flight) >= max_in_flight:
-                    ready, _ = ray.wait(list(in_flight), num_returns=1)
-                    collect(ready)
-                ref = remote_chunk.remote(adapter_ref, context_ref, chunk, index, config.source_dir)
-                in_flight[ref] = chunk_size(chunk)
-                parts = index + 1
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                collect(ready)
-        except BaseException:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            raise
-        return parts
+def _ingest(config: IngestConfig, executor: Executor, prepared) -> dict:
+    return ingest_source(config.source, config.inputs, config.out, config.options, config.chunk_records, executor,
+                         config.progress, prepared)

@@ -1,6 +1,7 @@
 """The image stage of one chunk of candidates: fetch (URL download or archive member) -> process_image -> one file.
 
-Library code (no Ray): `pipelines/build.py` decides where `run_chunk` and `retry_rows` run.
+Library code (no Ray): pmd.build_plan submits `run_chunk` (and, through pmd.final, `retry_rows`) as tasks to an
+executor that decides where they run.
 
 A chunk is the unit of work and of resume. Its result is ONE Arrow IPC file, `work/images/SOURCE/chunk-NNNNN.arrow`,
 written to a temp name and renamed, holding every candidate of the chunk in candidate order: the pair columns,

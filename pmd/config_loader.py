@@ -1,6 +1,6 @@
 """One way to turn a plain mapping (TOML, YAML, JSON, `-o KEY=VALUE`) into a typed dataclass, with one error style.
 
-Every configuration of the project is a dataclass: the build config (`pipelines/build.py`), a source's options
+Every configuration of the project is a dataclass: the build config (`pmd/build_config.py`), a source's options
 (`pmd/sources`), the source catalog (`pmd/catalog.py`), the FLAVA model (`flava/config.py`) and a pretraining run
 (`flava/run_config.py`). They are all read by `from_dict`, which checks the mapping against the dataclass's type
 hints and refuses what does not fit, naming the place (file and section), the key and what was expected:

@@ -1,6 +1,6 @@
 """The final phase of `pmd build`: finished chunks -> deduplicated, globally shuffled shards, failures, accounting.
 
-Library code, no Ray: every function here is one task's work on files under OUT/work/final; `pipelines/build.py`
+Library code, no Ray: every function here is one task's work on files under OUT/work/final; `pmd.build_plan`
 schedules them and holds only counts and small per-group/per-bucket summaries (never a row per candidate).
 
 The corpus order is a total order on kept rows, fixed by the finished chunks and the configuration alone:
@@ -150,6 +150,10 @@ class FinalPaths:
     def entry(self, shard: int) -> Path:
         return self.root / "entries" / f"shard-{shard:05d}.json"
 
+    def failures_marker(self, source: str) -> Path:
+        """failures/SOURCE.parquet's manifest entry and the digest of what it was written from (pmd.build_plan)."""
+        return self.root / "failures" / f"{source}.json"
+
     @property
     def unbuild_state(self) -> Path:
         return self.root / "unbuild.json"
@@ -181,6 +185,16 @@ class BuildDirs:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def finished_elsewhere(marker: storage.WorkPath) -> dict:
+    """The result of a task whose inputs another attempt of it consumed (Ray re-running a task beside its first
+    attempt): that attempt wrote its marker before deleting them, so the marker exists, and it is the result. A
+    task that consumes its inputs checks its marker again after reading them: inputs found missing (or a listing
+    come back empty) while its marker exists mean another attempt finished, never that there were none."""
+    if not marker.exists():
+        raise FileNotFoundError(f"{marker}: the task's inputs are gone and no attempt of it has finished")
+    return json.loads(marker.read_text())
 
 
 def _raise_open_files_limit() -> None:
@@ -222,6 +236,13 @@ class _PieceWriters:
             f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
             self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
         self.open[bucket][1].write_table(pa.concat_tables(tables).combine_chunks())
+
+    def abort(self) -> None:
+        """Drop every piece not committed (a task that stops half way leaves no piece of its own)."""
+        for f, _ in self.open.values():
+            f.abort()
+        self.open.clear()
+        self.buffers.clear()
 
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
@@ -281,17 +302,22 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         failed_path = paths.failed(source, group, 1)
         rows: Counter = Counter()
         tagged: Counter = Counter()
-        with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
-            for chunk in chunk_paths:
-                table = read_chunk(storage.as_path(chunk))
-                rows.update(table.column(SOURCE_INDEX).to_pylist())
-                ok = pc.is_null(table.column(REASON))
-                failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
-                if failed.num_rows:
-                    failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
-                    tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(), failed.column(REASON).to_pylist()))
-                _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
-            bucket_rows = writers.commit()
+        try:
+            with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
+                for chunk in chunk_paths:
+                    table = read_chunk(storage.as_path(chunk))
+                    rows.update(table.column(SOURCE_INDEX).to_pylist())
+                    ok = pc.is_null(table.column(REASON))
+                    failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
+                    if failed.num_rows:
+                        failed_writer.write_table(failed.cast(FAILED_SCHEMA).replace_schema_metadata(None))
+                        tagged.update(zip(failed.column(SOURCE_INDEX).to_pylist(),
+                                          failed.column(REASON).to_pylist()))
+                    _scatter_ok_rows(_as_piece(table.filter(ok)), layout, writers)
+                bucket_rows = writers.commit()
+        except FileNotFoundError:
+            writers.abort()
+            return finished_elsewhere(marker)  # another attempt consumed the chunks, its marker written first
         summary = {"source": source, "source_index": source_index, "group": group, "chunks": len(chunk_paths),
                    "rows_by_source": {source_names[i]: n for i, n in sorted(rows.items())},
                    "ok": sum(bucket_rows.values()), "failures_by_source": _by_source(tagged, source_names),
@@ -453,8 +479,12 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     if paths.written(b).exists():
         return _read_json(paths.written(b))
     started = time.perf_counter()
-    pieces = _bucket_pieces(paths, b)
-    table = _bucket_table(pieces, None)
+    try:
+        table = _bucket_table(_bucket_pieces(paths, b), None)
+    except FileNotFoundError:
+        table = None  # consumed meanwhile by another attempt
+    if table is None or paths.written(b).exists():  # a listing read after another attempt deleted the pieces
+        return finished_elsewhere(paths.written(b))
     kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, with the same inputs
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
@@ -483,10 +513,17 @@ def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
     if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
         entry = _read_json(paths.entry(shard))
     else:
-        fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
-        if not fragments:
+        try:
+            fragments = sorted(paths.fragment_dir(shard).glob("bucket-*.arrow"))
+            table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks() if fragments else None
+        except FileNotFoundError:
+            table = None
+        # Another attempt merged them (shard, then entry, then the fragments deleted): a listing read while it
+        # deleted may be partial, so its entry decides once the fragments are read.
+        if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
+            return _read_json(paths.entry(shard))
+        if table is None:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
-        table = pa.concat_tables([read_ipc(p) for p in fragments]).combine_chunks()
         entry = _write_shard(dirs, shard, table, row_group_rows)
     storage.remove_tree(paths.fragment_dir(shard))
     return entry
@@ -540,7 +577,14 @@ def retry_group(out: BuildDirs | str, source: str, group: int, attempt: int, tas
     if summary["attempts"] >= attempt:
         return summary
     failed_path = paths.failed(source, group, 0).with_name(summary["failed_file"])
-    failed = read_ipc(failed_path)
+    try:
+        failed = read_ipc(failed_path)
+    except FileNotFoundError:
+        # Another attempt of this round finished meanwhile: it wrote the marker before deleting the old failures.
+        summary = _read_json(marker)
+        if summary["attempts"] >= attempt:
+            return summary
+        raise
     transient = pa.array([is_transient(r) for r in failed.column(REASON).to_pylist()], pa.bool_())
     position = pa.array(range(failed.num_rows), pa.int64())  # rows keep their place in the failures
     again = failed.append_column("_pos", position).filter(transient)
@@ -598,7 +642,10 @@ def unbuild_shard(out: BuildDirs | str, shard: int, layout: Layout, seed: int, b
     path = dirs.output(shard_name(shard))
     if not storage.exists(path):
         return
-    table = pq.read_table(storage.open_input(path))
+    try:
+        table = pq.read_table(storage.open_input(path))
+    except FileNotFoundError:
+        return  # another attempt unbuilt it meanwhile (its pieces are durable before it deletes the shard)
     lo = shard * layout.shard_rows
     hi = min(lo + layout.shard_rows, max((o + k for _, o, k in buckets), default=lo))
     where = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
@@ -647,8 +694,11 @@ def reopen_bucket(out: BuildDirs | str, b: int) -> None:
     decisions are forgotten. A duplicate never wins against its kept row, so it needs no image; a row taken down
     (in the same file) is taken down again, so it needs none either."""
     paths = BuildDirs.of(out).paths
-    if paths.duplicates(b).exists():
-        dups = read_ipc(paths.duplicates(b))
+    try:
+        dups = read_ipc(paths.duplicates(b)) if paths.duplicates(b).exists() else None
+    except FileNotFoundError:
+        dups = None  # another attempt reopened the bucket meanwhile: its piece is written, the file deleted last
+    if dups is not None:
         if dups.num_rows:
             piece = {n: dups.column(n) for n in METADATA_COLUMNS}
             piece[STAGE] = piece[REASON] = piece[DETAIL] = pa.nulls(dups.num_rows, pa.string())

@@ -1,7 +1,8 @@
 """The ingest stage's work, free of any scheduler: chunks of upstream records -> Parquet parts of pairs and rejects.
 
-`pipelines/ingest.py` decides where chunks run (in-process or as Ray tasks); this module decides what a chunk
-produces, so both paths write byte-for-byte the same rows.
+`ingest_source` submits one task per chunk to an executor (pmd.executor; `pipelines/ingest.py` chooses it:
+in-process or Ray); this module decides what a chunk produces, so every executor writes byte-for-byte the same
+rows.
 
 Layout of one source's output:
     DIR/SOURCE/candidates/part-00000.parquet ...   pairs (CANDIDATE_SCHEMA), one part per chunk of records
@@ -29,6 +30,7 @@ from pmd.sources.limits import CHUNK_BYTES
 CANDIDATES_DIR = "candidates"
 REJECTS_DIR = "rejects"
 SUMMARY_FILE = "ingest.json"
+CHUNK_RECORDS = 50_000  # upstream records per chunk (one task, one part file) unless told otherwise
 _PART_ROW_GROUP = 65_536  # candidate parts are read whole by the build, not streamed
 NO_OUTPUT = Reason.NO_OUTPUT  # an adapter produced nothing for a record: recorded, never silently dropped
 
@@ -208,3 +210,60 @@ def write_summary(source_dir: Path, source: str, inputs: Sequence[Path | str], o
 def read_summary(source_dir: Path) -> dict | None:
     path = source_dir / SUMMARY_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def prepare_source(source: str, inputs: Sequence[Path | str], options: Mapping[str, str]
+                   ) -> tuple[SourceAdapter, Context]:
+    """The source's adapter and its context (lookups loaded), before any output is cleared: an unknown source,
+    a missing or unreadable input (Visual Genome's image data, the Karpathy ids) fails here, and the earlier run is
+    then left intact."""
+    from pmd.sources import create_adapter
+    from pmd.sources.inputs import require_file
+
+    adapter = create_adapter(source, options)
+    for path in inputs:
+        require_file(path)
+    return adapter, adapter.prepare(inputs)
+
+
+def ingest_source(source: str, inputs: Sequence[Path | str], out: Path, options: Mapping[str, str],
+                  chunk_records: int, executor, progress: bool = True,
+                  prepared: tuple[SourceAdapter, Context] | None = None) -> dict:
+    """Ingest one source into out/SOURCE: every chunk of records is one task (`ingest/SOURCE/part-NNNNN.parquet`:
+    `process_chunk`) of `executor` (a pmd.executor.Executor); returns the summary, written last (ingest.json).
+    `prepared`: prepare_source's result, when the caller checked the inputs before choosing the executor.
+
+    The driver streams records out of the upstream files (decompression is sequential anyway) and hands chunks of
+    them to the executor, which holds a bounded number in flight, so memory stays constant whatever the input."""
+    from tqdm.auto import tqdm
+
+    adapter, context = prepared or prepare_source(source, inputs, options)
+    source_dir = out / source
+    prepare_output(source_dir)
+    started = time.perf_counter()
+    counts = IngestCounts()
+    bar = tqdm(desc=f"ingest {source}", unit=" records", unit_scale=True, disable=not progress)
+    # Put once (Ray's object store): every task gets a reference, not its own copy of the context (a few MB for
+    # Visual Genome's image data, docs/sources.md).
+    adapter_ref, context_ref = executor.put(adapter), executor.put(context)
+    parts = 0
+
+    def collect(rows: int):
+        def done(result: IngestCounts) -> None:
+            counts.add(result)
+            bar.update(rows)
+        return done
+
+    try:
+        for index, chunk in enumerate(iter_chunks(adapter, inputs, chunk_records)):
+            executor.submit(process_chunk, adapter_ref, context_ref, chunk, index, source_dir,
+                            on_done=collect(chunk_size(chunk)), name=f"ingest/{source}/{part_name(index)}")
+            parts = index + 1
+        executor.drain()
+    except BaseException:
+        executor.cancel()
+        raise
+    finally:
+        bar.close()
+    return write_summary(source_dir, source, inputs, options, counts, parts, time.perf_counter() - started,
+                         executor.kind)

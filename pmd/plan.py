@@ -1,6 +1,7 @@
 """The build's resume decisions, from the work state alone (no scheduler): which tasks are done, and what a changed
-option, a takedown request or `--retry-failures` invalidates. pipelines/build.py asks these and submits the rest
-to its executor; tests/pmd/test_plan.py checks each decision on crafted work states.
+option, a takedown request or `--retry-failures` invalidates. pmd.build_plan asks these and submits the rest to
+its executor; tests/pmd/test_plan.py checks each decision on crafted work states, tests/pmd/test_build_plan.py on
+whole builds.
 
 A task is done when its marker exists (written last, after every output): an image chunk when its chunk file
 exists or its scatter group's marker does (the chunk was consumed), a final-phase pass by its per-group or
@@ -29,7 +30,7 @@ class FinalAction(str, Enum):
 
 
 def fingerprint(config) -> dict:
-    """What the work files depend on (a pipelines.build.BuildConfig): a rerun with another one must not reuse them."""
+    """What the work files depend on (a pmd.build_config.BuildConfig): a rerun with another one must not reuse them."""
     return {
         "schema_version": schema.SCHEMA_VERSION,
         "work_format": WORK_FORMAT,

@@ -1,8 +1,8 @@
 """Shards of a built corpus: seeded placement, how a shard file is stored and described, and `verify` (against the
 manifest, which pmd.manifest reads).
 
-No Ray here: `pipelines/build.py` decides where these functions run. The format is described in
-docs/build-format.md. OUT may be a local directory or an object-storage URL (pmd.storage).
+No Ray here: pmd.build_plan's tasks call these functions, wherever its executor runs them. The format is described
+in docs/build-format.md. OUT may be a local directory or an object-storage URL (pmd.storage).
 
 Placement: every kept pair gets `shuffle_hash = blake2b_64(f"{seed}:{key}")`; all kept pairs sorted by
 (shuffle_hash, key) are cut into consecutive runs of `shard_rows`. So a shard is a random mix of all sources, and

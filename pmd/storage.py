@@ -481,6 +481,12 @@ class RemotePath:
         return basename(self.url)
 
     @property
+    def stem(self) -> str:
+        """The name without its last suffix, as Path.stem (task names are made of their markers' stems)."""
+        name = self.name
+        return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+
+    @property
     def parent(self) -> RemotePath:
         return RemotePath(self.url.rsplit("/", 1)[0])
 

@@ -1,6 +1,6 @@
 """URL dedup before download: every URL is fetched once, by the chunk of its first row, for all rows naming it.
 
-Library code, no Ray (pipelines/build.py schedules it). Before the image stage, the candidates of the URL sources
+Library code, no Ray (pmd.build_plan schedules it). Before the image stage, the candidates of the URL sources
 are regrouped so that a chunk holds its own rows whose URL is seen there first (in source order, then candidate
 order) plus every later row, of any source, naming one of those URLs. The image stage then downloads each distinct
 URL of a chunk once (pmd.build) and so each URL of the whole build once. Rows keep their own source and candidate
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pmd import atomic, schema, storage
 from pmd.build import CANDIDATE_INDEX, SOURCE_INDEX, read_ipc, write_ipc_atomic
-from pmd.final import BuildDirs
+from pmd.final import BuildDirs, finished_elsewhere
 
 URLS_DIR = "urls"  # under OUT/work
 URL_BUCKET_ROWS = 500_000  # rows per URL bucket: the owners pass holds one bucket's metadata
@@ -113,9 +113,14 @@ def owners_bucket(out: BuildDirs | str, u: int, chunk_rows: int, chunks_per_grou
     if marker.exists():
         return json.loads(marker.read_text())
     directory = paths.root / "pieces" / f"u-{u:05d}"
-    pieces = sorted(directory.glob("*.arrow"))
-    frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in pieces])) if pieces else \
-        pl.from_arrow(ROW_SCHEMA.empty_table())
+    try:
+        pieces = sorted(directory.glob("*.arrow"))
+        frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in pieces])) if pieces else \
+            pl.from_arrow(ROW_SCHEMA.empty_table())
+    except FileNotFoundError:
+        pieces = None  # consumed meanwhile: another attempt's marker says what they held
+    if pieces is None or marker.exists():  # a listing read after another attempt deleted the pieces
+        return finished_elsewhere(marker)
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
     # A row without a URL is its own owner (it fails as no_url in its own chunk).
     owner = pl.when(pl.col(schema.IMAGE_URL).is_null()).then(pl.struct(SOURCE_INDEX, CANDIDATE_INDEX)).otherwise(
@@ -144,9 +149,14 @@ def chunks_group(out: BuildDirs | str, source: str, source_index: int, group: in
     if marker.exists():
         return json.loads(marker.read_text())
     directory = paths.root / "moved" / f"{source_index:02d}-{group:05d}"
-    moved = sorted(directory.glob("u-*.arrow"))
-    frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in moved])) if moved else \
-        pl.from_arrow(ROW_SCHEMA.empty_table()).with_columns(pl.lit(0, pl.Int64).alias("_chunk"))
+    try:
+        moved = sorted(directory.glob("u-*.arrow"))
+        frame = pl.from_arrow(pa.concat_tables([read_ipc(p) for p in moved])) if moved else \
+            pl.from_arrow(ROW_SCHEMA.empty_table()).with_columns(pl.lit(0, pl.Int64).alias("_chunk"))
+    except FileNotFoundError:
+        moved = None
+    if moved is None or marker.exists():
+        return finished_elsewhere(marker)
     frame = frame.sort(SOURCE_INDEX, CANDIDATE_INDEX)
     sizes: Counter = Counter()
     for c in chunks:

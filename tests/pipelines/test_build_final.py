@@ -111,7 +111,7 @@ def test_interrupted_final_phase_resumes_to_identical_bytes(reference, coco, tmp
 def test_a_chunk_task_rerun_after_it_finished_elsewhere_returns_its_summary(tmp_path):
     """Ray re-runs a task whose node died after the task had written its chunk (and deleted its input): the rerun
     must report the chunk, not fail on the missing input or redo the downloads."""
-    from pipelines.build import _run_url_chunk
+    from pmd.build_plan import _run_url_chunk
     from pmd.build import CHUNK_SCHEMA, ChunkTask, write_ipc_atomic
     from pmd.images import ImageOptions
 

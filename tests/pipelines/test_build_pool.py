@@ -52,7 +52,7 @@ def test_auto_takes_the_pool_up_to_the_threshold_and_ray_above(tmp_path, ray_loc
 
 def test_a_dead_pool_worker_is_a_build_error(tmp_path):
     coco = make_coco(tmp_path / "in", n_images=4)
-    executor = build._Executor(_config(coco, tmp_path / "out", executor="pool"))
+    executor = build.make_executor(_config(coco, tmp_path / "out", executor="pool"))
     try:
         executor.submit(os._exit, 3)
         with pytest.raises(BuildError, match="worker process of the pool died.*rerun the same command"):

@@ -104,9 +104,9 @@ def test_a_build_with_its_work_on_s3_equals_the_local_build_and_writes_nothing_l
 
 # One SIGKILL in each phase of the build: (function, calls it returns before the kill; 0 = before its first).
 PHASES = {
-    "ingest": ("pipelines.ingest:process_chunk", 2),  # the second source's part written, its summary not
+    "ingest": ("pmd.ingest:process_chunk", 2),  # the second source's part written, its summary not
     "urls": ("pmd.urls:owners_bucket", 1),
-    "images": ("pipelines.build:run_chunk", 3),
+    "images": ("pmd.build_plan:run_chunk", 3),
     "scatter": ("pmd.final:scatter_group", 2),
     "dedup": ("pmd.final:dedup_bucket", 0),
     "shards": ("pmd.final:_write_shard", 1),  # one shard uploaded, the next not

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import build
+from pmd import build_plan
 from pipelines.build import load_config, run_build
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import make_cc12m
@@ -50,16 +50,16 @@ def test_url_pass_in_the_driver_writes_what_the_url_pass_on_ray_writes(tmp_path,
         make_cc12m(tmp_path / "in", server, n_good=40)
         (tmp_path / "build.toml").write_text(CONFIG)
         seen: list[bool] = []
-        url_pass = build._url_pass
+        url_pass = build_plan.url_pass
 
         def spy(plan, executor):
-            seen.append(executor.local)
+            seen.append(executor.kind == "local")
             return url_pass(plan, executor)
 
-        monkeypatch.setattr(build, "_url_pass", spy)
+        monkeypatch.setattr(build_plan, "url_pass", spy)
         manifests = {}
-        for name, limit in (("driver", build.LOCAL_URL_PASS_ROWS), ("ray", 0)):
-            monkeypatch.setattr(build, "LOCAL_URL_PASS_ROWS", limit)
+        for name, limit in (("driver", build_plan.LOCAL_URL_PASS_ROWS), ("ray", 0)):
+            monkeypatch.setattr(build_plan, "LOCAL_URL_PASS_ROWS", limit)
             config = load_config(tmp_path / "build.toml", {"out": str(tmp_path / f"out-{name}"), "executor": "ray"})
             config.progress = False
             manifests[name] = run_build(config)
