@@ -14,7 +14,9 @@ Prints one JSON object per size.
 
 `--store local s3`: each size is built with OUT (and its work state, OUT/work) on local disk and on moto's S3
 server on loopback, in alternating rounds (`--rounds`); the S3 rows add the requests the store served per 1,000
-candidates (counted from the server's access log) and the ratio of wall times to the local build of the same round.
+candidates (counted from the server's access log) and the ratio of wall times to the local build of the same round,
+and those requests by method and kind of object (`store_requests_by_kind`: pieces, chunks, markers, LISTs ...).
+Each S3 round's prefix is deleted after it, as the local round's directory is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -77,6 +81,20 @@ def du(path: Path) -> int:
     return total
 
 
+def object_kind(target: str) -> str:
+    """What a request to the store was for, from its path: `/pmd/out-N-R/work/final/pieces/...` ->
+    `work/final/pieces`; a listing (`?list-type`, `?prefix=`) is `list`."""
+    path, _, query = target.partition("?")
+    if "list-type" in query or "prefix=" in query:
+        return "list"
+    parts = [p for p in path.split("/") if p][2:]  # bucket, the build's prefix
+    if not parts:
+        return "bucket"
+    if parts[0] != "work":
+        return parts[0] if len(parts) > 1 else "OUT/" + parts[0].rsplit(".", 1)[-1]
+    return "/".join(parts[:3] if len(parts) > 3 and parts[1] == "final" else parts[:2])
+
+
 class _S3:
     """moto's S3 server on a loopback port, counting the requests it answers."""
 
@@ -89,11 +107,21 @@ class _S3:
         from tests.ports import free_port
 
         self.requests = 0
+        self.by_kind: Counter = Counter()  # (method, object kind) -> requests
+        self.bytes_by_kind: Counter = Counter()  # (method, object kind) -> response body bytes
         counter = self
 
         class Count(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 counter.requests += 1
+                try:
+                    line, _code, size = record.args
+                    method, target = re.sub(r"\x1b\[[0-9;]*m", "", str(line)).split(" ")[:2]  # werkzeug colours
+                except (TypeError, ValueError):
+                    return
+                key = (method, object_kind(target))
+                counter.by_kind[key] += 1
+                counter.bytes_by_kind[key] += int(size) if str(size).isdigit() else 0
 
         log = logging.getLogger("werkzeug")
         log.setLevel(logging.INFO)  # one access-log line per request
@@ -117,6 +145,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     captions, archive = inputs / "flickr30k_train_captions.jsonl", inputs / "flickr30k-images.zip"
     out = f"s3://pmd/out-{candidates}-{round_}" if s3 else root / f"out-{candidates}"
     requests_before = s3.requests if s3 else 0
+    kinds_before = (Counter(s3.by_kind), Counter(s3.bytes_by_kind)) if s3 else None
     cmd = [PMD, "build", SOURCE, str(captions), "--images", str(archive), "--out", str(out), "--image-size", "0",
            "--shard-rows", "10000", "--chunk-rows", "2000", "--num-cpus", str(num_cpus), "-q", "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
@@ -178,8 +207,15 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     }
     if s3:
         result["store_requests_per_1000_candidates"] = round(requests * 1000 / candidates, 2)
+        by_kind = s3.by_kind - kinds_before[0]
+        body = s3.bytes_by_kind - kinds_before[1]
+        result["store_requests_by_kind"] = {f"{m} {k}": {"requests": n, "body_mib": round(body[(m, k)] / 2**20, 1)}
+                                            for (m, k), n in by_kind.most_common()}
         for key in ("peak_disk_mib", "final_size_mib", "peak_disk_over_final", "peak_disk_over_shards"):
             result.pop(key)
+        # As the local round's rmtree: moto lists a prefix by scanning every key of its bucket, so the objects of
+        # earlier rounds left there would slow each later round's LISTs (a real store's do not depend on them).
+        storage.remove_tree(out)
     else:
         shutil.rmtree(out, ignore_errors=True)
     return result

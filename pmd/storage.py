@@ -100,6 +100,12 @@ def _filesystem(scheme: str, options_json: str, endpoint: str | None, pid: int) 
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 options["endpoint_override"] = endpoint
+        if scheme == "s3":
+            # A stream opened for writing starts no multipart upload until a part is full: an object smaller than
+            # a part (every marker, most work files) is one PutObject instead of create + upload-part + complete,
+            # a third of the requests (benchmarks/bench_scale.py's requests by kind). Errors then surface at write
+            # or close, which the atomic writer's commit reaches before a marker is written.
+            options.setdefault("allow_delayed_open", True)
         if scheme in _PYARROW_SCHEMES:
             return _PYARROW_SCHEMES[scheme](**options)
         import fsspec
