@@ -108,20 +108,17 @@ class _S3:
 
         self.requests = 0
         self.by_kind: Counter = Counter()  # (method, object kind) -> requests
-        self.bytes_by_kind: Counter = Counter()  # (method, object kind) -> response body bytes
         counter = self
 
         class Count(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 counter.requests += 1
                 try:
-                    line, _code, size = record.args
+                    line = record.args[0]
                     method, target = re.sub(r"\x1b\[[0-9;]*m", "", str(line)).split(" ")[:2]  # werkzeug colours
                 except (TypeError, ValueError):
                     return
-                key = (method, object_kind(target))
-                counter.by_kind[key] += 1
-                counter.bytes_by_kind[key] += int(size) if str(size).isdigit() else 0
+                counter.by_kind[(method, object_kind(target))] += 1
 
         log = logging.getLogger("werkzeug")
         log.setLevel(logging.INFO)  # one access-log line per request
@@ -145,7 +142,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     captions, archive = inputs / "flickr30k_train_captions.jsonl", inputs / "flickr30k-images.zip"
     out = f"s3://pmd/out-{candidates}-{round_}" if s3 else root / f"out-{candidates}"
     requests_before = s3.requests if s3 else 0
-    kinds_before = (Counter(s3.by_kind), Counter(s3.bytes_by_kind)) if s3 else None
+    kinds_before = Counter(s3.by_kind) if s3 else None
     cmd = [PMD, "build", SOURCE, str(captions), "--images", str(archive), "--out", str(out), "--image-size", "0",
            "--shard-rows", "10000", "--chunk-rows", "2000", "--num-cpus", str(num_cpus), "-q", "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
@@ -207,10 +204,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     }
     if s3:
         result["store_requests_per_1000_candidates"] = round(requests * 1000 / candidates, 2)
-        by_kind = s3.by_kind - kinds_before[0]
-        body = s3.bytes_by_kind - kinds_before[1]
-        result["store_requests_by_kind"] = {f"{m} {k}": {"requests": n, "body_mib": round(body[(m, k)] / 2**20, 1)}
-                                            for (m, k), n in by_kind.most_common()}
+        result["store_requests_by_kind"] = {f"{m} {k}": n for (m, k), n in (s3.by_kind - kinds_before).most_common()}
         for key in ("peak_disk_mib", "final_size_mib", "peak_disk_over_final", "peak_disk_over_shards"):
             result.pop(key)
         # As the local round's rmtree: moto lists a prefix by scanning every key of its bucket, so the objects of
