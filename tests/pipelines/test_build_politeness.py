@@ -97,13 +97,17 @@ def test_a_rate_cap_holds_on_the_servers_clock(tmp_path, server):
                               **{"download.max_rate_per_host": 20.0, "download.thread_count": 16})
     run_build(config)
     arrivals = sorted(t for _, t, _ in server.requests("/"))
-    assert len(arrivals) == 41  # 40 images and one robots.txt
+    assert len(server.requests("/img/")) == 40
+    # robots.txt at most once per download process: the pool's two processes may ask for it at the same moment
+    # (each request, robots.txt included, holds a grant of the host's rate).
+    assert 1 <= len(server.requests("/robots.txt")) <= 2
+    assert len(arrivals) == 40 + len(server.requests("/robots.txt"))
     # Grants are spaced 50 ms apart at the budget server; the HTTP server sees them within its own jitter (a
     # request delayed on its way lets the next one land closer: a window may hold one or two more). Uncapped,
     # the 41 requests arrive within ~0.1 s.
     span = arrivals[-1] - arrivals[0]
     gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
-    assert span >= 40 / 20.0 * 0.95, span
+    assert span >= (len(arrivals) - 1) / 20.0 * 0.95, span
     assert 0.045 <= gaps[len(gaps) // 2] <= 0.08, gaps
     assert max(len([t for t in arrivals if a <= t < a + 1.0]) for a in arrivals) <= 20 + 2
 
