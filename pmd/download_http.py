@@ -10,8 +10,8 @@ Across processes, each request also holds a lease of the build's budget (pmd.pol
 known placeholder fails `placeholder` (pmd.placeholders). Redirects are followed hop by hop (pmd.http_client), and
 each target goes through the same checks before it is requested: a known placeholder Location fails
 `placeholder`, the address guard's pre-check, the target origin's robots.txt (`robots_disallowed`), and its
-request holds a lease of the target host's budget (a 429/503 there pauses that host). The per-process slots
-below stay with the URL's own host.
+request holds a lease of the target host's budget (a 429/503 there pauses that host). The per-process slot
+below stays with the URL's own host; a 429/503 from a redirect's target backs off the target there too.
 
 Before anything is asked of a host, its name is resolved and checked by the address guard (pmd.netguard,
 `HttpClient.refusal`): a refused host's rows fail `blocked_address` (or `dns_nxdomain` / `dns_error`) without
@@ -81,27 +81,37 @@ class HostGate:
         return s
 
     def release(self, host: str, result: Fetched, max_retry_after: float) -> None:
+        """Give back `host`'s slot; the answer's backoff goes to the host that gave it: after a redirect to
+        another host, `host` answered a redirect (not a refusal) and a 429/503 is the target's."""
+        answered = host_key(result.answered_by) if result.answered_by else host
         with self.cond:
-            s = self.state(host)
-            s.active -= 1
-            if result.status in BACKOFF_STATUSES:
-                now = time.monotonic()
-                s.last_refusal = (result.reason, result.detail)
-                # One strike per refused round: answers landing while the host is already paused are the same
-                # burst (requests sent together), they only extend the pause to their Retry-After.
-                if s.paused_until <= now:
-                    s.strikes += 1
-                wait = result.retry_after if result.retry_after is not None \
-                    else _FIRST_BACKOFF_S * 2 ** (s.strikes - 1)
-                wait = min(wait, max_retry_after)
-                if now + wait > s.paused_until:
-                    s.paused_until = now + wait
-                    log.info("host %s answered %s: paused %.1fs", host, result.status, wait)
-            elif result.status is not None:
-                s.strikes = 0
-            if s.active == 0 and s.strikes == 0 and s.paused_until <= time.monotonic():
-                del self.hosts[host]  # keep the table to the hosts in use
+            self.state(host).active -= 1
+            if answered != host:
+                self.state(host).strikes = 0
+            self._answered(answered, result, max_retry_after)
+            for h in {host, answered}:
+                s = self.hosts.get(h)
+                if s is not None and s.active == 0 and s.strikes == 0 and s.paused_until <= time.monotonic():
+                    del self.hosts[h]  # keep the table to the hosts in use
             self.cond.notify_all()
+
+    def _answered(self, host: str, result: Fetched, max_retry_after: float) -> None:
+        s = self.state(host)
+        if result.status in BACKOFF_STATUSES:
+            now = time.monotonic()
+            s.last_refusal = (result.reason, result.detail)
+            # One strike per refused round: answers landing while the host is already paused are the same
+            # burst (requests sent together), they only extend the pause to their Retry-After.
+            if s.paused_until <= now:
+                s.strikes += 1
+            wait = result.retry_after if result.retry_after is not None \
+                else _FIRST_BACKOFF_S * 2 ** (s.strikes - 1)
+            wait = min(wait, max_retry_after)
+            if now + wait > s.paused_until:
+                s.paused_until = now + wait
+                log.info("host %s answered %s: paused %.1fs", host, result.status, wait)
+        elif result.status is not None:
+            s.strikes = 0
 
 
 _GATES: dict[int, HostGate] = {}

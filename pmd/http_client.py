@@ -48,6 +48,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
@@ -225,6 +226,9 @@ class Fetched:
     detail: str | None
     status: int | None = None  # the final HTTP status, when one was received
     retry_after: float | None = None  # seconds, from a 429/503 answer's Retry-After
+    # The URL that gave the final answer when redirects led there (None: the URL asked): a 429 there is that
+    # host's, not the first one's (pmd.download_http's per-process backoff).
+    answered_by: str | None = None
 
     @property
     def transient(self) -> bool:
@@ -372,7 +376,7 @@ class HttpClient:
                 if not location:
                     result = self._answer(resp, deadline, max_bytes, directives)
                     retry_after = result.retry_after
-                    return result
+                    return dataclasses.replace(result, answered_by=url) if hop else result
                 self._discard(resp, deadline)
             finally:
                 hops.release(lease, status, retry_after)  # no lease is held between hops (nor while checking)

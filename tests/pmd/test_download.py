@@ -368,3 +368,24 @@ def test_timeout_detail_is_the_same_in_every_run(server):
         details.add(got.detail)
     assert len(details) == 1, details
     assert "timeout=" not in details.pop()
+
+
+def test_a_refusal_after_a_redirect_backs_off_the_target_not_the_first_host():
+    from pmd.download_http import HostGate, host_key
+    from pmd.http_client import Fetched
+
+    a, b = "http://a.example:80", "http://b.example:80"
+    gate = HostGate(max_per_host=4)
+    gate.state(a).active += 1
+    gate.state(a).strikes = 2  # earlier refusals of a's own
+    before = time.monotonic()
+    gate.release(a, Fetched(None, "http_429", "HTTP Error 429", 429, 3.0, answered_by="http://b.example/img/1.jpg"),
+                 5.0)
+    assert host_key("http://b.example/img/1.jpg") == b
+    assert a not in gate.hosts  # its slot back; it answered a redirect: no pause, no strike
+    assert gate.hosts[b].strikes == 1 and gate.hosts[b].active == 0
+    assert round(gate.hosts[b].paused_until - before) == 3
+    # The URL's own host refusing is still its own backoff.
+    gate.state(a).active += 1
+    gate.release(a, Fetched(None, "http_503", None, 503, None), 5.0)
+    assert gate.hosts[a].strikes == 1 and gate.hosts[a].paused_until > time.monotonic()

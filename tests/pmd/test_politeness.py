@@ -318,6 +318,14 @@ def test_a_429_on_a_redirect_hop_pauses_the_target_host(two_servers, tmp_path):
     opts = loopback_options(timeout=2.0, retries=0)
     [d] = download_chunk(["k"], [a.url("/to-429/1.jpg")], opts, tmp_path / "w")
     assert d.reason == "http_429"
+    # This process's own backoff is the target's too: B paused, A (which answered a redirect) not.
+    from pmd.download_http import gate_for, host_key
+
+    gate = gate_for(opts.max_per_host)
+    with gate.cond:
+        now = time.monotonic()
+        assert gate.hosts[host_key(b.url("/"))].paused_until > now
+        assert host_key(a.url("/")) not in gate.hosts or gate.hosts[host_key(a.url("/"))].paused_until <= now
     # B's budget is paused for the Retry-After second: B's next request waits for it (A's host was not the one).
     [d] = download_chunk(["k"], [b.url("/img/2.jpg")], opts, tmp_path / "w")
     assert d.reason is None
@@ -335,8 +343,10 @@ def test_a_redirect_keeps_the_connections_alive(two_servers):
         a.redirects[f"/k/{i}.jpg"] = b.url(f"/img/{i}.jpg")
     client = HttpClient(max_per_host=2, guard=loopback_guard())
     for i in range(20):
-        assert client.fetch(a.url(f"/k/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
+        fetched = client.fetch(a.url(f"/k/{i}.jpg"), 2.0, 1 << 20, [])
+        assert fetched.data == jpeg(i, 16, 16) and fetched.answered_by == b.url(f"/img/{i}.jpg")
     assert a.connections == 1 and b.connections == 1
+    assert client.fetch(b.url("/img/0.jpg"), 2.0, 1 << 20, []).answered_by is None  # not redirected
     # A chunked redirect body is read to its end: the same connection serves the hop and the next fetches.
     for i in range(5):
         assert client.fetch(b.url(f"/moved-chunked/{i}.jpg"), 2.0, 1 << 20, []).data == jpeg(i, 16, 16)
