@@ -17,14 +17,10 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pmd.build_plan import BuildError
-from pmd.executor import Executor, InProcessExecutor
+from pmd.executor import Executor, InProcessExecutor, _ignore
 from pipelines.ray_runtime import TASK_RETRIES
 
 __all__ = ["TASK_RETRIES", "Executor", "LocalExecutor", "PoolExecutor", "RayExecutor"]
-
-
-def _ignore(_: Any) -> None:
-    return None
 
 
 class LocalExecutor(InProcessExecutor):

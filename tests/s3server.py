@@ -5,6 +5,7 @@ endpoint in AWS_ENDPOINT_URL, which pmd.storage passes to pyarrow's S3 client.""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import Counter
@@ -90,3 +91,21 @@ def s3_server(buckets: tuple[str, ...] = ("pmd",), traffic: Traffic | None = Non
         yield env
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def s3_environment(buckets: tuple[str, ...] = ("pmd",), traffic: Traffic | None = None
+                   ) -> Iterator[dict[str, str]]:
+    """`s3_server` with its environment set in this process (os.environ) while it runs, restored after: for a
+    module's fixture, where pytest's monkeypatch (function-scoped) cannot reach."""
+    with s3_server(buckets, traffic) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

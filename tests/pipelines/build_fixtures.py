@@ -69,6 +69,15 @@ class CocoFixture:
     unique_images: int
 
 
+def make_mixed_tsv(path: Path, server: LoopbackServer, first_image: int, word: str, n_images: int = 12) -> Path:
+    """A Conceptual-Captions-shaped TSV: `n_images` distinct loopback images, one 404 and the fourth image's URL again
+    (a failure, and a URL two rows share)."""
+    lines = [f"{server.url(f'/img/{first_image + i}.jpg')}\t{word} {i}" for i in range(n_images)]
+    lines += [f"{server.url('/status/404')}\tgone", f"{server.url(f'/img/{first_image + 3}.jpg')}\t{word} 3 again"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def make_coco(directory: Path, n_images: int = 40) -> CocoFixture:
     """Karpathy `dataset_coco.json` (5 sentences per image) + val2014.zip/train2014.zip holding the images.
 

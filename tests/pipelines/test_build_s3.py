@@ -20,7 +20,7 @@ from pmd.export import ExportOptions, export
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import kill_build_mid_image_stage, make_cc12m, make_coco, two_source_config
-from tests.s3server import s3_server
+from tests.s3server import s3_environment
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +31,8 @@ CONFIG = two_source_config(shard_rows=40, chunk_rows=16, seed=3, image_size=24, 
 
 @pytest.fixture(scope="module")
 def s3():
-    with s3_server() as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ takedown list is read from the store; an object overwritten with other bytes mak
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -24,24 +23,15 @@ from tests.archive_files import write_tar
 from tests.httpserver import LoopbackServer
 from tests.loopback import toml_allow_line
 from tests.pipelines.build_fixtures import make_cc12m, make_coco
-from tests.s3server import s3_server
+from tests.s3server import s3_environment
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def s3():
-    with s3_server() as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment() as env:
+        yield env
 
 
 def upload_tree(local: Path, url: str) -> None:

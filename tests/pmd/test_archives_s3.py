@@ -5,7 +5,6 @@ fingerprint."""
 
 from __future__ import annotations
 
-import os
 import random
 import zipfile
 
@@ -17,7 +16,7 @@ from pmd.ingest import input_fingerprint
 from pmd.sources.base import InputError
 from pmd.sources.inputs import iter_json_items, iter_line_ranges, iter_lines, require_file
 from tests.archive_files import write_tar, write_zip
-from tests.s3server import Traffic, s3_server
+from tests.s3server import Traffic, s3_environment
 
 MEMBERS = 48
 MEMBER_BYTES = 200_000
@@ -26,17 +25,8 @@ MEMBER_BYTES = 200_000
 @pytest.fixture(scope="module")
 def s3():
     traffic = Traffic()
-    with s3_server(traffic=traffic) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield traffic
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment(traffic=traffic):
+        yield traffic
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pmd.shards import verify
 from pmd.takedown import apply, load_filter, read_request
 from tests.httpserver import LoopbackServer
 from tests.loopback import loopback_options
-from tests.pipelines.build_fixtures import make_coco
+from tests.pipelines.build_fixtures import make_coco, make_mixed_tsv
 
 URL_ROWS = 14  # 12 good, one 404, one naming a good row's URL again (downloaded once)
 
@@ -59,10 +59,7 @@ def phases(names: list[str]) -> list[str]:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
     server = LoopbackServer(image_size=(64, 48), sleep_s=2.0).start()
-    lines = [f"{server.url(f'/img/{500 + i}.jpg')}\tthing {i}" for i in range(12)]
-    lines += [f"{server.url('/status/404')}\tgone", f"{server.url('/img/503.jpg')}\tthing 3 again"]
-    tsv = root / "cc12m.tsv"
-    tsv.write_text("\n".join(lines) + "\n")
+    tsv = make_mixed_tsv(root / "cc12m.tsv", server, first_image=500, word="thing")
     yield tsv, make_coco(root / "coco", n_images=12), root
     server.stop()
 

@@ -10,7 +10,6 @@ configuration, and the order of the object writes is recorded."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import uuid
 
@@ -24,33 +23,21 @@ from pmd.images import ImageOptions
 from pmd.shards import verify
 from tests.httpserver import LoopbackServer
 from tests.loopback import loopback_options
-from tests.pipelines.build_fixtures import make_coco
-from tests.s3server import s3_server
+from tests.pipelines.build_fixtures import make_coco, make_mixed_tsv
+from tests.s3server import s3_environment
 
 
 @pytest.fixture(scope="module")
 def s3():
-    with s3_server() as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("races")
     server = LoopbackServer(image_size=(64, 48), sleep_s=2.0).start()
-    lines = [f"{server.url(f'/img/{600 + i}.jpg')}\trace {i}" for i in range(12)]
-    lines += [f"{server.url('/status/404')}\tgone", f"{server.url('/img/603.jpg')}\trace 3 again"]
-    tsv = root / "cc12m.tsv"
-    tsv.write_text("\n".join(lines) + "\n")
+    tsv = make_mixed_tsv(root / "cc12m.tsv", server, first_image=600, word="race")
     yield tsv, make_coco(root / "coco", n_images=12)
     server.stop()
 
