@@ -10,6 +10,9 @@ processes with the same settings (2 processes/tasks, the same threads per proces
   and checks + resize/encode + dedup + shards + failures + manifest.
 Peak memory is the largest summed RSS of each child's whole process tree (sampled every 0.1 s: Ray workers and
 img2dataset's pool processes included; Ray's object store shared memory counted per process that maps it).
+CPU is each child's whole tree (getrusage of the reaped processes: pmd's pool workers and budget service,
+img2dataset's pool), per stored image, beside the CPU the loopback servers spent meanwhile: on a shared or small
+machine it says more than the wall time (both tools share the cores with the servers and with whatever else runs).
 
 Latency mode (issue 18): each new connection costs a delay, a stand-in for the TCP/TLS handshakes to a remote CDN,
 and the URLs are spread over several hosts the way PMD's are (one host serving ~half, a long tail):
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import shutil
 import subprocess
@@ -65,8 +69,21 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
-    """(wall seconds, peak tree RSS bytes, output tail)."""
+# The loopback servers' processes (main sets them): the CPU they spend serving a run is that run's too.
+SERVER_PROCESSES: list[psutil.Process] = []
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str, dict]:
+    """(wall seconds, peak tree RSS bytes, output tail, CPU seconds): the CPU of the command's whole process tree
+    (getrusage of the reaped children: pool workers and services included; a daemon that is not reaped, as some of
+    Ray's, is not counted) and of the servers while it ran."""
+    servers_before = sum(_cpu_s(p) for p in SERVER_PROCESSES)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
@@ -86,11 +103,15 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
     sampler.start()
     output = proc.communicate()[0]
     wall = time.perf_counter() - started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     stop.set()
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{output[-4000:]}")
-    return wall, peak, output[-3000:]
+    cpu = {"cpu_s": round(children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime,
+                          2),
+           "servers_cpu_s": round(sum(_cpu_s(p) for p in SERVER_PROCESSES) - servers_before, 2)}
+    return wall, peak, output[-3000:], cpu
 
 
 I2D_SCRIPT = """
@@ -151,18 +172,19 @@ def host_mix(n_images: int, ports: list[int], seed: int = 0, weights: list[float
 
 def run_img2dataset(args, work: Path, env: dict, tag: str) -> dict:
     out = work / f"i2d-{tag}"
-    wall, peak, _ = run_measured(
+    wall, peak, _, cpu = run_measured(
         [PYTHON, str(work / "i2d.py"), str(work / "urls.parquet"), str(out), str(args.image_size),
          str(args.threads), str(args.procs), str(args.timeout)], env)
     ok = sum(pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success")
              for p in out.glob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": round(peak / 2**20)}
+    return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": round(peak / 2**20),
+            **cpu, "cpu_ms_per_image": round(1000 * cpu["cpu_s"] / max(ok, 1), 2)}
 
 
 def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str = "ray") -> dict:
     out = work / f"pmd-{backend}-{executor}-{tag}"
-    wall, peak, _ = run_measured(
+    wall, peak, _, cpu = run_measured(
         [PMD, "build", "conceptual_12m", str(work / "cc12m.tsv"), "--out", str(out),
          "--image-size", str(args.image_size), "--threads", str(args.threads), "--num-cpus", str(args.procs),
          "--chunk-rows", str(args.chunk_rows), "--timeout", str(args.timeout), "--download-backend", backend,
@@ -174,7 +196,8 @@ def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str =
     pairs = manifest["totals"]["pairs"]
     return {"wall_s": round(wall, 2), "ok": pairs, "images_per_s": round(pairs / wall, 1),
             "peak_rss_mb": round(peak / 2**20), "stages_s": manifest["timings"],
-            "shard_bytes": sum(s["bytes"] for s in manifest["shards"]), "shards": len(manifest["shards"])}
+            "shard_bytes": sum(s["bytes"] for s in manifest["shards"]), "shards": len(manifest["shards"]),
+            **cpu, "cpu_ms_per_image": round(1000 * cpu["cpu_s"] / max(pairs, 1), 2)}
 
 
 def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:
@@ -220,6 +243,8 @@ def median_run(runs: list[dict]) -> dict:
             "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
             "ok": min(r["ok"] for r in runs),
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs)),
+            **{k: statistics.median(r[k] for r in runs) for k in ("cpu_s", "servers_cpu_s", "cpu_ms_per_image")
+               if all(k in r for r in runs)},
             "rounds_images_per_s": [r["images_per_s"] for r in runs],
             **({"rounds_load_1min": [r["load_1min"] for r in runs]} if all("load_1min" in r for r in runs) else {})}
 
@@ -280,6 +305,7 @@ def main() -> None:
         runs["pmd_build_http_baseline"] = []
     downloads: dict[str, list[dict]] = {} if args.no_download_only else \
         {f"download_only_{b}": [] for b in ("http", "img2dataset")}
+    SERVER_PROCESSES[:] = [psutil.Process(server.pid) for server in servers]
     try:
         ports = [int(server.stdout.readline()) for server in servers]
         urls = host_mix(args.images, ports, weights=[w for _, w in mix] if mix else None)
@@ -339,8 +365,10 @@ def main() -> None:
     for name in [*runs, *downloads]:
         f = figures[name]
         ratio = f"  ratio {figures['ratio'][name]:.2f}" if name in figures["ratio"] else ""
+        cpu = f", CPU {f['cpu_ms_per_image']:.2f} ms/image (+ servers {f['servers_cpu_s']:.1f} s)" \
+            if "cpu_ms_per_image" in f else ""
         print(f"{name:22s}: {f['ok']} images in {f['wall_s']:.1f}s = {f['images_per_s']:.0f} img/s, "
-              f"peak RSS {f['peak_rss_mb']} MiB{ratio}")
+              f"peak RSS {f['peak_rss_mb']} MiB{cpu}{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
