@@ -79,7 +79,7 @@ def _cpu_s(proc: psutil.Process) -> float:
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str, dict]:
-    """(wall seconds, peak tree RSS bytes, output tail, CPU seconds): the CPU of the command's whole process tree
+    """(wall seconds, peak tree RSS bytes, output tail, CPU seconds by part): the command's whole process tree
     (getrusage of the reaped children: pool workers and services included; a daemon that is not reaped, as some of
     Ray's, is not counted) and of the servers while it ran."""
     servers_before = sum(_cpu_s(p) for p in SERVER_PROCESSES)
@@ -108,8 +108,8 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, int, str, dict]:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{output[-4000:]}")
-    cpu = {"cpu_s": round(children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime,
-                          2),
+    tree_cpu = children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
+    cpu = {"cpu_s": round(tree_cpu, 2),
            "servers_cpu_s": round(sum(_cpu_s(p) for p in SERVER_PROCESSES) - servers_before, 2)}
     return wall, peak, output[-3000:], cpu
 
@@ -170,6 +170,10 @@ def host_mix(n_images: int, ports: list[int], seed: int = 0, weights: list[float
     return [f"http://127.0.0.1:{ports[h]}/img/{i}.jpg" for i, h in enumerate(picks)]
 
 
+def _cpu_figures(cpu: dict, images: int) -> dict:
+    return {**cpu, "cpu_ms_per_image": round(1000 * cpu["cpu_s"] / max(images, 1), 2)}
+
+
 def run_img2dataset(args, work: Path, env: dict, tag: str) -> dict:
     out = work / f"i2d-{tag}"
     wall, peak, _, cpu = run_measured(
@@ -179,7 +183,7 @@ def run_img2dataset(args, work: Path, env: dict, tag: str) -> dict:
              for p in out.glob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": round(wall, 2), "ok": ok, "images_per_s": round(ok / wall, 1), "peak_rss_mb": round(peak / 2**20),
-            **cpu, "cpu_ms_per_image": round(1000 * cpu["cpu_s"] / max(ok, 1), 2)}
+            **_cpu_figures(cpu, ok)}
 
 
 def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str = "ray") -> dict:
@@ -197,7 +201,7 @@ def run_pmd(args, work: Path, env: dict, backend: str, tag: str, executor: str =
     return {"wall_s": round(wall, 2), "ok": pairs, "images_per_s": round(pairs / wall, 1),
             "peak_rss_mb": round(peak / 2**20), "stages_s": manifest["timings"],
             "shard_bytes": sum(s["bytes"] for s in manifest["shards"]), "shards": len(manifest["shards"]),
-            **cpu, "cpu_ms_per_image": round(1000 * cpu["cpu_s"] / max(pairs, 1), 2)}
+            **_cpu_figures(cpu, pairs)}
 
 
 def run_download_only(args, urls: list[str], work: Path, backend: str) -> dict:

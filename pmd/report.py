@@ -6,6 +6,7 @@ Views only: every figure comes from `pmd.stats.audit`'s dict.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 from pathlib import Path
@@ -77,6 +78,7 @@ def downloads_saved_line(result: dict) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ plots
+@functools.cache
 def _pyplot():
     """matplotlib's pyplot on the file backend, imported on the first plot: every `pmd` command imports this
     module (the demo's config), and pyplot alone cost ~0.26 s of each command's start (python -X importtime)."""
