@@ -1,6 +1,8 @@
 """Shared fixtures for the FLAVA model tests: offline, tiny configs, a random transformers model and batches."""
 
+import faulthandler
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -98,6 +100,19 @@ def hf_kwargs(batch: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _rank_main(rank: int, worker, *args) -> None:
+    """One spawned rank: the worker saves its result and tears its group down; then the process leaves without
+    interpreter finalisation. Under load a C++ thread of the finished gloo group was sometimes still joinable when
+    static destructors ran ("terminate called without an active exception", SIGABRT after the worker had returned),
+    which failed the spawn though every rank's result was on disk and correct. A worker that raises still fails
+    the spawn, and faulthandler prints the Python stack of a rank that aborts before returning."""
+    faulthandler.enable()
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_ranks(worker, world: int, out_dir: str, *args) -> list:
     """Run worker(rank, port, *args, out_dir) on `world` spawned processes (gloo on loopback) and load what each
     rank saved as OUT_DIR/rank{r}.pt."""
@@ -105,5 +120,6 @@ def spawn_ranks(worker, world: int, out_dir: str, *args) -> list:
 
     from tests.ports import free_port
 
-    mp.start_processes(worker, args=(free_port(), *args, out_dir), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(worker, free_port(), *args, out_dir), nprocs=world, join=True,
+                       start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
