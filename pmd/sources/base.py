@@ -74,6 +74,47 @@ class OversizedLine:
     length: int
 
 
+class Lines(Sequence[Record]):
+    """Consecutive lines of one input as a sequence of `Record`s made on access: a chunk of a line source holds its
+    lines (bytes, or an `OversizedLine`) in one list instead of one object per line. `oversized` lists the indices of
+    the `OversizedLine`s, so the shared limits need not look at every line, and a columnar adapter takes `raws` and
+    `positions` as columns."""
+
+    __slots__ = ("input_file", "first_line", "raws", "oversized")
+
+    def __init__(self, input_file: str, first_line: int, raws: list, oversized: Sequence[int] = ()):
+        self.input_file, self.first_line, self.raws = input_file, first_line, raws
+        self.oversized = tuple(oversized)
+
+    @property
+    def positions(self) -> range:
+        return range(self.first_line, self.first_line + len(self.raws))
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self.raws)))]
+        if index < 0:
+            index += len(self.raws)
+        return Record(self.input_file, self.first_line + index, self.raws[index])
+
+    def __iter__(self) -> Iterator[Record]:
+        name, first = self.input_file, self.first_line
+        return (Record(name, first + i, raw) for i, raw in enumerate(self.raws))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Lines):
+            return (self.input_file, self.first_line, self.raws) == (other.input_file, other.first_line, other.raws)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable raws, as a list
+
+    def __repr__(self) -> str:
+        return f"Lines({self.input_file!r}, first_line={self.first_line}, {len(self.raws)} lines)"
+
+
 @dataclass(frozen=True, slots=True)
 class Crop:
     """The region of the image a pair is about, in pixels of the upright full-size image (the `crop` column)."""
@@ -299,9 +340,14 @@ class SourceAdapter(abc.ABC):
 
     def convert_tables_limited(self, records: Sequence[Record], context: Context) -> tuple[pa.Table, pa.Table]:
         """The same limits around a columnar adapter's `convert_tables` (one output row per record)."""
-        oversized = [(r, oversized_reject(r)) for r in records]
-        rejected = [rej for _, rej in oversized if rej is not None]
-        kept = [r for r, rej in oversized if rej is None] if rejected else records
+        if isinstance(records, Lines):  # a line chunk knows its over-long lines: no look at every record
+            over = set(records.oversized)
+            rejected = [oversized_reject(records[i]) for i in sorted(over)]
+            kept = [r for i, r in enumerate(records) if i not in over] if over else records
+        else:
+            oversized = [(r, oversized_reject(r)) for r in records]
+            rejected = [rej for _, rej in oversized if rej is not None]
+            kept = [r for r, rej in oversized if rej is None] if rejected else records
         pairs, rejects = self.convert_tables(kept, context)  # type: ignore[attr-defined]
         limits = caption_limits(self.name)
         mask = limits.too_long_mask(pairs.column(schema.TEXT)) if pairs.num_rows else None

@@ -31,7 +31,7 @@ from typing import IO, Any
 import ijson
 
 from pmd import storage
-from pmd.sources.base import InputError, OversizedLine, Record
+from pmd.sources.base import InputError, Lines, OversizedLine, Record
 from pmd.sources.limits import CHUNK_BYTES, MAX_LINE_BYTES, JsonScanner, LimitExceeded, ScannedStream, check_json_text
 
 _READ_ERRORS = (EOFError, OSError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError)
@@ -244,15 +244,15 @@ class LineBlock:
     lines: int
     oversized: tuple[tuple[int, OversizedLine], ...] = ()
 
-    def records(self) -> list[Record]:
+    def records(self) -> Lines:
         parts = self.data.split(b"\n")
         if self.data.endswith(b"\n"):
             parts.pop()
-        name, first = self.input_file, self.first_line
-        records = [Record(name, first + i, line[:-1] if line.endswith(b"\r") else line) for i, line in enumerate(parts)]
+        if b"\r" in self.data:
+            parts = [line[:-1] if line.endswith(b"\r") else line for line in parts]
         for index, line in self.oversized:
-            records[index] = Record(name, first + index, line)
-        return records
+            parts[index] = line
+        return Lines(self.input_file, self.first_line, parts, [index for index, _ in self.oversized])
 
 
 def iter_line_blocks(path: Input, lines_per_block: int, member_pattern: str | None = None) -> Iterator[LineBlock]:
@@ -306,23 +306,26 @@ class LineRange:
     end: int
     lines: int
 
-    def records(self) -> list[Record]:
+    def records(self) -> Lines:
         name, first = self.input_file, self.first_line
         with storage.open_seekable(self.input_file) as f:
             if self.end - self.start > 2 * CHUNK_BYTES:
                 # Only a range holding an over-long line is this big (ranges are cut at CHUNK_BYTES): read it
                 # line by line so that line is skipped, not held.
-                return [Record(name, first + i, line if isinstance(line, OversizedLine) else line.rstrip(b"\r\n"))
-                        for i, line in enumerate(read_lines(_Window(f, self.start, self.end)))]
+                raws = [line if isinstance(line, OversizedLine) else line.rstrip(b"\r\n")
+                        for line in read_lines(_Window(f, self.start, self.end))]
+                return Lines(name, first, raws, [i for i, raw in enumerate(raws) if isinstance(raw, OversizedLine)])
             f.seek(self.start)
             data = f.read(self.end - self.start)
-        records = LineBlock(name, first, data, self.lines).records()
+        lines = LineBlock(name, first, data, self.lines).records()
         max_line = MAX_LINE_BYTES
-        for i, record in enumerate(records):
-            if len(record.raw) > max_line:
-                head = record.raw[:min(_HEAD_BYTES, max_line)]
-                records[i] = Record(name, record.position, OversizedLine(head, len(record.raw)))
-        return records
+        raws = lines.raws
+        if raws and max(map(len, raws)) > max_line:  # rare: find which
+            over = [i for i, raw in enumerate(raws) if len(raw) > max_line]
+            for i in over:
+                raws[i] = OversizedLine(raws[i][:min(_HEAD_BYTES, max_line)], len(raws[i]))
+            lines = Lines(name, first, raws, over)
+        return lines
 
 
 _SCAN_BYTES = 16 * 1024**2

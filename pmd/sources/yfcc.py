@@ -24,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 
 from pmd import schema
-from pmd.sources.base import (Pair, Reason, Record, Reject, SourceAdapter, meta_json, pairs_table, reject,
+from pmd.sources.base import (Lines, Pair, Reason, Record, Reject, SourceAdapter, meta_json, pairs_table, reject,
                               rejects_table)
 from pmd.sources.inputs import iter_lines, parse_json_line
 from pmd.text import clean_caption, clean_flickr_series, language_identifier, word_count_series
@@ -56,6 +56,16 @@ class YfccOptions:
     # PMD's yfcc100m_subset.jsonl was written after PMD's own filter ran, and PMD's loaders take `texts[0]` of each
     # row as is. False reproduces that; True runs language ID and the word count again over `texts` in order.
     refilter_subset: bool = False
+
+
+def _place_columns(group: Sequence[Record]) -> dict[str, pl.Series]:
+    """Each row's input file and line, as columns (a whole line chunk: a range and one name, no loop)."""
+    n = len(group)
+    if isinstance(group, Lines):
+        return {"position": pl.Series(group.positions, dtype=pl.Int64),
+                "input_file": pl.repeat(group.input_file, n, dtype=pl.String, eager=True)}
+    return {"position": pl.Series([r.position for r in group], dtype=pl.Int64),
+            "input_file": pl.Series([r.input_file for r in group], dtype=pl.String)}
 
 
 def _verdict(reason: str, lang: str | None, score: float | None) -> str:
@@ -111,12 +121,12 @@ class YfccAdapter(SourceAdapter):
         # The usual chunk (all ASCII, no CR, no "{" at all, so no JSON line; one layout) is checked on the joined
         # lines at C speed (single-byte searches: ~20 ms a 50,000-line chunk instead of ~40 for the loop) and that
         # join is the CSV reader's input; any other chunk takes the per-line checks below.
-        raws = [record.raw for record in records]
+        raws = records.raws if isinstance(records, Lines) else [record.raw for record in records]
         blob = b"\n".join(raws)
         counts = set(map(bytes.count, raws, repeat(b"\t"))) if (
             blob.isascii() and b"\r" not in blob and b"{" not in blob) else set()
         if len(counts) == 1 and (n := counts.pop() + 1) in by_layout:
-            p, r = self._convert_tsv(list(records), _LAYOUTS[n], blob)
+            p, r = self._convert_tsv(records if isinstance(records, Lines) else list(records), _LAYOUTS[n], blob)
             return (pa.concat_tables([p, pairs_table([], self.name)]),
                     pa.concat_tables([rejects_table([], self.name), r]))
         for record in records:
@@ -160,7 +170,7 @@ class YfccAdapter(SourceAdapter):
 
         return column(langs, pl.String), column(scores, pl.Float64)
 
-    def _convert_tsv(self, group: list[Record], fields: tuple[str, ...], blob: bytes | None = None
+    def _convert_tsv(self, group: Sequence[Record], fields: tuple[str, ...], blob: bytes | None = None
                      ) -> tuple[pa.Table, pa.Table]:
         """``blob``: the group's lines joined by newlines, when the caller already has it."""
         opts = self.options
@@ -171,8 +181,7 @@ class YfccAdapter(SourceAdapter):
         if df.height != len(group):  # cannot happen after the per-line checks; never mis-align rows silently
             raise RuntimeError(f"CSV reader returned {df.height} rows for {len(group)} lines")
         df = df.with_columns(
-            position=pl.Series([r.position for r in group], dtype=pl.Int64),
-            input_file=pl.Series([r.input_file for r in group], dtype=pl.String),
+            **_place_columns(group),
             row=pl.Series(range(len(group)), dtype=pl.Int64),
             description_clean=clean_flickr_series(df["description"]),
         ).with_columns(
@@ -233,7 +242,7 @@ class YfccAdapter(SourceAdapter):
                    .otherwise(pl.format("{} ({} {})", reason, pl.col(f"{prefix}_lang"), score)))
         return reason, verdict
 
-    def _rejects(self, failed: pl.DataFrame, group: list[Record]) -> pa.Table:
+    def _rejects(self, failed: pl.DataFrame, group: Sequence[Record]) -> pa.Table:
         """Reasons and details of the rejected rows, in columns. Filter rejections carry no raw copy of the row:
         the key and line find it again, and most of YFCC's 100M rows end here."""
         d_reason, d_verdict = self._text_verdict("d", "description_clean")
@@ -263,7 +272,8 @@ class YfccAdapter(SourceAdapter):
         # The raw row only for rows that do not parse as a photo record: few, so fetched by index.
         need_raw = out.select((pl.col("reason") == Reason.MALFORMED) | (pl.col("reason") == Reason.NO_URL)
                               ).to_series().to_list()
-        raws = [group[i].raw.decode("utf-8")[:2000] if want else None
+        lines = group.raws if isinstance(group, Lines) else [r.raw for r in group]
+        raws = [lines[i].decode("utf-8")[:2000] if want else None
                 for i, want in zip(out["row"].to_list(), need_raw)]
         table = out.select(
             pl.col("key").alias(schema.KEY),

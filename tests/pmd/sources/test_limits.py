@@ -183,6 +183,11 @@ def test_blocks_and_ranges_give_iter_lines_records_under_any_caps(tmp_path_facto
         blocks = list(iter_line_blocks(gz, lines_per))
         for chunks in (ranges, blocks):
             got = [(r.position, r.raw) for c in chunks for r in c.records()]
+            # The chunk's own list of its over-long lines is what the shared limits read instead of every line.
+            for c in chunks:
+                lines = c.records()
+                assert lines.oversized == tuple(i for i, raw in enumerate(lines.raws)
+                                                if isinstance(raw, OversizedLine))
             assert [pos for pos, _ in got] == [pos for pos, _ in expected]
             # iter_lines strips every trailing CR/LF, the block readers one CR: compare like with like.
             assert [_norm(raw) for _, raw in got] == [_norm(raw) for _, raw in expected]
@@ -289,6 +294,33 @@ def test_too_long_on_the_columnar_path_keeps_the_record_position(tmp_path: Path)
     rejected = rejects.to_pylist()
     assert [(r["key"], r["reason"], r["position"]) for r in rejected] == [("yfcc100m/2", Reason.TOO_LONG, 2)]
     assert rejected[0]["lang"] == "en"
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_yfcc_chunk_as_lines_converts_as_its_records_do(tmp_path: Path, monkeypatch, compressed: bool) -> None:
+    """A line chunk reaches the columnar path as `Lines` (no object per line): the same pairs and rejections, in
+    the same order, as the same records in a list, an over-long line and a malformed one included."""
+    from tests.pmd.sources.hostile_cases import _YFCC_ROW
+
+    monkeypatch.setattr(inputs_module, "MAX_LINE_BYTES", 2000)
+    good = [str(6985418911 + i) + _YFCC_ROW[len("6985418911"):] for i in range(6)]
+    lines = [good[0], good[1], "9\t" + "x" * 3000, good[2], "not\ta\tphoto", good[3], good[4]]
+    data = ("\n".join(lines) + "\n").encode()
+    path = tmp_path / ("yfcc100m_dataset-0.gz" if compressed else "yfcc100m_dataset-0")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    adapter = create_adapter("yfcc100m")
+    context = adapter.prepare([path])
+    [chunk] = list(iter_chunks(adapter, [path], 100))
+    as_lines = chunk.records()
+    assert as_lines.oversized == (2,) and len(as_lines) == len(lines)
+    as_list = list(as_lines)
+    assert as_list == as_lines and [r.position for r in as_list] == list(range(1, len(lines) + 1))
+    got = convert_chunk(adapter, context, as_lines)
+    want = convert_chunk(adapter, context, as_list)
+    assert got[0].equals(want[0]) and got[1].equals(want[1]) and got[2] == want[2]
+    reasons = {r["position"]: r["reason"] for r in got[1].to_pylist()}
+    assert reasons[3] == Reason.LINE_TOO_LONG and reasons[5] == Reason.WRONG_FIELD_COUNT
+    assert got[0].num_rows + got[1].num_rows == len(lines)
 
 
 @pytest.mark.parametrize(("source", "fixture", "name"), [
