@@ -69,3 +69,12 @@ def test_vectorised_whitespace_is_str_split_for_every_whitespace_character():
     texts += ["a  b", " a", "a ", "a b", ""]
     # '+' and '%' are the URL-encoding: keep them out of this comparison (no candidate here has them)
     assert clean_flickr_series(pl.Series(texts, dtype=pl.String)).to_list() == [" ".join(t.split()) for t in texts]
+
+
+def test_identify_many_is_identify_text_by_text():
+    lid = LanguageIdentifier()
+    texts = ["the dog runs on the beach", "der hund läuft am strand", "SUNSET OVER THE BAY", "?!", "",
+             "le chat dort sur le canapé"]
+    langs, scores = lid.identify_many(texts)
+    assert list(zip(langs, scores)) == [(r.lang, pytest.approx(r.score)) for r in map(lid.identify, texts)]
+    assert langs[:3] == ["en", "de", "en"]
