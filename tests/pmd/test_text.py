@@ -1,6 +1,8 @@
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pmd.text import (LanguageIdentifier, bundled_lid_model_path, clean_caption, clean_flickr_text,
                       collapse_whitespace, word_count)
@@ -78,3 +80,19 @@ def test_identify_many_is_identify_text_by_text():
     langs, scores = lid.identify_many(texts)
     assert list(zip(langs, scores)) == [(r.lang, pytest.approx(r.score)) for r in map(lid.identify, texts)]
     assert langs[:3] == ["en", "de", "en"]
+
+
+_PIECES = list("ab %+&;#x0127eEfF9AC3\u00e9\u20ac<>") + ["%1e", "%2C", "%2c", "%25", "%41", "%C3", "%A9", "%E2%82",
+                                                          "%ZZ", "%7", "%0A", "%7F", "%80", "&amp"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=10).map("".join), min_size=1, max_size=8))
+def test_vectorised_percent_decoding_is_unquote(values):
+    """ASCII escapes decoded in polars, the rest by unquote: the column equals the per-string reference for
+    escaped percent signs ("%2541" is "%41", not "A"), cut and invalid escapes and non-ASCII bytes."""
+    import polars as pl
+
+    from pmd.text import clean_flickr_series
+
+    assert clean_flickr_series(pl.Series(values, dtype=pl.String)).to_list() == [clean_flickr_text(v) for v in values]
