@@ -61,13 +61,18 @@ def clean_flickr_text(encoded: str) -> str:
     return " ".join(text.split())
 
 
-def _map_where(series: pl.Series, needle: str, fn) -> pl.Series:
-    """`fn` on the values containing `needle` only, scattered back: Python touches as few values as possible."""
+def _map_where(series: pl.Series, needle: str, column_fn) -> pl.Series:
+    """`column_fn` on the column of the values containing `needle` only, scattered back: Python touches as few
+    values as possible."""
     hits = series.str.contains(needle, literal=True).fill_null(False)
     if not hits.any():
         return series
-    changed = pl.Series([fn(v) for v in series.filter(hits).to_list()], dtype=pl.String)
-    return series.scatter(hits.arg_true(), changed)
+    return series.scatter(hits.arg_true(), column_fn(series.filter(hits)))
+
+
+def _each(fn):
+    """A per-value function as a column function for `_map_where`."""
+    return lambda values: pl.Series([fn(v) for v in values.to_list()], dtype=pl.String)
 
 
 def _ascii_escapes() -> tuple[list[str], list[str]]:
@@ -97,8 +102,7 @@ def _percent_decode(values: pl.Series) -> pl.Series:
     out = pl.select(pl.when(plain).then(values.str.replace_many(*_ASCII_ESCAPES)).otherwise(values)).to_series()
     rest = (~plain).arg_true()
     if len(rest):
-        others = [urllib.parse.unquote(v, errors="replace") for v in values.gather(rest).to_list()]
-        out = out.scatter(rest, pl.Series(others, dtype=pl.String))
+        out = out.scatter(rest, _each(lambda v: urllib.parse.unquote(v, errors="replace"))(values.gather(rest)))
     return out
 
 
@@ -106,10 +110,9 @@ def clean_flickr_series(encoded: pl.Series) -> pl.Series:
     """`clean_flickr_text` over a whole column: the regex work runs in polars; Python only touches the values that
     need decoding polars cannot do (non-ASCII percent-escapes, HTML entities). Nulls stay null."""
     plus = encoded.str.replace_all("+", " ", literal=True)
-    hits = plus.str.contains("%", literal=True).fill_null(False)
-    decoded = plus.scatter(hits.arg_true(), _percent_decode(plus.filter(hits))) if hits.any() else plus
+    decoded = _map_where(plus, "%", _percent_decode)
     stripped = decoded.str.replace_all(_HTML_TAG_PATTERN, " ").str.replace_all(_URL_PATTERN, " ")
-    unescaped = _map_where(stripped, "&", html.unescape)
+    unescaped = _map_where(stripped, "&", _each(html.unescape))
     return unescaped.str.replace_all(_WHITESPACE_TO_FIX_PATTERN, " ").str.strip_chars(" ")
 
 

@@ -340,14 +340,12 @@ class SourceAdapter(abc.ABC):
 
     def convert_tables_limited(self, records: Sequence[Record], context: Context) -> tuple[pa.Table, pa.Table]:
         """The same limits around a columnar adapter's `convert_tables` (one output row per record)."""
-        if isinstance(records, Lines):  # a line chunk knows its over-long lines: no look at every record
-            over = set(records.oversized)
-            rejected = [oversized_reject(records[i]) for i in sorted(over)]
-            kept = [r for i, r in enumerate(records) if i not in over] if over else records
-        else:
-            oversized = [(r, oversized_reject(r)) for r in records]
-            rejected = [rej for _, rej in oversized if rej is not None]
-            kept = [r for r, rej in oversized if rej is None] if rejected else records
+        # A line chunk knows where its over-long lines are; any other sequence is looked at record by record.
+        over = (records.oversized if isinstance(records, Lines)
+                else [i for i, r in enumerate(records) if oversized_reject(r) is not None])
+        rejected = [oversized_reject(records[i]) for i in over]
+        skip = set(over)
+        kept = [r for i, r in enumerate(records) if i not in skip] if skip else records
         pairs, rejects = self.convert_tables(kept, context)  # type: ignore[attr-defined]
         limits = caption_limits(self.name)
         mask = limits.too_long_mask(pairs.column(schema.TEXT)) if pairs.num_rows else None

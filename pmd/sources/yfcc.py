@@ -58,6 +58,10 @@ class YfccOptions:
     refilter_subset: bool = False
 
 
+def _raws(group: Sequence[Record]) -> list:
+    return group.raws if isinstance(group, Lines) else [r.raw for r in group]
+
+
 def _place_columns(group: Sequence[Record]) -> dict[str, pl.Series]:
     """Each row's input file and line, as columns (a whole line chunk: a range and one name, no loop)."""
     n = len(group)
@@ -121,12 +125,12 @@ class YfccAdapter(SourceAdapter):
         # The usual chunk (all ASCII, no CR, no "{" at all, so no JSON line; one layout) is checked on the joined
         # lines at C speed (single-byte searches: ~20 ms a 50,000-line chunk instead of ~40 for the loop) and that
         # join is the CSV reader's input; any other chunk takes the per-line checks below.
-        raws = records.raws if isinstance(records, Lines) else [record.raw for record in records]
+        raws = _raws(records)
         blob = b"\n".join(raws)
         counts = set(map(bytes.count, raws, repeat(b"\t"))) if (
             blob.isascii() and b"\r" not in blob and b"{" not in blob) else set()
         if len(counts) == 1 and (n := counts.pop() + 1) in by_layout:
-            p, r = self._convert_tsv(records if isinstance(records, Lines) else list(records), _LAYOUTS[n], blob)
+            p, r = self._convert_tsv(records, _LAYOUTS[n], blob)
             return (pa.concat_tables([p, pairs_table([], self.name)]),
                     pa.concat_tables([rejects_table([], self.name), r]))
         for record in records:
@@ -272,7 +276,7 @@ class YfccAdapter(SourceAdapter):
         # The raw row only for rows that do not parse as a photo record: few, so fetched by index.
         need_raw = out.select((pl.col("reason") == Reason.MALFORMED) | (pl.col("reason") == Reason.NO_URL)
                               ).to_series().to_list()
-        lines = group.raws if isinstance(group, Lines) else [r.raw for r in group]
+        lines = _raws(group)
         raws = [lines[i].decode("utf-8")[:2000] if want else None
                 for i, want in zip(out["row"].to_list(), need_raw)]
         table = out.select(
