@@ -78,26 +78,49 @@ class Lines(Sequence[Record]):
     """Consecutive lines of one input as a sequence of `Record`s made on access: a chunk of a line source holds its
     lines (bytes, or an `OversizedLine`) in one list instead of one object per line. `oversized` lists the indices of
     the `OversizedLine`s, so the shared limits need not look at every line, and a columnar adapter takes `raws` and
-    `positions` as columns."""
+    `positions` as columns. `Lines.block` keeps a chunk read as one buffer as that buffer: the list of lines is made
+    only when something asks for it, and `joined()` is the buffer itself (a CSV reader's input, no split and join)."""
 
-    __slots__ = ("input_file", "first_line", "raws", "oversized")
+    __slots__ = ("input_file", "first_line", "_raws", "_joined", "_count", "oversized")
 
     def __init__(self, input_file: str, first_line: int, raws: list, oversized: Sequence[int] = ()):
-        self.input_file, self.first_line, self.raws = input_file, first_line, raws
+        self.input_file, self.first_line, self._raws = input_file, first_line, raws
+        self._joined: bytes | None = None
+        self._count = len(raws)
         self.oversized = tuple(oversized)
+
+    @classmethod
+    def block(cls, input_file: str, first_line: int, data: bytes) -> Lines:
+        """The lines of ``data``: whole lines, each ended by a newline (the last one may lack it), no CR, none
+        over-long (the caller checked)."""
+        joined = data[:-1] if data.endswith(b"\n") else data
+        lines = cls(input_file, first_line, [])
+        lines._raws, lines._joined = None, joined
+        lines._count = joined.count(b"\n") + 1 if data else 0
+        return lines
+
+    @property
+    def raws(self) -> list:
+        if self._raws is None:
+            self._raws = self._joined.split(b"\n") if self._count else []
+        return self._raws
+
+    def joined(self) -> bytes:
+        """The lines joined by newlines (only for lines that are all bytes: no `OversizedLine`)."""
+        return self._joined if self._joined is not None else b"\n".join(self.raws)
 
     @property
     def positions(self) -> range:
-        return range(self.first_line, self.first_line + len(self.raws))
+        return range(self.first_line, self.first_line + self._count)
 
     def __len__(self) -> int:
-        return len(self.raws)
+        return self._count
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self.raws)))]
+            return [self[i] for i in range(*index.indices(self._count))]
         if index < 0:
-            index += len(self.raws)
+            index += self._count
         return Record(self.input_file, self.first_line + index, self.raws[index])
 
     def __iter__(self) -> Iterator[Record]:
@@ -112,7 +135,7 @@ class Lines(Sequence[Record]):
     __hash__ = None  # type: ignore[assignment]  # mutable raws, as a list
 
     def __repr__(self) -> str:
-        return f"Lines({self.input_file!r}, first_line={self.first_line}, {len(self.raws)} lines)"
+        return f"Lines({self.input_file!r}, first_line={self.first_line}, {self._count} lines)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import ijson
+import numpy as np
 
 from pmd import storage
 from pmd.sources.base import InputError, Lines, OversizedLine, Record
@@ -317,8 +318,10 @@ class LineRange:
                 return Lines(name, first, raws, [i for i, raw in enumerate(raws) if isinstance(raw, OversizedLine)])
             f.seek(self.start)
             data = f.read(self.end - self.start)
-        lines = LineBlock(name, first, data, self.lines).records()
         max_line = MAX_LINE_BYTES
+        if b"\r" not in data and _longest_line(data) <= max_line:  # the usual range: kept as the buffer it is
+            return Lines.block(name, first, data)
+        lines = LineBlock(name, first, data, self.lines).records()
         raws = lines.raws
         if raws and max(map(len, raws)) > max_line:  # rare: find which
             over = [i for i, raw in enumerate(raws) if len(raw) > max_line]
@@ -326,6 +329,14 @@ class LineRange:
                 raws[i] = OversizedLine(raws[i][:min(_HEAD_BYTES, max_line)], len(raws[i]))
             lines = Lines(name, first, raws, over)
         return lines
+
+
+def _longest_line(data: bytes) -> int:
+    """Bytes of the longest line in ``data`` (newlines not counted), without splitting it into lines."""
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    last = [] if data.endswith(b"\n") else [len(data)]  # a last line without its newline ends at the end
+    bounds = np.concatenate((np.array([-1], dtype=np.int64), ends, np.array(last, dtype=np.int64)))
+    return int((np.diff(bounds) - 1).max()) if len(bounds) > 1 else 0
 
 
 _SCAN_BYTES = 16 * 1024**2
@@ -351,18 +362,17 @@ def iter_line_ranges(path: Input, lines_per_range: int) -> Iterator[LineRange]:
             start = pos = 3
         f.seek(pos)
         while buf := f.read(_SCAN_BYTES):
-            offset = 0
-            while pending + buf.count(b"\n", offset) >= lines_per_range:
-                idx = offset - 1
-                for _ in range(lines_per_range - pending):
-                    idx = buf.index(b"\n", idx + 1)
-                end = pos + idx + 1
+            newlines = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == ord("\n"))  # one pass, no loop per line
+            used = 0  # newlines of this buffer already inside a yielded range
+            while pending + len(newlines) - used >= lines_per_range:
+                used += lines_per_range - pending
+                end = pos + int(newlines[used - 1]) + 1
                 yield LineRange(name, line_no, start, end, lines_per_range)
                 line_no += lines_per_range
-                start, pending, offset = end, 0, idx + 1
-            here = buf.count(b"\n", offset)
+                start, pending = end, 0
+            here = len(newlines) - used
             if here:
-                last_newline_end = pos + buf.rindex(b"\n") + 1
+                last_newline_end = pos + int(newlines[-1]) + 1
             pending += here
             pos += len(buf)
             last = buf[-1:]

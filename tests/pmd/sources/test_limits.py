@@ -188,6 +188,10 @@ def test_blocks_and_ranges_give_iter_lines_records_under_any_caps(tmp_path_facto
                 lines = c.records()
                 assert lines.oversized == tuple(i for i, raw in enumerate(lines.raws)
                                                 if isinstance(raw, OversizedLine))
+                # A range read as one buffer stays that buffer: the same lines, joined without a split and a join.
+                if not lines.oversized:
+                    assert c.records().joined() == b"\n".join(lines.raws)
+                    assert len(c.records()) == len(lines.raws) == c.lines
             assert [pos for pos, _ in got] == [pos for pos, _ in expected]
             # iter_lines strips every trailing CR/LF, the block readers one CR: compare like with like.
             assert [_norm(raw) for _, raw in got] == [_norm(raw) for _, raw in expected]

@@ -222,3 +222,25 @@ def test_whole_chunk_fast_path_equals_the_per_line_path():
     assert slow[1].num_rows == fast[1].num_rows + 1 and fast[1].num_rows > 0
     assert slow[1].slice(1).equals(fast[1])
     assert slow[1].column("reason")[0].as_py() == "wrong_field_count"
+
+
+def test_ragged_chunk_with_the_right_tab_total_takes_the_per_line_checks():
+    """The whole-chunk check counts the chunk's tabs, not each line's: a line with three fields too many beside one
+    with three too few has the right total, and must still give both lines their own reject, the others unchanged."""
+    from pmd.sources.base import Record
+
+    adapter = create_adapter("yfcc100m")
+    lines = [yfcc_line(100 + i, description="A+walk+along+the+river+after+the+rain") for i in range(6)]
+    records = [Record(raw=line.encode(), input_file="f", position=i) for i, line in enumerate(lines)]
+    long_fields = lines[2].split("\t") + ["x", "y", "z"]
+    short_fields = lines[4].split("\t")[:-3]  # 22: not the 23-field layout either
+    ragged = list(records)
+    ragged[2] = Record(raw="\t".join(long_fields).encode(), input_file="f", position=2)
+    ragged[4] = Record(raw="\t".join(short_fields).encode(), input_file="f", position=4)
+    assert sum(r.raw.count(b"\t") for r in ragged) == 24 * len(ragged)
+    pairs, rejects = adapter.convert_tables(ragged, None)
+    assert rejects.column("reason").to_pylist() == ["wrong_field_count", "wrong_field_count"]
+    assert rejects.column("position").to_pylist() == [2, 4]
+    assert [d.split()[-1] for d in rejects.column("detail").to_pylist()] == ["28", "22"]
+    clean_pairs, _ = adapter.convert_tables([records[i] for i in (0, 1, 3, 5)], None)
+    assert pairs.equals(clean_pairs) and pairs.num_rows == 4
