@@ -16,8 +16,7 @@ from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from pmd.build_plan import BuildError
-from pmd.executor import Executor, InProcessExecutor, _ignore
+from pmd.executor import BuildError, Executor, InProcessExecutor, _ignore
 from pipelines.ray_runtime import TASK_RETRIES
 
 __all__ = ["TASK_RETRIES", "Executor", "LocalExecutor", "PoolExecutor", "RayExecutor"]

@@ -46,7 +46,7 @@ from pmd import atomic, card, final, schema, storage, takedown, urls
 from pmd import plan as pmd_plan
 from pmd.build import ChunkTask, read_chunk, run_chunk
 from pmd.build_config import BuildConfig, SourceSpec
-from pmd.executor import Executor, InProcessExecutor
+from pmd.executor import BuildError, Executor, InProcessExecutor
 from pmd.ingest import CANDIDATES_DIR, CHUNK_RECORDS, ingest_source, input_fingerprint, manifest_input, read_summary
 from pmd.layout import OutLayout, WorkLayout
 from pmd.manifest import FAILURES_DIR, MANIFEST_FORMAT, SHARDS_DIR, Manifest, accounting_problems, manifest_path
@@ -63,10 +63,6 @@ PHASES = ("ingest", "urls", "images", "scatter", "unbuild", "retry", "dedup", "w
 # above, Ray's parallelism wins.
 LOCAL_URL_PASS_ROWS = 100_000
 _MARKER_READERS = 16  # done tasks' markers are read in threads: on object storage each is a request
-
-
-class BuildError(RuntimeError):
-    pass
 
 
 def task_name(phase: str, *unit: str) -> str:

@@ -19,6 +19,11 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 
+class BuildError(RuntimeError):
+    """A build or ingest that cannot go on (a changed configuration, a dead pool worker, ...): one line for the
+    user, exit 1. Defined here, beside the executor interface, so an executor need not import a plan to raise it."""
+
+
 def _ignore(_: Any) -> None:
     return None
 
