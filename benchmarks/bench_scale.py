@@ -16,6 +16,10 @@ Prints one JSON object per size.
 server on loopback, in alternating rounds (`--rounds`); the S3 rows add the requests the store served per 1,000
 candidates (counted from the server's access log) and the ratio of wall times to the local build of the same round,
 and those requests by method and kind of object (`store_requests_by_kind`: pieces, chunks, markers, LISTs ...).
+Every row has the build's CPU (`build_cpu_s`: the machine's CPU time during the round less this process's, so
+the `pmd build` process and every worker of it, Ray's included); the S3 rows also the store's (`store_cpu_s`: moto
+runs in this process's threads, on the same cores as the build), so the wall-time ratio can be read against what
+the build itself spent. Run it on an otherwise idle machine: anything else running counts as the build's.
 Each S3 round's prefix is deleted after it, as the local round's directory is.
 """
 
@@ -26,6 +30,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -135,6 +140,16 @@ class _S3:
                           endpoint_override=self.env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir("pmd")
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_cpu() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.system + times.nice
+
+
 def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round_: int = 0) -> dict:
     inputs = root / f"in-{candidates}"
     if not inputs.exists():
@@ -147,6 +162,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
            "--shard-rows", "10000", "--chunk-rows", "2000", "--num-cpus", str(num_cpus), "-q", "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
     started = time.perf_counter()
+    machine_before, own_before = _machine_cpu(), _cpu(resource.RUSAGE_SELF)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak_rss = peak_disk = 0
@@ -169,6 +185,11 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     wall = time.perf_counter() - started
     stop.set()
     thread.join()
+    # The store's CPU: this process's, where moto's server threads run (the 0.2 s sampler beside them costs ~0.1% of
+    # a core). The build's: the whole machine's but this process's; rusage of reaped children would miss Ray's
+    # workers, which their raylet reaps, or nobody.
+    store_cpu = _cpu(resource.RUSAGE_SELF) - own_before
+    build_cpu = _machine_cpu() - machine_before - store_cpu
     if proc.returncode != 0:
         raise SystemExit(f"pmd build failed:\n{output[-3000:]}")
     if s3:
@@ -199,10 +220,12 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
         "final_phase_rows_per_s": round(candidates / final_s, 1) if final_s else None,
         "end_to_end_candidates_per_s": round(candidates / wall, 1),
         "wall_s": round(wall, 1),
+        "build_cpu_s": round(build_cpu, 1),
         "timings": t,
         "layout": manifest.get("layout"),
     }
     if s3:
+        result["store_cpu_s"] = round(store_cpu, 1)
         result["store_requests_per_1000_candidates"] = round(requests * 1000 / candidates, 2)
         result["store_requests_by_kind"] = {f"{m} {k}": n for (m, k), n in (s3.by_kind - kinds_before).most_common()}
         for key in ("peak_disk_mib", "final_size_mib", "peak_disk_over_final", "peak_disk_over_shards"):
@@ -229,15 +252,19 @@ def main() -> None:
     try:
         for n in args.candidates:
             walls: dict[str, list[float]] = {}
+            cpus: dict[str, list[float]] = {}
             for r in range(args.rounds):
                 for store in args.store:
                     result = run(n, root, args.num_cpus, s3 if store == "s3" else None, r)
                     walls.setdefault(store, []).append(result["wall_s"])
+                    cpus.setdefault(store, []).append(result["build_cpu_s"])
                     print(json.dumps(result), flush=True)
             if len(walls) == 2:
                 ratios = sorted(s / loc for s, loc in zip(walls["s3"], walls["local"]))
+                cpu = sorted(s / loc for s, loc in zip(cpus["s3"], cpus["local"]))
                 print(json.dumps({"candidates": n, "s3_over_local_wall_median": round(ratios[len(ratios) // 2], 3),
-                                  "ratios": [round(x, 3) for x in ratios]}), flush=True)
+                                  "ratios": [round(x, 3) for x in ratios],
+                                  "s3_over_local_build_cpu_median": round(cpu[len(cpu) // 2], 3)}), flush=True)
             shutil.rmtree(root / f"in-{n}", ignore_errors=True)
     finally:
         if not args.dir:
