@@ -90,13 +90,11 @@ class Lines(Sequence[Record]):
         self.oversized = tuple(oversized)
 
     @classmethod
-    def block(cls, input_file: str, first_line: int, data: bytes) -> Lines:
-        """The lines of ``data``: whole lines, each ended by a newline (the last one may lack it), no CR, none
-        over-long (the caller checked)."""
-        joined = data[:-1] if data.endswith(b"\n") else data
+    def block(cls, input_file: str, first_line: int, data: bytes, count: int) -> Lines:
+        """The ``count`` lines of ``data``: whole lines, each ended by a newline (the last one may lack it), no CR,
+        none over-long (the caller checked, and counted them in the same pass)."""
         lines = cls(input_file, first_line, [])
-        lines._raws, lines._joined = None, joined
-        lines._count = joined.count(b"\n") + 1 if data else 0
+        lines._raws, lines._joined, lines._count = None, data[:-1] if data.endswith(b"\n") else data, count
         return lines
 
     @property

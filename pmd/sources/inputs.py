@@ -319,8 +319,10 @@ class LineRange:
             f.seek(self.start)
             data = f.read(self.end - self.start)
         max_line = MAX_LINE_BYTES
-        if b"\r" not in data and _longest_line(data) <= max_line:  # the usual range: kept as the buffer it is
-            return Lines.block(name, first, data)
+        if b"\r" not in data:
+            count, longest = _line_stats(data)
+            if longest <= max_line:  # the usual range: kept as the buffer it is
+                return Lines.block(name, first, data, count)
         lines = LineBlock(name, first, data, self.lines).records()
         raws = lines.raws
         if raws and max(map(len, raws)) > max_line:  # rare: find which
@@ -331,12 +333,12 @@ class LineRange:
         return lines
 
 
-def _longest_line(data: bytes) -> int:
-    """Bytes of the longest line in ``data`` (newlines not counted), without splitting it into lines."""
+def _line_stats(data: bytes) -> tuple[int, int]:
+    """(lines, bytes of the longest line, newlines not counted) of ``data``, without splitting it into lines."""
     ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
     last = [] if data.endswith(b"\n") else [len(data)]  # a last line without its newline ends at the end
     bounds = np.concatenate((np.array([-1], dtype=np.int64), ends, np.array(last, dtype=np.int64)))
-    return int((np.diff(bounds) - 1).max()) if len(bounds) > 1 else 0
+    return len(bounds) - 1, int((np.diff(bounds) - 1).max()) if len(bounds) > 1 else 0
 
 
 _SCAN_BYTES = 16 * 1024**2

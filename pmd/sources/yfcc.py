@@ -134,8 +134,7 @@ class YfccAdapter(SourceAdapter):
         by_layout: dict[int, list[Record]] = {25: [], 23: []}
         # The usual chunk (all ASCII, no CR, no "{" at all, so no JSON line; one layout) is checked on the joined
         # lines at C speed and that join is the CSV reader's input; any other chunk takes the per-line checks below.
-        blob = records.joined() if isinstance(records, Lines) and not records.oversized else b"\n".join(
-            _raws(records))
+        blob = records.joined() if isinstance(records, Lines) else b"\n".join(_raws(records))
         if records and blob.isascii() and b"\r" not in blob and b"{" not in blob:
             tabs, rows = blob.count(b"\t"), len(records)
             for n, fields in _LAYOUTS.items():
