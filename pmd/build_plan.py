@@ -136,7 +136,7 @@ def _read_markers(paths: Iterable[storage.WorkPath]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------- tasks
 def _chunk_done(task: ChunkTask) -> dict | None:
     """The summary of a chunk already written: a task re-run by Ray after its node died, having finished there."""
-    if not task.path.exists():
+    if not task.path.is_file():
         return None
     reasons = Counter(r for r in read_chunk(task.path, [schema.REASON]).column(schema.REASON).to_pylist() if r)
     rows = read_chunk(task.path, [schema.KEY]).num_rows

@@ -18,10 +18,12 @@ from tests.ports import free_port
 
 @dataclass
 class Traffic:
-    """What the server answered, by object path (`/bucket/key`): GET requests and the body bytes they returned.
+    """What the server answered, by object path (`/bucket/key`): requests by method, GET requests and the body
+    bytes they returned.
     A test that must prove an object was read in part (not downloaded whole) compares `bytes_out` to its size."""
 
     gets: Counter = field(default_factory=Counter)
+    requests: Counter = field(default_factory=Counter)  # (method, path) -> requests, every method
     bytes_out: Counter = field(default_factory=Counter)
     latency_s: float = 0.0  # added to every GET, as a store across a network would (a benchmark sets it)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -29,6 +31,7 @@ class Traffic:
     def reset(self) -> None:
         with self._lock:
             self.gets.clear()
+            self.requests.clear()
             self.bytes_out.clear()
 
     def wrap(self, app):
@@ -39,9 +42,11 @@ class Traffic:
                 yield piece
 
         def counted(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            with self._lock:
+                self.requests[(environ.get("REQUEST_METHOD"), path)] += 1
             if environ.get("REQUEST_METHOD") != "GET":
                 return app(environ, start_response)
-            path = environ.get("PATH_INFO", "")
             with self._lock:
                 self.gets[path] += 1
             if self.latency_s:

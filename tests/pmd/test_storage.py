@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pmd import atomic, storage
-from tests.s3server import s3_server
+from tests.s3server import Traffic, s3_server
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,42 @@ def test_files_on_s3_are_written_whole_listed_read_and_deleted(s3_env):
     assert not storage.exists(storage.join(base, "m.json"))
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(base, "m.json"))
+
+
+def test_a_whole_object_is_read_in_one_get_and_no_head(monkeypatch):
+    """read_bytes (every work file the build reads back) is one request; pyarrow's stream made it a HEAD and a
+    ranged GET per 256 KiB. With a storage option botocore's client does not mirror it stays with pyarrow."""
+    traffic = Traffic()
+    with s3_server(traffic=traffic) as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv(storage.OPTIONS_ENV, "{}")
+        data = bytes(range(256)) * (12 << 10)  # 3 MiB
+        atomic.write_bytes(data, "s3://pmd/one-get/blob.gz")  # .gz: its own bytes, nothing decompressed
+        traffic.reset()
+        assert storage.read_bytes("s3://pmd/one-get/blob.gz") == data
+        assert dict(traffic.requests) == {("GET", "/pmd/one-get/blob.gz"): 1}
+        assert traffic.bytes_out["/pmd/one-get/blob.gz"] == len(data)
+        with pytest.raises(FileNotFoundError, match="no-such"):
+            storage.read_bytes("s3://pmd/one-get/no-such")
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes("s3://no-such-bucket/x")
+        # A marker not yet written: one HEAD, no listing of its prefix (pyarrow's file info adds one)
+        traffic.reset()
+        assert not storage.is_file("s3://pmd/one-get/marker.json")
+        assert dict(traffic.requests) == {("HEAD", "/pmd/one-get/marker.json"): 1}
+        assert storage.is_file("s3://pmd/one-get/blob.gz") and not storage.is_file("s3://pmd/one-get")
+        assert storage.is_dir("s3://pmd/one-get") and storage.exists("s3://pmd/one-get")
+        atomic.write_bytes(b"x", "s3://pmd/one-get/gone/last")
+        traffic.reset()
+        storage.delete("s3://pmd/one-get/gone/last")
+        storage.delete("s3://pmd/one-get/gone/last")  # missing: not an error
+        assert dict(traffic.requests) == {("DELETE", "/pmd/one-get/gone/last"): 2}  # no HEAD, no parent marker
+        assert not storage.exists("s3://pmd/one-get/gone/last") and not storage.is_dir("s3://pmd/one-get/gone")
+        monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"connect_timeout": 5.0}))
+        traffic.reset()
+        assert storage.read_bytes("s3://pmd/one-get/blob.gz") == data
+        assert traffic.requests[("HEAD", "/pmd/one-get/blob.gz")] == 1  # pyarrow's client, which honours the option
 
 
 def test_options_come_from_the_environment_or_the_command_line(s3, monkeypatch):
