@@ -6,6 +6,8 @@ natively (ranged reads of a footer and of single row groups, no Python in the da
 standard credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL,
 AWS_DEFAULT_REGION, ~/.aws). Any other protocol goes through fsspec (`fsspec.filesystem(protocol)`, wrapped in
 pyarrow's FSSpecHandler), so a filesystem an fsspec plugin provides (az://, hf://, memory://...) works the same way.
+On S3 three calls go through botocore's client instead, configured the same way (`s3_client`): a whole-object read,
+a file check and a delete are one request each there, where pyarrow's client sends two or more (docs/benchmarks.md).
 
 Storage options (`pmd ... --storage-option KEY=VALUE`, or the JSON object in the environment variable
 PMD_STORAGE_OPTIONS) are keyword arguments of that filesystem's constructor (S3: pyarrow.fs.S3FileSystem's
