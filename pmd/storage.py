@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -635,14 +635,14 @@ def _botocore_mirrors(options_json: str) -> bool:
     return isinstance(options, dict) and set(options) <= _BOTOCORE_OPTIONS
 
 
-def _s3_get(location: str) -> bytes:
-    """The whole object in one GET. pyarrow's input stream sends a HEAD and then ranged GETs of 256 KiB: 17 requests
-    for 4 MiB, and about 8x the CPU of one GET on the client and on the store alike (docs/benchmarks.md)."""
+def _s3_request(location: str, call: Callable[..., object], **arguments):
+    """`call(Bucket=, Key=, **arguments)` of the location's object, its errors as the built-in OSErrors that the
+    callers (and the retry policy) expect: 404 FileNotFoundError, 403 PermissionError, anything else OSError."""
     import botocore.exceptions
 
     bucket, key = _s3_key(location)
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return call(Bucket=bucket, Key=key, **arguments)
     except botocore.exceptions.ClientError as e:
         status = _s3_status(e)
         if status == 404:
@@ -654,36 +654,29 @@ def _s3_get(location: str) -> bytes:
         raise OSError(f"{location}: {e}") from None
 
 
-def _s3_head(location: str) -> bool:
-    import botocore.exceptions
+def _s3_get(location: str) -> bytes:
+    """The whole object in one GET. pyarrow's input stream sends a HEAD and then ranged GETs of 256 KiB: 17 requests
+    for 4 MiB, and about 8x the CPU of one GET on the client and on the store alike (docs/benchmarks.md)."""
+    return _s3_request(location, lambda **a: s3_client().get_object(**a)["Body"].read())
 
-    bucket, key = _s3_key(location)
-    if not key or key.endswith("/"):
+
+def _s3_head(location: str) -> bool:
+    if not _s3_key(location)[1] or location.endswith("/"):
         return False
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-        return True
-    except botocore.exceptions.ClientError as e:
-        if _s3_status(e) == 404:
-            return False
-        raise OSError(f"{location}: {e}") from None
-    except botocore.exceptions.BotoCoreError as e:
-        raise OSError(f"{location}: {e}") from None
+        _s3_request(location, s3_client().head_object)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _s3_delete(location: str) -> None:
     """One DELETE (S3 answers a missing key with success too). pyarrow's delete_file sends a HEAD first and then
     writes an empty marker object for the parent "directory" when it was the prefix's last key."""
-    import botocore.exceptions
-
-    bucket, key = _s3_key(location)
     try:
-        s3_client().delete_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as e:
-        if _s3_status(e) != 404:
-            raise OSError(f"{location}: {e}") from None
-    except botocore.exceptions.BotoCoreError as e:
-        raise OSError(f"{location}: {e}") from None
+        _s3_request(location, s3_client().delete_object)
+    except FileNotFoundError:
+        pass  # a bucket that is not there
 
 
 def read_versioned(location: str | os.PathLike) -> tuple[bytes, str] | None:
