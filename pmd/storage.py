@@ -160,7 +160,7 @@ def exists(location: str | os.PathLike) -> bool:
 def is_file(location: str | os.PathLike) -> bool:
     """A file (never a directory or a prefix). On S3 one HEAD: pyarrow's file info of a missing key adds a LIST of
     the prefix (is it a directory?), and a build asks this of every marker not yet written."""
-    if urlsplit(str(location)).scheme == "s3" and _botocore_mirrors(_options()):
+    if _via_botocore(location):
         return _s3_head(str(location))
     return _info(location).type == pafs.FileType.File
 
@@ -186,7 +186,7 @@ def size(location: str | os.PathLike) -> int:
 def read_bytes(location: str | os.PathLike) -> bytes:
     if not is_remote(location):
         return Path(location).read_bytes()
-    if urlsplit(str(location)).scheme == "s3" and _botocore_mirrors(_options()):
+    if _via_botocore(location):
         return _s3_get(str(location))
     fs, path = resolve(location)
     try:
@@ -425,7 +425,7 @@ def delete(location: str | os.PathLike) -> None:
     if not is_remote(location):
         Path(location).unlink(missing_ok=True)
         return
-    if urlsplit(str(location)).scheme == "s3" and _botocore_mirrors(_options()):
+    if _via_botocore(location):
         _s3_delete(str(location))
         return
     fs, path = resolve(location)
@@ -626,6 +626,11 @@ _BOTOCORE_OPTIONS = frozenset({"endpoint_override", "region", "access_key", "sec
                                "allow_bucket_creation", "allow_delayed_open"})
 
 
+def _via_botocore(location: str | os.PathLike) -> bool:
+    """An S3 location whose storage options botocore's client applies as pyarrow's would."""
+    return urlsplit(str(location)).scheme == "s3" and _botocore_mirrors(_options())
+
+
 @functools.lru_cache(maxsize=16)
 def _botocore_mirrors(options_json: str) -> bool:
     try:
@@ -635,14 +640,14 @@ def _botocore_mirrors(options_json: str) -> bool:
     return isinstance(options, dict) and set(options) <= _BOTOCORE_OPTIONS
 
 
-def _s3_request(location: str, call: Callable[..., object], **arguments):
-    """`call(Bucket=, Key=, **arguments)` of the location's object, its errors as the built-in OSErrors that the
+def _s3_request(location: str, call: Callable[..., object]):
+    """`call(Bucket=, Key=)` of the location's object, its errors as the built-in OSErrors that the
     callers (and the retry policy) expect: 404 FileNotFoundError, 403 PermissionError, anything else OSError."""
     import botocore.exceptions
 
     bucket, key = _s3_key(location)
     try:
-        return call(Bucket=bucket, Key=key, **arguments)
+        return call(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as e:
         status = _s3_status(e)
         if status == 404:
@@ -683,16 +688,14 @@ def read_versioned(location: str | os.PathLike) -> tuple[bytes, str] | None:
     """(bytes, version) of a small object, None when there is none."""
     text = str(location)
     if urlsplit(text).scheme == "s3":
-        import botocore.exceptions
+        def get(**where) -> tuple[bytes, str]:
+            reply = s3_client().get_object(**where)
+            return reply["Body"].read(), reply["ETag"]
 
-        bucket, key = _s3_key(text)
         try:
-            reply = s3_client().get_object(Bucket=bucket, Key=key)
-        except botocore.exceptions.ClientError as e:
-            if _s3_status(e) == 404:
-                return None
-            raise OSError(f"{location}: {e}") from None
-        return reply["Body"].read(), reply["ETag"]
+            return _s3_request(text, get)
+        except FileNotFoundError:
+            return None
     try:
         data = read_bytes(location)
     except FileNotFoundError:
