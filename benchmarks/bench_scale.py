@@ -22,6 +22,9 @@ runs in this process's threads, on the same cores as the build), so the wall-tim
 the build itself spent. Run it on an otherwise idle machine: anything else running counts as the build's.
 Each S3 round's prefix is deleted after it, as the local round's directory is. `--moto-module-cache` removes a cost of
 the stand-in alone (moto lists its own package directory on every request); the result records it.
+`--request-checksums when_required` sets the AWS SDKs' standard `AWS_REQUEST_CHECKSUM_CALCULATION` for the build:
+PUT bodies then go with a signed SHA-256 instead of `aws-chunked` with a CRC64 trailer, which moto decodes by
+concatenating bytes chunk by chunk (quadratic in the object's size); the result records it too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
+from urllib.parse import unquote
 
 import psutil
 from PIL import Image
@@ -89,10 +93,11 @@ def du(path: Path) -> int:
 
 def object_kind(target: str) -> str:
     """What a request to the store was for, from its path: `/pmd/out-N-R/work/final/pieces/...` ->
-    `work/final/pieces`; a listing (`?list-type`, `?prefix=`) is `list`."""
+    `work/final/pieces`; a listing (`?list-type`, `?prefix=`) is `list` and the kind of its prefix."""
     path, _, query = target.partition("?")
     if "list-type" in query or "prefix=" in query:
-        return "list"
+        prefix = next((unquote(v) for k, _, v in (p.partition("=") for p in query.split("&")) if k == "prefix"), "")
+        return "list " + object_kind("/pmd/" + prefix).replace("OUT/", "")
     parts = [p for p in path.split("/") if p][2:]  # bucket, the build's prefix
     if not parts:
         return "bucket"
@@ -102,6 +107,7 @@ def object_kind(target: str) -> str:
 
 
 _MOTO_MODULE_CACHE = False
+_REQUEST_CHECKSUMS = "sdk-default"
 
 
 class _S3:
@@ -212,6 +218,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     result = {
         "candidates": candidates,
         "store": "s3" if s3 else "local", "moto_module_cache": bool(s3) and _MOTO_MODULE_CACHE,
+        "request_checksums": _REQUEST_CHECKSUMS if s3 else None,
         "pairs": manifest["totals"]["pairs"],
         "shards": len(manifest["shards"]),
         "driver_peak_rss_mib": round(peak_rss / 2**20, 1),
@@ -253,6 +260,9 @@ def main() -> None:
     parser.add_argument("--moto-module-cache", action="store_true",
                         help="list moto's service modules once: its server lists and stats its own package directory "
                              "on every request (a quarter of its CPU here), which no real store does")
+    parser.add_argument("--request-checksums", choices=("sdk-default", "when_required"), default="sdk-default",
+                        help="AWS_REQUEST_CHECKSUM_CALCULATION for the build's S3 clients (moto decodes the SDKs' "
+                             "default aws-chunked PUT bodies in quadratic time)")
     args = parser.parse_args()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pmd-scale-"))
     if args.moto_module_cache:
@@ -263,6 +273,10 @@ def main() -> None:
         modules = tuple(moto.backends.list_of_moto_modules())
         moto.backends.list_of_moto_modules = lambda: modules
     s3 = _S3() if "s3" in args.store else None
+    if s3 and args.request_checksums != "sdk-default":
+        global _REQUEST_CHECKSUMS
+        _REQUEST_CHECKSUMS = args.request_checksums
+        s3.env["AWS_REQUEST_CHECKSUM_CALCULATION"] = args.request_checksums
     try:
         for n in args.candidates:
             walls: dict[str, list[float]] = {}

@@ -490,8 +490,11 @@ def write(plan: Plan, executor: Executor, buckets: list[dict]) -> int:
         for r in _read_markers(done):
             bar.update(len(r["shards"]))
         executor.drain()
+        # Two listings, not two requests per shard: which shards have their entry and their file.
+        entries = _names(plan.paths.root / "entries", "shard-*.json")
+        files = _names(storage.as_path(out.output(SHARDS_DIR)), "shard-*.parquet")
         for shard in range(n_shards):
-            if not (plan.paths.entry(shard).exists() and storage.exists(out.output(shard_name(shard)))):
+            if not (plan.paths.entry(shard).name in entries and storage.basename(shard_name(shard)) in files):
                 executor.submit(final.merge_shard, out, shard, plan.layout.row_group_rows,
                                 on_done=lambda _: bar.update(1), name=task_name("merge", plan.paths.entry(shard).stem))
         executor.drain()
@@ -504,7 +507,7 @@ def unbuild(plan: Plan, executor: Executor) -> None:
     """Take a finished final phase back to bucket pieces (before a retry). Resumable: unbuild.json marks it."""
     paths = plan.paths
     state = paths.unbuild_state
-    if not state.exists():
+    if not state.is_file():
         buckets = dedup(plan, executor)
         write(plan, executor, buckets)  # finish what a killed run left, so every row is in a shard
         offsets = _offsets(buckets)
@@ -531,7 +534,7 @@ def unbuild(plan: Plan, executor: Executor) -> None:
 def retry(plan: Plan, executor: Executor, markers: list[dict], screens: object) -> list[dict]:
     """One retry round over every scattered group; returns the updated markers."""
     config = plan.config
-    if pmd_plan.final_written(plan.work, OutLayout.of(config.out)) or plan.paths.unbuild_state.exists():
+    if pmd_plan.final_written(plan.work, OutLayout.of(config.out)) or plan.paths.unbuild_state.is_file():
         unbuild(plan, executor)
     updated: list[dict] = []
     states = {}
@@ -563,9 +566,9 @@ def failures(plan: Plan, executor: Executor, markers: list[dict], buckets: list[
                                for m in by_source.get(spec.name, [])], buckets)
     for s_index, spec in enumerate(config.sources):
         marker = plan.paths.failures_marker(spec.name)
-        if marker.exists():
+        if marker.is_file():
             recorded = json.loads(marker.read_text())
-            if recorded["inputs"] == inputs and storage.exists(config.dirs.output(recorded["entry"]["file"])):
+            if recorded["inputs"] == inputs and storage.is_file(config.dirs.output(recorded["entry"]["file"])):
                 entries[spec.name] = recorded["entry"]
                 continue
         executor.submit(_write_failures, config.dirs, spec.name, s_index, files, plan.layout.n_buckets, inputs,

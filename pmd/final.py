@@ -67,6 +67,7 @@ FINAL_DIR = "final"  # under the work directory
 WORK_FORMAT = 2  # of OUT/work: 2 = bucketed final phase (a work directory of another format is not reused)
 BUCKET_SHARDS = 4  # expected kept rows per bucket, in shards: a B2 task holds one bucket in memory
 PIECES_PER_INPUT = 2  # piece files allowed per (chunk + shard): sets how many chunks a scatter group takes
+SHARDS_IN_FLIGHT = 2  # shards of one bucket written at once when OUT or the work is on object storage
 IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
 FAILURE_ROW_GROUP_ROWS = 100_000
 RETRY_SLICE_ROWS = 2_000  # rows a retry task downloads and processes at once (about one chunk)
@@ -192,7 +193,7 @@ def finished_elsewhere(marker: storage.WorkPath) -> dict:
     attempt): that attempt wrote its marker before deleting them, so the marker exists, and it is the result. A
     task that consumes its inputs checks its marker again after reading them: inputs found missing (or a listing
     come back empty) while its marker exists mean another attempt finished, never that there were none."""
-    if not marker.exists():
+    if not marker.is_file():
         raise FileNotFoundError(f"{marker}: the task's inputs are gone and no attempt of it has finished")
     return json.loads(marker.read_text())
 
@@ -247,9 +248,16 @@ class _PieceWriters:
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
             self._flush(b)
+        files = []
         for _, (f, writer) in sorted(self.open.items()):
             writer.close()
-            f.commit()
+            files.append(f)
+        if files and files[0].remote:  # one PUT per bucket: several in flight, not one round trip after another
+            for _ in storage.in_order(atomic.AtomicFile.commit, files):
+                pass
+        else:
+            for f in files:
+                f.commit()
         return dict(sorted(self.rows.items()))
 
 
@@ -292,7 +300,7 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
     """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
     paths = BuildDirs.of(out).paths
     marker = paths.group_marker(source, group)
-    if marker.exists():
+    if marker.is_file():
         summary = _read_json(marker)
     else:
         _raise_open_files_limit()
@@ -342,8 +350,13 @@ def _bucket_pieces(paths: FinalPaths, b: int) -> list[storage.WorkPath]:
     return sorted(paths.bucket_dir(b).glob("*.arrow"))
 
 
-def _bucket_table(pieces: list[Path], columns: list[str] | None) -> pa.Table:
-    tables = [read_ipc(p, columns) for p in pieces]
+def _bucket_table(pieces: list[storage.WorkPath], columns: list[str] | None) -> pa.Table:
+    """The bucket's pieces as one table, in the order given. On object storage the pieces are fetched several at
+    once: one GET each, and a bucket has a piece per scatter group (dozens), whose round trips would add up."""
+    if pieces and storage.is_remote(str(pieces[0])):
+        tables = list(storage.in_order(lambda p: read_ipc(p, columns), pieces))
+    else:
+        tables = [read_ipc(p, columns) for p in pieces]
     if not tables:
         target = pa.schema([PIECE_SCHEMA.field(c) for c in columns]) if columns else PIECE_SCHEMA
         return target.empty_table()
@@ -388,7 +401,7 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
     """Pass B1: decide the bucket's duplicates and takedowns (metadata only); writes and returns the bucket's
     summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b)."""
     paths = BuildDirs.of(out).paths
-    if paths.dedup(b).exists():
+    if paths.dedup(b).is_file():
         return _read_json(paths.dedup(b))
     table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
     kept, duplicates, taken, fake = _decide(table, takedowns, placeholder_min_urls)
@@ -476,29 +489,37 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
     dirs = BuildDirs.of(out)
     paths = dirs.paths
-    if paths.written(b).exists():
+    if paths.written(b).is_file():
         return _read_json(paths.written(b))
     started = time.perf_counter()
     try:
         table = _bucket_table(_bucket_pieces(paths, b), None)
     except FileNotFoundError:
         table = None  # consumed meanwhile by another attempt
-    if table is None or paths.written(b).exists():  # a listing read after another attempt deleted the pieces
+    if table is None or paths.written(b).is_file():  # a listing read after another attempt deleted the pieces
         return finished_elsewhere(paths.written(b))
     kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, with the same inputs
     order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
-    written = []
-    for shard, start, end, whole in bucket_shards(offset, kept.height, total, layout.shard_rows):
+    def write_one(span: tuple[int, int, int, bool]) -> int | None:
+        shard, start, end, whole = span
         rows = table.take(order[start:end])
         if rows.column(schema.IMAGE).null_count:
             raise RuntimeError(f"bucket {b}: a kept row has no image (a duplicate re-entered without its image)")
-        if whole:
-            if not paths.entry(shard).exists() or not storage.exists(dirs.output(shard_name(shard))):
-                _write_shard(dirs, shard, _shard_table(rows), layout.row_group_rows)
-            written.append(shard)
-        else:
+        if not whole:
             write_ipc_atomic(_shard_table(rows), paths.fragment_dir(shard) / f"bucket-{b:05d}.arrow")
+            return None
+        if not paths.entry(shard).is_file() or not storage.is_file(dirs.output(shard_name(shard))):
+            _write_shard(dirs, shard, _shard_table(rows), layout.row_group_rows)
+        return shard
+
+    spans = bucket_shards(offset, kept.height, total, layout.shard_rows)
+    if storage.is_remote(dirs.out) or storage.is_remote(dirs.work):
+        # One shard is written while the one before is uploaded: a store's round trips overlap the CPU work.
+        results = list(storage.in_order(write_one, spans, in_flight=SHARDS_IN_FLIGHT))
+    else:
+        results = [write_one(span) for span in spans]
+    written = [shard for shard in results if shard is not None]
     summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
     atomic.write_json(summary, paths.written(b))
@@ -510,7 +531,7 @@ def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
     """A shard whose rows straddle buckets: its fragments in bucket order, then the fragments are deleted."""
     dirs = BuildDirs.of(out)
     paths = dirs.paths
-    if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
+    if paths.entry(shard).is_file() and storage.is_file(dirs.output(shard_name(shard))):
         entry = _read_json(paths.entry(shard))
     else:
         try:
@@ -520,7 +541,7 @@ def merge_shard(out: BuildDirs | str, shard: int, row_group_rows: int) -> dict:
             table = None
         # Another attempt merged them (shard, then entry, then the fragments deleted): a listing read while it
         # deleted may be partial, so its entry decides once the fragments are read.
-        if paths.entry(shard).exists() and storage.exists(dirs.output(shard_name(shard))):
+        if paths.entry(shard).is_file() and storage.is_file(dirs.output(shard_name(shard))):
             return _read_json(paths.entry(shard))
         if table is None:
             raise FileNotFoundError(f"shard {shard}: neither the shard nor its fragments exist")
@@ -640,7 +661,7 @@ def unbuild_shard(out: BuildDirs | str, shard: int, layout: Layout, seed: int, b
     dirs = BuildDirs.of(out)
     paths = dirs.paths
     path = dirs.output(shard_name(shard))
-    if not storage.exists(path):
+    if not storage.is_file(path):
         return
     try:
         table = pq.read_table(storage.open_input(path))
@@ -695,7 +716,7 @@ def reopen_bucket(out: BuildDirs | str, b: int) -> None:
     (in the same file) is taken down again, so it needs none either."""
     paths = BuildDirs.of(out).paths
     try:
-        dups = read_ipc(paths.duplicates(b)) if paths.duplicates(b).exists() else None
+        dups = read_ipc(paths.duplicates(b)) if paths.duplicates(b).is_file() else None
     except FileNotFoundError:
         dups = None  # another attempt reopened the bucket meanwhile: its piece is written, the file deleted last
     if dups is not None:

@@ -54,7 +54,7 @@ def configuration_changes(recorded: dict | None, current: dict) -> list[str]:
 
 def recorded_fingerprint(work: WorkLayout) -> dict | None:
     path = work.build_state
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def done_chunks(work: WorkLayout, source: str, n_chunks: int, groups: Sequence[range]) -> set[int]:
@@ -85,7 +85,7 @@ def takedowns_changed(work: WorkLayout, request_ids: Sequence[str]) -> bool:
 def final_action(work: WorkLayout, out: OutLayout, request_ids: Sequence[str], retry: bool) -> FinalAction:
     if retry:
         return FinalAction.RETRY
-    if work.final.unbuild_state.exists():
+    if work.final.unbuild_state.is_file():
         return FinalAction.RESUME_UNBUILD
     if final_written(work, out) and takedowns_changed(work, request_ids):
         return FinalAction.TAKEDOWN

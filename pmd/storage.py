@@ -559,6 +559,12 @@ def remove_tree(location: str | os.PathLike | RemotePath) -> None:
     if not is_remote(str(location)):
         shutil.rmtree(str(location), ignore_errors=True)
         return
+    if _via_botocore(str(location)):
+        try:
+            _s3_remove_prefix(str(location))
+        except FileNotFoundError:  # no such bucket
+            pass
+        return
     fs, path = resolve(str(location))
     try:
         fs.delete_dir(path)
@@ -682,6 +688,32 @@ def _s3_delete(location: str) -> None:
         _s3_request(location, s3_client().delete_object)
     except FileNotFoundError:
         pass  # a bucket that is not there
+
+
+def _s3_remove_prefix(location: str) -> None:
+    """Every object under the prefix: a LIST and a multi-object DELETE per 1,000 keys. pyarrow's delete_dir
+    sends the same and then PUTs an empty marker object for the parent "directory"."""
+    bucket, key = _s3_key(location)
+    prefix = key.rstrip("/") + "/" if key else ""
+
+    def page(token: str | None) -> dict:
+        args = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        return _s3_request(location, lambda Bucket, Key: s3_client().list_objects_v2(**args))
+
+    token = None
+    while True:
+        listing = page(token)
+        keys = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
+        if keys:
+            done = _s3_request(location, lambda Bucket, Key: s3_client().delete_objects(
+                Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
+            if done.get("Errors"):
+                error = done["Errors"][0]
+                raise OSError(f"{location}: could not delete {error.get('Key')}: {error.get('Code')} "
+                              f"{error.get('Message', '')}".rstrip())
+        if not listing.get("IsTruncated"):
+            return
+        token = listing["NextContinuationToken"]
 
 
 def read_versioned(location: str | os.PathLike) -> tuple[bytes, str] | None:

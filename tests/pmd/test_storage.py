@@ -93,6 +93,16 @@ def test_a_whole_object_is_read_in_one_get_and_no_head(monkeypatch):
         storage.delete("s3://pmd/one-get/gone/last")  # missing: not an error
         assert dict(traffic.requests) == {("DELETE", "/pmd/one-get/gone/last"): 2}  # no HEAD, no parent marker
         assert not storage.exists("s3://pmd/one-get/gone/last") and not storage.is_dir("s3://pmd/one-get/gone")
+        # A tree: one LIST and one multi-object DELETE; a sibling sharing the name's start stays; no parent marker
+        for name in ("tree/a", "tree/sub/b", "tree/sub/c", "treehouse/d"):
+            atomic.write_bytes(b"x", f"s3://pmd/one-get/{name}")
+        traffic.reset()
+        storage.remove_tree("s3://pmd/one-get/tree")
+        assert sorted(m for m, _ in traffic.requests.elements()) == ["GET", "POST"]
+        assert storage.list_files("s3://pmd/one-get", recursive=True) == ["s3://pmd/one-get/blob.gz",
+                                                                          "s3://pmd/one-get/treehouse/d"]
+        storage.remove_tree("s3://pmd/one-get/tree")  # nothing there: not an error
+        storage.remove_tree("s3://no-such-bucket/tree")
         monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"connect_timeout": 5.0}))
         traffic.reset()
         assert storage.read_bytes("s3://pmd/one-get/blob.gz") == data
