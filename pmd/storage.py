@@ -705,8 +705,9 @@ def _s3_remove_prefix(location: str) -> None:
         listing = page(token)
         keys = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
         if keys:
-            done = _s3_request(location, lambda Bucket, Key: s3_client().delete_objects(
-                Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
+            delete = {"Objects": keys, "Quiet": True}
+            done = _s3_request(location, lambda Bucket, Key, delete=delete: s3_client().delete_objects(
+                Bucket=Bucket, Delete=delete))
             if done.get("Errors"):
                 error = done["Errors"][0]
                 raise OSError(f"{location}: could not delete {error.get('Key')}: {error.get('Code')} "
