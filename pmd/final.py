@@ -142,6 +142,10 @@ class FinalPaths:
     def kept(self, b: int) -> Path:
         return self.root / "kept" / f"bucket-{b:05d}.arrow"
 
+    def ordered(self, b: int) -> Path:
+        """The bucket's kept rows in corpus order, written by B1 when the work is on object storage."""
+        return self.root / "ordered" / f"bucket-{b:05d}.arrow"
+
     def written(self, b: int) -> Path:
         return self.root / "written" / f"bucket-{b:05d}.json"
 
@@ -403,8 +407,17 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
     paths = BuildDirs.of(out).paths
     if paths.dedup(b).is_file():
         return _read_json(paths.dedup(b))
-    table = _bucket_table(_bucket_pieces(paths, b), METADATA_COLUMNS)
+    pieces = _bucket_pieces(paths, b)
+    # On object storage every piece is one GET of the whole object anyway: B1 keeps the images it fetched and
+    # writes the kept rows, in corpus order, as one object, so that B2 reads one object instead of every piece.
+    # On disk B1 reads the metadata columns alone (memory-mapped), and B2 the pieces.
+    ordered = storage.is_remote(str(paths.root))
+    table = _bucket_table(pieces, None if ordered else METADATA_COLUMNS)
     kept, duplicates, taken, fake = _decide(table, takedowns, placeholder_min_urls)
+    if ordered:
+        rows = table.take(pa.array(kept.get_column("row").to_numpy(), pa.int64()))
+        write_ipc_atomic(rows.replace_schema_metadata(_ordered_metadata(pieces, takedowns, placeholder_min_urls)),
+                         paths.ordered(b))
     rows = _failure_rows(table, duplicates, *DUPLICATE,
                          [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()])
     if taken.height or fake.height:
@@ -436,6 +449,29 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
     }
     atomic.write_json(summary, paths.dedup(b))
     return summary
+
+
+def _ordered_metadata(pieces: list[storage.WorkPath], takedowns: TakedownFilter | None,
+                      placeholder_min_urls: int) -> dict[bytes, bytes]:
+    """What an ordered file was decided from: B2 uses it only when its bucket's pieces and its decision inputs
+    (takedown requests, the placeholder threshold) are still these."""
+    return {b"pieces": json.dumps(sorted(p.name for p in pieces)).encode(),
+            b"decisions": json.dumps([[r.id for r in takedowns.requests] if takedowns else [],
+                                      placeholder_min_urls]).encode()}
+
+
+def _ordered_rows(paths: FinalPaths, b: int, pieces: list[storage.WorkPath], takedowns: TakedownFilter | None,
+                  placeholder_min_urls: int) -> pa.Table | None:
+    """B1's ordered file of the bucket when it still holds what B2 would decide from the pieces, else None."""
+    if not storage.is_remote(str(paths.root)):
+        return None
+    try:
+        table = read_ipc(paths.ordered(b))
+    except FileNotFoundError:
+        return None
+    if (table.schema.metadata or {}) != _ordered_metadata(pieces, takedowns, placeholder_min_urls):
+        return None
+    return table.replace_schema_metadata(None)
 
 
 def _by_request(taken: pl.DataFrame, source_names: list[str]) -> dict[str, dict[str, int]]:
@@ -493,14 +529,22 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
         return _read_json(paths.written(b))
     started = time.perf_counter()
     try:
-        table = _bucket_table(_bucket_pieces(paths, b), None)
+        pieces = _bucket_pieces(paths, b)
+        table = _ordered_rows(paths, b, pieces, takedowns, placeholder_min_urls)
+        decided = table is not None
+        if not decided:
+            table = _bucket_table(pieces, None)
     except FileNotFoundError:
         table = None  # consumed meanwhile by another attempt
     if table is None or paths.written(b).is_file():  # a listing read after another attempt deleted the pieces
         return finished_elsewhere(paths.written(b))
-    kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, with the same inputs
-    order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
+    if decided:
+        order = pa.array(range(table.num_rows), pa.int64())
+    else:
+        kept, *_ = _decide(table, takedowns, placeholder_min_urls)  # dedup_bucket's decisions, same inputs
+        order = pa.array(kept.get_column("row").to_numpy(), pa.int64())
     write_ipc_atomic(table.select(KEPT_SCHEMA.names).take(order).cast(KEPT_SCHEMA), paths.kept(b))
+
     def write_one(span: tuple[int, int, int, bool]) -> int | None:
         shard, start, end, whole = span
         rows = table.take(order[start:end])
@@ -513,16 +557,17 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
             _write_shard(dirs, shard, _shard_table(rows), layout.row_group_rows)
         return shard
 
-    spans = bucket_shards(offset, kept.height, total, layout.shard_rows)
+    spans = bucket_shards(offset, len(order), total, layout.shard_rows)
     if storage.is_remote(dirs.out) or storage.is_remote(dirs.work):
         # One shard is written while the one before is uploaded: a store's round trips overlap the CPU work.
         results = list(storage.in_order(write_one, spans, in_flight=SHARDS_IN_FLIGHT))
     else:
         results = [write_one(span) for span in spans]
     written = [shard for shard in results if shard is not None]
-    summary = {"bucket": b, "offset": offset, "kept": kept.height, "shards": written,
+    summary = {"bucket": b, "offset": offset, "kept": len(order), "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
     atomic.write_json(summary, paths.written(b))
+    paths.ordered(b).unlink(missing_ok=True)
     storage.remove_tree(paths.bucket_dir(b))
     return summary
 
@@ -726,7 +771,7 @@ def reopen_bucket(out: BuildDirs | str, b: int) -> None:
             piece[schema.IMAGE] = pa.nulls(dups.num_rows, pa.binary())
             write_ipc_atomic(pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA),
                        paths.bucket_dir(b) / "duplicates.arrow")
-    for p in (paths.kept(b), paths.written(b), paths.dedup(b), paths.duplicates(b)):
+    for p in (paths.ordered(b), paths.kept(b), paths.written(b), paths.dedup(b), paths.duplicates(b)):
         p.unlink(missing_ok=True)
 
 

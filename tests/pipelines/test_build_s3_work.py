@@ -18,7 +18,7 @@ from pipelines.build import load_config, run_build
 from pmd import storage
 from tests.httpserver import LoopbackServer
 from tests.pipelines.build_fixtures import make_cc12m, make_coco, two_source_config
-from tests.s3server import s3_environment
+from tests.s3server import Traffic, s3_environment
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,12 @@ CONFIG = two_source_config(shard_rows=20, chunk_rows=16, seed=3, image_size=24, 
                            executor="local")
 
 
+TRAFFIC = Traffic()
+
+
 @pytest.fixture(scope="module")
 def s3():
-    with s3_environment() as env:
+    with s3_environment(traffic=TRAFFIC) as env:
         yield env
 
 
@@ -91,6 +94,24 @@ def test_a_build_with_its_work_on_s3_equals_the_local_build_and_writes_nothing_l
     assert storage.join(out, "work", "build.json") in work
     assert any("/work/final/groups/" in p for p in work) and any("/work/ingest/" in p for p in work)
     assert list(home.rglob("*")) == [] and list(cwd.rglob("*")) == []
+
+
+def test_on_s3_each_piece_is_read_once_and_each_bucket_written_from_one_object(reference):
+    """Dedup (B1) fetches every piece whole and writes the bucket's kept rows in corpus order as one object; the
+    bucket's write (B2) reads that object, not the pieces again."""
+    root, local = reference
+    out = "s3://pmd/reads"
+    TRAFFIC.reset()
+    result = pmd_build(root, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["shards"] == local["shards"]
+    gets = {path: n for (method, path), n in TRAFFIC.requests.items() if method == "GET"}
+    pieces = {p: n for p, n in gets.items() if "/work/final/pieces/" in p and not p.endswith("/")}
+    ordered = {p: n for p, n in gets.items() if "/work/final/ordered/" in p}
+    assert pieces and set(pieces.values()) == {1}
+    assert len(ordered) == manifest["layout"]["n_buckets"] and set(ordered.values()) == {1}
+    assert not storage.list_files(storage.join(out, "work", "final", "ordered"))  # deleted once written
 
 
 # One SIGKILL in each phase of the build: (function, calls it returns before the kill; 0 = before its first).

@@ -40,3 +40,29 @@ def test_bucket_shards_cut_at_global_boundaries():
     # The last shard is short: whole when the bucket holds all of it.
     assert bucket_shards(16, 2, 18, 4) == [(4, 0, 2, True)]
     assert Layout(1, 1, 4, 1).to_dict()["shard_rows"] == 4
+
+
+def test_b2_uses_the_ordered_file_only_while_its_pieces_and_decision_inputs_are_the_same():
+    """B1 on object storage writes the bucket's kept rows in corpus order; B2 reads them instead of the pieces only
+    if the bucket still has the same pieces (a retry adds some) and the same takedowns and placeholder threshold."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from pmd import final, storage
+    from pmd.build import write_ipc_atomic
+
+    paths = final.FinalPaths(storage.as_path("memory://ordered-test/w"))
+    pieces = [paths.bucket_dir(0) / "group-00-00000.arrow", paths.bucket_dir(0) / "group-00-00001.arrow"]
+    requests = SimpleNamespace(requests=[SimpleNamespace(id="r1")])
+    rows = pa.table({"key": ["b", "a"]})
+    write_ipc_atomic(rows.replace_schema_metadata(final._ordered_metadata(pieces, requests, 3)), paths.ordered(0))
+    assert final._ordered_rows(paths, 0, pieces[::-1], requests, 3).equals(rows)  # the listing's order is no input
+    assert final._ordered_rows(paths, 0, [*pieces, paths.bucket_dir(0) / "retry-00-00001-a02.arrow"], requests,
+                               3) is None
+    assert final._ordered_rows(paths, 0, pieces, None, 3) is None
+    assert final._ordered_rows(paths, 0, pieces, SimpleNamespace(requests=[SimpleNamespace(id="r2")]), 3) is None
+    assert final._ordered_rows(paths, 0, pieces, requests, 4) is None
+    assert final._ordered_rows(paths, 1, pieces, requests, 3) is None  # none written
+    local = final.FinalPaths(storage.as_path("/nonexistent-work"))
+    assert final._ordered_rows(local, 0, pieces, requests, 3) is None  # on disk B2 always reads the pieces
