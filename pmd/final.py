@@ -18,6 +18,9 @@ before any image is fetched, so the work is an external sort in two passes with 
   B2. write (one task per bucket): kept rows sorted by (shuffle_hash, key) at global positions offset.., cut at the
      global shard boundaries; shards wholly inside the bucket are written, the ends that straddle a neighbour are
      written as fragments that `merge_shard` joins. Then the bucket's pieces are deleted.
+  On object storage B1 fetches each piece whole (one GET) and writes the bucket's kept rows in corpus order as one
+  object, `ordered/bucket-B.arrow`, which B2 reads instead of the pieces while the bucket's pieces and decision
+  inputs are the ones it names (`_ordered_rows`): a bucket's pieces are read once, not twice.
 
 Every image is read from disk twice after the image stage (chunk in A, piece in B2; a straddling shard's rows once
 more from its fragment), every output is written under a temporary name and renamed, and every pass has a marker
@@ -299,6 +302,16 @@ def _by_source(pairs: Counter, source_names: list[str]) -> dict[str, dict[str, i
 
 
 # ------------------------------------------------------------------------------------------------------ pass A
+def _read_chunks(chunk_paths: list[str]) -> Iterable[pa.Table]:
+    """The group's chunks in order; on object storage the next one is fetched while this one is scattered."""
+    def read(chunk: str) -> pa.Table:
+        return read_chunk(storage.as_path(chunk))
+
+    if chunk_paths and storage.is_remote(chunk_paths[0]):
+        return storage.in_order(read, chunk_paths, in_flight=2)
+    return map(read, chunk_paths)
+
+
 def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: int, chunk_paths: list[str],
                   layout: Layout, source_names: list[str]) -> dict:
     """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
@@ -316,8 +329,7 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         tagged: Counter = Counter()
         try:
             with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
-                for chunk in chunk_paths:
-                    table = read_chunk(storage.as_path(chunk))
+                for table in _read_chunks(chunk_paths):
                     rows.update(table.column(SOURCE_INDEX).to_pylist())
                     ok = pc.is_null(table.column(REASON))
                     failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
@@ -337,8 +349,7 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
                    "buckets": {str(b): n for b, n in bucket_rows.items()},
                    "seconds": round(time.perf_counter() - started, 3)}
         atomic.write_json(summary, marker)
-    for chunk in chunk_paths:  # the marker is durable: the chunk's rows live in the pieces now
-        storage.as_path(chunk).unlink(missing_ok=True)
+    storage.delete_many(chunk_paths)  # the marker is durable: the chunks' rows live in the pieces now
     return summary
 
 

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -435,6 +435,26 @@ def delete(location: str | os.PathLike) -> None:
         pass
 
 
+def delete_many(locations: Iterable[str | os.PathLike]) -> None:
+    """Remove several files; missing ones are not an error. On S3 one multi-object DELETE per 1,000 keys of a
+    bucket instead of a request per file."""
+    locations = [str(loc) for loc in locations]
+    if not locations or not all(_via_botocore(loc) for loc in locations):
+        for loc in locations:
+            delete(loc)
+        return
+    by_bucket: dict[str, list[str]] = {}
+    for loc in locations:
+        bucket, key = _s3_key(loc)
+        by_bucket.setdefault(bucket, []).append(key)
+    for bucket, keys in by_bucket.items():
+        for start in range(0, len(keys), 1000):
+            try:
+                _s3_delete_keys(f"s3://{bucket}/{keys[start]}", bucket, keys[start:start + 1000])
+            except FileNotFoundError:  # no such bucket
+                pass
+
+
 def upload(local: Path, location: str | os.PathLike) -> None:
     """Copy a complete local file to `location` in one streamed PUT (multipart for large files)."""
     fs, path = resolve(location)
@@ -703,18 +723,22 @@ def _s3_remove_prefix(location: str) -> None:
     token = None
     while True:
         listing = page(token)
-        keys = [{"Key": o["Key"]} for o in listing.get("Contents", [])]
+        keys = [o["Key"] for o in listing.get("Contents", [])]
         if keys:
-            delete = {"Objects": keys, "Quiet": True}
-            done = _s3_request(location, lambda Bucket, Key, delete=delete: s3_client().delete_objects(
-                Bucket=Bucket, Delete=delete))
-            if done.get("Errors"):
-                error = done["Errors"][0]
-                raise OSError(f"{location}: could not delete {error.get('Key')}: {error.get('Code')} "
-                              f"{error.get('Message', '')}".rstrip())
+            _s3_delete_keys(location, bucket, keys)
         if not listing.get("IsTruncated"):
             return
         token = listing["NextContinuationToken"]
+
+
+def _s3_delete_keys(location: str, bucket: str, keys: list[str]) -> None:
+    """One multi-object DELETE (at most 1,000 keys); S3 reports a missing key as deleted."""
+    delete = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
+    done = _s3_request(location, lambda Bucket, Key: s3_client().delete_objects(Bucket=bucket, Delete=delete))
+    if done.get("Errors"):
+        error = done["Errors"][0]
+        raise OSError(f"{location}: could not delete {error.get('Key')}: {error.get('Code')} "
+                      f"{error.get('Message', '')}".rstrip())
 
 
 def read_versioned(location: str | os.PathLike) -> tuple[bytes, str] | None:

@@ -102,6 +102,14 @@ def test_a_whole_object_is_read_in_one_get_and_no_head(monkeypatch):
         assert storage.list_files("s3://pmd/one-get", recursive=True) == ["s3://pmd/one-get/blob.gz",
                                                                           "s3://pmd/one-get/treehouse/d"]
         storage.remove_tree("s3://pmd/one-get/tree")  # nothing there: not an error
+        # Several files: one multi-object DELETE; missing ones (and a missing bucket) are not an error
+        for name in ("many/a", "many/b", "many/c"):
+            atomic.write_bytes(b"x", f"s3://pmd/one-get/{name}")
+        traffic.reset()
+        storage.delete_many([f"s3://pmd/one-get/many/{n}" for n in "abz"])
+        assert [m for m, _ in traffic.requests.elements()] == ["POST"]
+        assert storage.list_files("s3://pmd/one-get/many") == ["s3://pmd/one-get/many/c"]
+        storage.delete_many(["s3://no-such-bucket/x"])
         storage.remove_tree("s3://no-such-bucket/tree")
         monkeypatch.setenv(storage.OPTIONS_ENV, json.dumps({"connect_timeout": 5.0}))
         traffic.reset()
