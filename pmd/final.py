@@ -212,6 +212,12 @@ def _raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _each(fn: Callable, items: list, remote: bool, in_flight: int | None = None) -> Iterable:
+    """`fn(item)` for each item, in order. On object storage several at once (`storage.in_order`): each is a round
+    trip to the store, and one after another they add up; on disk one by one."""
+    return storage.in_order(fn, items, in_flight) if remote else map(fn, items)
+
+
 class _PieceWriters:
     """One Arrow IPC file per bucket, appended in record batches; temporary names until `commit`."""
 
@@ -259,12 +265,8 @@ class _PieceWriters:
         for _, (f, writer) in sorted(self.open.items()):
             writer.close()
             files.append(f)
-        if files and files[0].remote:  # one PUT per bucket: several in flight, not one round trip after another
-            for _ in storage.in_order(atomic.AtomicFile.commit, files):
-                pass
-        else:
-            for f in files:
-                f.commit()
+        for _ in _each(atomic.AtomicFile.commit, files, bool(files) and files[0].remote):  # one PUT per bucket
+            pass
         return dict(sorted(self.rows.items()))
 
 
@@ -302,16 +304,6 @@ def _by_source(pairs: Counter, source_names: list[str]) -> dict[str, dict[str, i
 
 
 # ------------------------------------------------------------------------------------------------------ pass A
-def _read_chunks(chunk_paths: list[str]) -> Iterable[pa.Table]:
-    """The group's chunks in order; on object storage the next one is fetched while this one is scattered."""
-    def read(chunk: str) -> pa.Table:
-        return read_chunk(storage.as_path(chunk))
-
-    if chunk_paths and storage.is_remote(chunk_paths[0]):
-        return storage.in_order(read, chunk_paths, in_flight=2)
-    return map(read, chunk_paths)
-
-
 def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: int, chunk_paths: list[str],
                   layout: Layout, source_names: list[str]) -> dict:
     """Pass A for one group of chunks of one source; returns (and writes) the group's marker. Idempotent."""
@@ -329,7 +321,9 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         tagged: Counter = Counter()
         try:
             with atomic.atomic_file(failed_path) as f, ipc_writer(f, FAILED_SCHEMA) as failed_writer:
-                for table in _read_chunks(chunk_paths):
+                # On object storage the next chunk is fetched while this one is scattered.
+                for table in _each(lambda c: read_chunk(storage.as_path(c)), chunk_paths,
+                                   bool(chunk_paths) and storage.is_remote(chunk_paths[0]), in_flight=2):
                     rows.update(table.column(SOURCE_INDEX).to_pylist())
                     ok = pc.is_null(table.column(REASON))
                     failed = table.filter(pc.invert(ok)).select(METADATA_COLUMNS)
@@ -366,12 +360,9 @@ def _bucket_pieces(paths: FinalPaths, b: int) -> list[storage.WorkPath]:
 
 
 def _bucket_table(pieces: list[storage.WorkPath], columns: list[str] | None) -> pa.Table:
-    """The bucket's pieces as one table, in the order given. On object storage the pieces are fetched several at
-    once: one GET each, and a bucket has a piece per scatter group (dozens), whose round trips would add up."""
-    if pieces and storage.is_remote(str(pieces[0])):
-        tables = list(storage.in_order(lambda p: read_ipc(p, columns), pieces))
-    else:
-        tables = [read_ipc(p, columns) for p in pieces]
+    """The bucket's pieces as one table, in the order given (one per scatter group: dozens, fetched several at once
+    on object storage)."""
+    tables = list(_each(lambda p: read_ipc(p, columns), pieces, bool(pieces) and storage.is_remote(str(pieces[0]))))
     if not tables:
         target = pa.schema([PIECE_SCHEMA.field(c) for c in columns]) if columns else PIECE_SCHEMA
         return target.empty_table()
@@ -568,13 +559,10 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
             _write_shard(dirs, shard, _shard_table(rows), layout.row_group_rows)
         return shard
 
+    # On object storage one shard is encoded while the one before is uploaded.
     spans = bucket_shards(offset, len(order), total, layout.shard_rows)
-    if storage.is_remote(dirs.out) or storage.is_remote(dirs.work):
-        # One shard is written while the one before is uploaded: a store's round trips overlap the CPU work.
-        results = list(storage.in_order(write_one, spans, in_flight=SHARDS_IN_FLIGHT))
-    else:
-        results = [write_one(span) for span in spans]
-    written = [shard for shard in results if shard is not None]
+    written = [shard for shard in _each(write_one, spans, storage.is_remote(dirs.out) or storage.is_remote(dirs.work),
+                                        in_flight=SHARDS_IN_FLIGHT) if shard is not None]
     summary = {"bucket": b, "offset": offset, "kept": len(order), "shards": written,
                "seconds": round(time.perf_counter() - started, 3)}
     atomic.write_json(summary, paths.written(b))

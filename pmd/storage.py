@@ -17,6 +17,7 @@ the driver does. A value that parses as JSON (true, 3, ...) is passed parsed, an
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -450,7 +451,7 @@ def delete_many(locations: Iterable[str | os.PathLike]) -> None:
     for bucket, keys in by_bucket.items():
         for start in range(0, len(keys), 1000):
             try:
-                _s3_delete_keys(f"s3://{bucket}/{keys[start]}", bucket, keys[start:start + 1000])
+                _s3_delete_keys(f"s3://{bucket}", bucket, keys[start:start + 1000])
             except FileNotFoundError:  # no such bucket
                 pass
 
@@ -666,14 +667,14 @@ def _botocore_mirrors(options_json: str) -> bool:
     return isinstance(options, dict) and set(options) <= _BOTOCORE_OPTIONS
 
 
-def _s3_request(location: str, call: Callable[..., object]):
-    """`call(Bucket=, Key=)` of the location's object, its errors as the built-in OSErrors that the
-    callers (and the retry policy) expect: 404 FileNotFoundError, 403 PermissionError, anything else OSError."""
+@contextlib.contextmanager
+def _s3_errors(location: str) -> Iterator[None]:
+    """botocore's errors of a request about `location` as the built-in OSErrors that the callers (and the retry
+    policy) expect: 404 FileNotFoundError, 403 PermissionError, anything else OSError."""
     import botocore.exceptions
 
-    bucket, key = _s3_key(location)
     try:
-        return call(Bucket=bucket, Key=key)
+        yield
     except botocore.exceptions.ClientError as e:
         status = _s3_status(e)
         if status == 404:
@@ -683,6 +684,13 @@ def _s3_request(location: str, call: Callable[..., object]):
         raise OSError(f"{location}: {e}") from None
     except botocore.exceptions.BotoCoreError as e:  # no connection, a timeout, a body cut short
         raise OSError(f"{location}: {e}") from None
+
+
+def _s3_request(location: str, call: Callable[..., object]):
+    """`call(Bucket=, Key=)` of the location's object, its errors mapped by `_s3_errors`."""
+    bucket, key = _s3_key(location)
+    with _s3_errors(location):
+        return call(Bucket=bucket, Key=key)
 
 
 def _s3_get(location: str) -> bytes:
@@ -715,26 +723,19 @@ def _s3_remove_prefix(location: str) -> None:
     sends the same and then PUTs an empty marker object for the parent "directory"."""
     bucket, key = _s3_key(location)
     prefix = key.rstrip("/") + "/" if key else ""
-
-    def page(token: str | None) -> dict:
-        args = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-        return _s3_request(location, lambda Bucket, Key: s3_client().list_objects_v2(**args))
-
-    token = None
-    while True:
-        listing = page(token)
-        keys = [o["Key"] for o in listing.get("Contents", [])]
-        if keys:
-            _s3_delete_keys(location, bucket, keys)
-        if not listing.get("IsTruncated"):
-            return
-        token = listing["NextContinuationToken"]
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    with _s3_errors(location):
+        for page in pages:
+            keys = [o["Key"] for o in page.get("Contents", [])]
+            if keys:
+                _s3_delete_keys(location, bucket, keys)
 
 
 def _s3_delete_keys(location: str, bucket: str, keys: list[str]) -> None:
     """One multi-object DELETE (at most 1,000 keys); S3 reports a missing key as deleted."""
-    delete = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
-    done = _s3_request(location, lambda Bucket, Key: s3_client().delete_objects(Bucket=bucket, Delete=delete))
+    with _s3_errors(location):
+        done = s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys],
+                                                                 "Quiet": True})
     if done.get("Errors"):
         error = done["Errors"][0]
         raise OSError(f"{location}: could not delete {error.get('Key')}: {error.get('Code')} "
