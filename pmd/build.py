@@ -324,6 +324,11 @@ def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
         source = pa.BufferReader(storage.read_bytes(path))
     else:
         source = pa.memory_map(str(path), "r")
+    return read_ipc_from(source, columns)
+
+
+def read_ipc_from(source, columns: list[str] | None = None) -> pa.Table:
+    """An Arrow IPC file from an open source (a memory map, a buffer); with `columns`, only those columns."""
     if columns is None:
         return pa.ipc.open_file(source).read_all()
     names = pa.ipc.open_file(source).schema.names

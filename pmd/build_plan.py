@@ -206,6 +206,7 @@ class Plan:
     layout: final.Layout
     takedowns: takedown.TakedownFilter = field(default_factory=takedown.TakedownFilter)  # recorded requests
     takedowns_ref: object = None  # the same, as the executor passes it to tasks
+    packed: dict[int, list] = field(default_factory=dict)  # bucket -> its pieces in the groups' packs (scatter)
 
     @property
     def names(self) -> list[str]:
@@ -439,6 +440,7 @@ def scatter(plan: Plan, executor: Executor) -> list[dict]:
                             name=task_name("scatter", spec.name, marker.stem))
     markers.extend(_read_markers(done))
     executor.drain()
+    plan.packed = final.pack_ranges(markers, final.consumed_packs(plan.config.dirs))
     return markers
 
 
@@ -453,7 +455,7 @@ def dedup(plan: Plan, executor: Executor) -> list[dict]:
             done.append(marker)
             continue
         executor.submit(final.dedup_bucket, plan.config.dirs, b, plan.names, plan.takedowns_ref,
-                        plan.config.download.placeholder_min_urls, on_done=summaries.append,
+                        plan.config.download.placeholder_min_urls, plan.packed.get(b, []), on_done=summaries.append,
                         name=task_name("dedup", marker.stem))
     summaries.extend(_read_markers(done))
     executor.drain()
@@ -484,7 +486,7 @@ def write(plan: Plan, executor: Executor, buckets: list[dict]) -> int:
                 done.append(marker)
                 continue
             executor.submit(final.write_bucket, out, b, offset, total, plan.layout, plan.takedowns_ref,
-                            plan.config.download.placeholder_min_urls,
+                            plan.config.download.placeholder_min_urls, plan.packed.get(b, []),
                             on_done=lambda r: bar.update(len(r["shards"])), limit=plan.in_flight_buckets,
                             name=task_name("write", marker.stem))
         for r in _read_markers(done):
@@ -498,6 +500,8 @@ def write(plan: Plan, executor: Executor, buckets: list[dict]) -> int:
                 executor.submit(final.merge_shard, out, shard, plan.layout.row_group_rows,
                                 on_done=lambda _: bar.update(1), name=task_name("merge", plan.paths.entry(shard).stem))
         executor.drain()
+        final.release_packs(out, plan.packed)  # every bucket is written: no task reads a pack again
+        plan.packed = {}
     finally:
         bar.close()
     return n_shards

@@ -11,7 +11,10 @@ before any image is fetched, so the work is an external sort in two passes with 
   A. scatter (one task per group of consecutive chunks of one source): each ok row is appended to its bucket's
      piece `pieces/bucket-B/group-S-G.arrow` (images included); failed rows go to `failed/SOURCE/group-G...arrow`
      (metadata). Then the group's marker is written and its chunk files are deleted: no second copy of an image
-     outlives the pass. groups x buckets <= PIECES_PER_INPUT x (chunks + shards).
+     outlives the pass. groups x buckets <= PIECES_PER_INPUT x (chunks + shards). With the work on object storage
+     the group's pieces are one object, `packs/SOURCE/group-G.pack` (each bucket's byte range in the marker), as
+     a shuffle writes one file and an index per map task: a PUT per group, not per (group, bucket). The packs are
+     deleted once every bucket is written (`release_packs`).
   B1. dedup (one task per bucket, metadata columns only, memory-mapped): every (image_sha256, text) group lies in
      one bucket (same digest, same bucket), so the rule "first in (source order, candidate order)" is decided
      inside the bucket; the kept count per bucket gives every bucket's global row offset.
@@ -43,10 +46,12 @@ import dataclasses
 import json
 import logging
 import resource
+import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +63,7 @@ import pyarrow.parquet as pq
 from pmd import atomic, placeholders, schema, storage
 from pmd.takedown import TAKEDOWN, TakedownFilter, removed_rows
 from pmd.build import (CANDIDATE_INDEX, CHUNK_SCHEMA, DETAIL, REASON, SHUFFLE_HASH, SOURCE_INDEX, STAGE, TEXT_HASH,
-                       ChunkTask, ipc_writer, read_chunk, read_ipc, retry_rows, write_ipc_atomic)
+                       ChunkTask, ipc_writer, read_chunk, read_ipc, read_ipc_from, retry_rows, write_ipc_atomic)
 from pmd.http_client import is_transient
 from pmd.reasons import Reason, Stage
 from pmd.shards import describe_file, shard_name, shuffle_hash, text_hash, write_shard_file
@@ -74,6 +79,7 @@ SHARDS_IN_FLIGHT = 2  # shards of one bucket written at once when OUT or the wor
 IN_FLIGHT_SHARE = 0.2  # share of groups/buckets in flight at once: bounds the data present twice on disk
 FAILURE_ROW_GROUP_ROWS = 100_000
 RETRY_SLICE_ROWS = 2_000  # rows a retry task downloads and processes at once (about one chunk)
+PACKS_DIR = "packs"  # under the final directory: the scatter groups' packs (work on object storage)
 FLUSH_BYTES = 1 << 20  # a bucket's buffered rows are appended to its piece past this size...
 BUFFER_BYTES = 256 << 20  # ... and all buffers past this total: scatter memory is bounded, whatever the bucket count
 
@@ -129,6 +135,15 @@ class FinalPaths:
 
     def bucket_dir(self, b: int) -> Path:
         return self.root / "pieces" / f"bucket-{b:05d}"
+
+    def pack(self, source: str, g: int) -> Path:
+        """A scatter group's pieces back to back in one object (work on object storage): `_PieceWriters`."""
+        return self.root / PACKS_DIR / source / f"group-{g:05d}.pack"
+
+    @property
+    def packs_consumed(self) -> Path:
+        """The packs whose rows are all in shards now: never read again (`release_packs`)."""
+        return self.root / "packs-consumed.json"
 
     def group_marker(self, source: str, g: int) -> Path:
         return self.root / "groups" / source / f"group-{g:05d}.json"
@@ -219,11 +234,17 @@ def _each(fn: Callable, items: list, remote: bool, in_flight: int | None = None)
 
 
 class _PieceWriters:
-    """One Arrow IPC file per bucket, appended in record batches; temporary names until `commit`."""
+    """One Arrow IPC file per bucket, appended in record batches; temporary names until `commit`.
 
-    def __init__(self, paths: FinalPaths, name: str):
-        self.paths, self.name = paths, name
-        self.open: dict[int, tuple[atomic.AtomicFile, pa.ipc.RecordBatchFileWriter]] = {}
+    With `pack` (the work on object storage) the bucket files are local scratch of this task, and `commit` uploads
+    them back to back as one object, the group's pack; `ranges` then holds each bucket's (offset, length, rows) in
+    it, which the group's marker records. One PUT per group instead of one per (group, bucket): at 1M candidates
+    48 instead of 1,150, each a request the store serves (docs/benchmarks.md)."""
+
+    def __init__(self, paths: FinalPaths, name: str, pack: storage.WorkPath | None = None):
+        self.paths, self.name, self.pack = paths, name, pack
+        self.open: dict[int, tuple[atomic.AtomicFile | IO[bytes], pa.ipc.RecordBatchFileWriter]] = {}
+        self.ranges: dict[int, tuple[int, int, int]] = {}
         self.buffers: dict[int, list[pa.Table]] = {}
         self.buffered: dict[int, int] = {}
         self.total = 0
@@ -247,20 +268,30 @@ class _PieceWriters:
         if not tables:
             return
         if bucket not in self.open:
-            f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
-            self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
+            if self.pack is not None:
+                scratch = tempfile.TemporaryFile(prefix="pmd-piece-")  # gone with the task, whatever ends it
+                self.open[bucket] = (scratch, ipc_writer(scratch, PIECE_SCHEMA))
+            else:
+                f = atomic.AtomicFile(self.paths.bucket_dir(bucket) / self.name)
+                self.open[bucket] = (f, ipc_writer(f.file, PIECE_SCHEMA))
         self.open[bucket][1].write_table(pa.concat_tables(tables).combine_chunks())
 
     def abort(self) -> None:
         """Drop every piece not committed (a task that stops half way leaves no piece of its own)."""
         for f, _ in self.open.values():
-            f.abort()
+            if isinstance(f, atomic.AtomicFile):
+                f.abort()
+            else:
+                f.close()
         self.open.clear()
         self.buffers.clear()
 
     def commit(self) -> dict[int, int]:
         for b in list(self.buffers):
             self._flush(b)
+        if self.pack is not None:
+            self._commit_pack()
+            return dict(sorted(self.rows.items()))
         files = []
         for _, (f, writer) in sorted(self.open.items()):
             writer.close()
@@ -268,6 +299,23 @@ class _PieceWriters:
         for _ in _each(atomic.AtomicFile.commit, files, bool(files) and files[0].remote):  # one PUT per bucket
             pass
         return dict(sorted(self.rows.items()))
+
+    def _commit_pack(self) -> None:
+        """The bucket files in bucket order as one object. Its bytes are a function of the group's chunks alone
+        (same tables, same flushes, same encoding), so two attempts of one group upload the same pack."""
+        if not self.open:
+            return
+        with atomic.atomic_file(self.pack) as out:
+            offset = 0
+            for b, (scratch, writer) in sorted(self.open.items()):
+                writer.close()
+                scratch.seek(0)
+                shutil.copyfileobj(scratch, out, 1 << 20)
+                scratch.close()
+                length = out.tell() - offset
+                self.ranges[b] = (offset, length, self.rows[b])
+                offset += length
+        self.open.clear()
 
 
 def _scatter_ok_rows(table: pa.Table, layout: Layout, writers: _PieceWriters) -> None:
@@ -315,7 +363,8 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
         _raise_open_files_limit()
         started = time.perf_counter()
         name = f"group-{source_index:02d}-{group:05d}.arrow"
-        writers = _PieceWriters(paths, name)
+        remote = storage.is_remote(str(paths.root))
+        writers = _PieceWriters(paths, name, paths.pack(source, group) if remote else None)
         failed_path = paths.failed(source, group, 1)
         rows: Counter = Counter()
         tagged: Counter = Counter()
@@ -342,6 +391,8 @@ def scatter_group(out: BuildDirs | str, source: str, source_index: int, group: i
                    "failed_file": failed_path.name, "attempts": 1, "retried_by_source": {},
                    "buckets": {str(b): n for b, n in bucket_rows.items()},
                    "seconds": round(time.perf_counter() - started, 3)}
+        if remote:
+            summary["pack"] = {str(b): list(r) for b, r in writers.ranges.items()}
         atomic.write_json(summary, marker)
     storage.delete_many(chunk_paths)  # the marker is durable: the chunks' rows live in the pieces now
     return summary
@@ -359,10 +410,65 @@ def _bucket_pieces(paths: FinalPaths, b: int) -> list[storage.WorkPath]:
     return sorted(paths.bucket_dir(b).glob("*.arrow"))
 
 
-def _bucket_table(pieces: list[storage.WorkPath], columns: list[str] | None) -> pa.Table:
-    """The bucket's pieces as one table, in the order given (one per scatter group: dozens, fetched several at once
-    on object storage)."""
-    tables = list(_each(lambda p: read_ipc(p, columns), pieces, bool(pieces) and storage.is_remote(str(pieces[0]))))
+#: A bucket's piece in a group's pack: [source, group, offset, length, rows].
+PackRange = list
+
+
+def consumed_packs(out: BuildDirs | str) -> set[str]:
+    """The packs ("SOURCE/group-G") that `release_packs` recorded as consumed."""
+    try:
+        return set(json.loads(BuildDirs.of(out).paths.packs_consumed.read_text())["packs"])
+    except FileNotFoundError:
+        return set()
+
+
+def _pack_name(source: str, group: int) -> str:
+    return f"{source}/group-{group:05d}"
+
+
+def pack_ranges(markers: Iterable[dict], consumed: set[str]) -> dict[int, list[PackRange]]:
+    """Bucket -> its pieces in the groups' packs, from the group markers, in (source, group) order; the packs in
+    `consumed` are left out (their rows are in shards, or back in their buckets' own pieces after an unbuild)."""
+    ranges: dict[int, list[PackRange]] = {}
+    for m in sorted(markers, key=lambda m: (m["source_index"], m["group"])):
+        if _pack_name(m["source"], m["group"]) in consumed:
+            continue
+        for b, (offset, length, rows) in m.get("pack", {}).items():
+            ranges.setdefault(int(b), []).append([m["source"], m["group"], offset, length, rows])
+    return ranges
+
+
+def release_packs(out: BuildDirs | str, packed: dict[int, list[PackRange]]) -> None:
+    """Once every bucket is written (each pack's rows are in shards): the packs are recorded as consumed, then
+    deleted. A pack serves every bucket of its group, so it outlives the buckets written before the last; and
+    an unbuild (before a retry or a takedown's rebuild) writes the buckets' rows back as pieces of their own,
+    which must not meet the packs' copies of them: the record, written first, is what keeps them apart."""
+    paths = BuildDirs.of(out).paths
+    if not storage.is_remote(str(paths.root)):
+        return
+    names = {_pack_name(s, g) for ranges in packed.values() for s, g, *_ in ranges}
+    consumed = consumed_packs(out)
+    if not names <= consumed:
+        atomic.write_json({"packs": sorted(consumed | names)}, paths.packs_consumed)
+    storage.remove_tree(paths.root / PACKS_DIR)
+
+
+def _read_packed(paths: FinalPaths, piece: PackRange, columns: list[str] | None) -> pa.Table:
+    source, group, offset, length, rows = piece
+    path = paths.pack(source, group)
+    table = read_ipc_from(pa.py_buffer(storage.read_range(path, offset, length)), columns)
+    if table.num_rows != rows:
+        raise RuntimeError(f"{path}: {table.num_rows} rows at {offset}, its group's marker says {rows}")
+    return table
+
+
+def _bucket_table(paths: FinalPaths, pieces: list[storage.WorkPath], packed: list[PackRange],
+                  columns: list[str] | None) -> pa.Table:
+    """The bucket's pieces as one table: its ranges of the groups' packs, then its own piece files (a retry's, an
+    unbuild's), in the order given; dozens, fetched several at once on object storage."""
+    remote = storage.is_remote(str(paths.root))
+    tables = list(_each(lambda p: _read_packed(paths, p, columns) if isinstance(p, list) else read_ipc(p, columns),
+                        [*packed, *pieces], remote))
     if not tables:
         target = pa.schema([PIECE_SCHEMA.field(c) for c in columns]) if columns else PIECE_SCHEMA
         return target.empty_table()
@@ -403,9 +509,11 @@ def _failure_rows(table: pa.Table, rows: pl.DataFrame, stage: str, reason: str, 
 
 
 def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedowns: TakedownFilter | None = None,
-                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS) -> dict:
+                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS,
+                 packed: list[PackRange] = ()) -> dict:
     """Pass B1: decide the bucket's duplicates and takedowns (metadata only); writes and returns the bucket's
-    summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b)."""
+    summary. The decided failures (duplicates, then rows taken down) go to one file, paths.duplicates(b).
+    `packed`: the bucket's pieces in the groups' packs (`pack_ranges`)."""
     paths = BuildDirs.of(out).paths
     if paths.dedup(b).is_file():
         return _read_json(paths.dedup(b))
@@ -414,12 +522,12 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
     # writes the kept rows, in corpus order, as one object, so that B2 reads one object instead of every piece.
     # On disk B1 reads the metadata columns alone (memory-mapped), and B2 the pieces.
     ordered = storage.is_remote(str(paths.root))
-    table = _bucket_table(pieces, None if ordered else METADATA_COLUMNS)
+    table = _bucket_table(paths, pieces, list(packed), None if ordered else METADATA_COLUMNS)
     kept, duplicates, taken, fake = _decide(table, takedowns, placeholder_min_urls)
     if ordered:
         rows = table.take(pa.array(kept.get_column("row").to_numpy(), pa.int64()))
-        write_ipc_atomic(rows.replace_schema_metadata(_ordered_metadata(pieces, takedowns, placeholder_min_urls)),
-                         paths.ordered(b))
+        write_ipc_atomic(rows.replace_schema_metadata(_ordered_metadata(pieces, packed, takedowns,
+                                                                        placeholder_min_urls)), paths.ordered(b))
     rows = _failure_rows(table, duplicates, *DUPLICATE,
                          [f"same image and text as {k}" for k in duplicates.get_column("kept_key").to_list()])
     if taken.height or fake.height:
@@ -453,17 +561,17 @@ def dedup_bucket(out: BuildDirs | str, b: int, source_names: list[str], takedown
     return summary
 
 
-def _ordered_metadata(pieces: list[storage.WorkPath], takedowns: TakedownFilter | None,
+def _ordered_metadata(pieces: list[storage.WorkPath], packed: list[PackRange], takedowns: TakedownFilter | None,
                       placeholder_min_urls: int) -> dict[bytes, bytes]:
     """What an ordered file was decided from: B2 uses it only when its bucket's pieces and its decision inputs
     (takedown requests, the placeholder threshold) are still these."""
-    return {b"pieces": json.dumps(sorted(p.name for p in pieces)).encode(),
+    return {b"pieces": json.dumps([*(list(p) for p in packed), *sorted(p.name for p in pieces)]).encode(),
             b"decisions": json.dumps([[r.id for r in takedowns.requests] if takedowns else [],
                                       placeholder_min_urls]).encode()}
 
 
-def _ordered_rows(paths: FinalPaths, b: int, pieces: list[storage.WorkPath], takedowns: TakedownFilter | None,
-                  placeholder_min_urls: int) -> pa.Table | None:
+def _ordered_rows(paths: FinalPaths, b: int, pieces: list[storage.WorkPath], packed: list[PackRange],
+                  takedowns: TakedownFilter | None, placeholder_min_urls: int) -> pa.Table | None:
     """B1's ordered file of the bucket when it still holds what B2 would decide from the pieces, else None."""
     if not storage.is_remote(str(paths.root)):
         return None
@@ -471,7 +579,7 @@ def _ordered_rows(paths: FinalPaths, b: int, pieces: list[storage.WorkPath], tak
         table = read_ipc(paths.ordered(b))
     except FileNotFoundError:
         return None
-    if (table.schema.metadata or {}) != _ordered_metadata(pieces, takedowns, placeholder_min_urls):
+    if (table.schema.metadata or {}) != _ordered_metadata(pieces, packed, takedowns, placeholder_min_urls):
         return None
     return table.replace_schema_metadata(None)
 
@@ -523,8 +631,10 @@ def _write_shard(dirs: BuildDirs, shard: int, table: pa.Table, row_group_rows: i
 
 def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: Layout,
                  takedowns: TakedownFilter | None = None,
-                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS) -> dict:
-    """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares."""
+                 placeholder_min_urls: int = placeholders.DEFAULT_PLACEHOLDER_MIN_URLS,
+                 packed: list[PackRange] = ()) -> dict:
+    """Pass B2: the bucket's kept rows into its whole shards and the fragments of the shards it shares. `packed`:
+    as for `dedup_bucket`; the packs themselves outlive this task (`release_packs`)."""
     dirs = BuildDirs.of(out)
     paths = dirs.paths
     if paths.written(b).is_file():
@@ -532,10 +642,11 @@ def write_bucket(out: BuildDirs | str, b: int, offset: int, total: int, layout: 
     started = time.perf_counter()
     try:
         pieces = _bucket_pieces(paths, b)
-        table = _ordered_rows(paths, b, pieces, takedowns, placeholder_min_urls)
+        packed = list(packed)
+        table = _ordered_rows(paths, b, pieces, packed, takedowns, placeholder_min_urls)
         decided = table is not None
         if not decided:
-            table = _bucket_table(pieces, None)
+            table = _bucket_table(paths, pieces, packed, None)
     except FileNotFoundError:
         table = None  # consumed meanwhile by another attempt
     if table is None or paths.written(b).is_file():  # a listing read after another attempt deleted the pieces

@@ -96,9 +96,11 @@ def test_a_build_with_its_work_on_s3_equals_the_local_build_and_writes_nothing_l
     assert list(home.rglob("*")) == [] and list(cwd.rglob("*")) == []
 
 
-def test_on_s3_each_piece_is_read_once_and_each_bucket_written_from_one_object(reference):
-    """Dedup (B1) fetches every piece whole and writes the bucket's kept rows in corpus order as one object; the
-    bucket's write (B2) reads that object, not the pieces again."""
+def test_on_s3_a_group_is_one_pack_each_piece_read_once_and_each_bucket_written_from_one_object(reference):
+    """Scatter (A) uploads each group's pieces as one object, its pack, with every bucket's byte range in the
+    group's marker; dedup (B1) fetches each bucket's range of each pack once (one ranged GET) and writes the
+    bucket's kept rows in corpus order as one object; the bucket's write (B2) reads that object, not the ranges
+    again. Once every bucket is written the packs are recorded as consumed and deleted."""
     root, local = reference
     out = "s3://pmd/reads"
     TRAFFIC.reset()
@@ -106,12 +108,25 @@ def test_on_s3_each_piece_is_read_once_and_each_bucket_written_from_one_object(r
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert manifest["shards"] == local["shards"]
-    gets = {path: n for (method, path), n in TRAFFIC.requests.items() if method == "GET"}
-    pieces = {p: n for p, n in gets.items() if "/work/final/pieces/" in p and not p.endswith("/")}
-    ordered = {p: n for p, n in gets.items() if "/work/final/ordered/" in p}
-    assert pieces and set(pieces.values()) == {1}
+    work = "/pmd/reads/work/final"
+    markers = [json.loads(storage.read_text(p))
+               for p in storage.list_files(storage.join(out, "work", "final", "groups"), ".json", recursive=True)]
+    packs = {f"{work}/packs/{m['source']}/group-{m['group']:05d}.pack": m["pack"] for m in markers if m["pack"]}
+    assert len(packs) >= 2 and any(len(ranges) >= 2 for ranges in packs.values())  # groups spanning buckets
+    for m in markers:
+        assert sum(rows for _, _, rows in m["pack"].values()) == m["ok"]
+    requests = TRAFFIC.requests
+    assert {p: n for (method, p), n in requests.items() if method == "PUT" and "/packs/" in p} == \
+        {p: 1 for p in packs}
+    assert not [p for (method, p), n in requests.items() if method == "PUT" and "/final/pieces/" in p]
+    assert {p: n for (method, p), n in requests.items() if method == "GET" and "/packs/" in p} == \
+        {p: len(ranges) for p, ranges in packs.items()}  # one ranged GET per (pack, bucket)
+    ordered = {p: n for (method, p), n in requests.items() if method == "GET" and "/final/ordered/" in p}
     assert len(ordered) == manifest["layout"]["n_buckets"] and set(ordered.values()) == {1}
     assert not storage.list_files(storage.join(out, "work", "final", "ordered"))  # deleted once written
+    assert not storage.list_files(storage.join(out, "work", "final", "packs"), recursive=True)
+    consumed = json.loads(storage.read_text(storage.join(out, "work", "final", "packs-consumed.json")))
+    assert consumed["packs"] == sorted(f"{m['source']}/group-{m['group']:05d}" for m in markers if m["pack"])
 
 
 # One SIGKILL in each phase of the build: (function, calls it returns before the kill; 0 = before its first).

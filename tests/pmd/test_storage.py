@@ -117,6 +117,36 @@ def test_a_whole_object_is_read_in_one_get_and_no_head(monkeypatch):
         assert traffic.requests[("HEAD", "/pmd/one-get/blob.gz")] == 1  # pyarrow's client, which honours the option
 
 
+def test_a_byte_range_is_one_ranged_get_and_a_range_past_the_end_is_an_error(monkeypatch, tmp_path):
+    """read_range (a bucket's piece in a scatter group's pack) returns exactly the bytes asked for: on S3 one GET
+    that sends only those bytes, on disk a seek and a read; a range past the end raises, never returns fewer."""
+    data = bytes(range(256)) * 4096  # 1 MiB, every offset distinguishable
+    local = tmp_path / "pack"
+    local.write_bytes(data)
+    traffic = Traffic()
+    with s3_server(traffic=traffic) as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for options in ("{}", json.dumps({"connect_timeout": 5.0})):  # botocore's client, then pyarrow's
+            monkeypatch.setenv(storage.OPTIONS_ENV, options)
+            atomic.write_bytes(data, "s3://pmd/ranges/pack")
+            for offset, length in ((0, 1), (1000, 70_001), (len(data) - 5, 5), (3, 0)):
+                expected = data[offset:offset + length]
+                assert storage.read_range(str(local), offset, length) == expected
+                traffic.reset()
+                assert storage.read_range("s3://pmd/ranges/pack", offset, length) == expected
+                if options == "{}":
+                    assert dict(traffic.requests) == ({("GET", "/pmd/ranges/pack"): 1} if length else {})
+                    assert traffic.bytes_out["/pmd/ranges/pack"] == length
+            for location in (str(local), "s3://pmd/ranges/pack"):
+                with pytest.raises(OSError, match="shorter|Range|range"):
+                    storage.read_range(location, len(data) - 5, 6)
+            with pytest.raises(FileNotFoundError):
+                storage.read_range("s3://pmd/ranges/no-such", 0, 4)
+        with pytest.raises(FileNotFoundError):
+            storage.read_range(str(tmp_path / "no-such"), 0, 4)
+
+
 def test_options_come_from_the_environment_or_the_command_line(s3, monkeypatch):
     """Without AWS_ENDPOINT_URL the client would go to AWS; the endpoint given as a storage option reaches moto."""
     for k, v in s3.items():
