@@ -4,8 +4,8 @@
 
 A generated Localized Narratives (Flickr30k) source: N/5 small distinct JPEGs (40x32) in one stored zip, one
 narrative of five sentences per image, so N candidates. For each size one `pmd build` child process is run
-(`--image-size 0`: stored at their size, re-encoded once; `--shard-rows 10000 --chunk-rows 2000`) and sampled every
-0.2 s:
+(`--image-size 0`: stored at their size, re-encoded once; `--shard-rows 10000 --chunk-rows 2000` unless given)
+and sampled every 0.2 s:
 - driver peak RSS: the `pmd build` process itself (not its Ray workers): what must stay flat as the corpus grows;
 - peak disk of OUT (every file under it, summed) against OUT's size at the end and against the shards alone;
 - shard-phase rows/s (the manifest's `shard_rows_per_s`: bucket writes + merges), final-phase rows/s (scatter,
@@ -162,7 +162,8 @@ def _machine_cpu() -> float:
     return times.user + times.system + times.nice
 
 
-def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round_: int = 0) -> dict:
+def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round_: int = 0,
+        shard_rows: int = 10_000, chunk_rows: int = 2_000) -> dict:
     inputs = root / f"in-{candidates}"
     if not inputs.exists():
         generate(inputs, candidates)
@@ -171,7 +172,7 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     requests_before = s3.requests if s3 else 0
     kinds_before = Counter(s3.by_kind) if s3 else None
     cmd = [PMD, "build", SOURCE, str(captions), "--images", str(archive), "--out", str(out), "--image-size", "0",
-           "--shard-rows", "10000", "--chunk-rows", "2000", "--num-cpus", str(num_cpus), "-q", "--json"]
+           "--shard-rows", str(shard_rows), "--chunk-rows", str(chunk_rows), "--num-cpus", str(num_cpus), "-q", "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
     started = time.perf_counter()
     machine_before, own_before = _machine_cpu(), _cpu(resource.RUSAGE_SELF)
@@ -259,6 +260,9 @@ def main() -> None:
     parser.add_argument("--store", nargs="+", choices=("local", "s3"), default=["local"],
                         help="where OUT and its work state go; several: alternating rounds")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--shard-rows", type=int, default=10_000, help="pmd build --shard-rows")
+    parser.add_argument("--chunk-rows", type=int, default=2_000,
+                        help="pmd build --chunk-rows (with --shard-rows: the layout's chunks, groups and buckets)")
     parser.add_argument("--moto-module-cache", action="store_true",
                         help="list moto's service modules once: its server lists and stats its own package directory "
                              "on every request (a quarter of its CPU here), which no real store does")
@@ -286,7 +290,8 @@ def main() -> None:
             for r in range(args.rounds):
                 # ABBA: each store goes first in every other round, so a drift of the machine does not favour one.
                 for store in (args.store if r % 2 == 0 else args.store[::-1]):
-                    result = run(n, root, args.num_cpus, s3 if store == "s3" else None, r)
+                    result = run(n, root, args.num_cpus, s3 if store == "s3" else None, r, args.shard_rows,
+                                 args.chunk_rows)
                     walls.setdefault(store, []).append(result["wall_s"])
                     cpus.setdefault(store, []).append(result["build_cpu_s"])
                     print(json.dumps(result), flush=True)

@@ -21,9 +21,10 @@ before any image is fetched, so the work is an external sort in two passes with 
   B2. write (one task per bucket): kept rows sorted by (shuffle_hash, key) at global positions offset.., cut at the
      global shard boundaries; shards wholly inside the bucket are written, the ends that straddle a neighbour are
      written as fragments that `merge_shard` joins. Then the bucket's pieces are deleted.
-  On object storage B1 fetches each piece whole (one GET) and writes the bucket's kept rows in corpus order as one
-  object, `ordered/bucket-B.arrow`, which B2 reads instead of the pieces while the bucket's pieces and decision
-  inputs are the ones it names (`_ordered_rows`): a bucket's pieces are read once, not twice.
+  On object storage B1 fetches each piece whole (one GET: a range of its group's pack) and writes the bucket's
+  kept rows in corpus order as one object, `ordered/bucket-B.arrow`, which B2 reads instead of the pieces while
+  the bucket's pieces and decision inputs are the ones it names (`_ordered_rows`): a bucket's pieces are read
+  once, not twice.
 
 Every image is read from disk twice after the image stage (chunk in A, piece in B2; a straddling shard's rows once
 more from its fragment), every output is written under a temporary name and renamed, and every pass has a marker
