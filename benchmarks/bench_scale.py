@@ -172,7 +172,8 @@ def run(candidates: int, root: Path, num_cpus: int, s3: _S3 | None = None, round
     requests_before = s3.requests if s3 else 0
     kinds_before = Counter(s3.by_kind) if s3 else None
     cmd = [PMD, "build", SOURCE, str(captions), "--images", str(archive), "--out", str(out), "--image-size", "0",
-           "--shard-rows", str(shard_rows), "--chunk-rows", str(chunk_rows), "--num-cpus", str(num_cpus), "-q", "--json"]
+           "--shard-rows", str(shard_rows), "--chunk-rows", str(chunk_rows), "--num-cpus", str(num_cpus), "-q",
+           "--json"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", **(s3.env if s3 else {})}
     started = time.perf_counter()
     machine_before, own_before = _machine_cpu(), _cpu(resource.RUSAGE_SELF)
