@@ -540,6 +540,8 @@ def retry(plan: Plan, executor: Executor, markers: list[dict], screens: object) 
     config = plan.config
     if pmd_plan.final_written(plan.work, OutLayout.of(config.out)) or plan.paths.unbuild_state.is_file():
         unbuild(plan, executor)
+    else:  # a run stopped between dedup and the first write: decisions made without the rows this round adds
+        final.forget_decided(config.dirs, pmd_plan.decided_buckets(plan.work))
     updated: list[dict] = []
     states = {}
     for spec in config.sources:

@@ -866,6 +866,15 @@ def _unbuilt_piece(rows: pa.Table, order: pa.Table, seed: int) -> pa.Table:
     return pa.table({n: piece[n] for n in PIECE_SCHEMA.names}).cast(PIECE_SCHEMA)
 
 
+def forget_decided(out: BuildDirs | str, buckets: list[int]) -> None:
+    """Before a retry round adds pieces to buckets decided but not yet written: their decisions (summary, duplicates,
+    B1's ordered file) were made without those rows, and dedup decides them again. The markers go first, so a run
+    killed in between finds the buckets undecided, never a marker beside missing outputs."""
+    paths = BuildDirs.of(out).paths
+    storage.delete_many([str(paths.dedup(b)) for b in buckets])
+    storage.delete_many([str(p) for b in buckets for p in (paths.duplicates(b), paths.ordered(b))])
+
+
 def reopen_bucket(out: BuildDirs | str, b: int) -> None:
     """After its shards were unbuilt: the bucket's old duplicates become a (metadata-only) piece again, and its
     decisions are forgotten. A duplicate never wins against its kept row, so it needs no image; a row taken down

@@ -74,6 +74,14 @@ def final_written(work: WorkLayout, out: OutLayout) -> bool:
     return any((work.final.root / "written").glob("*.json")) or bool(storage.list_files(out.shards, ".parquet"))
 
 
+def decided_buckets(work: WorkLayout) -> list[int]:
+    """The buckets whose dedup decision exists. A retry round adds the rows that now succeed to their buckets, so
+    a decision made before it is stale: with no bucket written yet these are decided again (`final.forget_decided`);
+    once one is, the whole final phase is taken back first (an unbuild), which forgets them too."""
+    return sorted(int(p.name[len("bucket-"):-len(".json")])
+                  for p in (work.final.root / "dedup").glob("bucket-*[0-9].json"))
+
+
 def takedowns_changed(work: WorkLayout, request_ids: Sequence[str]) -> bool:
     """Whether a bucket was decided without a takedown request recorded since (`pmd takedown` on a finished build)."""
     for path in sorted((work.final.root / "dedup").glob("bucket-*[0-9].json")):

@@ -109,6 +109,37 @@ def test_retry_failures_downloads_transient_rows_again(server, tmp_path):
     assert verify(out) == [] and image_bytes_in_work(out) == 0
 
 
+def test_retry_after_a_run_stopped_between_dedup_and_the_first_write(server, tmp_path, monkeypatch):
+    """Every bucket decided, none written, then `--retry-failures`: the rows that now succeed join decided buckets,
+    whose decisions must be made again (they were not: the accounting did not add up, 46 rows against 40 pairs)."""
+    from pmd import final
+
+    lines = [f"{server.url(f'/img/{800 + i}.jpg')}\tgood {i}" for i in range(N_GOOD)]
+    lines += [f"{server.url(f'/flaky/1/{900 + i}.jpg')}\tflaky {i}" for i in range(N_FLAKY)]
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped before the first write")
+
+    monkeypatch.setattr(final, "write_bucket", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(config(tsv, out, retry=False))
+    monkeypatch.undo()
+    decided = sorted((out / "work" / "final" / "dedup").glob("bucket-*[0-9].json"))
+    assert decided and not list((out / "work" / "final").glob("written/*.json"))
+
+    retried = run_build(config(tsv, out, retry=True))
+    acc = retried["accounting"]["conceptual_12m"]
+    assert acc["pairs"] == N_GOOD + N_FLAKY and acc["failures"] == 0
+    assert verify(out) == [] and image_bytes_in_work(out) == 0
+    reference = tmp_path / "reference"  # the flaky URLs answer at once now
+    run_build(config(tsv, reference, retry=False))
+    assert read_bytes(out, "shards/*.parquet") == read_bytes(reference, "shards/*.parquet")
+    assert read_bytes(out, "failures/*.parquet") == read_bytes(reference, "failures/*.parquet")
+
+
 def first_key(out: Path, url_part: str) -> str:
     shards = pl.read_parquet(out / "shards")
     return shards.filter(pl.col("image_url").str.contains(url_part, literal=True))["key"].to_list()[0]

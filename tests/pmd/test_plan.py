@@ -57,3 +57,14 @@ def test_a_shard_in_out_counts_as_written(tmp_path):
     assert not plan.final_written(work, out)
     atomic.write_bytes(b"PAR1", out.shard(0))
     assert plan.final_written(work, out)
+
+
+def test_the_decided_buckets_are_those_with_a_dedup_summary(tmp_path):
+    """What a retry round forgets when no bucket is written yet (pmd.final.forget_decided)."""
+    work = WorkLayout.of(tmp_path / "work")
+    assert plan.decided_buckets(work) == []
+    for b in (12, 0, 3):
+        atomic.write_json({"bucket": b}, work.final.dedup(b))
+    atomic.write_bytes(b"x", work.final.duplicates(5))  # outputs without their summary: not decided
+    atomic.write_bytes(b"{}", atomic.temp_path(work.final.dedup(7)))  # a killed writer's temp file
+    assert plan.decided_buckets(work) == [0, 3, 12]
