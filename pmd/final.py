@@ -47,7 +47,6 @@ import dataclasses
 import json
 import logging
 import resource
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -302,20 +301,20 @@ class _PieceWriters:
         return dict(sorted(self.rows.items()))
 
     def _commit_pack(self) -> None:
-        """The bucket files in bucket order as one object. Its bytes are a function of the group's chunks alone
-        (same tables, same flushes, same encoding), so two attempts of one group upload the same pack."""
+        """The bucket files in bucket order as one object, streamed from the scratch files (no local copy of the
+        whole). Its bytes are a function of the group's chunks alone (same tables, same flushes, same encoding), so
+        two attempts of one group upload the same pack."""
         if not self.open:
             return
-        with atomic.atomic_file(self.pack) as out:
-            offset = 0
-            for b, (scratch, writer) in sorted(self.open.items()):
-                writer.close()
-                scratch.seek(0)
-                shutil.copyfileobj(scratch, out, 1 << 20)
-                scratch.close()
-                length = out.tell() - offset
-                self.ranges[b] = (offset, length, self.rows[b])
-                offset += length
+        buckets = sorted(self.open)
+        for b in buckets:
+            self.open[b][1].close()
+        sizes = atomic.write_concatenated([self.open[b][0] for b in buckets], self.pack)
+        offset = 0
+        for b, size in zip(buckets, sizes):
+            self.ranges[b] = (offset, size, self.rows[b])
+            offset += size
+            self.open[b][0].close()
         self.open.clear()
 
 

@@ -490,6 +490,22 @@ def upload(local: Path, location: str | os.PathLike) -> None:
             dst.write(block)
 
 
+def upload_concatenated(sources: list[IO[bytes]], location: str | os.PathLike) -> list[int]:
+    """Open local files (binary, read from their start), back to back as one object at `location`, in one
+    streamed PUT (multipart for a large one): no local copy of the whole. Returns each source's length."""
+    fs, path = resolve(location)
+    sizes = []
+    with fs.open_output_stream(path, compression=None) as dst:
+        for src in sources:
+            src.seek(0)
+            n = 0
+            while block := src.read(8 << 20):
+                dst.write(block)
+                n += len(block)
+            sizes.append(n)
+    return sizes
+
+
 def sha256(location: str | os.PathLike, block: int = 4 << 20) -> str:
     digest = hashlib.sha256()
     if not is_remote(location):

@@ -24,6 +24,27 @@ def test_json_parquet_ipc_land_whole_and_leave_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.json", "t.arrow", "t.parquet", "x"]
 
 
+def test_files_written_back_to_back_land_as_one_file_with_their_lengths(tmp_path):
+    """write_concatenated (a scatter group's pack): on disk and on a store, each source whole, in order, from its
+    start whatever its position; the lengths it returns are where each one begins and ends."""
+    import tempfile
+
+    from pmd import storage
+
+    parts = [b"first" * 1000, b"", bytes(range(256)) * 40_000, b"x"]  # the third larger than a read block
+    sources = []
+    for data in parts:
+        f = tempfile.TemporaryFile()
+        f.write(data)  # left at its end: the writer must start each from the beginning
+        sources.append(f)
+    for target in (str(tmp_path / "packs" / "g.pack"), f"memory://concatenated-{os.getpid()}/packs/g.pack"):
+        assert atomic.write_concatenated(sources, target) == [len(p) for p in parts]
+        assert storage.read_bytes(target) == b"".join(parts)
+    assert sorted(p.name for p in (tmp_path / "packs").iterdir()) == ["g.pack"]  # no temporary left
+    for f in sources:
+        f.close()
+
+
 def test_an_exception_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     target = tmp_path / "m.json"
     atomic.write_json({"v": 1}, target)
