@@ -51,9 +51,9 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import polars as pl
 import pyarrow as pa

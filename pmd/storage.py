@@ -482,12 +482,10 @@ def delete_many(locations: Iterable[str | os.PathLike]) -> None:
 
 def upload(local: Path, location: str | os.PathLike) -> None:
     """Copy a complete local file to `location` in one streamed PUT (multipart for large files)."""
-    fs, path = resolve(location)
     if not is_remote(location):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(local, "rb") as src, fs.open_output_stream(path, compression=None) as dst:
-        while block := src.read(8 << 20):
-            dst.write(block)
+        Path(resolve(location)[1]).parent.mkdir(parents=True, exist_ok=True)
+    with open(local, "rb") as src:
+        upload_concatenated([src], location)
 
 
 def upload_concatenated(sources: list[IO[bytes]], location: str | os.PathLike) -> list[int]:
