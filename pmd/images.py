@@ -31,6 +31,13 @@ decode; ``_antialiased`` reaches the same geometry in SIMD steps at about half t
 + LANCZOS higher on real photos and within 0.2 dB on generated texture. All steps are integer arithmetic on uint8,
 so the output is deterministic.
 
+Every large array of the JPEG path (the decoded pixels, each resize step) is written into buffers the calling
+thread keeps (``_Scratch``), not freshly allocated. glibc returns a freed block of more than 128 KiB to the kernel
+(mmap, or a trimmed heap top) and the next image's block comes back as new zeroed pages: ~510 page faults and 1.1 ms
+of a 640x480 image's 2.3 ms in a download worker, measured; with the buffers kept, none. A process that had once
+freed a very large block (Pillow's 16 MiB image blocks raise glibc's thresholds) never showed it, which is why
+one-process timings of the image alone did not.
+
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
 """
@@ -38,6 +45,7 @@ img2dataset (OpenCV) does too.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +98,12 @@ _ORIENT_ARRAY = {
 _SWAPS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
                     Image.Transpose.ROTATE_90})
 _WHITE = (255, 255, 255)
+# A scratch buffer kept for the next image is at most this size: a decode of up to ~2.8 MP (PMD's images are mostly
+# 0.2-0.8 MP; a 640x480 image's buffers are 2.2 MB together); a larger image's buffer is allocated for it alone.
+# Calls at once are at most the download threads, so a process keeps at most ~16 MiB per set (the decode, a
+# 6:1 image's steps) times _SCRATCH_POOL_MAX, ~40 MB for 16 threads of 640x480 images.
+_SCRATCH_KEEP_BYTES = 8 * 1024**2
+_SCRATCH_POOL_MAX = 64
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
@@ -234,11 +248,17 @@ def process_image(
     and OpenCV. ``with_phash``: also the pHash of the stored image, from the pixels before encoding (within a
     Hamming distance of 2 of the hash of the decoded JPEG, tests/pmd/test_decontaminate.py).
     """
+    with _scratch() as scratch:
+        return _process_image(raw, options, crop_box, with_phash, scratch)
+
+
+def _process_image(raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None, with_phash: bool,
+                   scratch: _Scratch) -> ProcessedImage:
     try:
         with _no_truncated_images():
             # Not closed explicitly: the source is an in-memory buffer, and the decoded image may be returned as is.
             im = Image.open(BytesIO(raw), formats=ALLOWED_FORMATS)
-            bgr, original = _decode(im, raw, options, crop_box)
+            bgr, original = _decode(im, raw, options, crop_box, scratch)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -273,23 +293,62 @@ def process_image(
     )
 
 
-def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions) -> np.ndarray:
+class _Scratch:
+    """Reusable uint8 buffers, by role (the decode, each resize step), for one process_image call at a time
+    (``_scratch``). An array from ``array(role, shape)`` is valid until that role is asked for again: process_image
+    encodes (and hashes) its output before it returns, and nothing it returns is a view of a buffer."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def array(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = math.prod(shape)
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.size < size:
+            # Room for a somewhat larger image than this one: sizes vary image to image, and a buffer that grew by
+            # each new maximum would be a new block (new pages) for every few images.
+            buffer = np.empty(min(size + size // 2, max(size, _SCRATCH_KEEP_BYTES)), np.uint8)
+            if size <= _SCRATCH_KEEP_BYTES:
+                self.buffers[role] = buffer
+        return buffer[:size].reshape(shape)
+
+
+_SCRATCH_POOL: list[_Scratch] = []
+_SCRATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def _scratch() -> Iterator[_Scratch]:
+    """A scratch set no other call uses meanwhile; kept for the next call (the download threads of a chunk end with
+    it, the pool does not), at most _SCRATCH_POOL_MAX of them."""
+    with _SCRATCH_LOCK:
+        scratch = _SCRATCH_POOL.pop() if _SCRATCH_POOL else _Scratch()
+    try:
+        yield scratch
+    finally:
+        with _SCRATCH_LOCK:
+            if len(_SCRATCH_POOL) < _SCRATCH_POOL_MAX:
+                _SCRATCH_POOL.append(scratch)
+
+
+def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions, scratch: _Scratch) -> np.ndarray:
     """Shorter side of the full-resolution ``width`` x ``height`` -> ``image_size``, as a BGR array (the channel
     order of the JPEG path and of OpenCV's encoder), swapped on the small image."""
-    return cv2.cvtColor(_resize_array(np.asarray(rgb), width, height, options), cv2.COLOR_RGB2BGR)
+    return cv2.cvtColor(_resize_array(np.asarray(rgb), width, height, options, scratch), cv2.COLOR_RGB2BGR)
 
 
-def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions) -> np.ndarray:
+def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions,
+                  scratch: _Scratch | None = None) -> np.ndarray:
     """The same on an array that may be DCT-scaled: one antialiased resize (`_antialiased`), never up."""
     if not options.image_size or min(width, height) <= options.image_size:
         return pixels
     target = _target_size(width, height, options.image_size)
     if (pixels.shape[1], pixels.shape[0]) == target:
         return pixels
-    return _antialiased(pixels, target)
+    return _antialiased(pixels, target, scratch)
 
 
-def _antialiased(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+def _antialiased(pixels: np.ndarray, target: tuple[int, int], scratch: _Scratch | None = None) -> np.ndarray:
     """Downscale to ``target`` (w, h) in exact steps: INTER_AREA halvings while the image stays >= 2x the target
     (a 2x2 mean, OpenCV's SIMD fast path), a bicubic resample to exactly 2x the target, and a last 2x2 mean.
 
@@ -304,13 +363,21 @@ def _antialiased(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
     """
     width, height = target
     double = (2 * width, 2 * height)
+
+    def into(role: str, size: tuple[int, int]) -> np.ndarray | None:  # where a step writes (None: a new array)
+        return None if scratch is None else scratch.array(role, (size[1], size[0], *pixels.shape[2:]))
+
+    halvings = 0
     while pixels.shape[1] >= double[0] and pixels.shape[0] >= double[1] and pixels.shape[1::-1] != double:
         if pixels.shape[1] % 2 or pixels.shape[0] % 2:
-            return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
-        pixels = cv2.resize(pixels, (pixels.shape[1] // 2, pixels.shape[0] // 2), interpolation=cv2.INTER_AREA)
+            return cv2.resize(pixels, target, dst=into("out", target), interpolation=cv2.INTER_AREA)
+        half = (pixels.shape[1] // 2, pixels.shape[0] // 2)
+        # Two buffers taken in turn: a step never writes the array it reads.
+        pixels = cv2.resize(pixels, half, dst=into(f"half{halvings % 2}", half), interpolation=cv2.INTER_AREA)
+        halvings += 1
     if pixels.shape[1::-1] != double:  # now under 2x the target: an upscale, which bicubic interpolates cleanly
-        pixels = cv2.resize(pixels, double, interpolation=cv2.INTER_CUBIC)
-    return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(pixels, double, dst=into("double", double), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(pixels, target, dst=into("out", target), interpolation=cv2.INTER_AREA)
 
 
 def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
@@ -323,7 +390,7 @@ def _draft_scale(width: int, height: int, options: ImageOptions) -> int:
     return next((s for s in (8, 4, 2) if -(-short // s) >= need), 1)
 
 
-def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> np.ndarray | None:
+def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions, scratch: _Scratch) -> np.ndarray | None:
     """simplejpeg (libjpeg-turbo) decodes straight into the BGR array the resize reads (Pillow's RGBX copy to
     numpy cost ~1 ms at 1024x768). Strict, so that anything libjpeg warns about (a truncated stream, but also the
     extraneous bytes before a marker that many web JPEGs carry) returns None: Pillow then decides as it always did
@@ -331,16 +398,19 @@ def _decode_jpeg(raw: bytes, width: int, height: int, options: ImageOptions) -> 
     scale = _draft_scale(width, height, options)
     axis = "min_height" if height <= width else "min_width"
     at_least = {} if scale == 1 else {axis: -(-min(width, height) // scale)}
+    # libjpeg's scaled size is the full size / scale, rounded up.
+    buffer = scratch.array("decode", (-(-height // scale), -(-width // scale), 3))
     try:
         # fastupsample: chroma replicated instead of libjpeg's triangle filter (the merged SIMD upsampler, ~6%
         # faster); the antialiased resize that follows makes the filter moot (PSNR equal or higher, measured).
-        return simplejpeg.decode_jpeg(raw, "BGR", fastupsample=True, strict=True, **at_least)
+        return simplejpeg.decode_jpeg(raw, "BGR", fastupsample=True, strict=True, buffer=buffer, **at_least)
     except ValueError:
         return None
 
 
 def _decode(
-    im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None
+    im: ImageFile.ImageFile, raw: bytes, options: ImageOptions, crop_box: tuple[int, int, int, int] | None,
+    scratch: _Scratch,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The opened image as upright, resized pixels (cropped first if asked; a C-contiguous uint8 BGR array) and its
     upright full-resolution size."""
@@ -351,16 +421,16 @@ def _decode(
     method = _ORIENT.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     if crop_box is None:
         _check_size(full_width, full_height, options)
-        pixels = _decode_jpeg(raw, full_width, full_height, options) if im.format in ("JPEG", "MPO") and \
+        pixels = _decode_jpeg(raw, full_width, full_height, options, scratch) if im.format in ("JPEG", "MPO") and \
             im.mode in ("RGB", "L") else None
         if pixels is not None:
-            bgr = _resize_array(pixels, full_width, full_height, options)
+            bgr = _resize_array(pixels, full_width, full_height, options, scratch)
         else:
             scale = _draft_scale(full_width, full_height, options) if im.format in ("JPEG", "MPO") else 1
             if scale > 1:  # the same DCT scale as simplejpeg's (Pillow picks the largest power of two that fits)
                 im.draft(None, (full_width // scale, full_height // scale))
             im.load()
-            bgr = _resize(_to_rgb(im), full_width, full_height, options)
+            bgr = _resize(_to_rgb(im), full_width, full_height, options, scratch)
         # Resized in the stored axes (the target keeps the aspect ratio, which a rotation only swaps), then rotated:
         # the small image rather than the decoded one.
         if method is None:
@@ -373,4 +443,4 @@ def _decode(
     # Crop before the RGB conversion so only the kept region is converted.
     cropped = upright.crop(_clamp_box(crop_box, upright.size[0], upright.size[1]))
     _check_size(cropped.size[0], cropped.size[1], options)
-    return _resize(_to_rgb(cropped), cropped.size[0], cropped.size[1], options), cropped.size
+    return _resize(_to_rgb(cropped), cropped.size[0], cropped.size[1], options, scratch), cropped.size
