@@ -280,7 +280,8 @@ def main() -> None:
     parser.add_argument("--no-download-only", action="store_true", help="skip the download-alone figures")
     parser.add_argument("--baseline-root", default=None,
                         help="a checkout of other pmd code (e.g. `git worktree add /tmp/base COMMIT`): its `pmd build "
-                             "--download-backend http` runs in the same rounds as pmd_build_http_baseline")
+                             "--download-backend http` (the first of --executors) runs in the same rounds as "
+                             "pmd_build_http_baseline")
     parser.add_argument("--server", choices=sorted(SERVERS), default="httpserver",
                         help="loopback server per host: tests/httpserver.py, or the lean "
                              "benchmarks/loopback_asyncio.py")
@@ -327,7 +328,8 @@ def main() -> None:
                 if name == "img2dataset":
                     result = run_img2dataset(args, work, env, str(r))
                 elif name == "pmd_build_http_baseline":
-                    result = run_pmd(args, work, {**env, "PYTHONPATH": args.baseline_root}, "http", f"b{r}")
+                    result = run_pmd(args, work, {**env, "PYTHONPATH": args.baseline_root}, "http", f"b{r}",
+                                     executors[0])
                 else:
                     backend, _, executor = name.removeprefix("pmd_build_").partition("_")
                     result = run_pmd(args, work, env, backend, str(r), executor or "ray")

@@ -16,6 +16,11 @@ Modes (all by default):
 - speed: rounds alternate between pmd, pmd with the pHash (`with_phash=True`), img2dataset and the floor
   (simplejpeg's decode at the same scale + the JPEG encode of an output-sized image, nothing else), the order
   rotated each round; one process, one core; median per-image time of the rounds and the ratios.
+- workers: speed's pmd, img2dataset and floor, each in a fresh process per round (order rotated), the images read
+  from files: the state of a download worker. A process that has freed one very large block (here: generating the
+  images with Pillow, whose image blocks are 16 MiB) keeps glibc's later large blocks in its heap; a worker has
+  not, so there every freed block over 128 KiB goes back to the kernel and comes back as new zeroed pages (page
+  faults per image are reported beside the time).
 - quality: mean PSNR (RGB) and SSIM (luma, Gaussian window 11/1.5) of pmd's and img2dataset's output against a
   reference: full decode + Pillow LANCZOS to the same size.
 - screen: the added cost per image of the pHash screen: hashing the held pixels (`phash_pixels`), and one check
@@ -25,7 +30,7 @@ Modes (all by default):
 - decoders: each scaled decoder that is importable (Pillow draft, OpenCV IMREAD_REDUCED, simplejpeg with its M/8
   choice and restricted to powers of two, PyTurboJPEG, pyvips) decoding to a shorter side >= 256, then INTER_AREA
   to the target: time and PSNR to the reference.
-Run: python benchmarks/bench_images.py [--rounds 9] [--images 12] [--photos DIR] [--modes speed quality ...]
+Run: python benchmarks/bench_images.py [--rounds 9] [--images 12] [--photos DIR] [--modes speed workers quality ...]
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,15 +133,19 @@ def img2dataset_resizer() -> Callable[[bytes], bytes]:
     return run
 
 
+_FLOOR_BUFFER = np.empty(32 * 1024**2, np.uint8)
+
+
 def floor(data: bytes) -> bytes:
-    """The chosen codecs' part alone: simplejpeg's decode at the scale process_image picks, and OpenCV's JPEG
-    encode of an image of the output's size (the decoded one cut to it: no resize, no checks, no hash)."""
+    """The chosen codecs' part alone: simplejpeg's decode at the scale process_image picks (into one kept buffer, as
+    process_image's), and OpenCV's JPEG encode of an image of the output's size (the decoded one cut to it: no
+    resize, no checks, no hash)."""
     import simplejpeg
 
     h, w, _, _ = simplejpeg.decode_jpeg_header(data)
     scale = _draft_scale(w, h, OPTIONS)
     kw = {} if scale == 1 else {("min_height" if h <= w else "min_width"): -(-min(w, h) // scale)}
-    pixels = simplejpeg.decode_jpeg(data, "BGR", fastupsample=True, **kw)
+    pixels = simplejpeg.decode_jpeg(data, "BGR", fastupsample=True, buffer=_FLOOR_BUFFER, **kw)
     tw, th = _target_size(w, h, TARGET)
     return cv2.imencode(".jpg", np.ascontiguousarray(pixels[:th, :tw]), (cv2.IMWRITE_JPEG_QUALITY, 95))[1].tobytes()
 
@@ -163,6 +176,60 @@ def speed(all_sets: dict, rounds: int) -> None:
             print(f"{width:>5}x{height:<4} {kind:>8} | {m['pmd']:.2f} / {m['pmd+phash']:.2f} / {m['img2dataset']:.2f}"
                   f" / {m['floor']:.2f} | {m['img2dataset'] / m['pmd']:.2f}x | {m['pmd'] / m['floor']:.2f}",
                   flush=True)
+
+
+WORKER_CONTENDERS = ("pmd", "img2dataset", "floor")
+WORKER_PASSES = 5  # passes over a set inside one worker; the worker reports their median
+
+
+def _worker(name: str, folder: Path) -> None:
+    """One contender over every set under `folder` (one sub-folder per size and set), in this fresh process: prints
+    `SET MS_PER_IMAGE FAULTS_PER_IMAGE` per set."""
+    cv2.setNumThreads(1)
+    fn = {"pmd": pmd, "img2dataset": img2dataset_resizer, "floor": floor}[name]
+    fn = fn() if name == "img2dataset" else fn
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = [p.read_bytes() for p in sorted(sub.iterdir())]
+        fn(images[0])
+        times, faults = [], []
+        for _ in range(WORKER_PASSES):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for data in images:
+                fn(data)
+            times.append((time.perf_counter() - start) * 1000 / len(images))
+            faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(images))
+        print(sub.name, statistics.median(times), statistics.median(faults), flush=True)
+
+
+def workers(all_sets: dict, rounds: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="pmd-bench-images-") as tmp:
+        for (width, height), sets in all_sets.items():
+            for kind, images in sets.items():
+                sub = Path(tmp) / f"{width:04d}x{height}-{kind}"
+                sub.mkdir()
+                for i, data in enumerate(images):
+                    (sub / f"{i:04d}.jpg").write_bytes(data)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        figures: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n in WORKER_CONTENDERS}
+        for r in range(rounds):
+            names = WORKER_CONTENDERS[r % 3:] + WORKER_CONTENDERS[:r % 3]
+            for name in names:
+                out = subprocess.run([sys.executable, __file__, "--worker", name, tmp], env=env, check=True,
+                                     capture_output=True, text=True).stdout
+                for line in out.splitlines():
+                    key, ms, faults = line.split()
+                    figures[name].setdefault(key, []).append((float(ms), float(faults)))
+    print(f"{'size':>10} {'images':>8} | fresh worker, ms per image (page faults): pmd / img2dataset / floor | "
+          "pmd speed-up over img2dataset | pmd / floor")
+    for key in sorted(figures["pmd"]):
+        m = {n: statistics.median(ms for ms, _ in figures[n][key]) for n in WORKER_CONTENDERS}
+        f = {n: statistics.median(pf for _, pf in figures[n][key]) for n in WORKER_CONTENDERS}
+        size, kind = key.split("-")
+        print(f"{size.lstrip('0'):>10} {kind:>8} | {m['pmd']:.2f} ({f['pmd']:.0f}) / {m['img2dataset']:.2f} "
+              f"({f['img2dataset']:.0f}) / {m['floor']:.2f} ({f['floor']:.0f}) | {m['img2dataset'] / m['pmd']:.2f}x | "
+              f"{m['pmd'] / m['floor']:.2f}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ quality
@@ -352,15 +419,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--images", type=int, default=12, help="generated images per size and round")
     parser.add_argument("--photos", type=Path, action="append", default=[], help="folder of real photos (repeatable)")
-    parser.add_argument("--modes", nargs="+", default=["speed", "quality", "screen", "filters", "decoders"],
-                        choices=["speed", "quality", "screen", "filters", "decoders"])
+    parser.add_argument("--modes", nargs="+", default=["speed", "workers", "quality", "screen", "filters", "decoders"],
+                        choices=["speed", "workers", "quality", "screen", "filters", "decoders"])
+    parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker[0], Path(args.worker[1]))
+        return
     cv2.setNumThreads(1)  # img2dataset's Resizer sets the same for itself
     photos = load_photos(args.photos)
     all_sets = {size: sets_for(*size, args.images, photos) for size in SIZES}
     print(f"{len(photos)} real photos; load average {os.getloadavg()[0]:.1f}")
     if "speed" in args.modes:
         speed(all_sets, args.rounds)
+    if "workers" in args.modes:
+        workers(all_sets, args.rounds)
     if "quality" in args.modes:
         quality(all_sets)
     if "screen" in args.modes:
