@@ -229,14 +229,23 @@ class Plan:
     def paths(self) -> final.FinalPaths:
         return self.config.dirs.paths
 
+    # The caps bound the data a local work disk holds twice (a group's chunks beside its pieces, a bucket's pieces
+    # beside its shards). Work on object storage has no such disk, and a cap there would only hold a cluster's
+    # scatter to ~20% of its groups at once (~9 tasks at PMD's 48 groups, whatever the cluster's size): the
+    # executor's own slots bound it instead.
     @property
     def in_flight_groups(self) -> int:
         n = sum(len(self.groups(s)) for s in self.config.sources)
-        return max(1, int(final.IN_FLIGHT_SHARE * n))
+        return n if self.work_is_remote else max(1, int(final.IN_FLIGHT_SHARE * n))
 
     @property
     def in_flight_buckets(self) -> int:
-        return max(1, int(final.IN_FLIGHT_SHARE * self.layout.n_buckets))
+        n = self.layout.n_buckets
+        return n if self.work_is_remote else max(1, int(final.IN_FLIGHT_SHARE * n))
+
+    @property
+    def work_is_remote(self) -> bool:
+        return storage.is_remote(str(self.config.work))
 
 
 def make_plan(config: BuildConfig, summaries: dict) -> Plan:

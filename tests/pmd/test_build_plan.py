@@ -205,3 +205,22 @@ def test_a_changed_option_is_refused_before_any_task(inputs, reference, tmp_path
         build_plan.run(changed, recorder)
     assert recorder.names == []
     assert corpus(out) == corpus(reference[0]) and (out / "manifest.json").exists()
+
+
+def test_in_flight_caps_bound_a_local_work_disk_only(inputs, reference):
+    """On a local work disk the scatter and write passes keep IN_FLIGHT_SHARE of their tasks in flight (the data
+    held twice there); with the work on object storage nothing caps them below the executor's own slots."""
+    from pmd import final
+
+    out = reference[0]
+    summaries = {s: json.loads((out / "work" / "ingest" / s / "ingest.json").read_text())
+                 for s in ("conceptual_12m", "coco")}
+    local = build_plan.make_plan(config(inputs, out, shard_rows=2, row_group_rows=1, chunk_rows=2), summaries)
+    groups = sum(len(local.groups(s)) for s in local.config.sources)
+    assert groups >= 10 and local.layout.n_buckets >= 10, (groups, local.layout.n_buckets)
+    assert local.in_flight_groups == int(final.IN_FLIGHT_SHARE * groups) < groups
+    assert local.in_flight_buckets == int(final.IN_FLIGHT_SHARE * local.layout.n_buckets) < local.layout.n_buckets
+    remote = build_plan.make_plan(config(inputs, out, shard_rows=2, row_group_rows=1, chunk_rows=2,
+                                         work="s3://bucket/build/work"), summaries)
+    assert remote.work_is_remote and not local.work_is_remote
+    assert remote.in_flight_groups == groups and remote.in_flight_buckets == remote.layout.n_buckets
