@@ -98,12 +98,13 @@ _ORIENT_ARRAY = {
 _SWAPS = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
                     Image.Transpose.ROTATE_90})
 _WHITE = (255, 255, 255)
-# A scratch buffer kept for the next image is at most this size: a decode of up to ~2.8 MP (PMD's images are mostly
-# 0.2-0.8 MP; a 640x480 image's buffers are 2.2 MB together); a larger image's buffer is allocated for it alone.
-# Calls at once are at most the download threads, so a process keeps at most ~16 MiB per set (the decode, a
-# 6:1 image's steps) times _SCRATCH_POOL_MAX, ~40 MB for 16 threads of 640x480 images.
-_SCRATCH_KEEP_BYTES = 8 * 1024**2
-_SCRATCH_POOL_MAX = 64
+# A scratch buffer kept for the next image is at most this size: the decode of any 4:3 image at the draft margin
+# (at most ~9.4 MB: a shorter side just under 2x the margin, 1535x2046, with room to grow); a larger one (a very
+# long image) is allocated for that image alone. A 640x480 image's buffers are 2.2 MB together.
+_SCRATCH_KEEP_BYTES = 16 * 1024**2
+# What the idle pool may hold in all, whatever the number of download threads: a buffer set that would pass it is
+# dropped when its call ends (the next call allocates again, and pays the page faults).
+_SCRATCH_POOL_BYTES = 128 * 1024**2
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
@@ -301,6 +302,10 @@ class _Scratch:
     def __init__(self) -> None:
         self.buffers: dict[str, np.ndarray] = {}
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
     def array(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
         size = math.prod(shape)
         buffer = self.buffers.get(role)
@@ -319,15 +324,15 @@ _SCRATCH_LOCK = threading.Lock()
 
 @contextmanager
 def _scratch() -> Iterator[_Scratch]:
-    """A scratch set no other call uses meanwhile; kept for the next call (the download threads of a chunk end with
-    it, the pool does not), at most _SCRATCH_POOL_MAX of them."""
+    """A scratch set no other call uses meanwhile, kept for the next call (the download threads of a chunk end with
+    it, the pool does not) while the idle pool stays within _SCRATCH_POOL_BYTES."""
     with _SCRATCH_LOCK:
         scratch = _SCRATCH_POOL.pop() if _SCRATCH_POOL else _Scratch()
     try:
         yield scratch
     finally:
         with _SCRATCH_LOCK:
-            if len(_SCRATCH_POOL) < _SCRATCH_POOL_MAX:
+            if sum(s.nbytes for s in _SCRATCH_POOL) + scratch.nbytes <= _SCRATCH_POOL_BYTES:
                 _SCRATCH_POOL.append(scratch)
 
 

@@ -437,14 +437,22 @@ def test_kept_buffers_change_no_byte():
     assert images._SCRATCH_POOL and images._SCRATCH_POOL[0].buffers  # the buffers were kept and reused
 
 
-def test_kept_buffers_under_threads():
-    """Calls at once never share a buffer: 8 threads over every path give the bytes one thread gives."""
+def test_kept_buffers_under_threads(monkeypatch):
+    """Calls at once never share a buffer: 8 threads over every path give the bytes one thread gives. What the idle
+    pool keeps stays within its bound, however many calls ran at once."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import pmd.images as images
 
     inputs = _every_path() * 4
     serial = [process_image(raw, OPTS, box) for raw, box in inputs]
+    bound = 12 * 1024**2  # a few sets of these images: some calls' sets must be dropped
+    monkeypatch.setattr(images, "_SCRATCH_POOL_BYTES", bound)
+    images._SCRATCH_POOL.clear()
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda job: process_image(job[0], OPTS, job[1]), inputs)) == serial
+    kept = [s.nbytes for s in images._SCRATCH_POOL]
+    assert kept and sum(kept) <= bound, kept
 
 
 _FAULTS_SCRIPT = """
