@@ -31,12 +31,12 @@ decode; ``_antialiased`` reaches the same geometry in SIMD steps at about half t
 + LANCZOS higher on real photos and within 0.2 dB on generated texture. All steps are integer arithmetic on uint8,
 so the output is deterministic.
 
-Every large array of the JPEG path (the decoded pixels, each resize step) is written into buffers the calling
-thread keeps (``_Scratch``), not freshly allocated. glibc returns a freed block of more than 128 KiB to the kernel
-(mmap, or a trimmed heap top) and the next image's block comes back as new zeroed pages: ~510 page faults and 1.1 ms
-of a 640x480 image's 2.3 ms in a download worker, measured; with the buffers kept, none. A process that had once
-freed a very large block (Pillow's 16 MiB image blocks raise glibc's thresholds) never showed it, which is why
-one-process timings of the image alone did not.
+The large arrays (the decoded pixels, each resize step) are written into kept buffers (``_Scratch``, one set per
+call in flight, from a pool bounded in bytes), not freshly allocated. glibc gives a freed block of more than 128 KiB
+back to the kernel (an unmapped chunk, or a trimmed heap top), and the next image's block comes back as new zeroed
+pages. In a download worker that cost ~510 page faults and 1.1 ms of a 640x480 image's 2.3 ms (measured); with the
+buffers kept there are none. A process that has once freed a very large block (Pillow's 16 MiB image blocks) has
+glibc's thresholds raised and never shows it, so one-process timings of the image alone did not.
 
 Colour management is not applied: ICC profiles are dropped and CMYK is converted by Pillow's formula, as
 img2dataset (OpenCV) does too.
