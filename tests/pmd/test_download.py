@@ -389,3 +389,74 @@ def test_a_refusal_after_a_redirect_backs_off_the_target_not_the_first_host():
     gate.state(a).active += 1
     gate.release(a, Fetched(None, "http_503", None, 503, None), 5.0)
     assert gate.hosts[a].strikes == 1 and gate.hosts[a].paused_until > time.monotonic()
+
+
+class _OneWriteServer:
+    """HTTP/1.1 keep-alive on loopback: /bytes/N answers N deterministic bytes, status line, headers and body in
+    one send (so a client that reads through a large enough buffer gets the whole response in one recv)."""
+
+    def __init__(self):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def body(n: int) -> bytes:
+        return bytes((i * 7 + n) % 251 for i in range(n))
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn):
+        with conn, conn.makefile("rb") as f:
+            while (line := f.readline()) and line.strip():
+                n = int(line.split()[1].rsplit(b"/", 1)[1])
+                while f.readline().strip():  # the request's headers
+                    pass
+                body = self.body(n)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+
+    def close(self):
+        self.listener.close()
+
+
+def test_responses_read_through_a_large_buffer_keep_their_framing(monkeypatch):
+    """Bodies on both sides of the response buffer's size (8 KiB io default, 64 KiB ours) over one kept-alive
+    connection each come back exact. The status line is read through the large buffer: the first recv asks for 64
+    KiB, so a small image's response can come whole in one recv, not two (each recv a GIL release that every
+    download thread contends for; how much one recv gets depends on the kernel's timing, what it asks for does not)."""
+    import socket
+
+    from pmd.http_client import _READ_SIZE
+
+    srv = _OneWriteServer()
+    try:
+        client = HttpClient(max_per_host=1, guard=loopback_guard())
+        sizes = [1, 8191, 8192, 8193, _READ_SIZE - 1, _READ_SIZE, _READ_SIZE + 1, 200_000, 5, 40_000]
+        for n in sizes + sizes[::-1]:
+            got = client.fetch(f"http://127.0.0.1:{srv.port}/bytes/{n}", 5.0, MAX_BYTES, [])
+            assert got.reason is None and got.data == srv.body(n), n
+        assert srv.connections == 1
+        calls = []
+        real = socket.socket.recv_into
+
+        def counted(self, *args, **kwargs):
+            n = real(self, *args, **kwargs)
+            calls.append((len(args[0]) if args else None, n))
+            return n
+
+        monkeypatch.setattr(socket.socket, "recv_into", counted)
+        assert client.fetch(f"http://127.0.0.1:{srv.port}/bytes/40000", 5.0, MAX_BYTES, []).data == srv.body(40000)
+        assert calls and calls[0][0] == _READ_SIZE and len(calls) <= 2, calls
+    finally:
+        srv.close()
