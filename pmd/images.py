@@ -318,22 +318,30 @@ class _Scratch:
         return buffer[:size].reshape(shape)
 
 
-_SCRATCH_POOL: list[_Scratch] = []
+_SCRATCH_POOL: list[tuple[_Scratch, int]] = []  # idle sets, each with its size when it was put back
 _SCRATCH_LOCK = threading.Lock()
+_pooled_bytes = 0  # the sum of those sizes
 
 
 @contextmanager
 def _scratch() -> Iterator[_Scratch]:
     """A scratch set no other call uses meanwhile, kept for the next call (the download threads of a chunk end with
     it, the pool does not) while the idle pool stays within _SCRATCH_POOL_BYTES."""
+    global _pooled_bytes
     with _SCRATCH_LOCK:
-        scratch = _SCRATCH_POOL.pop() if _SCRATCH_POOL else _Scratch()
+        if _SCRATCH_POOL:
+            scratch, size = _SCRATCH_POOL.pop()
+            _pooled_bytes -= size
+        else:
+            scratch = _Scratch()
     try:
         yield scratch
     finally:
+        size = scratch.nbytes
         with _SCRATCH_LOCK:
-            if sum(s.nbytes for s in _SCRATCH_POOL) + scratch.nbytes <= _SCRATCH_POOL_BYTES:
-                _SCRATCH_POOL.append(scratch)
+            if _pooled_bytes + size <= _SCRATCH_POOL_BYTES:
+                _SCRATCH_POOL.append((scratch, size))
+                _pooled_bytes += size
 
 
 def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions, scratch: _Scratch) -> np.ndarray:

@@ -413,6 +413,14 @@ def _every_path() -> list[tuple[bytes, tuple | None]]:
             (_encode(_photo(700, 500), "PNG"), None), (_jpeg(1200, 900), (100, 50, 700, 600))]
 
 
+def _empty_pool() -> None:
+    import pmd.images as images
+
+    with images._SCRATCH_LOCK:
+        images._SCRATCH_POOL.clear()
+        images._pooled_bytes = 0
+
+
 def test_kept_buffers_change_no_byte():
     """The decode and every resize step write into kept buffers: each output is the same bytes whatever those held
     before (filled with 0 or 255, images of other sizes in between, any order) and with fresh arrays everywhere."""
@@ -423,18 +431,18 @@ def test_kept_buffers_change_no_byte():
     inputs = _every_path()
     fresh = []
     for raw, box in inputs:
-        images._SCRATCH_POOL.clear()
+        _empty_pool()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(images, "_SCRATCH_KEEP_BYTES", 0)  # nothing kept: a new array for every step
             fresh.append(process_image(raw, OPTS, box))
     order = [i for _ in range(3) for i in range(len(inputs))]
     random.Random(0).shuffle(order)
     for n, i in enumerate(order):
-        for scratch in images._SCRATCH_POOL:
+        for scratch, _ in images._SCRATCH_POOL:
             for buffer in scratch.buffers.values():
                 buffer.fill(255 * (n % 2))
         assert process_image(inputs[i][0], OPTS, inputs[i][1]) == fresh[i], i
-    assert images._SCRATCH_POOL and images._SCRATCH_POOL[0].buffers  # the buffers were kept and reused
+    assert images._SCRATCH_POOL and images._SCRATCH_POOL[0][0].buffers  # the buffers were kept and reused
 
 
 def test_kept_buffers_under_threads(monkeypatch):
@@ -448,11 +456,11 @@ def test_kept_buffers_under_threads(monkeypatch):
     serial = [process_image(raw, OPTS, box) for raw, box in inputs]
     bound = 12 * 1024**2  # a few sets of these images: some calls' sets must be dropped
     monkeypatch.setattr(images, "_SCRATCH_POOL_BYTES", bound)
-    images._SCRATCH_POOL.clear()
+    _empty_pool()
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda job: process_image(job[0], OPTS, job[1]), inputs)) == serial
-    kept = [s.nbytes for s in images._SCRATCH_POOL]
-    assert kept and sum(kept) <= bound, kept
+    kept = [s.nbytes for s, _ in images._SCRATCH_POOL]
+    assert kept and sum(kept) <= bound and images._pooled_bytes == sum(kept), kept
 
 
 _FAULTS_SCRIPT = """
