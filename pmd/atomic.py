@@ -202,14 +202,8 @@ def write_concatenated(sources: list[IO[bytes]], target: str | os.PathLike) -> l
     `atomic_file`; returns each source's length. On object storage the bytes stream from the sources to the store:
     no local copy of the whole, which for a scatter group's pack at PMD's size would be tens of GB of scratch."""
     if not storage.is_remote(str(target)):
-        sizes = []
         with atomic_file(target) as out:
-            for src in sources:
-                src.seek(0)
-                start = out.tell()
-                shutil.copyfileobj(src, out, 8 << 20)
-                sizes.append(out.tell() - start)
-        return sizes
+            return storage.copy_concatenated(sources, out)
     _inject_fault(str(target))
     return storage.upload_concatenated(sources, target)
 

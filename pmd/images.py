@@ -351,7 +351,7 @@ def _resize(rgb: Image.Image, width: int, height: int, options: ImageOptions, sc
 
 
 def _resize_array(pixels: np.ndarray, width: int, height: int, options: ImageOptions,
-                  scratch: _Scratch | None = None) -> np.ndarray:
+                  scratch: _Scratch) -> np.ndarray:
     """The same on an array that may be DCT-scaled: one antialiased resize (`_antialiased`), never up."""
     if not options.image_size or min(width, height) <= options.image_size:
         return pixels

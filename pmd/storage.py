@@ -492,15 +492,21 @@ def upload_concatenated(sources: list[IO[bytes]], location: str | os.PathLike) -
     """Open local files (binary, read from their start), back to back as one object at `location`, in one
     streamed PUT (multipart for a large one): no local copy of the whole. Returns each source's length."""
     fs, path = resolve(location)
-    sizes = []
     with fs.open_output_stream(path, compression=None) as dst:
-        for src in sources:
-            src.seek(0)
-            n = 0
-            while block := src.read(8 << 20):
-                dst.write(block)
-                n += len(block)
-            sizes.append(n)
+        return copy_concatenated(sources, dst)
+
+
+def copy_concatenated(sources: list[IO[bytes]], dst) -> list[int]:  # type: ignore[no-untyped-def]
+    """Open binary files, each from its start, written back to back to `dst` (anything with `write`); returns each
+    source's length."""
+    sizes = []
+    for src in sources:
+        src.seek(0)
+        n = 0
+        while block := src.read(8 << 20):
+            dst.write(block)
+            n += len(block)
+        sizes.append(n)
     return sizes
 
 
